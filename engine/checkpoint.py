@@ -1,0 +1,91 @@
+"""`gptoss make-checkpoint`: random gpt-oss weights in exactly the Hugging Face layout.
+
+The folder holds `config.json`, `generation_config.json`, `tokenizer.json`, `model.safetensors.index.json` and
+the shards, with MXFP4 experts as `*_blocks` / `*_scales` uint8 tensors. transformers loads it as it loads
+`openai/gpt-oss-120b`, which is what makes it a fair oracle in tests. Tensors are drawn and written shard by
+shard, so even a full-size preset never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.checkpoint_layout import checkpoint_tensor_specs, random_tensor
+from engine.config import ModelConfig
+from engine.loader import INDEX_FILE
+from engine.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_id
+
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+def make_random_checkpoint(
+    out_dir: str | Path,
+    config: ModelConfig,
+    seed: int = 0,
+    tokenizer_path: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a random checkpoint of `config` to `out_dir`; returns the folder.
+
+    The tokenizer is the tiny byte-level BPE unless `tokenizer_path` names a `tokenizer.json` (e.g. the real
+    o200k_harmony one). The config's vocabulary grows to the tokenizer's size if it is smaller, and its eos/pad
+    ids are looked up by name.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer_path is None:
+        tokenizer = build_tiny_tokenizer()
+        tokenizer.save(str(out_dir / "tokenizer.json"))
+    else:
+        tokenizer = load_tokenizer(tokenizer_path)
+        source = Path(tokenizer_path)
+        shutil.copyfile(source / "tokenizer.json" if source.is_dir() else source, out_dir / "tokenizer.json")
+    vocab = tokenizer.get_vocab_size()
+    return_id = special_token_id(tokenizer, "<|return|>")
+    call_id = special_token_id(tokenizer, "<|call|>")
+    pad_id = special_token_id(tokenizer, "<|endoftext|>")
+    config = config.replace(vocab_size=max(config.vocab_size, vocab), eos_token_id=return_id, pad_token_id=pad_id)
+    with open(out_dir / "config.json", "w") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)
+    with open(out_dir / "generation_config.json", "w") as f:
+        json.dump(
+            {
+                "bos_token_id": special_token_id(tokenizer, "<|startoftext|>"),
+                "eos_token_id": [return_id, pad_id, call_id],
+                "pad_token_id": pad_id,
+                "do_sample": True,
+            },
+            f,
+            indent=2,
+        )
+    _write_shards(out_dir, config, seed, max_shard_bytes)
+    return out_dir
+
+
+def _write_shards(out_dir: Path, config: ModelConfig, seed: int, max_shard_bytes: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    specs = checkpoint_tensor_specs(config)
+    # Group tensors into shards first so each file's name can carry the final shard count.
+    groups: list[list] = [[]]
+    group_bytes = 0
+    for spec in specs:
+        if groups[-1] and group_bytes + spec.num_bytes > max_shard_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(spec)
+        group_bytes += spec.num_bytes
+    weight_map: dict[str, str] = {}
+    for number, group in enumerate(groups, start=1):
+        file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {spec.name: random_tensor(spec, generator) for spec in group}
+        save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file_name))
+        del tensors
+    total_size = sum(spec.num_bytes for spec in specs)
+    with open(out_dir / INDEX_FILE, "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)

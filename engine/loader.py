@@ -1,0 +1,130 @@
+"""Loading a Hugging Face gpt-oss checkpoint folder into a `GptOssModel`, or filling it with random weights.
+
+Shards are found through `model.safetensors.index.json` (or a single `model.safetensors`). All headers are
+checked first, so a bad checkpoint fails at once with one error naming every missing, unexpected or
+mis-shaped tensor. Then tensors stream one at a time from disk to the device: host memory holds one tensor,
+never the whole checkpoint (65 GB for 120b). MXFP4 expert tensors are copied as the uint8 bytes they are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from engine.checkpoint_layout import TensorSpec, checkpoint_tensor_specs, random_tensor
+from engine.model import GptOssModel
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model: every problem is listed in the message."""
+
+
+def checkpoint_shards(checkpoint_dir: str | Path) -> dict[str, Path]:
+    """Map each tensor name to the shard file that holds it."""
+    checkpoint_dir = Path(checkpoint_dir)
+    index_path = checkpoint_dir / INDEX_FILE
+    if index_path.is_file():
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        shards = {name: checkpoint_dir / file for name, file in weight_map.items()}
+        missing_files = sorted({str(p.name) for p in shards.values() if not p.is_file()})
+        if missing_files:
+            raise CheckpointError(f"{index_path} names shard files that do not exist: {missing_files}")
+        return shards
+    files = [checkpoint_dir / SINGLE_FILE] if (checkpoint_dir / SINGLE_FILE).is_file() else []
+    files = files or sorted(checkpoint_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no {INDEX_FILE} or *.safetensors in {checkpoint_dir}")
+    shards = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                shards[name] = file
+    return shards
+
+
+def _stored_shapes(shards: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype string of every tensor, from the shard headers only (no tensor data read)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in shards.items():
+        by_file.setdefault(file, []).append(name)
+    stored = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                tensor_slice = f.get_slice(name)
+                stored[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+    return stored
+
+
+def validate_checkpoint(shards: dict[str, Path], specs: list[TensorSpec]) -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped or mis-typed tensor."""
+    stored = _stored_shapes(shards)
+    expected = {spec.name: spec for spec in specs}
+    problems = []
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+    for name in sorted(set(expected) & set(stored)):
+        shape, dtype = stored[name]
+        spec = expected[name]
+        if shape != spec.shape:
+            problems.append(f"{name}: shape {list(shape)}, expected {list(spec.shape)}")
+        packed = spec.dtype == torch.uint8
+        if packed and dtype != "U8":
+            problems.append(f"{name}: dtype {dtype}, expected U8 (packed MXFP4)")
+        if not packed and dtype not in ("BF16", "F16", "F32"):
+            problems.append(f"{name}: dtype {dtype}, expected a float type")
+    if problems:
+        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+
+
+def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, file in shards.items():
+        by_file.setdefault(file, []).append(name)
+    for file in sorted(by_file):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in by_file[file]:
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool = True) -> None:
+    """Copy every checkpoint tensor into the model's parameter of the same name, on the model's device."""
+    shards = checkpoint_shards(checkpoint_dir)
+    specs = checkpoint_tensor_specs(model.config)
+    validate_checkpoint(shards, specs)
+    params = dict(model.named_parameters())
+    total_bytes = sum(spec.num_bytes for spec in specs)
+    with tqdm(
+        total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not progress, leave=False
+    ) as bar:
+        for name, tensor in _iter_checkpoint(shards):
+            params[name].copy_(tensor, non_blocking=False)
+            bar.update(tensor.numel() * tensor.element_size())
+
+
+def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
+    """Fill the model with random weights as the checkpoint maker draws them, directly on its device
+    (no file, no host copy): how full-size benchmarks run without a checkpoint."""
+    device = model.device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    params = dict(model.named_parameters())
+    for spec in checkpoint_tensor_specs(model.config):
+        params[spec.name].copy_(random_tensor(spec, generator, device))
+
+
+def model_weight_bytes(model: GptOssModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())

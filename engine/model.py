@@ -1,0 +1,266 @@
+"""The gpt-oss transformer over a flat batch of tokens from many sequences and a paged KV cache.
+
+Module and parameter names follow the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...)
+so the loader maps tensors by name. MXFP4 experts stay packed (uint8 blocks and e8m0 scales); the MoE op
+dequantises them on the fly. Heavy ops go through `engine.ops`, which picks Triton on CUDA and the torch
+references elsewhere.
+
+Multi-GPU: every layer takes `rank` and `world_size`. Attention splits its heads over ranks (column-parallel
+q/k/v, row-parallel o_proj with an all-reduce); the unembedding and the experts are not split yet, so
+`world_size > 1` is refused until the expert-parallel MoE lands.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine import ops
+from engine.config import ModelConfig
+from engine.forward_batch import ForwardBatch
+from engine.kv_cache import KVCache
+from kernels.reference import MXFP4_BLOCK, apply_rope, rms_norm, rope_cos_sin, yarn_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    layer.requires_grad_(False)
+    return layer
+
+
+class Attention(nn.Module):
+    """GQA attention with sinks; sliding-window or full by layer type. Heads are split over ranks."""
+
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, rank: int, world_size: int) -> None:
+        super().__init__()
+        if config.num_key_value_heads % world_size:
+            raise ValueError(f"{config.num_key_value_heads} KV heads do not split over {world_size} ranks")
+        self.layer_type = config.layer_types[layer]
+        self.sliding_window = config.window_of_layer(layer)
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // world_size
+        self.num_kv_heads = config.num_key_value_heads // world_size
+        self.scale = config.head_dim**-0.5
+        self.world_size = world_size
+        h = config.hidden_size
+        self.q_proj = _linear(h, self.num_heads * self.head_dim, True, dtype)
+        self.k_proj = _linear(h, self.num_kv_heads * self.head_dim, True, dtype)
+        self.v_proj = _linear(h, self.num_kv_heads * self.head_dim, True, dtype)
+        self.o_proj = _linear(self.num_heads * self.head_dim, h, True, dtype)
+        # Sinks stay fp32: they join an fp32 softmax denominator.
+        self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
+        self.rank = rank
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+        batch_invariant: bool,
+    ) -> torch.Tensor:
+        """`x` `[T, H]` (normalised) -> `[T, H]`; writes this step's keys/values into `kv_cache`."""
+        num_tokens = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping[self.layer_type])
+        attn = ops.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            batch.block_tables[self.layer_type],
+            batch.query_start_loc,
+            batch.seq_lens,
+            self.sinks,
+            self.scale,
+            self.sliding_window,
+            max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len,
+            batch_invariant=batch_invariant,
+        )
+        out = nn.functional.linear(attn.reshape(num_tokens, -1), self.o_proj.weight)
+        if self.world_size > 1:
+            dist.all_reduce(out)
+        # The bias is added once, after the reduction, not once per rank.
+        return out + self.o_proj.bias
+
+
+class MXFP4Experts(nn.Module):
+    """The experts' packed weights, kept exactly as stored; biases in fp32 (they are added in fp32)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+        half_block = MXFP4_BLOCK // 2
+        u8 = torch.uint8
+        self.gate_up_proj_blocks = nn.Parameter(
+            torch.empty(e, 2 * i, h // MXFP4_BLOCK, half_block, dtype=u8), requires_grad=False
+        )
+        self.gate_up_proj_scales = nn.Parameter(torch.empty(e, 2 * i, h // MXFP4_BLOCK, dtype=u8), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i, dtype=torch.float32), requires_grad=False)
+        self.down_proj_blocks = nn.Parameter(
+            torch.empty(e, h, i // MXFP4_BLOCK, half_block, dtype=u8), requires_grad=False
+        )
+        self.down_proj_scales = nn.Parameter(torch.empty(e, h, i // MXFP4_BLOCK, dtype=u8), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.router = _linear(config.hidden_size, config.num_local_experts, True, dtype)
+        self.experts = MXFP4Experts(config)
+        self.top_k = config.num_experts_per_tok
+        self.swiglu_limit = config.swiglu_limit
+        self.swiglu_alpha = config.swiglu_alpha
+
+    def forward(self, x: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+        """`x` `[T, H]` (normalised) -> `[T, H]`."""
+        experts = self.experts
+        return ops.moe(
+            x,
+            self.router(x),
+            experts.gate_up_proj_blocks,
+            experts.gate_up_proj_scales,
+            experts.gate_up_proj_bias,
+            experts.down_proj_blocks,
+            experts.down_proj_scales,
+            experts.down_proj_bias,
+            self.top_k,
+            self.swiglu_limit,
+            self.swiglu_alpha,
+            batch_invariant=batch_invariant,
+        )
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.self_attn = Attention(config, layer, dtype, rank, world_size)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MoE(config, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+        batch_invariant: bool,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, batch_invariant)
+        return x + self.mlp(self.post_attention_layernorm(x), batch_invariant)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, layer, dtype, rank, world_size) for layer in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
+class GptOssModel(nn.Module):
+    """gpt-oss for causal LM. Build it with `GptOssModel.create` (no init work on the weights), then load.
+
+    Parameters use the checkpoint's names; `forward` returns final hidden states and `compute_logits` the
+    fp32 logits of the rows that sample.
+    """
+
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, rank: int = 0, world_size: int = 1
+    ) -> None:
+        super().__init__()
+        if world_size > 1:
+            raise NotImplementedError("multi-GPU gpt-oss (expert-parallel MoE) is not implemented yet")
+        self.config = config
+        self.dtype = dtype
+        self.rank = rank
+        self.world_size = world_size
+        self.model = Backbone(config, dtype, rank, world_size)
+        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.batch_invariant = True
+        self._rope_cos: torch.Tensor | None = None
+        self._rope_sin: torch.Tensor | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> GptOssModel:
+        """Allocate the model on `device` with uninitialised weights (built on `meta`, so nothing is computed
+        for weights that the loader overwrites anyway)."""
+        with torch.device("meta"):
+            model = cls(config, dtype, rank, world_size)
+        model.to_empty(device=device)
+        model.eval()
+        return model
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[max_positions, head_dim/2]`, computed once per device, in fp32 as transformers does."""
+        if self._rope_cos is None or self._rope_cos.device != device:
+            config = self.config
+            rope = config.rope_scaling
+            inv_freq, attention_factor = yarn_inv_freq(
+                config.head_dim,
+                config.rope_theta,
+                rope.factor,
+                rope.original_max_position_embeddings,
+                rope.beta_fast,
+                rope.beta_slow,
+                rope.truncate,
+            )
+            positions = torch.arange(config.max_position_embeddings, device=device)
+            self._rope_cos, self._rope_sin = rope_cos_sin(
+                positions, inv_freq.to(device), attention_factor, torch.float32
+            )
+        return self._rope_cos, self._rope_sin
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        kv_caches: list[KVCache],
+    ) -> torch.Tensor:
+        """Token ids `[T]` at `positions` `[T]` -> final hidden states `[T, H]`, reading and writing the cache."""
+        cos_table, sin_table = self._rope_tables(input_ids.device)
+        # transformers casts cos/sin to the activation dtype before rotating; so do we.
+        cos, sin = cos_table[positions].to(self.dtype), sin_table[positions].to(self.dtype)
+        x = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, batch, kv_cache, self.batch_invariant)
+        return self.model.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[N, H]` -> `[N, V]` fp32."""
+        return self.lm_head(hidden).to(torch.float32)

@@ -1,0 +1,82 @@
+"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch references else.
+
+The Triton modules are imported lazily so a CPU-only install never compiles anything.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store `[T, Hkv, D]` keys/values into the paged caches at `slot_mapping` `[T]`."""
+    if key.is_cuda:
+        from kernels.attention import write_kv as triton_write_kv
+
+        triton_write_kv(key, value, k_cache, v_cache, slot_mapping)
+    else:
+        reference.write_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sinks: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+    max_query_len: int,
+    max_seq_len: int,
+    batch_invariant: bool = True,
+) -> torch.Tensor:
+    """Attention of `[T, Hq, D]` queries over the paged cache; see kernels.reference.paged_attention_reference."""
+    if query.is_cuda:
+        from kernels.attention import paged_attention as triton_paged_attention
+
+        return triton_paged_attention(
+            query,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            sinks,
+            scale,
+            sliding_window,
+            batch_invariant=batch_invariant,
+            max_query_len=max_query_len,
+            max_seq_len=max_seq_len,
+        )
+    return reference.paged_attention_reference(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+    )
+
+
+def moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    w1_blocks: torch.Tensor,
+    w1_scales: torch.Tensor,
+    w1_bias: torch.Tensor,
+    w2_blocks: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_bias: torch.Tensor,
+    top_k: int,
+    swiglu_limit: float,
+    swiglu_alpha: float,
+    batch_invariant: bool = True,
+) -> torch.Tensor:
+    """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference."""
+    args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
+    if x.is_cuda:
+        from kernels.moe import fused_moe
+
+        return fused_moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, batch_invariant=batch_invariant)
+    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

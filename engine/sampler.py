@@ -1,0 +1,397 @@
+"""Batched token sampling on the logits' device: one row of logits per sequence sampled this step.
+
+Usage (model runner, once per step):
+
+    batch = SamplingBatch.build(params_list, output_token_ids_list, vocab_size, device,
+                                prompt_token_ids=prompt_token_ids_list)  # prompts only needed for
+                                                                        # repetition_penalty != 1
+    out = sampler(logits, batch, allowed_token_mask=None)  # logits [N, V] fp32
+    out.sampled_token_ids   # [N] int64
+    out.sampled_logprobs    # [N] fp32, raw-model logprob of each sampled token
+    out.top_logprob_ids     # [N, K] int64 or None, K = max `logprobs` over the rows (row i uses its first
+    out.top_logprobs        # [N, K] fp32 or None   params_list[i].logprobs columns, most likely first)
+
+Processing order (per row, all vectorised over the batch): allowed-token mask (-inf where False), repetition
+penalty (prompt + output tokens), frequency/presence penalties (output tokens), temperature, top_k, top_p,
+min_p, then sampling. Greedy rows (temperature < 1e-5) take the argmax of the penalised logits; ties go to
+the lowest token id (torch.argmax returns the first maximum).
+
+Randomness: sampling is Gumbel-max, `argmax(logits / T + G)`, with `G = -log(-log(u))` and `u` uniform
+per (row, token). Rows of requests with a `seed` get `u` from a counter-based hash of (seed, number of tokens
+the request has generated so far, token id) computed with integer tensor ops on the device, so a seeded
+request's tokens never depend on the batch it is in (composition, order, size) and are the same on CPU and
+CUDA given the same logits. Unseeded rows draw `u` from `torch.rand` with the sampler's generator (torch's
+default generator when None).
+
+Logprobs are those of the model's raw distribution: `log_softmax(logits)` of the logits as passed in, before
+the mask, penalties, temperature and filtering (what OpenAI reports and vLLM's default).
+
+Cost notes: the sort needed by top_p (or top_k, which uses `torch.topk` when no row needs top_p) runs only on
+the rows that use them; the penalties' [N, V] count tensors are built only when a row uses a penalty. Building
+a batch is Python over the rows (and over the prompt/output token ids when penalties are on), never over V.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+
+_MASK64 = (1 << 64) - 1
+_MASK32 = 0xFFFFFFFF
+# Multipliers below 2**31 so that (32-bit value) * multiplier < 2**63 never overflows int64 on any device.
+_HASH_MUL_1 = 0x7FEB352D
+_HASH_MUL_2 = 0x5BD1E995
+# repetition_penalty 0 (allowed by the API) divides by zero; use its limit instead.
+_MIN_REPETITION_PENALTY = 1e-6
+
+
+def _splitmix64(x: int) -> int:
+    """A 64-bit integer mix (Python ints), used to turn (seed, step) into per-row hash keys."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seeded_row_key(seed: int, step: int) -> int:
+    """The 64-bit hash key of a seeded row: a function of (seed, tokens generated so far) only."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """In-place 32-bit integer hash of int64 tensors holding values in [0, 2**32)."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(_HASH_MUL_1).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_HASH_MUL_2).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 16)
+    return x
+
+
+def hashed_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Uniform noise in (0, 1) from 64-bit row keys: [S] int64 (key bits as a signed int64) -> [S, V] fp32.
+
+    Element (s, v) is a pure function of (keys[s], v): the same on every device and in every batch.
+    """
+    token_ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
+    key_lo = (keys & _MASK32).unsqueeze(1)
+    key_hi = ((keys >> 32) & _MASK32).unsqueeze(1)
+    x = _mix32_(token_ids.unsqueeze(0) ^ key_lo)
+    x = _mix32_(x.bitwise_xor_(key_hi))
+    # 23 bits -> odd numerators (2m + 1) / 2**24: exact in fp32 and strictly inside (0, 1).
+    return ((x >> 9) * 2 + 1).to(torch.float32).mul_(2.0**-24)
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling metadata on the logits' device, built once per step by `build`.
+
+    Optional fields are None when no row in the batch uses them, so the sampler skips that work.
+    """
+
+    num_rows: int
+    vocab_size: int
+    temperature: torch.Tensor  # [N] fp32; 1.0 on greedy rows
+    greedy: torch.Tensor  # [N] bool
+    all_greedy: bool
+    any_greedy: bool
+    # top_k / top_p apply to `filter_rows` only (non-greedy rows that use either).
+    filter_rows: torch.Tensor | None  # [R] int64
+    top_k: torch.Tensor | None  # [R] int64, vocab_size where disabled; None if no row uses top_k
+    top_p: torch.Tensor | None  # [R] fp32, 1.0 where disabled; None if no row uses top_p
+    min_p: torch.Tensor | None  # [N] fp32 (0 on greedy rows)
+    repetition_penalty: torch.Tensor | None  # [N] fp32
+    seen_token_mask: torch.Tensor | None  # [N, V] bool: token in prompt or output (rows with rep. penalty)
+    frequency_penalty: torch.Tensor | None  # [N] fp32
+    presence_penalty: torch.Tensor | None  # [N] fp32
+    output_token_counts: torch.Tensor | None  # [N, V] fp32
+    seeded_rows: torch.Tensor | None  # [S] int64 row indices of non-greedy rows with a seed
+    seeded_keys: torch.Tensor | None  # [S] int64 (`seeded_row_key` bits)
+    max_num_logprobs: int  # K = max over rows of `logprobs` (0: none requested)
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        output_token_ids: Sequence[Sequence[int]],
+        vocab_size: int,
+        device: torch.device | str,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> SamplingBatch:
+        """Row i samples the next token of a request with `params[i]` that has generated `output_token_ids[i]`.
+
+        `prompt_token_ids[i]` is read only for rows with `repetition_penalty != 1` (may be None otherwise).
+        The seeded-randomness step of row i is `len(output_token_ids[i])`, so recomputation after a
+        preemption reproduces the same tokens.
+        """
+        num_rows = len(params)
+        if len(output_token_ids) != num_rows:
+            raise ValueError(f"{num_rows} params but {len(output_token_ids)} output_token_ids lists")
+        device = torch.device(device)
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        greedy_list = [p.is_greedy for p in params]
+        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
+        greedy = torch.tensor(greedy_list, dtype=torch.bool, device=device)
+
+        # top_k / top_p: only non-greedy rows (filtering never changes an argmax).
+        filter_rows_list = [
+            i for i, p in enumerate(params) if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
+        ]
+        filter_rows = top_k = top_p = None
+        if filter_rows_list:
+            filter_rows = torch.tensor(filter_rows_list, dtype=torch.int64, device=device)
+            ks = [params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list]
+            ps = [params[i].top_p for i in filter_rows_list]
+            if any(k < vocab_size for k in ks):
+                top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+            if any(p < 1.0 for p in ps):
+                top_p = floats(ps)
+
+        min_p = None
+        if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list)):
+            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy_list)])
+
+        repetition_penalty = seen_token_mask = None
+        frequency_penalty = presence_penalty = output_token_counts = None
+        rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        if rep_rows or freq_rows:
+            counted_rows = set(rep_rows) | set(freq_rows)
+            output_token_counts = _token_counts(
+                [output_token_ids[i] if i in counted_rows else () for i in range(num_rows)], vocab_size, device
+            )
+        if freq_rows:
+            frequency_penalty = floats([p.frequency_penalty for p in params])
+            presence_penalty = floats([p.presence_penalty for p in params])
+        if rep_rows:
+            if prompt_token_ids is None:
+                raise ValueError("prompt_token_ids is required when a row has repetition_penalty != 1")
+            rep_set = set(rep_rows)
+            prompt_counts = _token_counts(
+                [prompt_token_ids[i] if i in rep_set else () for i in range(num_rows)], vocab_size, device
+            )
+            seen_token_mask = (prompt_counts > 0) | (output_token_counts > 0)
+            repetition_penalty = floats([max(p.repetition_penalty, _MIN_REPETITION_PENALTY) for p in params])
+
+        seeded_rows = seeded_keys = None
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy_list[i]]
+        if seeded:
+            seeded_rows = torch.tensor(seeded, dtype=torch.int64, device=device)
+            keys = [seeded_row_key(params[i].seed, len(output_token_ids[i])) for i in seeded]  # type: ignore[arg-type]
+            # Store the 64 key bits in an int64 (two's complement).
+            keys = [k - (1 << 64) if k >= (1 << 63) else k for k in keys]
+            seeded_keys = torch.tensor(keys, dtype=torch.int64, device=device)
+
+        return cls(
+            num_rows=num_rows,
+            vocab_size=vocab_size,
+            temperature=temperature,
+            greedy=greedy,
+            all_greedy=all(greedy_list),
+            any_greedy=any(greedy_list),
+            filter_rows=filter_rows,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seen_token_mask=seen_token_mask,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            output_token_counts=output_token_counts,
+            seeded_rows=seeded_rows,
+            seeded_keys=seeded_keys,
+            max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+        )
+
+
+def _token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[N] lists of token ids -> [N, V] fp32 occurrence counts (padding scatters into a dropped column V)."""
+    num_rows = len(token_ids)
+    max_len = max((len(ids) for ids in token_ids), default=0)
+    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
+    if max_len > 0:
+        padded = torch.full((num_rows, max_len), vocab_size, dtype=torch.int64)
+        for row, ids in enumerate(token_ids):
+            if len(ids):
+                padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
+        padded = padded.to(device)
+        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+@dataclass
+class SamplerOutput:
+    """What one sampling step returns (all on the logits' device)."""
+
+    sampled_token_ids: torch.Tensor  # [N] int64
+    sampled_logprobs: torch.Tensor  # [N] fp32, raw-model logprob of each sampled token
+    top_logprob_ids: torch.Tensor | None  # [N, K] int64, most likely first; None when K == 0
+    top_logprobs: torch.Tensor | None  # [N, K] fp32
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition, then frequency/presence penalties: [N, V] fp32 -> new [N, V] fp32."""
+    if batch.repetition_penalty is not None:
+        assert batch.seen_token_mask is not None
+        penalty = batch.repetition_penalty.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(batch.seen_token_mask, penalised, logits)
+    if batch.frequency_penalty is not None:
+        assert batch.presence_penalty is not None and batch.output_token_counts is not None
+        counts = batch.output_token_counts
+        logits = (
+            logits
+            - batch.frequency_penalty.unsqueeze(1) * counts
+            - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+        )
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (-inf) tokens outside each row's top_k, then outside its top_p nucleus: [R, V] -> [R, V].
+
+    top_k [R] int64 (V = disabled), top_p [R] fp32 (1 = disabled). Ties at the k-th value are kept. The most
+    likely token is always kept. Without top_p only `torch.topk(max k)` runs, not a full sort.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    if top_p is None:
+        assert top_k is not None
+        max_k = int(top_k.max())
+        kth_value = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
+        return logits.masked_fill(logits < kth_value, float("-inf"))
+    vocab_size = logits.shape[-1]
+    sorted_logits, sorted_ids = logits.sort(dim=-1)  # ascending: the nucleus is a suffix
+    if top_k is not None:
+        kth_value = sorted_logits.gather(1, (vocab_size - top_k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_value, float("-inf"))
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    outside_nucleus = cumulative <= (1.0 - top_p).unsqueeze(1)
+    outside_nucleus[:, -1] = False
+    sorted_logits = sorted_logits.masked_fill(outside_nucleus, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p * (max probability): [N, V] -> [N, V]; min_p [N]."""
+    # p_i < min_p * p_max  <=>  logit_i < max_logit + log(min_p); log(0) = -inf masks nothing.
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+class Sampler:
+    """Samples one token per row; see the module docstring. Stateless apart from the unseeded generator."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator  # for unseeded rows; None = torch's default generator of the device
+
+    @torch.no_grad()
+    def __call__(
+        self, logits: torch.Tensor, batch: SamplingBatch, allowed_token_mask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits [N, V] fp32 (not modified), allowed_token_mask [N, V] bool or None -> SamplerOutput.
+
+        Every row of `allowed_token_mask` must allow at least one token.
+        """
+        if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
+            raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {batch.num_rows} rows")
+        logits = logits.float()
+        log_normaliser = torch.logsumexp(logits, dim=-1)  # [N]
+        top_logprob_ids = top_logprobs = None
+        if batch.max_num_logprobs > 0:
+            top_values, top_logprob_ids = logits.topk(batch.max_num_logprobs, dim=-1)
+            top_logprobs = top_values - log_normaliser.unsqueeze(1)
+
+        processed = self.process_logits(logits, batch, allowed_token_mask)
+        sampled = self._sample(processed, batch)
+        sampled_logprobs = logits.gather(1, sampled.unsqueeze(1)).squeeze(1) - log_normaliser
+        return SamplerOutput(sampled, sampled_logprobs, top_logprob_ids, top_logprobs)
+
+    @staticmethod
+    def process_logits(
+        logits: torch.Tensor, batch: SamplingBatch, allowed_token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mask, penalties, temperature, top_k/top_p, min_p: [N, V] fp32 -> new [N, V] fp32 (input untouched)."""
+        if allowed_token_mask is not None:
+            logits = logits.masked_fill(~allowed_token_mask, float("-inf"))
+        logits = apply_penalties(logits, batch)
+        if batch.all_greedy:
+            return logits  # argmax is all that follows; temperature and filtering cannot change it
+        logits = logits / batch.temperature.unsqueeze(1)
+        if batch.filter_rows is not None:
+            if batch.filter_rows.numel() == batch.num_rows:
+                logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+            else:
+                filtered = apply_top_k_top_p(logits[batch.filter_rows], batch.top_k, batch.top_p)
+                logits = logits.index_copy(0, batch.filter_rows, filtered)
+        if batch.min_p is not None:
+            logits = apply_min_p(logits, batch.min_p)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Processed logits [N, V] -> token ids [N] int64 (Gumbel-max on non-greedy rows)."""
+        if batch.all_greedy:
+            return logits.argmax(dim=-1)
+        num_rows, vocab_size = logits.shape
+        num_seeded = 0 if batch.seeded_rows is None else batch.seeded_rows.numel()
+        if num_seeded == num_rows:
+            assert batch.seeded_keys is not None
+            noise = hashed_uniform(batch.seeded_keys, vocab_size)
+        else:
+            noise = torch.rand(num_rows, vocab_size, device=logits.device, generator=self.generator)
+            if num_seeded:
+                assert batch.seeded_rows is not None and batch.seeded_keys is not None
+                noise.index_copy_(0, batch.seeded_rows, hashed_uniform(batch.seeded_keys, vocab_size))
+        # Gumbel noise -log(-log u), in place; u == 0 (torch.rand) gives -inf: that token is never drawn.
+        scores = noise.log_().neg_().log_().neg_().add_(logits)
+        sampled = scores.argmax(dim=-1)
+        if batch.any_greedy:
+            sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+        return sampled
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of given next tokens at each position (scoring / echo)."""
+
+    token_logprobs: torch.Tensor  # [T] fp32
+    top_logprob_ids: torch.Tensor | None  # [T, k] int64, most likely first
+    top_logprobs: torch.Tensor | None  # [T, k] fp32
+
+
+@torch.no_grad()
+def compute_prompt_logprobs(
+    logits: torch.Tensor, next_token_ids: torch.Tensor, num_top_logprobs: int = 0, chunk_size: int = 1024
+) -> PromptLogprobs:
+    """Raw-model logprob of `next_token_ids[t]` under `logits[t]` (+ the top `num_top_logprobs` per position).
+
+    logits [T, V] (any float dtype; computed in fp32, `chunk_size` rows at a time to bound the temporary
+    memory), next_token_ids [T] int64. For a whole prompt p of length L: `compute_prompt_logprobs(logits[:L-1],
+    p[1:])`; the first prompt token has no logprob (OpenAI reports None for it).
+    """
+    num_positions = logits.shape[0]
+    if next_token_ids.shape != (num_positions,):
+        raise ValueError(f"next_token_ids {tuple(next_token_ids.shape)} do not match logits {tuple(logits.shape)}")
+    next_token_ids = next_token_ids.to(device=logits.device, dtype=torch.int64)
+    token_logprobs = torch.empty(num_positions, dtype=torch.float32, device=logits.device)
+    top_ids = top_values = None
+    if num_top_logprobs > 0:
+        top_ids = torch.empty(num_positions, num_top_logprobs, dtype=torch.int64, device=logits.device)
+        top_values = torch.empty(num_positions, num_top_logprobs, dtype=torch.float32, device=logits.device)
+    for start in range(0, num_positions, chunk_size):
+        end = min(start + chunk_size, num_positions)
+        chunk = logits[start:end].float()
+        log_normaliser = torch.logsumexp(chunk, dim=-1)
+        token_logprobs[start:end] = chunk.gather(1, next_token_ids[start:end].unsqueeze(1)).squeeze(1) - log_normaliser
+        if top_ids is not None and top_values is not None:
+            values, ids = chunk.topk(num_top_logprobs, dim=-1)
+            top_ids[start:end] = ids
+            top_values[start:end] = values - log_normaliser.unsqueeze(1)
+    return PromptLogprobs(token_logprobs, top_ids, top_values)

@@ -1,0 +1,160 @@
+"""One request's state inside the engine, and what the engine hands back for it.
+
+`Sequence` is the scheduler's and block manager's unit: its token ids (prompt then output), how many of them
+already have KV in the cache (`num_computed_tokens`), and one block table per KV block group
+("full_attention", "sliding_attention"). `RequestOutput` is what `LLM.generate` returns and what
+`AsyncEngine.add_request` yields (one per step, with deltas).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+_seq_counter = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class PromptTooLongError(ValueError):
+    """The prompt cannot be served: longer than the model's context or than the whole KV cache (HTTP 400)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many requests are waiting already (HTTP 429/503); retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped (shut down or crashed); no request can be served."""
+
+
+@dataclass
+class TokenLogprob:
+    """The log-probability of one chosen token, and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    rank: int | None = None
+    top_logprobs: dict[int, float] = field(default_factory=dict)
+
+
+class Sequence:
+    """A request being served.
+
+    `token_ids` is the prompt followed by the output so far. Its first `num_computed_tokens` tokens have
+    their KV in the cache; after a preemption that count drops to zero and the whole of `token_ids` is
+    recomputed as a prompt (prefix hits included).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: Any,
+        *,
+        want_prompt_logprobs: bool = False,
+        arrival_time: float = 0.0,
+    ) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.want_prompt_logprobs = want_prompt_logprobs
+        self.arrival_time = arrival_time
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        # Prompt tokens whose KV came from the prefix cache at first admission (reported to clients).
+        self.num_cached_tokens = 0
+        # Block ids per group; -1 marks a sliding-window block that was freed (never read by the kernels).
+        self.block_tables: dict[str, list[int]] = {}
+        # Hash chain of the full blocks of `token_ids` (shared by all groups): entry i keys tokens 0..(i+1)*bs.
+        self.block_hashes: list[bytes] = []
+        self.num_preemptions = 0
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+        # Per output token, when logprobs are asked for.
+        self.output_logprobs: list[TokenLogprob] = []
+        # Per prompt token (the first has none), when prompt logprobs are asked for.
+        self.prompt_logprobs: list[TokenLogprob | None] = []
+        # Output tokens already reported to the consumer (for streaming deltas).
+        self.num_reported_tokens = 0
+        self.output_text = ""
+        self.detokenizer_state: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def is_prefill(self) -> bool:
+        """True while more than one token lacks KV (a prompt, or a recompute after preemption)."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens})"
+        )
+
+
+@dataclass
+class RequestOutput:
+    """A request's result (`LLM.generate`), or one step's update of it (`AsyncEngine.add_request`).
+
+    Cumulative fields: `prompt_token_ids`, `token_ids` (all output tokens so far), `text` (all output text
+    so far), `logprobs` (per output token so far, when asked), `num_output_tokens`.
+    Delta fields (streaming): `new_token_ids`, `text_delta`, `new_logprobs`: what this update adds.
+    `finish_reason` is None until finished, then "stop" (EOS / stop token / stop string), "length"
+    (max_tokens or the context), "abort", or "error" (then `error` says why). `stop_reason` is the stop
+    token id or stop string that matched, if any. `num_cached_tokens`: prompt tokens served from the prefix
+    cache. `prompt_logprobs`: per prompt token (None for the first), when asked (`LLM.score`).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    text_delta: str = ""
+    new_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)

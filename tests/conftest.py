@@ -1,0 +1,41 @@
+"""Shared fixtures: where `shared/` is, and one tiny random checkpoint made once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def find_shared_dir() -> Path | None:
+    """`shared/` beside the checkout (or $GPTOSS_SHARED_DIR); None on a user's fresh clone."""
+    candidates = [os.environ.get("GPTOSS_SHARED_DIR"), str(REPO_ROOT.parent / "shared")]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "vocab").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = find_shared_dir()
+    if path is None:
+        pytest.skip("shared/ (real tokenizer, tiktoken vocab) is not beside this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random gpt-oss checkpoint in the real HF layout (MXFP4 experts), made once."""
+    from engine.checkpoint import make_random_checkpoint
+    from engine.config import preset
+
+    out_dir = tmp_path_factory.mktemp("tiny-checkpoint")
+    make_random_checkpoint(out_dir, preset("tiny"), seed=1234)
+    return out_dir
