@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence as SequenceABC
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 
 from engine.sequence import Sequence
 
@@ -136,7 +137,7 @@ class BlockManager:
         if not windows:
             raise ValueError("at least one block group is needed")
         if isinstance(num_blocks, int):
-            num_blocks = {name: num_blocks for name in windows}
+            num_blocks = dict.fromkeys(windows, num_blocks)
         if set(num_blocks) != set(windows):
             raise ValueError(f"block counts given for {sorted(num_blocks)} but groups are {sorted(windows)}")
         for name, window in windows.items():
@@ -161,9 +162,7 @@ class BlockManager:
 
     def max_tokens_per_sequence(self) -> int:
         """The longest context one sequence alone can hold (bounded by the full-attention pools)."""
-        limits = [
-            pool.num_blocks * self.block_size for name, pool in self.pools.items() if self.windows[name] is None
-        ]
+        limits = [pool.num_blocks * self.block_size for name, pool in self.pools.items() if self.windows[name] is None]
         return min(limits) if limits else 1 << 62
 
     def _first_needed_block(self, group: str, start: int) -> int:
@@ -214,10 +213,15 @@ class BlockManager:
             table = seq.block_tables.get(name)
             if not table or self.windows[name] is None:
                 continue
-            for i in range(min(self._first_needed_block(name, seq.num_computed_tokens), len(table))):
+            # Entries below `num_window_freed` are -1 already: each entry is visited once per sequence.
+            start = seq.num_window_freed.get(name, 0)
+            end = min(self._first_needed_block(name, seq.num_computed_tokens), len(table))
+            for i in range(start, end):
                 if table[i] >= 0:
                     pool.release(table[i])
                     table[i] = -1
+            if end > start:
+                seq.num_window_freed[name] = end
 
     def _num_blocks_needed(self, seq: Sequence, num_new_tokens: int, hit_blocks: int) -> dict[str, int]:
         """Free blocks each group must give up to add `num_new_tokens` (hit blocks that are free count)."""
@@ -233,12 +237,20 @@ class BlockManager:
                 num_new = end_blocks - hit_blocks
                 needed[name] = num_new + sum(1 for b in reused if pool.ref_counts[b] == 0)
             else:
-                # Window blocks released this step are not counted: they may be shared.
+                # Blocks behind the window were released first (`_free_out_of_window`); they are free now.
                 needed[name] = max(0, end_blocks - len(table))
         return needed
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        hit = self.find_prefix_hit(seq) if self._is_fresh(seq) else 0
+        """Whether `allocate(seq, num_new_tokens)` would succeed now.
+
+        Releases the sliding-window blocks `seq` will never read again first (always safe: positions only
+        move forward until a preemption frees everything), so that they count as free.
+        """
+        fresh = self._is_fresh(seq)
+        if not fresh:
+            self._free_out_of_window(seq)
+        hit = self.find_prefix_hit(seq) if fresh else 0
         needed = self._num_blocks_needed(seq, num_new_tokens, hit)
         return all(needed[name] <= pool.num_free_blocks for name, pool in self.pools.items())
 
@@ -272,6 +284,7 @@ class BlockManager:
                     pool.touch(block_id)
                     table.append(block_id)
                 seq.block_tables[name] = table
+                seq.num_window_freed[name] = first
             seq.num_computed_tokens = hit * bs
             if seq.num_preemptions == 0:  # a recompute's hits are its own blocks, not a client's prefix
                 seq.num_cached_tokens = hit * bs
@@ -340,6 +353,7 @@ class BlockManager:
                 pool.touch(block_id)
                 table.append(block_id)
             child.block_tables[name] = table
+            child.num_window_freed[name] = first
         child.num_computed_tokens = num_full * bs
 
     def free(self, seq: Sequence) -> None:
@@ -351,6 +365,7 @@ class BlockManager:
                 if block_id >= 0:
                     pool.release(block_id)
         seq.block_tables = {}
+        seq.num_window_freed = {}
         seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> None:

@@ -9,18 +9,22 @@ shard, so even a full-size preset never sits in memory whole.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from engine.checkpoint_layout import checkpoint_tensor_specs, random_tensor
-from engine.config import ModelConfig
+from engine.config import ModelConfig, preset
 from engine.loader import INDEX_FILE
 from engine.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_id
 
 DEFAULT_SHARD_BYTES = 4 << 30
+# Bump when the tiny preset or the random draw changes, so stale cached checkpoints are not reused.
+DEFAULT_CHECKPOINT_VERSION = 1
 
 
 def make_random_checkpoint(
@@ -89,3 +93,26 @@ def _write_shards(out_dir: Path, config: ModelConfig, seed: int, max_shard_bytes
     total_size = sum(spec.num_bytes for spec in specs)
     with open(out_dir / INDEX_FILE, "w") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
+
+
+def default_checkpoint_dir() -> Path:
+    """Where `gptoss serve` with no `--model` keeps its tiny random checkpoint."""
+    cache_root = os.environ.get("GPTOSS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gptoss-engine"
+    )
+    return Path(cache_root) / f"tiny-random-v{DEFAULT_CHECKPOINT_VERSION}"
+
+
+def ensure_default_checkpoint() -> Path:
+    """Make the tiny random checkpoint once (atomically: a half-written folder is never used) and return it."""
+    target = default_checkpoint_dir()
+    if (target / INDEX_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-random-", dir=target.parent))
+    make_random_checkpoint(staging, preset("tiny"), seed=0)
+    try:
+        staging.rename(target)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

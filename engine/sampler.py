@@ -16,12 +16,14 @@ penalty (prompt + output tokens), frequency/presence penalties (output tokens), 
 min_p, then sampling. Greedy rows (temperature < 1e-5) take the argmax of the penalised logits; ties go to
 the lowest token id (torch.argmax returns the first maximum).
 
-Randomness: sampling is Gumbel-max, `argmax(logits / T + G)`, with `G = -log(-log(u))` and `u` uniform
-per (row, token). Rows of requests with a `seed` get `u` from a counter-based hash of (seed, number of tokens
-the request has generated so far, token id) computed with integer tensor ops on the device, so a seeded
-request's tokens never depend on the batch it is in (composition, order, size) and are the same on CPU and
-CUDA given the same logits. Unseeded rows draw `u` from `torch.rand` with the sampler's generator (torch's
-default generator when None).
+Randomness: inverse-CDF sampling with ONE uniform number per row: the token is the first index whose running
+sum of (unnormalised, fp64) probabilities reaches u * total. Rows of requests with a `seed` get u from a
+counter-based hash of (seed, number of tokens the request has generated so far) computed in Python
+(`seeded_uniform`), so a seeded request's tokens never depend on the batch it is in (composition, order,
+size) nor on any generator state, and no per-row generator or per-row loop over V is needed. Unseeded rows
+draw u from `torch.rand` with the sampler's generator (torch's default generator of the device when None).
+Given identical logits, CPU and CUDA pick the same token except when u * total falls within rounding error
+of a token boundary (the fp64 running sums may round differently).
 
 Logprobs are those of the model's raw distribution: `log_softmax(logits)` of the logits as passed in, before
 the mask, penalties, temperature and filtering (what OpenAI reports and vLLM's default).
@@ -29,6 +31,7 @@ the mask, penalties, temperature and filtering (what OpenAI reports and vLLM's d
 Cost notes: the sort needed by top_p (or top_k, which uses `torch.topk` when no row needs top_p) runs only on
 the rows that use them; the penalties' [N, V] count tensors are built only when a row uses a penalty. Building
 a batch is Python over the rows (and over the prompt/output token ids when penalties are on), never over V.
+Sampling holds one fp64 [N, V] temporary (8 * N * V bytes: 400 MB at N = 256, V = 201088).
 """
 
 from __future__ import annotations
@@ -38,52 +41,25 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.sampling_params import GREEDY_TEMPERATURE_EPS, SamplingParams
+from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
-_MASK32 = 0xFFFFFFFF
-# Multipliers below 2**31 so that (32-bit value) * multiplier < 2**63 never overflows int64 on any device.
-_HASH_MUL_1 = 0x7FEB352D
-_HASH_MUL_2 = 0x5BD1E995
 # repetition_penalty 0 (allowed by the API) divides by zero; use its limit instead.
 _MIN_REPETITION_PENALTY = 1e-6
 
 
 def _splitmix64(x: int) -> int:
-    """A 64-bit integer mix (Python ints), used to turn (seed, step) into per-row hash keys."""
+    """A 64-bit integer mix (Python ints): decorrelates consecutive seeds and steps."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
 
 
-def seeded_row_key(seed: int, step: int) -> int:
-    """The 64-bit hash key of a seeded row: a function of (seed, tokens generated so far) only."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
-
-
-def _mix32_(x: torch.Tensor) -> torch.Tensor:
-    """In-place 32-bit integer hash of int64 tensors holding values in [0, 2**32)."""
-    x.bitwise_xor_(x >> 16)
-    x.mul_(_HASH_MUL_1).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(_HASH_MUL_2).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 16)
-    return x
-
-
-def hashed_uniform(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Uniform noise in (0, 1) from 64-bit row keys: [S] int64 (key bits as a signed int64) -> [S, V] fp32.
-
-    Element (s, v) is a pure function of (keys[s], v): the same on every device and in every batch.
-    """
-    token_ids = torch.arange(vocab_size, device=keys.device, dtype=torch.int64)
-    key_lo = (keys & _MASK32).unsqueeze(1)
-    key_hi = ((keys >> 32) & _MASK32).unsqueeze(1)
-    x = _mix32_(token_ids.unsqueeze(0) ^ key_lo)
-    x = _mix32_(x.bitwise_xor_(key_hi))
-    # 23 bits -> odd numerators (2m + 1) / 2**24: exact in fp32 and strictly inside (0, 1).
-    return ((x >> 9) * 2 + 1).to(torch.float32).mul_(2.0**-24)
+def seeded_uniform(seed: int, step: int) -> float:
+    """The uniform in (0, 1] that picks a seeded request's token number `step`: a pure function of both."""
+    key = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    return ((key >> 11) + 1) * 2.0**-53
 
 
 @dataclass
@@ -110,7 +86,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [N] fp32
     output_token_counts: torch.Tensor | None  # [N, V] fp32
     seeded_rows: torch.Tensor | None  # [S] int64 row indices of non-greedy rows with a seed
-    seeded_keys: torch.Tensor | None  # [S] int64 (`seeded_row_key` bits)
+    seeded_uniforms: torch.Tensor | None  # [S] fp64 in (0, 1], `seeded_uniform(seed, step)` of each
     max_num_logprobs: int  # K = max over rows of `logprobs` (0: none requested)
 
     @classmethod
@@ -122,7 +98,7 @@ class SamplingBatch:
         device: torch.device | str,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
     ) -> SamplingBatch:
-        """Row i samples the next token of a request with `params[i]` that has generated `output_token_ids[i]`.
+        """Row i samples the next token of a request with `params[i]` that generated `output_token_ids[i]`.
 
         `prompt_token_ids[i]` is read only for rows with `repetition_penalty != 1` (may be None otherwise).
         The seeded-randomness step of row i is `len(output_token_ids[i])`, so recomputation after a
@@ -137,17 +113,21 @@ class SamplingBatch:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
         greedy_list = [p.is_greedy for p in params]
-        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy_list)])
+        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy_list, strict=True)])
         greedy = torch.tensor(greedy_list, dtype=torch.bool, device=device)
 
         # top_k / top_p: only non-greedy rows (filtering never changes an argmax).
         filter_rows_list = [
-            i for i, p in enumerate(params) if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
+            i
+            for i, p in enumerate(params)
+            if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
         ]
         filter_rows = top_k = top_p = None
         if filter_rows_list:
             filter_rows = torch.tensor(filter_rows_list, dtype=torch.int64, device=device)
-            ks = [params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list]
+            ks = [
+                params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list
+            ]
             ps = [params[i].top_p for i in filter_rows_list]
             if any(k < vocab_size for k in ks):
                 top_k = torch.tensor(ks, dtype=torch.int64, device=device)
@@ -155,17 +135,21 @@ class SamplingBatch:
                 top_p = floats(ps)
 
         min_p = None
-        if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list)):
-            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy_list)])
+        if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list, strict=True)):
+            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy_list, strict=True)])
 
         repetition_penalty = seen_token_mask = None
         frequency_penalty = presence_penalty = output_token_counts = None
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+        freq_rows = [
+            i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        ]
         if rep_rows or freq_rows:
             counted_rows = set(rep_rows) | set(freq_rows)
             output_token_counts = _token_counts(
-                [output_token_ids[i] if i in counted_rows else () for i in range(num_rows)], vocab_size, device
+                [output_token_ids[i] if i in counted_rows else () for i in range(num_rows)],
+                vocab_size,
+                device,
             )
         if freq_rows:
             frequency_penalty = floats([p.frequency_penalty for p in params])
@@ -180,14 +164,12 @@ class SamplingBatch:
             seen_token_mask = (prompt_counts > 0) | (output_token_counts > 0)
             repetition_penalty = floats([max(p.repetition_penalty, _MIN_REPETITION_PENALTY) for p in params])
 
-        seeded_rows = seeded_keys = None
+        seeded_rows = seeded_uniforms = None
         seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy_list[i]]
         if seeded:
             seeded_rows = torch.tensor(seeded, dtype=torch.int64, device=device)
-            keys = [seeded_row_key(params[i].seed, len(output_token_ids[i])) for i in seeded]  # type: ignore[arg-type]
-            # Store the 64 key bits in an int64 (two's complement).
-            keys = [k - (1 << 64) if k >= (1 << 63) else k for k in keys]
-            seeded_keys = torch.tensor(keys, dtype=torch.int64, device=device)
+            uniforms = [seeded_uniform(params[i].seed, len(output_token_ids[i])) for i in seeded]  # type: ignore[arg-type]
+            seeded_uniforms = torch.tensor(uniforms, dtype=torch.float64, device=device)
 
         return cls(
             num_rows=num_rows,
@@ -206,7 +188,7 @@ class SamplingBatch:
             presence_penalty=presence_penalty,
             output_token_counts=output_token_counts,
             seeded_rows=seeded_rows,
-            seeded_keys=seeded_keys,
+            seeded_uniforms=seeded_uniforms,
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
         )
 
@@ -254,7 +236,9 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     """Mask (-inf) tokens outside each row's top_k, then outside its top_p nucleus: [R, V] -> [R, V].
 
     top_k [R] int64 (V = disabled), top_p [R] fp32 (1 = disabled). Ties at the k-th value are kept. The most
@@ -318,7 +302,7 @@ class Sampler:
     def process_logits(
         logits: torch.Tensor, batch: SamplingBatch, allowed_token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mask, penalties, temperature, top_k/top_p, min_p: [N, V] fp32 -> new [N, V] fp32 (input untouched)."""
+        """Mask, penalties, temperature, top_k/top_p, min_p: [N, V] fp32 -> a new [N, V] fp32 tensor."""
         if allowed_token_mask is not None:
             logits = logits.masked_fill(~allowed_token_mask, float("-inf"))
         logits = apply_penalties(logits, batch)
@@ -336,22 +320,25 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Processed logits [N, V] -> token ids [N] int64 (Gumbel-max on non-greedy rows)."""
+        """Processed logits [N, V] -> token ids [N] int64: inverse CDF on random rows, argmax on greedy."""
         if batch.all_greedy:
             return logits.argmax(dim=-1)
-        num_rows, vocab_size = logits.shape
-        num_seeded = 0 if batch.seeded_rows is None else batch.seeded_rows.numel()
-        if num_seeded == num_rows:
-            assert batch.seeded_keys is not None
-            noise = hashed_uniform(batch.seeded_keys, vocab_size)
-        else:
-            noise = torch.rand(num_rows, vocab_size, device=logits.device, generator=self.generator)
-            if num_seeded:
-                assert batch.seeded_rows is not None and batch.seeded_keys is not None
-                noise.index_copy_(0, batch.seeded_rows, hashed_uniform(batch.seeded_keys, vocab_size))
-        # Gumbel noise -log(-log u), in place; u == 0 (torch.rand) gives -inf: that token is never drawn.
-        scores = noise.log_().neg_().log_().neg_().add_(logits)
-        sampled = scores.argmax(dim=-1)
+        num_rows = logits.shape[0]
+        # One uniform in (0, 1] per row; seeded rows get theirs from (seed, step) alone.
+        uniform = 1.0 - torch.rand(
+            num_rows, dtype=torch.float64, device=logits.device, generator=self.generator
+        )
+        if batch.seeded_rows is not None:
+            assert batch.seeded_uniforms is not None
+            uniform.index_copy_(0, batch.seeded_rows, batch.seeded_uniforms)
+        # Unnormalised probabilities (max 1) accumulated in fp64: an fp32 running sum over 200k tokens would
+        # be off by ~1e-6, distorting rare tokens' odds.
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).to(torch.float64).exp_()
+        cdf = weights.cumsum_(dim=-1)
+        target = (uniform * cdf[:, -1]).unsqueeze(1)  # in (0, total]
+        # The first index with cdf >= target: never a zero-probability token (its cdf equals its left
+        # neighbour's), and never past the end (target <= total).
+        sampled = torch.searchsorted(cdf, target).squeeze(1)
         if batch.any_greedy:
             sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
         return sampled
@@ -373,12 +360,14 @@ def compute_prompt_logprobs(
     """Raw-model logprob of `next_token_ids[t]` under `logits[t]` (+ the top `num_top_logprobs` per position).
 
     logits [T, V] (any float dtype; computed in fp32, `chunk_size` rows at a time to bound the temporary
-    memory), next_token_ids [T] int64. For a whole prompt p of length L: `compute_prompt_logprobs(logits[:L-1],
-    p[1:])`; the first prompt token has no logprob (OpenAI reports None for it).
+    memory), next_token_ids [T] int64. For a whole prompt p of length L:
+    `compute_prompt_logprobs(logits[:L-1], p[1:])`; the first prompt token has no logprob (OpenAI: None).
     """
     num_positions = logits.shape[0]
     if next_token_ids.shape != (num_positions,):
-        raise ValueError(f"next_token_ids {tuple(next_token_ids.shape)} do not match logits {tuple(logits.shape)}")
+        raise ValueError(
+            f"next_token_ids {tuple(next_token_ids.shape)} do not match logits {tuple(logits.shape)}"
+        )
     next_token_ids = next_token_ids.to(device=logits.device, dtype=torch.int64)
     token_logprobs = torch.empty(num_positions, dtype=torch.float32, device=logits.device)
     top_ids = top_values = None
@@ -389,7 +378,9 @@ def compute_prompt_logprobs(
         end = min(start + chunk_size, num_positions)
         chunk = logits[start:end].float()
         log_normaliser = torch.logsumexp(chunk, dim=-1)
-        token_logprobs[start:end] = chunk.gather(1, next_token_ids[start:end].unsqueeze(1)).squeeze(1) - log_normaliser
+        token_logprobs[start:end] = (
+            chunk.gather(1, next_token_ids[start:end].unsqueeze(1)).squeeze(1) - log_normaliser
+        )
         if top_ids is not None and top_values is not None:
             values, ids = chunk.topk(num_top_logprobs, dim=-1)
             top_ids[start:end] = ids

@@ -10,7 +10,7 @@ Two levels of validation:
   penalty -2..2, max_tokens >= 1. The server calls it after building the params from a request.
 
 Both raise `SamplingParamsError` (a `ValueError`) whose `param` attribute names the offending field, so the
-server can answer a 400 that names it.
+server can answer a 400 that names it. Fields set after construction are not re-checked: call `validate()`.
 
 Semantics (what the sampler does with each field, engine/sampler.py):
 - `temperature` < 1e-5 (in particular 0) means greedy: argmax, ties broken by the lowest token id.
@@ -23,7 +23,8 @@ Semantics (what the sampler does with each field, engine/sampler.py):
   `logit -= frequency_penalty * count(token in output) + presence_penalty * (count > 0)`.
 - `seed`: with a seed, a request's tokens depend only on (seed, its logits, how many tokens it has generated),
   never on what else is in the batch. None: the engine's global random generator.
-- `stop_token_ids` / `ignore_eos`: checked by the engine's output processing (`is_stop_token`), not the sampler.
+- `stop_token_ids` / `ignore_eos`: checked by the engine's output processing (`is_stop_token`), not the
+  sampler.
 - `stop` strings: matched on the detokenized text by engine/detokenizer.py.
 - `logprobs`: None = only the sampled token's logprob (cheap, always computed); k = also the k most likely
   tokens. Logprobs are those of the model's raw distribution (log_softmax of the logits before any
@@ -105,7 +106,9 @@ class SamplingParams:
         self._check_number("temperature", low=0.0)
         self._check_number("top_p", low=0.0, high=1.0, low_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingParamsError("top_k", f"must be an integer >= -1 (-1 or 0: disabled), got {self.top_k!r}")
+            raise SamplingParamsError(
+                "top_k", f"must be an integer >= -1 (-1 or 0: disabled), got {self.top_k!r}"
+            )
         self._check_number("min_p", low=0.0, high=1.0)
         self._check_number("repetition_penalty", low=0.0)
         self._check_number("frequency_penalty", low=-2.0, high=2.0)
@@ -124,10 +127,12 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise SamplingParamsError(name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}")
+                raise SamplingParamsError(
+                    name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}"
+                )
 
     def validate_api_ranges(self) -> None:
-        """The public API's ranges (shared/docs/api.md), stricter than `validate()`. Raises `SamplingParamsError`."""
+        """Check the public API ranges (shared/docs/api.md), stricter than `validate()`."""
         if self.max_tokens < 1:
             raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         self._check_number("temperature", low=0.0, high=5.0)
@@ -166,5 +171,5 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def is_stop_token(self, token_id: int, eos_token_ids: tuple[int, ...] | frozenset[int] = ()) -> bool:
-        """Whether sampling `token_id` ends the request: one of `stop_token_ids`, or EOS unless `ignore_eos`."""
+        """Whether sampling `token_id` ends the request: in `stop_token_ids`, or EOS unless `ignore_eos`."""
         return token_id in self.stop_token_ids or (not self.ignore_eos and token_id in eos_token_ids)

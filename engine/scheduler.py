@@ -32,15 +32,16 @@ class ScheduledSequence:
     seq: Sequence
     start: int
     num_new_tokens: int
+    # Whether this step yields the sequence's next token (its chunk reaches its last known token); fixed
+    # when planned, since the token it samples is appended afterwards.
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.seq.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step yields the sequence's next token (its chunk reaches the last known token)."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass
@@ -73,7 +74,9 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
+        # The longest sequence served: the model's context, or less if the whole KV cache holds less.
+        self.context_len = max_model_len
+        self.max_model_len = min(max_model_len, block_manager.max_tokens_per_sequence())
         self.max_num_waiting = max_num_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -83,15 +86,14 @@ class Scheduler:
 
     def check_prompt(self, num_prompt_tokens: int) -> None:
         """Raise `PromptTooLongError` if a prompt of this length can never be served."""
+        if num_prompt_tokens > self.context_len:
+            raise PromptTooLongError(
+                f"prompt has {num_prompt_tokens} tokens, more than the model's context of {self.context_len} tokens"
+            )
         if num_prompt_tokens > self.max_model_len:
             raise PromptTooLongError(
-                f"prompt has {num_prompt_tokens} tokens, more than the model's context of "
-                f"{self.max_model_len} tokens"
-            )
-        capacity = self.block_manager.max_tokens_per_sequence()
-        if num_prompt_tokens > capacity:
-            raise PromptTooLongError(
-                f"prompt has {num_prompt_tokens} tokens, more than the whole KV cache holds ({capacity} tokens)"
+                f"prompt has {num_prompt_tokens} tokens, more than the whole KV cache holds "
+                f"({self.max_model_len} tokens)"
             )
 
     def add(self, seq: Sequence) -> None:

@@ -3,13 +3,16 @@
 `Sequence` is the scheduler's and block manager's unit: its token ids (prompt then output), how many of them
 already have KV in the cache (`num_computed_tokens`), and one block table per KV block group
 ("full_attention", "sliding_attention"). `RequestOutput` is what `LLM.generate` returns and what
-`AsyncEngine.add_request` yields (one per step, with deltas).
+`AsyncEngine.add_request` yields (one per step, with deltas). The engine's exception types live here too:
+`PromptTooLongError`, `InvalidRequestError` (HTTP 400), `EngineOverloadedError` (429/503), `EngineDeadError`
+(503), `RequestFailedError` (a request failed inside the engine: 500).
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +29,16 @@ class PromptTooLongError(ValueError):
     """The prompt cannot be served: longer than the model's context or than the whole KV cache (HTTP 400)."""
 
 
+class InvalidRequestError(ValueError):
+    """A request the engine cannot run: empty prompt, token id outside the vocabulary, id in use... (HTTP 400)."""
+
+
 class EngineOverloadedError(RuntimeError):
     """Too many requests are waiting already (HTTP 429/503); retry later."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not complete this request (its model step raised); other requests are unaffected."""
 
 
 class EngineDeadError(RuntimeError):
@@ -76,6 +87,8 @@ class Sequence:
         self.num_cached_tokens = 0
         # Block ids per group; -1 marks a sliding-window block that was freed (never read by the kernels).
         self.block_tables: dict[str, list[int]] = {}
+        # Per group, how many leading block-table entries are -1 (outside every future window).
+        self.num_window_freed: dict[str, int] = {}
         # Hash chain of the full blocks of `token_ids` (shared by all groups): entry i keys tokens 0..(i+1)*bs.
         self.block_hashes: list[bytes] = []
         self.num_preemptions = 0
@@ -88,8 +101,9 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] = []
         # Output tokens already reported to the consumer (for streaming deltas).
         self.num_reported_tokens = 0
-        self.output_text = ""
-        self.detokenizer_state: Any = None
+        # Optional constrained decoding: output token ids so far -> bool mask [vocab] of allowed next tokens
+        # (or None: no constraint this step). Called once per sampled token, on the engine thread.
+        self.logits_mask_fn: Callable[[list[int]], Any] | None = None
 
     @property
     def num_tokens(self) -> int:

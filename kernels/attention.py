@@ -27,10 +27,17 @@ context length only (fixed maximum), and the combine sums splits in order in a l
 q_len == 1 sequences still go through the decode kernels (the prefill launch skips them), so their result does
 not depend on whether a prefill shares their step.
 
+Dispatch (no device sync): a batch is pure decode when `max_query_len == 1` or, without that hint, when
+T == S (every sequence then has q_len 1, assuming q_len >= 1); otherwise the prefill kernel runs, plus the
+decode kernels for the q_len == 1 sequences in batch-invariant mode.
+
 Numerics: bf16 (or fp16) `tl.dot` with fp32 accumulation and fp32 softmax on GPU; fp32 caches use IEEE fp32
 dots. Under `TRITON_INTERPRET=1` bf16 arithmetic is broken in the interpreter, so the launchers set the
 `UPCAST` constexpr and every load is cast to fp32 first (see /work/shared/docs/triton-notes.md).
-Triton reads `TRITON_INTERPRET` when `@triton.jit` decorates, i.e. when this module is imported: set it before.
+Triton 3.9 reads `TRITON_INTERPRET` when `@triton.jit` decorates (when this module, and triton.language
+itself, are imported) and again while launching: set it before importing and leave it set. Kernels here
+avoid triton.language's own @jit helpers (tl.zeros, tl.max, tl.sum) on the interpreter path, so they still
+run if triton was imported before the variable was set (re-import this module then).
 """
 
 from __future__ import annotations
@@ -50,6 +57,19 @@ NEG_BIG = -1.0e30
 # min(DECODE_MAX_SPLITS, cdiv(keys, DECODE_MIN_SPLIT_KEYS)): a function of its own length only.
 DECODE_MAX_SPLITS = 64
 DECODE_MIN_SPLIT_KEYS = 256
+# GPU launch shapes. Prefill: 128-row query tiles (16 positions x 8 heads at gpt-oss's GQA 8, the usual
+# flash-attention tile for head dim 64) over 64-key tiles, 8 warps. Decode: the 8 query heads of a KV head
+# padded to the 16 rows an MMA needs, 4 warps. Three stages so the block-table-indexed K/V loads are
+# pipelined (cp.async) behind the dots. Not tuned on hardware yet.
+PREFILL_BLOCK_M = 128
+PREFILL_NUM_WARPS = 8
+DECODE_NUM_WARPS = 4
+NUM_STAGES = 3
+
+
+def _tile_n(head_dim: int) -> int:
+    """Keys per inner-loop tile."""
+    return 64 if head_dim <= 64 else 32
 
 
 def _is_interpreted(kernel: object) -> bool:
@@ -175,6 +195,21 @@ def _find_sequence(query_start_loc_ptr, tile_id, num_seqs, BLOCK_Q: tl.constexpr
 
 
 @triton.jit
+def _row_max(x, INTERPRETED: tl.constexpr):
+    """tl.max(x, 1). Under the interpreter, tl.max and tl.sum are @triton.jit functions of triton's standard
+    library: if triton was imported before TRITON_INTERPRET=1 was set they are compiled-mode functions the
+    interpreter cannot call. tl.reduce is a builtin the interpreter patches, and it recognises the standard
+    combine function and reduces with numpy, so this path works whatever the import order."""
+    return tl.reduce(x, 1, tl.standard._elementwise_max) if INTERPRETED else tl.max(x, 1)
+
+
+@triton.jit
+def _row_sum(x, INTERPRETED: tl.constexpr):
+    """tl.sum(x, 1); see `_row_max` for the interpreter branch."""
+    return tl.reduce(x, 1, tl.standard._sum_combine) if INTERPRETED else tl.sum(x, 1)
+
+
+@triton.jit
 def _attend_tile(
     q,  # [BLOCK_M, HEAD_DIM_PAD]
     acc,  # [BLOCK_M, HEAD_DIM_PAD] fp32, unnormalised
@@ -224,10 +259,10 @@ def _attend_tile(
     if HAS_WINDOW:
         visible = visible & (keys[None, :] > q_pos[:, None] - window)
     s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_new = tl.maximum(m_i, _row_max(s, UPCAST))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    l_i = l_i * alpha + _row_sum(p, UPCAST)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -312,7 +347,7 @@ def _prefill_kernel(
     # The sink starts the running max and contributes exp(sink - max) = 1 to the running sum.
     m_i = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     l_i = tl.full([BLOCK_M], 1.0, tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    acc = tl.full([BLOCK_M, HEAD_DIM_PAD], 0, tl.float32)
 
     key_hi = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
     key_lo = 0
@@ -406,10 +441,10 @@ def _decode_split_kernel(
     )
     if UPCAST:
         q = q.to(tl.float32)
-    q_pos = tl.zeros([BLOCK_G], tl.int32) + (seq_len - 1)
+    q_pos = tl.full([BLOCK_G], 0, tl.int32) + (seq_len - 1)
     m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM_PAD], tl.float32)
+    l_i = tl.full([BLOCK_G], 0, tl.float32)
+    acc = tl.full([BLOCK_G, HEAD_DIM_PAD], 0, tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     for tile_start in range(split_lo, split_hi, TILE_N):
         acc, m_i, l_i = _attend_tile(
@@ -458,7 +493,7 @@ def _decode_combine_kernel(
     key_lo = 0
     if HAS_WINDOW:
         key_lo = tl.maximum(seq_len - window, 0)
-    num_splits, per_split = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
+    num_splits, _ = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
     part = seq.to(tl.int64) * stride_ps + head * stride_ph
     sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     m_all = sink
@@ -466,7 +501,7 @@ def _decode_combine_kernel(
         m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + split * stride_pn))
     l_all = tl.exp2(sink - m_all)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    acc = tl.full([HEAD_DIM_PAD], 0, tl.float32)
     for split in range(num_splits):  # sequential sum: the order is fixed by the split index alone
         weight = tl.exp2(tl.load(part_max_ptr + part + split * stride_pn) - m_all)
         l_all += tl.load(part_sum_ptr + part + split * stride_pn) * weight
@@ -508,14 +543,14 @@ def paged_attention(
     """Attention of queries `[T, Hq, D]` over the paged KV cache; returns `[T, Hq, D]` in query.dtype.
 
     k_cache, v_cache: `[num_blocks, Hkv, block_size, D]`; block_tables `[S, max_blocks]` int32;
-    query_start_loc `[S + 1]` int32; seq_lens `[S]` int32 (context incl. the new tokens); sinks `[Hq]` fp32
-    (None: no sink); sliding_window: W or None. Every sequence must have q_len >= 1 unless `max_query_len`
-    is given. Hints (no device sync is made without them): `max_query_len` (1 means a pure decode batch;
-    by default a batch with T == S is one) and `max_seq_len` (bounds the decode split grid; by default
-    block_tables.shape[1] * block_size).
+    query_start_loc `[S + 1]` int32; seq_lens `[S]` int32 (context incl. the new tokens); sinks `[Hq]` fp32 or
+    bf16 (None: no sink); sliding_window: W or None. The launcher never syncs with the device. Optional host
+    hints the caller already knows: `max_query_len` (== 1 selects the pure-decode path; without it a batch
+    with T == S is taken as pure decode, so every sequence must then have q_len >= 1) and `max_seq_len`
+    (must be >= every seq_lens[s]; bounds the decode split grid, default block_tables.shape[1] * block_size).
     """
     num_tokens, num_q_heads, head_dim = query.shape
-    num_blocks, num_kv_heads, block_size, cache_head_dim = k_cache.shape
+    _, num_kv_heads, block_size, cache_head_dim = k_cache.shape
     num_seqs = seq_lens.shape[0]
     if v_cache.shape != k_cache.shape or cache_head_dim != head_dim:
         raise ValueError(f"cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} vs query {tuple(query.shape)}")
@@ -540,16 +575,16 @@ def paged_attention(
     interpreted = _is_interpreted(_prefill_kernel)
     if not interpreted and query.device.type != "cuda":
         raise RuntimeError("kernels.attention on CPU tensors needs TRITON_INTERPRET=1 set before it is imported")
-    common = dict(
-        head_dim=head_dim,
-        block_size=block_size,
-        window=window,
-        has_window=has_window,
-        scale_log2e=float(scale) * LOG2E,
-        upcast=interpreted,
+    common = {
+        "head_dim": head_dim,
+        "block_size": block_size,
+        "window": window,
+        "has_window": has_window,
+        "scale_log2e": float(scale) * LOG2E,
+        "upcast": interpreted,
         # fp32 caches (CPU tests, debugging) get true fp32 dots on GPU rather than TF32.
-        precision="ieee" if query.dtype == torch.float32 else "tf32",
-    )
+        "precision": "ieee" if query.dtype == torch.float32 else "tf32",
+    }
     if sinks is None:  # a sink of -1e30 contributes exactly 0 and keeps the running max finite
         sinks = torch.full((num_q_heads,), NEG_BIG, device=query.device, dtype=torch.float32)
     all_decode = max_query_len == 1 if max_query_len is not None else num_tokens == num_seqs
@@ -558,8 +593,9 @@ def paged_attention(
                        group, batch_invariant, max_seq_len, check_q_len=False, **common)  # fmt: skip
         return out
 
-    tile_n = 64 if head_dim <= 64 else 32
-    block_m = max(16, _next_pow2(group)) if interpreted else max(64, _next_pow2(group))
+    tile_n = _tile_n(head_dim)
+    # Interpreter: 16-row tiles, so the tiny test sequences span several query tiles.
+    block_m = max(16 if interpreted else PREFILL_BLOCK_M, _next_pow2(group))
     block_q = block_m // group
     # cdiv(q_len_s, BLOCK_Q) <= q_len_s // BLOCK_Q + 1: enough programs for every sequence's tiles, no sync.
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
@@ -574,7 +610,7 @@ def paged_attention(
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
         HAS_WINDOW=has_window, SKIP_DECODE=batch_invariant,
         UPCAST=interpreted, DOT_PRECISION=common["precision"],
-        num_warps=4, num_stages=2,
+        num_warps=PREFILL_NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     if batch_invariant:
         _launch_decode(out, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks,
@@ -607,7 +643,7 @@ def _launch_decode(
     """Split-K decode of the q_len == 1 sequences (all of them unless `check_q_len`) into `out`."""
     num_seqs = seq_lens.shape[0]
     num_q_heads, num_kv_heads = query.shape[1], k_cache.shape[1]
-    tile_n = 64 if head_dim <= 64 else 32
+    tile_n = _tile_n(head_dim)
     min_split_keys = max(DECODE_MIN_SPLIT_KEYS, tile_n)
     if batch_invariant:
         max_splits = DECODE_MAX_SPLITS
@@ -635,7 +671,7 @@ def _launch_decode(
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MAX_SPLITS=max_splits, MIN_SPLIT_KEYS=min_split_keys,
         HAS_WINDOW=has_window, CHECK_Q_LEN=check_q_len, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=4, num_stages=2,
+        num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     _decode_combine_kernel[(num_seqs, num_q_heads)](
         out, part_acc, part_max, part_sum, sinks, query_start_loc, seq_lens, window,

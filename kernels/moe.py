@@ -13,10 +13,10 @@ Data flow for `fused_moe(x [T, H], router_logits [T, E], ...)` with P = T * top_
 4. combine (`_moe_combine_kernel`): out[t] = sum over slots j = 0..k-1 of y[t * k + j], in that fixed order.
 
 Batch invariance (the default): the K loop always uses the same BLOCK_K and never splits K, each output row
-of a tile depends only on its own input row, and the tile shape (BLOCK_N, BLOCK_K, num_warps) is fixed per
-model shape; only BLOCK_M changes with the token count and only between sizes that keep the same Hopper MMA
-instruction (m64, 4 warps). The combine sums the k slots in slot order. So a token's output is bit-identical
-alone or in any batch.
+of a tile depends only on its own input row, and BLOCK_N, BLOCK_K and the rows per warp are fixed per model
+shape; only BLOCK_M (with num_warps) grows with the token count, between tiles that run the same Hopper MMA
+instruction sequence per warpgroup (see _INVARIANT_CONFIGS). The combine sums the k slots in slot order.
+So a token's output is bit-identical alone or in any batch.
 
 The kernels are plain functions turned into Triton kernels lazily (`_kernels()`) so that whether they run
 in the interpreter is decided by `TRITON_INTERPRET` at launch time, not at import time: triton 3.6 and 3.9
@@ -56,8 +56,9 @@ def _moe_matmul_kernel(
     tile_expert_ptr,  # [num_tiles] int32: expert of each row tile, -1 for unused grid slots
     tile_row_start_ptr,  # [num_tiles] int32: first sorted row of each tile
     expert_offsets_ptr,  # [E + 1] int32: sorted rows of expert e are offsets[e] .. offsets[e + 1] - 1
-    N, K,  # weight rows (output features before SwiGLU) and the reduction size
+    N,  # weight rows (output features before SwiGLU)
     swiglu_limit, swiglu_alpha,
+    K: tl.constexpr,  # reduction size: a model constant (also keeps triton 3.6's interpreter happy in range())
     TOP_K: tl.constexpr,
     GATHER_A: tl.constexpr,  # True: A row = token of the pair (matmul 1); False: A row = sorted row
     SWIGLU: tl.constexpr,  # True: SwiGLU epilogue on interleaved gate/up -> N/2 outputs per row
@@ -77,10 +78,7 @@ def _moe_matmul_kernel(
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     pairs = tl.load(sorted_pair_ptr + rows, mask=row_mask, other=0)
-    if GATHER_A:
-        a_rows = pairs // TOP_K
-    else:
-        a_rows = rows
+    a_rows = pairs // TOP_K if GATHER_A else rows
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -91,18 +89,29 @@ def _moe_matmul_kernel(
 
     HALF_K: tl.constexpr = BLOCK_K // 2
     GROUPS_K: tl.constexpr = BLOCK_K // 32
+    # Packed weights: byte b of a row holds elements 2b (low nibble) and 2b + 1 (high nibble); with the
+    # [K/32, 16] dims contiguous, byte b sits at offset b. K is a multiple of 32, so masking whole bytes
+    # and scale groups by K is exact. The weight tile of step k0 + BLOCK_K is loaded while step k0 is
+    # dequantised and multiplied (loads only block at first use), which hides DRAM latency at decode where
+    # a few programs stream whole experts; it does not change the arithmetic.
+    offs_b = tl.arange(0, HALF_K)
+    offs_g = tl.arange(0, GROUPS_K)
+    packed = tl.load(wb_rows + offs_b[None, :], mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0)
+    scale_bits = tl.load(ws_rows + offs_g[None, :] * stride_wsk, mask=n_mask[:, None] & (offs_g[None, :] < K // 32),
+                         other=127)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        next_b = (k0 + BLOCK_K) // 2 + offs_b
+        next_g = (k0 + BLOCK_K) // 32 + offs_g
+        packed_next = tl.load(wb_rows + next_b[None, :], mask=n_mask[:, None] & (next_b[None, :] < K // 2),
+                              other=0)
+        scale_bits_next = tl.load(ws_rows + next_g[None, :] * stride_wsk,
+                                  mask=n_mask[:, None] & (next_g[None, :] < K // 32), other=127)
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & (offs_k[None, :] < K),
                     other=0.0)
-        # Packed weights: byte b of a row holds elements 2b (low nibble) and 2b + 1 (high nibble); with the
-        # [K/32, 16] dims contiguous, byte b sits at offset b. K is a multiple of 32, so masking whole
-        # bytes and groups by K is exact.
-        offs_b = k0 // 2 + tl.arange(0, HALF_K)
-        packed = tl.load(wb_rows + offs_b[None, :], mask=n_mask[:, None] & (offs_b[None, :] < K // 2),
-                         other=0).to(tl.int32)
-        nibbles = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+        packed32 = packed.to(tl.int32)
+        nibbles = tl.reshape(tl.join(packed32 & 0xF, packed32 >> 4), (BLOCK_N, BLOCK_K))
         # e2m1 -> fp32: |v| = 2^(e - 1) * (1 + m / 2) for exponent bits e >= 1 (built as fp32 bits with
         # biased exponent e + 126), and m / 2 for e == 0 (subnormal); bit 3 is the sign.
         exp_bits = (nibbles >> 1) & 0x3
@@ -110,16 +119,16 @@ def _moe_matmul_kernel(
         normal = (((exp_bits + 126) << 23) | (man_bit << 22)).to(tl.float32, bitcast=True)
         magnitude = tl.where(exp_bits == 0, man_bit.to(tl.float32) * 0.5, normal)
         values = tl.where(nibbles >= 8, -magnitude, magnitude)
-        offs_g = k0 // 32 + tl.arange(0, GROUPS_K)
-        scale_bits = tl.load(ws_rows + offs_g[None, :] * stride_wsk,
-                             mask=n_mask[:, None] & (offs_g[None, :] < K // 32), other=127)
-        scale = tl.exp2(scale_bits.to(tl.float32) - 127.0)  # [BLOCK_N, GROUPS_K], exact powers of two
+        # e8m0 -> fp32 2^(s - 127) by placing s in the exponent field: exact (no exp2 approximation).
+        scale = (scale_bits.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BLOCK_N, GROUPS_K]
         w = tl.reshape(tl.reshape(values, (BLOCK_N, GROUPS_K, 32)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
         if FP32_MATH:
             acc += tl.dot(a.to(tl.float32), tl.trans(w))
         else:
             # e2m1 * 2^s is exact in bf16, so only the activations round (fp32 activations go to bf16).
             acc += tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+        packed = packed_next
+        scale_bits = scale_bits_next
 
     bias = tl.load(bias_ptr + expert64 * stride_be + offs_n * stride_bn, mask=n_mask, other=0.0)
     acc += bias.to(tl.float32)[None, :]
@@ -160,14 +169,84 @@ def _moe_combine_kernel(
     tl.store(out_ptr + token * stride_om + offs_h, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _moe_route_kernel(
+    logits_ptr, stride_lt, stride_le,  # router logits [T, E]
+    expert_ids_ptr,  # out [T, TOP_K] int32 (contiguous)
+    expert_weights_ptr,  # out [T, TOP_K] fp32 (contiguous)
+    sorted_pairs_ptr,  # out [P] int32
+    expert_offsets_ptr,  # out [E + 1] int32
+    tile_expert_ptr, tile_row_start_ptr,  # out [num_slots] int32
+    num_tokens, num_slots,
+    E: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # >= T
+    BLOCK_E: tl.constexpr,  # >= E
+    BLOCK_KK: tl.constexpr,  # >= TOP_K
+    BLOCK_P: tl.constexpr,  # >= T * TOP_K
+    BLOCK_S: tl.constexpr,  # >= num_slots
+):
+    """All of `moe_route` in one program (small batches): one launch instead of ~25 torch kernels."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    t_mask = offs_t < num_tokens
+    e_valid = offs_e < E
+    logits = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+                     mask=t_mask[:, None] & e_valid[None, :], other=0.0).to(tl.float32)
+    logits = tl.where(e_valid[None, :], logits, float("-inf"))
+    # Top-k by repeated argmax (ties go to the lower expert id); softmax over the k chosen logits.
+    top_max = tl.max(logits, axis=1)
+    denom = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for slot in tl.static_range(TOP_K):
+        best = tl.max(logits, axis=1)
+        best_id = tl.argmax(logits, axis=1, tie_break_left=True)
+        tl.store(expert_ids_ptr + offs_t * TOP_K + slot, best_id.to(tl.int32), mask=t_mask)
+        tl.store(expert_weights_ptr + offs_t * TOP_K + slot, best, mask=t_mask)
+        denom += tl.exp(best - top_max)
+        logits = tl.where(offs_e[None, :] == best_id[:, None], float("-inf"), logits)
+    tl.debug_barrier()  # the chosen logits and ids are re-read below, by other threads of this program
+    offs_kk = tl.arange(0, BLOCK_KK)
+    tk_mask = t_mask[:, None] & (offs_kk[None, :] < TOP_K)
+    weight_ptrs = expert_weights_ptr + offs_t[:, None] * TOP_K + offs_kk[None, :]
+    chosen = tl.load(weight_ptrs, mask=tk_mask, other=0.0)
+    tl.store(weight_ptrs, tl.exp(chosen - top_max[:, None]) / denom[:, None], mask=tk_mask)
+
+    # Group pairs by expert: a sort on (expert, pair id) keys is the stable sort of the torch path.
+    offs_p = tl.arange(0, BLOCK_P)
+    p_mask = offs_p < num_tokens * TOP_K
+    pair_expert = tl.load(expert_ids_ptr + offs_p, mask=p_mask, other=E)
+    counts = tl.histogram(pair_expert, BLOCK_E, mask=p_mask)  # [BLOCK_E]
+    ends = tl.cumsum(counts, 0)
+    starts = ends - counts
+    tl.store(expert_offsets_ptr + offs_e, starts, mask=e_valid)
+    tl.store(expert_offsets_ptr + 1 + offs_e, ends, mask=offs_e == E - 1)  # the total, at [E]
+    keys = tl.sort(pair_expert * BLOCK_P + offs_p)
+    tl.store(sorted_pairs_ptr + offs_p, keys % BLOCK_P, mask=p_mask)
+
+    # Row tiles: slot s belongs to the expert whose tile range [tile_begin, tile_end) holds s.
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    tile_begin = tile_end - tiles
+    offs_s = tl.arange(0, BLOCK_S)
+    slot_expert = tl.sum((tile_end[None, :] <= offs_s[:, None]).to(tl.int32), axis=1)
+    valid = slot_expert < E
+    one_hot = slot_expert[:, None] == offs_e[None, :]
+    first_tile = tl.sum(tl.where(one_hot, tile_begin[None, :], 0), axis=1)
+    row_base = tl.sum(tl.where(one_hot, starts[None, :], 0), axis=1)
+    s_mask = offs_s < num_slots
+    tl.store(tile_expert_ptr + offs_s, tl.where(valid, slot_expert, -1), mask=s_mask)
+    tl.store(tile_row_start_ptr + offs_s, tl.where(valid, row_base + (offs_s - first_tile) * BLOCK_M, 0),
+             mask=s_mask)
+
+
 _JITTED: dict[bool, tuple] = {}
 
 
 def _kernels() -> tuple:
-    """(matmul, combine) kernels for the current mode; `triton.jit` picks interpreter vs compiler."""
+    """(matmul, combine, route) kernels for the current mode; `triton.jit` picks interpreter vs compiler."""
     mode = interpreting()
     if mode not in _JITTED:
-        _JITTED[mode] = (triton.jit(_moe_matmul_kernel), triton.jit(_moe_combine_kernel))
+        _JITTED[mode] = tuple(triton.jit(fn) for fn in (_moe_matmul_kernel, _moe_combine_kernel, _moe_route_kernel))
     return _JITTED[mode]
 
 
@@ -201,12 +280,50 @@ def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
-def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int) -> MoeRouting:
+# The one-program routing kernel holds [T, E] logits and [slots, E] tile masks in registers: small batches only.
+_FUSED_ROUTE_MAX_PAIRS = 1024
+_FUSED_ROUTE_MAX_LOGITS = 32768
+
+
+def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int, fused: bool | None = None) -> MoeRouting:
     """Top-k routing and expert-sorted row tiles for `router_logits` `[T, E]`; no device-to-host sync.
 
     The grid size is an upper bound known on the host, so the whole MoE can be captured in a CUDA graph.
+    `fused` picks the one-program Triton kernel (default: for small batches on CUDA or the interpreter) or
+    torch ops; both give the same tiles, ids and sorted pairs (weights to rounding).
     """
     num_tokens, num_experts = router_logits.shape
+    num_pairs = num_tokens * top_k
+    num_slots = max_row_tiles(num_pairs, num_experts, block_m)
+    block_t, block_e = triton.next_power_of_2(num_tokens), triton.next_power_of_2(num_experts)
+    if fused is None:
+        fused = ((router_logits.is_cuda or interpreting()) and num_pairs <= _FUSED_ROUTE_MAX_PAIRS
+                 and block_t * block_e <= _FUSED_ROUTE_MAX_LOGITS)
+    if not fused:
+        return _moe_route_torch(router_logits, top_k, block_m, num_slots)
+    device = router_logits.device
+    expert_ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=device)
+    expert_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    sorted_pairs = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    expert_offsets = torch.empty(num_experts + 1, dtype=torch.int32, device=device)
+    tile_expert = torch.empty(num_slots, dtype=torch.int32, device=device)
+    tile_row_start = torch.empty(num_slots, dtype=torch.int32, device=device)
+    route_kernel = _kernels()[2]
+    route_kernel[(1,)](
+        router_logits, router_logits.stride(0), router_logits.stride(1),
+        expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start,
+        num_tokens, num_slots,
+        E=num_experts, TOP_K=top_k, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_KK=triton.next_power_of_2(top_k), BLOCK_P=triton.next_power_of_2(num_pairs),
+        BLOCK_S=triton.next_power_of_2(num_slots), num_warps=8,
+    )
+    return MoeRouting(expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start,
+                      block_m)
+
+
+def _moe_route_torch(router_logits: torch.Tensor, top_k: int, block_m: int, num_slots: int) -> MoeRouting:
+    """`moe_route` with torch ops (any batch size)."""
+    num_experts = router_logits.shape[1]
     device = router_logits.device
     top_logits, top_ids = torch.topk(router_logits, top_k, dim=-1)
     expert_weights = torch.softmax(top_logits.to(torch.float32), dim=-1)
@@ -218,7 +335,6 @@ def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int) -> MoeRouti
     counts = expert_offsets[1:] - expert_offsets[:-1]
     tiles_per_expert = (counts + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles_per_expert, 0, dtype=torch.int32)  # [E]
-    num_slots = max_row_tiles(flat_experts.numel(), num_experts, block_m)
     slot = torch.arange(num_slots, dtype=torch.int32, device=device)
     tile_expert = torch.searchsorted(tile_end, slot, right=True, out_int32=True)  # E past the last tile
     valid = tile_expert < num_experts
@@ -252,18 +368,20 @@ class MoeConfig:
     num_stages: int
 
 
-# Batch-invariant table: only block_m (64 or 128, both m64 wgmma tiles with 4 warps) and the pipelining depth
-# change with the token count, so every output element sees the same instruction sequence in any batch.
+# Batch-invariant table: both entries give each Hopper warpgroup a 64 x 64 output tile (64 x 128 with 8 warps
+# splits N over two warpgroups; 128 x 64 with 8 warps splits M), so every output element goes through the
+# same m64n64k16 wgmma sequence in any batch (tests/test_moe_kernel.py checks the instrShape in the sm_90
+# TTGIR). Only the row tile grows for prefill. sm_90 registers (triton 3.6): 169-181 and 218-253, no spills.
 _INVARIANT_CONFIGS: list[tuple[int, MoeConfig]] = [
-    (2048, MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
-    (1 << 62, MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)),
+    (2048, MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    (1 << 62, MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
 ]
-# Fast (non-invariant) table: small row tiles and narrow weight tiles for decode (more programs on few
-# experts), big tiles for prefill; the combine is an fp32 atomic add, so the slot order is not fixed.
+# Fast (non-invariant) table: small row tiles (mma.sync) and narrow weight tiles for decode, so a handful of
+# experts still fill the SMs; the combine is an fp32 atomic add, so the slot order is not fixed. No spills.
 _FAST_CONFIGS: list[tuple[int, MoeConfig]] = [
     (16, MoeConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)),
-    (256, MoeConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=3)),
-    (2048, MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)),
+    (256, MoeConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)),
+    (2048, MoeConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)),
     (1 << 62, MoeConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
 ]
 # The interpreter runs one Python program per tile: fewer, bigger tiles are faster there.
@@ -334,13 +452,13 @@ def fused_moe(
     if num_tokens == 0:
         return x.new_empty(0, hidden)
 
-    matmul_kernel, combine_kernel = _kernels()
+    matmul_kernel, combine_kernel, _ = _kernels()
     fp32_math = interpreting()
     config = config or pick_config(num_tokens, batch_invariant)
     routing = moe_route(router_logits, top_k, config.block_m)
     num_pairs = num_tokens * top_k
     num_slots = routing.tile_expert.numel()
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     common = (routing.sorted_pairs, routing.expert_weights, routing.tile_expert, routing.tile_row_start,
               routing.expert_offsets)
 
@@ -353,9 +471,9 @@ def fused_moe(
         w1_bias, w1_bias.stride(0), w1_bias.stride(1),
         act, act.stride(0), act.stride(1),
         *common,
-        2 * intermediate, hidden,
+        2 * intermediate,
         float(swiglu_limit), float(swiglu_alpha),
-        TOP_K=top_k, GATHER_A=True, SWIGLU=True, ATOMIC_OUT=False, FP32_MATH=fp32_math,
+        K=hidden, TOP_K=top_k, GATHER_A=True, SWIGLU=True, ATOMIC_OUT=False, FP32_MATH=fp32_math,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **launch,
     )
 
@@ -371,9 +489,9 @@ def fused_moe(
         w2_bias, w2_bias.stride(0), w2_bias.stride(1),
         out_rows, out_rows.stride(0), out_rows.stride(1),
         *common,
-        hidden, intermediate,
+        hidden,
         float(swiglu_limit), float(swiglu_alpha),
-        TOP_K=top_k, GATHER_A=False, SWIGLU=False, ATOMIC_OUT=not batch_invariant, FP32_MATH=fp32_math,
+        K=intermediate, TOP_K=top_k, GATHER_A=False, SWIGLU=False, ATOMIC_OUT=not batch_invariant, FP32_MATH=fp32_math,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **launch,
     )
     if not batch_invariant:

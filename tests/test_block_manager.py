@@ -122,7 +122,7 @@ ops = st.lists(
 @given(ops=ops, window=st.sampled_from([None, 3, 6, 9]), num_blocks=st.integers(6, 24))
 def test_random_operations_never_leak(ops, window, num_blocks):
     windows = {FULL: None} if window is None else {FULL: None, SLIDING: window}
-    bm = BlockManager({name: num_blocks for name in windows}, BS, windows)
+    bm = BlockManager(dict.fromkeys(windows, num_blocks), BS, windows)
     live: list[Sequence] = []
     dead: list[Sequence] = []
     # a few shared prefixes so that hits happen
@@ -142,7 +142,10 @@ def test_random_operations_never_leak(ops, window, num_blocks):
                 seq.token_ids.append(r % 13)  # a sampled token
             n = min(1 + r % 6, seq.num_tokens - seq.num_computed_tokens)
             if bm.allocate(seq, n):
-                bm.mark_computed(seq, n)
+                # a fresh (forked) sequence may have jumped forward on a prefix hit
+                n = min(n, seq.num_tokens - seq.num_computed_tokens)
+                if n > 0:
+                    bm.mark_computed(seq, n)
         elif op == "fork" and live:
             parent = live[r % len(live)]
             child = make_seq(list(parent.token_ids))
@@ -171,3 +174,21 @@ def test_double_free_is_caught():
     bm.pools[FULL].release(block_id)
     with pytest.raises(RuntimeError):
         bm.pools[FULL].release(block_id)
+
+
+@pytest.mark.parametrize("gb", [0.05, 1.0, 60.0])
+def test_kv_budget_split_fits_and_favours_full_attention(gb):
+    import torch
+
+    from engine.config import preset
+    from engine.engine_args import EngineArgs, split_kv_budget
+    from engine.kv_cache import kv_bytes_per_block
+
+    config = preset("gpt-oss-120b")
+    args = EngineArgs(model="unused")
+    budget = int(gb * (1 << 30))
+    blocks = split_kv_budget(args, config, budget, torch.bfloat16)
+    used = sum(n * kv_bytes_per_block(config, 16, torch.bfloat16, layer_type=g) for g, n in blocks.items())
+    assert used <= budget
+    assert blocks[SLIDING] >= 9  # one sequence's window (128 tokens) plus a block
+    assert blocks[FULL] >= blocks[SLIDING]

@@ -41,7 +41,7 @@ def _byte_level_decoder() -> dict[str, int]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
 
 
 _BYTE_DECODER = _byte_level_decoder()
@@ -190,7 +190,7 @@ class HarmonyEncoding:
         if message.content_type is not None:
             if message.content_type.startswith(CONSTRAIN):
                 rest = message.content_type[len(CONSTRAIN):]
-                ids += self.encode_text(" ") + [self.constrain_id] + self.encode_text(rest)
+                ids += [*self.encode_text(" "), self.constrain_id, *self.encode_text(rest)]
             else:
                 ids += self.encode_text(f" {message.content_type}")
         ids.append(self.message_id)
@@ -228,8 +228,8 @@ class HarmonyEncoding:
                                            next_role: str = "assistant",
                                            auto_drop_analysis: bool = True) -> list[int]:
         """The prompt: the conversation then `<|start|>{next_role}` for the model to continue."""
-        return (self.render_conversation(conversation, auto_drop_analysis)
-                + [self.start_id] + self.encode_text(next_role))
+        ids = self.render_conversation(conversation, auto_drop_analysis)
+        return [*ids, self.start_id, *self.encode_text(next_role)]
 
     def render_chat_prompt(self, conversation: Conversation | list[Message]) -> list[int]:
         """The prompt token ids for the assistant's next turn."""
@@ -255,4 +255,4 @@ def render_chat_prompt(encoding: HarmonyEncoding, conversation: Conversation | l
     return encoding.render_chat_prompt(conversation)
 
 
-__all__ = ["HarmonyEncoding", "render_chat_prompt", "JSON_CALL_CONTENT_TYPE"]
+__all__ = ["JSON_CALL_CONTENT_TYPE", "HarmonyEncoding", "render_chat_prompt"]

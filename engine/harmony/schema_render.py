@@ -41,7 +41,7 @@ def _format_float(value: float) -> str:
     digits = stripped
     length = len(digits)
     kk = length + k  # 10^(kk-1) <= value < 10^kk
-    if 0 <= k and kk <= 16:
+    if k >= 0 and kk <= 16:
         text = digits + "0" * k + ".0"
     elif 0 < kk <= 16:
         text = digits[:kk] + "." + digits[kk:]

@@ -1,0 +1,236 @@
+"""The async engine: one background thread owns the model and runs the step loop; asyncio code streams.
+
+Public API (for the server):
+
+    engine = AsyncEngine(EngineArgs(model=path, ...))    # loads the model, starts the loop thread
+    # or AsyncEngine.from_llm_engine(llm_engine) to wrap one already built
+
+    stream = engine.add_request(request_id, prompt_token_ids, sampling_params)   # call inside the event loop
+    async with contextlib.aclosing(stream):                # guarantees the abort if the consumer stops early
+        async for out in stream:                          # one RequestOutput per step with new tokens
+            out.new_token_ids, out.text_delta, out.new_logprobs        # this step's delta
+            out.token_ids, out.text, out.num_output_tokens              # cumulative
+            out.num_prompt_tokens, out.num_cached_tokens               # prompt size, prefix-cache hits
+            out.finished, out.finish_reason, out.stop_reason            # last output: finished is True
+    engine.abort(request_id)        # finishes it ("abort") and frees its KV blocks on the loop's next turn
+    engine.is_alive()               # False once shut down or if the loop thread died
+    engine.metrics()                # MetricsSnapshot (engine/metrics.py): running/waiting, KV blocks, totals, tokens/s
+    engine.shutdown()               # stop the loop; pending streams raise EngineDeadError
+
+`add_request` itself is synchronous and raises at once, before anything is queued:
+  - `PromptTooLongError` (ValueError): longer than the context or the whole KV cache -> HTTP 400.
+  - `InvalidRequestError` / `SamplingParamsError` (ValueError): bad token ids, bad parameters, id in use -> 400.
+  - `EngineOverloadedError`: more than `max_num_waiting` requests wait already -> 429 / 503.
+  - `EngineDeadError`: the engine is not running -> 503.
+While streaming, the iterator raises `RequestFailedError` if the request failed inside the engine (e.g. the
+model step raised: the requests of that step fail, the loop goes on) and `EngineDeadError` if the engine
+stopped. An aborted request ends with an output whose finish_reason is "abort". Leaving the `async for`
+early, or cancelling the task that iterates, aborts the request (with `aclosing`, at once; otherwise when
+the generator is garbage-collected).
+
+Threading: the loop thread is the only one touching the scheduler, block manager and model. Requests and
+aborts reach it through a thread-safe queue; outputs come back with `loop.call_soon_threadsafe` into one
+asyncio.Queue per request. The loop blocks on its queue when there is nothing to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+from typing import Any
+
+from engine.engine_args import EngineArgs
+from engine.llm import LLMEngine
+from engine.metrics import MetricsSnapshot
+from engine.sampling_params import SamplingParams
+from engine.sequence import (
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    RequestFailedError,
+    RequestOutput,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class AsyncEngine:
+    """See the module docstring."""
+
+    def __init__(self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None) -> None:
+        if (args is None) == (engine is None):
+            raise ValueError("give exactly one of args or engine")
+        self.engine = engine if engine is not None else LLMEngine(args)  # type: ignore[arg-type]
+        self.max_num_waiting = self.engine.args.max_num_waiting
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._metrics = self.engine.metrics_snapshot()
+        self._num_running = 0
+        self._stopped = threading.Event()
+        self._dead_reason: str | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_llm_engine(cls, engine: LLMEngine) -> AsyncEngine:
+        return cls(engine=engine)
+
+    # ---- public API (event-loop side) -------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: SequenceABC[int],
+        sampling_params: SamplingParams | None = None,
+        logits_mask_fn: Callable[[list[int]], Any] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; returns the async iterator of its outputs. Raises at once (see module docstring).
+
+        `logits_mask_fn` (optional, structured output): called on the engine thread before each sampled
+        token with the output token ids so far; returns a bool tensor [vocab] of allowed tokens, or None.
+        """
+        if not self.is_alive():
+            raise EngineDeadError(self._dead_reason or "the engine is shut down")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        prompt_token_ids = list(prompt_token_ids)
+        self.engine.validate_request(prompt_token_ids, sampling_params)
+        loop = asyncio.get_running_loop()
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            num_waiting = len(self._streams) - self._num_running
+            if num_waiting >= self.max_num_waiting:
+                raise EngineOverloadedError(f"{num_waiting} requests are already waiting; retry later")
+            stream = _Stream(loop, asyncio.Queue())
+            self._streams[request_id] = stream
+        self._inbox.put(("add", (request_id, prompt_token_ids, sampling_params, logits_mask_fn)))
+        return self._iterate(request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finished:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (no-op if unknown or done). Its blocks are freed on the loop's next turn."""
+        if self.is_alive():
+            self._inbox.put(("abort", request_id))
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    def metrics(self) -> MetricsSnapshot:
+        """The snapshot taken after the latest step (cheap; no locking)."""
+        return self._metrics
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop thread; unfinished streams raise EngineDeadError."""
+        self._stopped.set()
+        self._inbox.put(("stop", None))
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # ---- the loop (engine thread) -----------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException, final: bool) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(request_id)
+            if stream is not None and final:
+                del self._streams[request_id]
+        if stream is None:
+            return
+        # RuntimeError: the consumer's event loop is closed, nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _publish_metrics(self) -> None:
+        self._num_running = len(self.engine.scheduler.running)
+        self._metrics = self.engine.metrics_snapshot()
+
+    def _handle_inbox_item(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            request_id, prompt_token_ids, sampling_params, logits_mask_fn = payload
+            with self._streams_lock:
+                alive = request_id in self._streams
+            if not alive:  # aborted before it reached the loop
+                return
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, sampling_params, logits_mask_fn=logits_mask_fn)
+            except Exception as exc:  # a bad request must not kill the loop
+                self._deliver(request_id, exc, final=True)
+        elif kind == "abort":
+            out = self.engine.abort_request(payload)
+            self._publish_metrics()
+            if out is not None:
+                self._deliver(payload, out, final=True)
+            else:
+                with self._streams_lock:
+                    self._streams.pop(payload, None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    kind, payload = self._inbox.get(block=block, timeout=0.5 if block else None)
+                    if kind == "stop":
+                        break
+                    self._handle_inbox_item(kind, payload)
+                    while True:  # drain whatever else arrived
+                        kind, payload = self._inbox.get_nowait()
+                        if kind == "stop":
+                            return
+                        self._handle_inbox_item(kind, payload)
+                except queue.Empty:
+                    pass
+                if not self.engine.has_unfinished_requests():
+                    continue
+                outputs = self.engine.step()
+                # Publish first: a consumer that sees its request finish also sees its blocks freed.
+                self._publish_metrics()
+                for out in outputs:
+                    if out.finish_reason == "error":
+                        self._deliver(out.request_id, RequestFailedError(out.error or "request failed"), final=True)
+                    else:
+                        self._deliver(out.request_id, out, final=out.finished)
+        except BaseException as exc:  # a bug in the engine itself: report it to everyone waiting
+            logger.exception("engine loop crashed")
+            self._dead_reason = f"engine loop crashed: {type(exc).__name__}: {exc}"
+        finally:
+            self._stopped.set()
+            reason = self._dead_reason or "the engine was shut down"
+            try:  # free every block, so a wrapped LLMEngine can be reused
+                for request_id in list(self.engine.requests):
+                    self.engine.abort_request(request_id)
+            except Exception:
+                logger.exception("could not abort the remaining requests")
+            with self._streams_lock:
+                streams = list(self._streams)
+            for request_id in streams:
+                self._deliver(request_id, EngineDeadError(reason), final=True)

@@ -1,0 +1,168 @@
+"""Engine settings (`EngineArgs`) and the KV cache sizing they imply.
+
+The KV cache is sized, in order of precedence, from `num_blocks` (block ids per group), `kv_cache_gb`, or on
+CUDA from free GPU memory after the weights are loaded (`gpu_memory_utilization` of the card's total, minus
+what is already used and an activation reserve). On CPU without either, `DEFAULT_CPU_KV_CACHE_GB`.
+
+With sliding-window layers the memory is split between two block pools: the sliding pool gets what every
+running sequence needs for its window plus a prefill chunk (at most a quarter of the memory, at least a tenth,
+whose surplus keeps prefix-cache entries), the full-attention pool the rest. `num_blocks` gives both pools that
+many blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import FULL, SLIDING, ModelConfig
+from engine.kv_cache import kv_bytes_per_block
+
+DEFAULT_CPU_KV_CACHE_GB = 1.0
+# Memory kept free for activations, logits and sampler temporaries on top of an estimate from the sizes.
+MIN_ACTIVATION_RESERVE_BYTES = 2 << 30
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+@dataclass
+class EngineArgs:
+    """Everything the engine needs besides requests. `model` is a checkpoint folder (HF layout)."""
+
+    model: str
+    tokenizer: str | None = None  # tokenizer.json path or folder; default: the checkpoint's
+    dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None  # default: the model's max_position_embeddings (and what the cache holds)
+    max_num_waiting: int = 4096  # beyond this, new requests get EngineOverloadedError
+    enable_prefix_caching: bool = True
+    batch_invariant: bool = True  # results independent of batch composition (slower kernels on CUDA)
+    seed: int = 0  # the generator of unseeded sampling
+    random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
+    load_progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): every running sequence decodes a token per step"
+            )
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
+            raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        for name in ("dtype", "kv_cache_dtype"):
+            value = getattr(self, name)
+            if value != "auto" and value not in _DTYPES:
+                raise ValueError(f"{name} must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+        self.model = str(self.model)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return model_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
+
+
+def block_groups(config: ModelConfig) -> dict[str, int | None]:
+    """Block group name -> sliding window (None: full attention), for the layer types the model has."""
+    groups: dict[str, int | None] = {}
+    if FULL in config.layer_types:
+        groups[FULL] = None
+    if SLIDING in config.layer_types:
+        groups[SLIDING] = config.sliding_window
+    return groups
+
+
+def sliding_blocks_needed(args: EngineArgs, window: int) -> int:
+    """Sliding-pool blocks for every running sequence's window plus one full prefill chunk."""
+    per_seq = math.ceil((window - 1) / args.block_size) + 2
+    return args.max_num_seqs * per_seq + math.ceil(args.max_num_batched_tokens / args.block_size) + 1
+
+
+def split_kv_budget(args: EngineArgs, config: ModelConfig, budget_bytes: int, kv_dtype: torch.dtype) -> dict[str, int]:
+    """Block ids per group that fit in `budget_bytes` of KV memory."""
+    groups = block_groups(config)
+    bytes_per = {g: kv_bytes_per_block(config, args.block_size, kv_dtype, layer_type=g) for g in groups}
+    equal = budget_bytes // sum(bytes_per.values())
+    if SLIDING not in groups or FULL not in groups:
+        return {g: int(equal) for g in groups}
+    window = groups[SLIDING] or 1
+    # In sliding blocks: what all running sequences' windows need, but at most a quarter of the memory (the
+    # scheduler preempts if it runs short) and at least a tenth (a surplus keeps prefix-cache entries).
+    all_sliding = budget_bytes // bytes_per[SLIDING]
+    sliding = max(min(sliding_blocks_needed(args, window), all_sliding // 4), all_sliding // 10)
+    sliding = max(sliding, math.ceil((window - 1) / args.block_size) + 2)  # one sequence can always run
+    sliding = min(sliding, equal)
+    full = (budget_bytes - sliding * bytes_per[SLIDING]) // bytes_per[FULL]
+    return {FULL: int(full), SLIDING: int(sliding)}
+
+
+def activation_reserve_bytes(args: EngineArgs, config: ModelConfig, dtype: torch.dtype) -> int:
+    """A rough upper bound of one step's temporaries: hidden states, attention, MoE and sampler buffers."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    tokens = args.max_num_batched_tokens
+    per_token = (8 * config.hidden_size + 4 * config.q_size + 4 * config.intermediate_size) * elem
+    logits = 4 * args.max_num_seqs * config.vocab_size * 4
+    return max(MIN_ACTIVATION_RESERVE_BYTES, tokens * per_token + logits)
+
+
+def num_kv_blocks(
+    args: EngineArgs, config: ModelConfig, device: torch.device, model_dtype: torch.dtype
+) -> dict[str, int]:
+    """Block ids per group for this device (call after the weights are on it)."""
+    groups = block_groups(config)
+    if args.num_blocks is not None:
+        return dict.fromkeys(groups, args.num_blocks)
+    kv_dtype = args.resolve_kv_dtype(model_dtype)
+    if args.kv_cache_gb is not None:
+        budget = int(args.kv_cache_gb * (1 << 30))
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * args.gpu_memory_utilization) - used - activation_reserve_bytes(args, config, model_dtype)
+        if budget <= 0:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {used / 2**30:.1f} GiB used of {total / 2**30:.1f} GiB "
+                f"with gpu_memory_utilization={args.gpu_memory_utilization}"
+            )
+    else:
+        budget = int(DEFAULT_CPU_KV_CACHE_GB * (1 << 30))
+    blocks = split_kv_budget(args, config, budget, kv_dtype)
+    # Never more than every sequence at full length could use.
+    max_len = args.max_model_len or config.max_position_embeddings
+    useful = args.max_num_seqs * math.ceil(max_len / args.block_size) + 1
+    blocks = {g: min(n, useful) for g, n in blocks.items()}
+    if min(blocks.values()) <= 0:
+        raise RuntimeError(f"the KV cache budget of {budget} bytes holds no block")
+    return blocks

@@ -1,0 +1,256 @@
+"""`gptoss bench latency`: the engine alone (no server), prefill and decode speed against the memory roofline.
+
+    gptoss bench latency --model CKPT --batch-sizes 1,8,32 --input-lens 128,1024 --output-lens 64
+    gptoss bench latency --preset gpt-oss-120b --random-weights ...   # no checkpoint: random weights on the device
+
+For each batch size B x input length I x output length O, with B random prompts of I tokens (prefix caching
+off, EOS ignored), the median over `--iters` runs of
+- prefill: a generate with `max_tokens=1` (the prompts plus one sampled token): `B * I / t_prefill` tokens/s;
+- decode: a generate with `max_tokens=O` minus the prefill run: `(t_full - t_prefill) / (O - 1)` per step,
+  `B * (O - 1) / (t_full - t_prefill)` tokens/s;
+- roofline: the bytes one decode step of B sequences at context `I + O/2` reads (engine/roofline.py, with
+  the loaded model's weight and KV element sizes) over the device's measured bandwidth (a big on-device copy,
+  read + write bytes per second), so `% roofline` says how close the measured step is to the memory limit.
+`--profile` adds a torch.profiler table (ops by self time) of one more full run of the first configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.config import PRESETS
+from scripts.generate import add_engine_arguments, engine_kwargs
+
+COLUMNS = ["batch", "input", "output", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s",
+           "roofline ms/step", "roofline tok/s", "% roofline"]
+
+
+def parse_ints(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def synthetic_tokenizer(vocab_size: int) -> Any:
+    """A word-level tokenizer with one token `t{i}` per id: any id decodes, nothing real to tokenize."""
+    from tokenizers import Tokenizer, decoders, models
+
+    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def preset_folder(preset_name: str, directory: str | Path, tokenizer_path: str | None = None) -> Path:
+    """A checkpoint folder without weights (config.json + tokenizer.json), for `random_weights=True`.
+
+    The tokenizer must cover the vocabulary (the detokenizer looks every sampled id up): `tokenizer_path`
+    when given, else the tiny BPE when the preset's vocabulary fits it, else a synthetic word-level one.
+    """
+    from engine.config import preset
+    from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    config = preset(preset_name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = build_tiny_tokenizer()
+        if tokenizer.get_vocab_size(with_added_tokens=True) < config.vocab_size:
+            tokenizer = synthetic_tokenizer(config.vocab_size)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def random_prompts(num: int, length: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+def timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> float:
+    """Seconds for `llm.generate` of `prompts` to `max_tokens` tokens each (device synchronised)."""
+    from benchmarks.common import synchronize
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    device = llm.engine.runner.device
+    synchronize(device)
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int, warmup: int, seed: int
+            ) -> tuple[float, float]:
+    """Median (prefill seconds, full-generation seconds) over `iters` runs, fresh random prompts each time."""
+    rng = random.Random(seed)
+    vocab = llm.engine.vocab_size
+    prefill, full = [], []
+    for i in range(warmup + iters):
+        t_prefill = timed_generate(llm, random_prompts(batch, input_len, vocab, rng), 1)
+        t_full = timed_generate(llm, random_prompts(batch, input_len, vocab, rng), output_len)
+        if i >= warmup:
+            prefill.append(t_prefill)
+            full.append(t_full)
+    return statistics.median(prefill), statistics.median(full)
+
+
+def element_size(dtype: Any) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def step_bytes(llm: Any, batch: int, context_len: int) -> Any:
+    """The roofline's `DecodeStepBytes` for the loaded model's dtypes (experts stay MXFP4 on every device)."""
+    from engine.roofline import decode_step_bytes
+
+    runner = llm.engine.runner
+    return decode_step_bytes(llm.engine.config, batch, context_len, element_size(runner.dtype),
+                             runner.kv_caches[0][0].element_size())
+
+
+def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
+    """One table row per (batch, input, output) configuration."""
+    from engine.roofline import decode_ceiling
+
+    rows = []
+    for batch in args.batch_sizes:
+        for input_len in args.input_lens:
+            for output_len in args.output_lens:
+                t_prefill, t_full = measure(llm, batch, input_len, output_len, args.iters, args.warmup, args.seed)
+                steps = max(output_len - 1, 1)
+                decode_s = max(t_full - t_prefill, 1e-9) / steps
+                step = step_bytes(llm, batch, input_len + output_len // 2)
+                ceiling = decode_ceiling(step, bandwidth)
+                rows.append({
+                    "batch": batch,
+                    "input": input_len,
+                    "output": output_len,
+                    "prefill ms": t_prefill * 1e3,
+                    "prefill tok/s": batch * input_len / t_prefill,
+                    "decode ms/step": decode_s * 1e3,
+                    "decode tok/s": batch / decode_s,
+                    "roofline ms/step": ceiling.seconds * 1e3,
+                    "roofline tok/s": ceiling.tokens_per_s,
+                    "% roofline": 100 * ceiling.seconds / decode_s,
+                    "step GB": step.total / 1e9,
+                })
+                if not args.quiet:
+                    print(f"batch {batch} input {input_len} output {output_len}: prefill {rows[-1]['prefill ms']:.1f}"
+                          f" ms, decode {rows[-1]['decode ms/step']:.2f} ms/step", file=sys.stderr)
+    return rows
+
+
+def profile_table(llm: Any, batch: int, input_len: int, output_len: int, seed: int, row_limit: int = 25) -> str:
+    """torch.profiler's per-op table (sorted by self time) of one generate, with the step count to divide by."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = llm.engine.runner.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prompts = random_prompts(batch, input_len, llm.engine.vocab_size, random.Random(seed + 7))
+    with profile(activities=activities) as prof:
+        timed_generate(llm, prompts, output_len)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    header = f"profile: batch {batch}, input {input_len}, {output_len} steps (one prefill, {output_len - 1} decode)"
+    return header + "\n" + prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+def run_bench_latency(args: argparse.Namespace) -> int:
+    from benchmarks.common import device_name, format_table, measure_copy_bandwidth
+    from engine.llm import LLM
+    from engine.roofline import format_breakdown
+
+    kwargs = engine_kwargs(args)
+    kwargs["enable_prefix_caching"] = False  # every run must really prefill
+    kwargs["max_num_seqs"] = max(args.max_num_seqs, max(args.batch_sizes))
+    longest = max(args.batch_sizes) * max(args.input_lens)
+    kwargs["max_num_batched_tokens"] = max(args.max_num_batched_tokens, longest)
+    model = args.model
+    if model is None:
+        model = preset_folder(args.preset, tempfile.mkdtemp(prefix="gptoss-bench-"), args.tokenizer)
+        kwargs["tokenizer"] = None
+        kwargs["random_weights"] = True
+    elif args.random_weights:
+        kwargs["random_weights"] = True
+    start = time.perf_counter()
+    llm = LLM(model, **kwargs)
+    load_s = time.perf_counter() - start
+    device = llm.engine.runner.device
+    # One throw-away run, so the first configuration does not pay for lazy initialisation (kernels, caches).
+    timed_generate(llm, random_prompts(1, min(args.input_lens), llm.engine.vocab_size, random.Random(args.seed)), 2)
+    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_copy_bandwidth(device)
+    print(f"{device_name(device)}: loaded in {load_s:.1f} s; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"({'given' if args.bandwidth_gbs else 'measured'})", file=sys.stderr)
+    rows = bench_rows(llm, args, bandwidth)
+    print(format_table(rows, COLUMNS))
+    runner = llm.engine.runner
+    breakdown = step_bytes(llm, rows[0]["batch"], rows[0]["input"] + rows[0]["output"] // 2)
+    print(format_breakdown(breakdown, bandwidth))
+    report: dict[str, Any] = {
+        "device": device_name(device),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_measured": not args.bandwidth_gbs,
+        "model": str(args.model or f"preset:{args.preset} (random weights)"),
+        "config": llm.engine.config.to_hf_dict(),
+        "rows": rows,
+        "roofline_first_row": breakdown.as_dict(),
+    }
+    if args.profile:
+        table = profile_table(llm, rows[0]["batch"], rows[0]["input"], rows[0]["output"], args.seed)
+        print(table)
+        report["profile"] = table
+    if args.result_json:
+        Path(args.result_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.result_json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.result_json}", file=sys.stderr)
+    return 0
+
+
+def register(bench_subparsers: argparse._SubParsersAction) -> None:
+    """Add `latency` under `gptoss bench` (pass the `bench` command's subparsers)."""
+    parser = bench_subparsers.add_parser(
+        "latency",
+        help="engine-only prefill / decode speed per batch size, against the memory-bandwidth roofline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_engine_arguments(parser, require_model=False)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                        help="without --model: this preset's shapes with random weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="with --model: its config and tokenizer, random weights (no loading)")
+    parser.add_argument("--batch-sizes", type=parse_ints, default=[1, 4, 16])
+    parser.add_argument("--input-lens", type=parse_ints, default=[128])
+    parser.add_argument("--output-lens", type=parse_ints, default=[32])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="use this memory bandwidth (GB/s) for the roofline instead of measuring it")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run")
+    parser.add_argument("--result-json", default=None)
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(handler=run_bench_latency)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gptoss bench")
+    register(parser.add_subparsers(dest="bench_command", required=True))
+    args = parser.parse_args(["latency", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

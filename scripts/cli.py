@@ -1,0 +1,99 @@
+"""`gptoss`: the command line. Each subcommand parses its flags here and hands off to the module that does it.
+
+    gptoss serve [--model PATH]          the HTTP server (no --model: a tiny random checkpoint, made once)
+    gptoss make-checkpoint OUT           random weights in the Hugging Face layout
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from engine.config import PRESETS, preset
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from engine.checkpoint import make_random_checkpoint
+
+    config = preset(args.preset)
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "vocab_size",
+            "sliding_window",
+        )
+        if getattr(args, name) is not None
+    }
+    config = config.replace(**overrides)
+    out = make_random_checkpoint(
+        args.out,
+        config,
+        seed=args.seed,
+        tokenizer_path=args.tokenizer,
+        max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+    )
+    print(f"wrote a random {args.preset} checkpoint to {out}")
+    return 0
+
+
+def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "make-checkpoint",
+        help="write a random gpt-oss checkpoint in the Hugging Face layout (MXFP4 experts)",
+        description="Random weights in exactly the HF layout: config.json, index + shards, "
+        "generation_config.json, tokenizer.json. Any preset, or custom sizes.",
+    )
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="copy this tokenizer.json (e.g. the real o200k_harmony one) instead of the tiny BPE",
+    )
+    parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest shard file, in GiB")
+    for name in (
+        "num-hidden-layers",
+        "hidden-size",
+        "intermediate-size",
+        "num-attention-heads",
+        "num-key-value-heads",
+        "head-dim",
+        "num-local-experts",
+        "num-experts-per-tok",
+        "vocab-size",
+        "sliding-window",
+    ):
+        parser.add_argument(f"--{name}", type=int, default=None, help="override the preset's value")
+    parser.set_defaults(handler=_make_checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptoss", description="Local inference engine for gpt-oss-120b / 20b.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_make_checkpoint(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

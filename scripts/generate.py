@@ -1,0 +1,651 @@
+"""`gptoss generate`: offline batch generation from a JSONL file, in-process, with continuous batching.
+
+    gptoss generate requests.jsonl results.jsonl --model CKPT [--max-num-seqs 64] [--seed 1]
+
+Each input line is one JSON object with exactly one of
+- `messages`: OpenAI Chat messages, rendered with harmony (plus `tools`, `reasoning_effort`,
+  `response_format`);
+- `input`: an OpenAI Responses input (string or items), rendered with harmony (plus `instructions`,
+  `tools`, `reasoning: {effort}`, `text: {format}`);
+- `prompt`: text. It is one user turn rendered with harmony, unless `"raw": true`, when the text is
+  tokenized as it is (special tokens such as `<|start|>` written in it are recognised) and the model simply
+  continues it;
+and optionally an `id` (string or integer; default: the line number), `metadata` (echoed back) and sampling
+parameters: `max_tokens` (alias `max_completion_tokens`, `max_output_tokens`), `temperature`, `top_p`,
+`top_k`, `min_p`, `seed`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `stop`,
+`stop_token_ids`, `ignore_eos` (also drops the harmony stop tokens `<|return|>` and `<|call|>`, which
+otherwise end every completion), `logprobs` (true or a count of alternatives) and `top_logprobs`.
+Unknown fields, invalid JSON, duplicate ids and out-of-range values are reported on stderr with their line
+number and the line is skipped; the run goes on.
+
+Each output line: `{"id", "text", "reasoning", "tool_calls": [{"name", "arguments"}], "finish_reason",
+"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}`, plus `logprobs` when asked, `token_ids` and
+`raw_text` (special tokens spelled out) with `--include-raw`, `metadata` when given and `error` when the
+engine failed the request. `text` is the final-channel answer (the whole completion for a raw prompt; then
+`reasoning` is null), `reasoning` the analysis channel; `finish_reason` is "stop", "length", "tool_calls" or
+"error".
+
+Resuming and order: every result is appended and flushed as it finishes (one `write` per line), so a crash or
+Ctrl-C loses nothing finished; re-running with the same output file first drops a partial last line (if the
+process died while writing it), then skips every id already there. When all requests are done the file is
+rewritten (atomically, through a temporary file) in input order.
+
+Determinism: with `--seed`, a request without its own `seed` gets one derived from the run seed and its id, so
+its tokens depend only on its prompt and parameters; with the engine's batch-invariant mode (the default)
+two runs give identical files whatever `--max-num-seqs` is.
+
+The continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) are shared with
+`gptoss score`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The engine and harmony are imported inside functions, so `--help` and input validation stay fast.
+
+PROMPT_KEYS = ("messages", "input", "prompt")
+MAX_TOKENS_ALIASES = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+)
+REQUEST_KEYS = frozenset(
+    {"id", "raw", "metadata", "tools", "reasoning_effort", "reasoning", "response_format", "instructions", "text",
+     "logprobs", "top_logprobs", *PROMPT_KEYS, *MAX_TOKENS_ALIASES, *SAMPLING_KEYS}
+)
+
+
+class BadLine(ValueError):
+    """An input line that cannot be run; reported as `line N: message` and skipped."""
+
+    def __init__(self, line_no: int, message: str) -> None:
+        super().__init__(f"line {line_no}: {message}")
+        self.line_no = line_no
+        self.message = message
+
+
+@dataclass
+class Job:
+    """One request ready for the engine: `index` is its place among the valid input lines."""
+
+    index: int
+    line_no: int
+    id: str
+    prompt_token_ids: list[int]
+    params: Any  # SamplingParams
+    harmony: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # echoed into the result (metadata), or kept for it
+
+
+# ---- reading JSONL ---------------------------------------------------------------------------------------
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
+    """(line number, object) for each non-blank line; a `BadLine` in place of an object that does not parse."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, BadLine(line_no, f"invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            if not isinstance(obj, dict):
+                yield line_no, BadLine(line_no, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield line_no, obj
+
+
+def normalize_id(raw: Any, line_no: int) -> str:
+    """Ids are kept as strings (an integer id 7 and "7" are the same request); default: the line number."""
+    if raw is None:
+        return str(line_no)
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        raise BadLine(line_no, f"id must be a string or an integer, got {raw!r}")
+    if isinstance(raw, str) and not raw:
+        raise BadLine(line_no, "id must not be empty")
+    return str(raw)
+
+
+def derived_seed(run_seed: int, request_id: str) -> int:
+    """A per-request seed from the run's seed and the request id: stable across runs, batches and resumes."""
+    return (run_seed * 1_000_003 + zlib.crc32(request_id.encode("utf-8"))) % (1 << 31) + 1
+
+
+def read_jobs(
+    path: str | Path,
+    build: Callable[[dict[str, Any], int, str], Job],
+    report: Callable[[BadLine], None],
+) -> list[Job]:
+    """Every valid line as a `Job` (in input order); bad lines and repeated ids go to `report`."""
+    jobs: list[Job] = []
+    seen: dict[str, int] = {}
+    for line_no, obj in iter_json_lines(path):
+        try:
+            if isinstance(obj, BadLine):
+                raise obj
+            request_id = normalize_id(obj.get("id"), line_no)
+            if request_id in seen:
+                raise BadLine(line_no, f"duplicate id {request_id!r} (first on line {seen[request_id]})")
+            job = build(obj, line_no, request_id)
+        except BadLine as bad:
+            report(bad)
+            continue
+        seen[request_id] = line_no
+        job.index = len(jobs)
+        jobs.append(job)
+    return jobs
+
+
+# ---- one generate request --------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateDefaults:
+    """Command-line defaults for fields a line leaves out."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    reasoning_effort: str = "medium"
+    current_date: str | None = None
+
+
+def _sampling_params(obj: dict[str, Any], line_no: int, request_id: str, defaults: GenerateDefaults,
+                     stop_token_ids: Iterable[int]) -> Any:
+    from engine.sampling_params import SamplingParams, SamplingParamsError
+
+    kwargs: dict[str, Any] = {"max_tokens": defaults.max_tokens, "temperature": defaults.temperature,
+                              "top_p": defaults.top_p}
+    given_max = [k for k in MAX_TOKENS_ALIASES if obj.get(k) is not None]
+    if len(given_max) > 1:
+        raise BadLine(line_no, f"give only one of {', '.join(given_max)}")
+    if given_max:
+        kwargs["max_tokens"] = obj[given_max[0]]
+    for key in SAMPLING_KEYS:
+        if obj.get(key) is not None:
+            kwargs[key] = obj[key]
+    if kwargs.get("seed") is None and defaults.seed is not None:
+        kwargs["seed"] = derived_seed(defaults.seed, request_id)
+    logprobs, top = obj.get("logprobs"), obj.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise BadLine(line_no, f"top_logprobs: must be an integer, got {top!r}")
+    if logprobs is True:
+        kwargs["logprobs"] = top or 0
+    elif logprobs not in (None, False):
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int):
+            raise BadLine(line_no, f"logprobs: must be true, false or an integer, got {logprobs!r}")
+        kwargs["logprobs"] = logprobs
+    elif top:
+        raise BadLine(line_no, "top_logprobs: needs logprobs: true")
+    # The harmony stop tokens (<|return|>, <|call|>) end every completion, as the server's do, unless the
+    # line asks to ignore EOS (fixed-length outputs).
+    user_stops = kwargs.get("stop_token_ids", [])
+    if isinstance(user_stops, list) and not kwargs.get("ignore_eos"):
+        kwargs["stop_token_ids"] = user_stops + [t for t in stop_token_ids if t not in user_stops]
+    try:
+        return SamplingParams(**kwargs)
+    except SamplingParamsError as exc:
+        raise BadLine(line_no, str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise BadLine(line_no, str(exc)) from None
+
+
+def build_generate_job(obj: dict[str, Any], line_no: int, request_id: str, encoding: Any,
+                       defaults: GenerateDefaults) -> Job:
+    """Validate one input object and render its prompt (see the module docstring for the fields)."""
+    from engine.harmony import HarmonyInputError, conversation_from_chat, conversation_from_responses
+
+    unknown = sorted(set(obj) - REQUEST_KEYS)
+    if unknown:
+        raise BadLine(line_no, f"unknown field(s) {', '.join(unknown)}")
+    given = [k for k in PROMPT_KEYS if k in obj]
+    if len(given) != 1:
+        raise BadLine(line_no, f"give exactly one of messages, input, prompt (got {', '.join(given) or 'none'})")
+    kind = given[0]
+    raw = obj.get("raw", False)
+    if not isinstance(raw, bool):
+        raise BadLine(line_no, f"raw: must be a boolean, got {raw!r}")
+    if raw and kind != "prompt":
+        raise BadLine(line_no, "raw: only applies to prompt")
+    try:
+        if kind == "prompt":
+            prompt = obj["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise BadLine(line_no, "prompt: must be a non-empty string")
+            if raw:
+                prompt_ids = encoding.tokenizer.encode(prompt, add_special_tokens=False).ids
+            else:
+                conversation = conversation_from_chat(
+                    [{"role": "user", "content": prompt}],
+                    tools=obj.get("tools"),
+                    reasoning_effort=obj.get("reasoning_effort", defaults.reasoning_effort),
+                    response_format=obj.get("response_format"),
+                    current_date=defaults.current_date,
+                )
+                prompt_ids = encoding.render_chat_prompt(conversation)
+        elif kind == "messages":
+            conversation = conversation_from_chat(
+                obj["messages"],
+                tools=obj.get("tools"),
+                reasoning_effort=obj.get("reasoning_effort", defaults.reasoning_effort),
+                response_format=obj.get("response_format"),
+                current_date=defaults.current_date,
+            )
+            prompt_ids = encoding.render_chat_prompt(conversation)
+        else:
+            reasoning = obj.get("reasoning")
+            if reasoning is None and obj.get("reasoning_effort") is not None:
+                reasoning = {"effort": obj["reasoning_effort"]}
+            conversation = conversation_from_responses(
+                obj["input"],
+                instructions=obj.get("instructions"),
+                tools=obj.get("tools"),
+                reasoning=reasoning if reasoning is not None else {"effort": defaults.reasoning_effort},
+                text=obj.get("text"),
+                current_date=defaults.current_date,
+            )
+            prompt_ids = encoding.render_chat_prompt(conversation)
+    except HarmonyInputError as exc:
+        param = f" ({exc.param})" if getattr(exc, "param", None) else ""
+        raise BadLine(line_no, f"{exc}{param}") from None
+    if not prompt_ids:
+        raise BadLine(line_no, "the prompt renders to no tokens")
+    params = _sampling_params(obj, line_no, request_id, defaults, encoding.stop_token_ids)
+    extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
+    return Job(0, line_no, request_id, prompt_ids, params, harmony=not raw, extra=extra)
+
+
+def _token_text(encoding: Any, token_id: int) -> str:
+    return encoding.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+def logprobs_json(encoding: Any, entries: Iterable[Any]) -> list[dict[str, Any]]:
+    """`TokenLogprob`s as `[{token, token_id, logprob, top_logprobs: [{token, token_id, logprob}]}]`."""
+    out = []
+    for entry in entries:
+        top = sorted(entry.top_logprobs.items(), key=lambda kv: -kv[1])
+        out.append({
+            "token": _token_text(encoding, entry.token_id),
+            "token_id": entry.token_id,
+            "logprob": entry.logprob,
+            "top_logprobs": [{"token": _token_text(encoding, t), "token_id": t, "logprob": lp} for t, lp in top],
+        })
+    return out
+
+
+def generate_result(job: Job, output: Any, encoding: Any, include_raw: bool = False) -> dict[str, Any]:
+    """The output line of a finished request (a `RequestOutput`)."""
+    finish_reason = output.finish_reason
+    tool_calls: list[dict[str, str]] = []
+    if job.harmony:
+        parsed = encoding.parse_completion(list(output.token_ids))
+        text, reasoning = parsed.final_text, parsed.reasoning_text
+        tool_calls = [{"name": call.name, "arguments": call.arguments} for call in parsed.tool_calls]
+        if tool_calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+    else:
+        text, reasoning = output.text, None
+    completion_tokens = len(output.token_ids)
+    record: dict[str, Any] = {
+        "id": job.id,
+        "text": text,
+        "reasoning": reasoning,
+        "tool_calls": tool_calls,
+        "finish_reason": finish_reason,
+        "usage": {
+            "prompt_tokens": len(job.prompt_token_ids),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(job.prompt_token_ids) + completion_tokens,
+        },
+    }
+    if output.logprobs is not None:
+        record["logprobs"] = logprobs_json(encoding, output.logprobs)
+    if include_raw:
+        record["token_ids"] = list(output.token_ids)
+        record["raw_text"] = encoding.decode(list(output.token_ids))
+    if output.error:
+        record["error"] = output.error
+    record.update(job.extra)
+    return record
+
+
+# ---- the output file -------------------------------------------------------------------------------------
+
+
+class ResultsFile:
+    """A JSONL results file that can be resumed: `done_ids` after `open`, `append` per result, `finalize`.
+
+    Each result is one `os.write` of a whole line to a file opened with O_APPEND, so a process killed at any
+    moment leaves whole lines, except in the rare case of a huge line cut by a full disk or a crash inside
+    the write; `open` drops such a partial last line before resuming.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.done_ids: set[str] = set()
+        self._fd: int | None = None
+
+    def open(self) -> ResultsFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            keep = len(data)
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1  # the partial last line (0 when it is the only one)
+            good = 0
+            for line in data[:keep].splitlines(keepends=True):
+                try:
+                    record = json.loads(line)
+                    self.done_ids.add(str(record["id"]))
+                except (ValueError, KeyError, TypeError):
+                    break  # a damaged line: keep what precedes it and redo the rest
+                good += len(line)
+            if good < len(data):
+                print(f"{self.path}: dropping {len(data) - good} bytes of an unfinished line", file=sys.stderr)
+                with open(self.path, "r+b") as f:
+                    f.truncate(good)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        return self
+
+    def append(self, record: dict[str, Any]) -> None:
+        assert self._fd is not None, "open() first"
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self.done_ids.add(str(record["id"]))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def finalize(self, order: list[str]) -> None:
+        """Rewrite the file with its records in the order of `order` (ids not in it last, in file order)."""
+        self.close()
+        rank = {request_id: i for i, request_id in enumerate(order)}
+        lines = self.path.read_bytes().splitlines(keepends=True)
+        keyed = []
+        seen: set[str] = set()
+        for position, line in enumerate(lines):
+            request_id = str(json.loads(line)["id"])
+            if request_id in seen:
+                continue
+            seen.add(request_id)
+            keyed.append((rank.get(request_id, len(order) + position), line))
+        keyed.sort(key=lambda item: item[0])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.writelines(line for _, line in keyed)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+# ---- the continuous-batching driver ---------------------------------------------------------------------
+
+
+def run_engine(
+    engine: Any,
+    jobs: list[Job],
+    on_finished: Callable[[Job, Any], None],
+    *,
+    max_in_flight: int,
+    progress: Any = None,
+    count_tokens: Callable[[Any], int] = lambda out: len(out.new_token_ids),
+) -> None:
+    """Feed `jobs` to an `LLMEngine` (at most `max_in_flight` queued or running) and step it until all finish.
+
+    `on_finished(job, request_output)` runs as each request finishes, in completion order. Requests the
+    engine refuses (too long a prompt...) finish at once with `finish_reason="error"` and the reason. On any
+    exception (Ctrl-C included) the requests in flight are aborted before it propagates.
+    """
+    from engine.sequence import RequestOutput
+
+    pending = iter(jobs)
+    in_flight: dict[str, Job] = {}
+    tokens = 0
+    start = time.perf_counter()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(in_flight) < max_in_flight:
+                job = next(pending, None)
+                if job is None:
+                    exhausted = True
+                    break
+                request_id = f"{job.index}:{job.id}"
+                try:
+                    engine.add_request(request_id, job.prompt_token_ids, job.params)
+                except ValueError as exc:  # PromptTooLongError, InvalidRequestError: this request only
+                    on_finished(job, RequestOutput(request_id, job.prompt_token_ids, [], "", True, "error",
+                                                   error=str(exc)))
+                    if progress is not None:
+                        progress.update(1)
+                    continue
+                in_flight[request_id] = job
+            if not in_flight:
+                break
+            for out in engine.step():
+                tokens += count_tokens(out)
+                if not out.finished:
+                    continue
+                job = in_flight.pop(out.request_id)
+                on_finished(job, out)
+                if progress is not None:
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    progress.set_postfix_str(f"{tokens / elapsed:.1f} tok/s", refresh=False)
+                    progress.update(1)
+    finally:
+        for request_id in list(in_flight):
+            engine.abort_request(request_id)
+
+
+def make_progress(total: int, enabled: bool, unit: str = "req") -> Any:
+    """A tqdm bar on stderr (requests done, tokens/s in the postfix, ETA), or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+
+# ---- engine flags shared by generate, score and bench latency ---------------------------------------------
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, require_model: bool = True) -> None:
+    """The `EngineArgs` fields worth setting from a command line."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", required=require_model, help="checkpoint folder (Hugging Face layout)")
+    group.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    group.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    group.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (the batch size)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step")
+    group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument("--block-size", type=int, default=16)
+    group.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer type")
+    group.add_argument("--kv-cache-gb", type=float, default=None)
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    group.add_argument("--no-prefix-caching", action="store_true")
+    group.add_argument("--engine-seed", type=int, default=0, help="the generator of requests without a seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`EngineArgs` keywords (besides `model`) from `add_engine_arguments`' flags."""
+    return {
+        "tokenizer": args.tokenizer,
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "block_size": args.block_size,
+        "num_blocks": args.num_blocks,
+        "kv_cache_gb": args.kv_cache_gb,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "enable_prefix_caching": not args.no_prefix_caching,
+        "seed": args.engine_seed,
+    }
+
+
+def in_flight_limit(max_num_seqs: int) -> int:
+    """Requests handed to the engine at once: enough waiting ones to refill the batch as others finish."""
+    return 2 * max_num_seqs + 8
+
+
+def report_bad_line(bad: BadLine) -> None:
+    print(f"skipped {bad}", file=sys.stderr)
+
+
+# ---- the command -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateSummary:
+    num_requests: int  # valid input lines
+    num_bad_lines: int
+    num_already_done: int  # found in the output file when the run started
+    num_run: int
+    interrupted: bool = False
+
+
+def generate_jsonl(
+    input_path: str | Path,
+    output_path: str | Path,
+    llm: Any,
+    encoding: Any,
+    defaults: GenerateDefaults,
+    *,
+    max_in_flight: int,
+    include_raw: bool = False,
+    progress: bool = False,
+    report: Callable[[BadLine], None] = report_bad_line,
+) -> GenerateSummary:
+    """The whole of `gptoss generate` once the model is known.
+
+    `llm` is an `LLM`, or a callable that makes one (called only when something is left to run, so a finished
+    file is not re-read into a model). A KeyboardInterrupt stops the run, keeps every finished line and
+    returns with `interrupted=True`.
+    """
+    bad_lines: list[BadLine] = []
+
+    def on_bad(bad: BadLine) -> None:
+        bad_lines.append(bad)
+        report(bad)
+
+    jobs = read_jobs(input_path, lambda obj, n, rid: build_generate_job(obj, n, rid, encoding, defaults), on_bad)
+    results = ResultsFile(output_path).open()
+    pending = [job for job in jobs if job.id not in results.done_ids]
+    summary = GenerateSummary(len(jobs), len(bad_lines), len(jobs) - len(pending), len(pending))
+    try:
+        if pending:
+            if callable(llm) and not hasattr(llm, "engine"):
+                llm = llm()
+            bar = make_progress(len(pending), progress)
+
+            def on_finished(job: Job, out: Any) -> None:
+                results.append(generate_result(job, out, encoding, include_raw))
+
+            try:
+                run_engine(llm.engine, pending, on_finished, max_in_flight=max_in_flight, progress=bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+    except KeyboardInterrupt:
+        results.close()
+        summary.interrupted = True
+        return summary
+    results.finalize([job.id for job in jobs])
+    return summary
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from engine.harmony import HarmonyEncoding
+    from engine.llm import LLM
+
+    encoding = HarmonyEncoding.from_file(args.tokenizer or args.model)
+    defaults = GenerateDefaults(args.max_tokens, args.temperature, args.top_p, args.seed, args.reasoning_effort,
+                                args.current_date)
+    summary = generate_jsonl(
+        args.input,
+        args.output,
+        lambda: LLM(args.model, **engine_kwargs(args)),
+        encoding,
+        defaults,
+        max_in_flight=in_flight_limit(args.max_num_seqs),
+        include_raw=args.include_raw,
+        progress=not args.no_progress,
+    )
+    print(f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
+          f"{summary.num_already_done} were already in {args.output}, {summary.num_run} run", file=sys.stderr)
+    if summary.interrupted:
+        print("interrupted: every finished result is in the output file; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 1 if summary.num_bad_lines and args.strict else 0
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate",
+        help="offline batch generation: JSONL of requests in, JSONL of results out (resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", type=Path, help="JSONL of requests")
+    parser.add_argument("output", type=Path, help="JSONL of results (appended to and resumed if it exists)")
+    add_engine_arguments(parser)
+    sampling = parser.add_argument_group("defaults for lines that do not set them")
+    sampling.add_argument("--max-tokens", type=int, default=256)
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--seed", type=int, default=None,
+                          help="derive a seed per request from this and its id (reproducible at any batch size)")
+    sampling.add_argument("--reasoning-effort", default="medium", choices=("low", "medium", "high"))
+    sampling.add_argument("--current-date", default=None, help="YYYY-MM-DD for the system message (default: none)")
+    parser.add_argument("--include-raw", action="store_true",
+                        help="also write each completion's token ids and raw text (special tokens spelled out)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when any input line was bad")
+    parser.set_defaults(handler=run_generate)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `gptoss generate` to the `gptoss` command line."""
+    add_generate_parser(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gptoss")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["generate", *(sys.argv[1:] if argv is None else argv)])
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""POST /v1/completions: legacy OpenAI Completions on raw text (no harmony template).
+
+`prompt` is text, token ids, or a list of either (one choice set per prompt, `n` choices each, numbered
+prompt-major). `echo` puts the prompt before the completion; with `logprobs` it also returns the prompt
+tokens' logprobs (the first token has none: `null`), which is what evaluation harnesses use to score
+continuations, and `max_tokens: 0` is then allowed (score only, nothing generated). Stop strings and
+detokenization are the engine's (engine/detokenizer.py). `generate_raw` is shared with Workers AI `raw`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprob
+from server.errors import bad_request, to_api_error
+from server.generation import (
+    Admission,
+    Submitted,
+    Usage,
+    check_prompt_length,
+    merge_streams,
+    release_all,
+    run_until_disconnect,
+    start_all,
+    submit,
+)
+from server.openai_chat import DEFAULT_MAX_TOKENS, sampling_kwargs, token_text
+from server.protocol_openai import CompletionRequest, parse_body
+from server.sse import DONE, sse_data, sse_response
+from server.state import ServerState, get_state
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for the legacy endpoint
+
+router = APIRouter()
+
+
+def encode_raw(state: ServerState, text: str) -> list[int]:
+    """Raw text -> token ids; special-token spellings in the text become the special tokens (raw prompts)."""
+    return state.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+@dataclass
+class RawResult:
+    """A finished raw completion."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str = "stop"
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass
+class RawDelta:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+
+
+def generate_raw(state: ServerState, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str) -> Any:
+    """Submit a raw completion now; iterate `RawDelta`s then one `RawResult` (always last)."""
+    outputs = submit(state, request_id, prompt_token_ids, params)
+    return Submitted(state, request_id, _raw_events(outputs, len(prompt_token_ids)))
+
+
+async def _raw_events(outputs: Any, num_prompt_tokens: int) -> AsyncIterator[RawDelta | RawResult]:
+    result = RawResult(usage=Usage(prompt_tokens=num_prompt_tokens))
+    async with contextlib.aclosing(outputs):
+        async for output in outputs:
+            result.usage.cached_tokens = output.num_cached_tokens
+            new_logprobs = list(output.new_logprobs or [])
+            if output.text_delta or output.new_token_ids:
+                yield RawDelta(output.text_delta, list(output.new_token_ids), new_logprobs)
+            result.text += output.text_delta
+            result.token_ids += output.new_token_ids
+            result.logprobs += new_logprobs
+            if output.prompt_logprobs is not None:
+                result.prompt_logprobs = output.prompt_logprobs
+            if output.finished:
+                result.finish_reason = "length" if output.finish_reason == "length" else "stop"
+    result.usage.completion_tokens = len(result.token_ids)
+    yield result
+
+
+@dataclass
+class CompletionPlan:
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: list[SamplingParams]  # per choice: prompt-major, n per prompt
+    n: int
+    echo: bool
+    logprobs: int | None
+    include_usage: bool
+    request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [encode_raw(state, prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [encode_raw(state, p) for p in prompt]
+    if all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise bad_request("prompt must be a string, a list of strings, token ids or a list of token-id lists",
+                      param="prompt")
+
+
+def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
+    model = state.check_model(req.model)
+    prompts = prompts_of(state, req.prompt)
+    vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
+    params = []
+    for i, ids in enumerate(prompts):
+        param = f"prompt[{i}]" if isinstance(req.prompt, list) and len(prompts) > 1 else "prompt"
+        if not ids:
+            raise bad_request("prompt must not be empty", param=param)
+        if any(not 0 <= t < vocab for t in ids):
+            raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param=param)
+        max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
+        max_tokens = check_prompt_length(state, len(ids), max_tokens, param) if max_tokens else 0
+        kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
+        kwargs["stop"] = req.stop_list
+        if req.logprobs is not None:
+            kwargs["logprobs"] = req.logprobs
+        if req.echo and (req.logprobs is not None or max_tokens == 0):
+            kwargs["prompt_logprobs"] = req.logprobs or 0
+        for j in range(req.n):
+            seeded = {**kwargs, "seed": kwargs["seed"] + j} if kwargs.get("seed") is not None else kwargs
+            params.append(SamplingParams(**seeded))
+    texts = [state.tokenizer.decode(ids, skip_special_tokens=False) for ids in prompts]
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return CompletionPlan(model, prompts, texts, params, req.n, req.echo, req.logprobs, include_usage)
+
+
+def start_completion(state: ServerState, plan: CompletionPlan) -> list[Any]:
+    return start_all([
+        functools.partial(generate_raw, state, plan.prompts[i // plan.n], params, f"{plan.request_id}-{i}")
+        for i, params in enumerate(plan.params)])
+
+
+def _logprobs_block(state: ServerState, token_ids: list[int], logprobs: list[TokenLogprob | None],
+                    top: int, offset: int) -> dict[str, Any]:
+    """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, lp in zip(token_ids, logprobs, strict=False):
+        text = token_text(state, token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if lp is None:
+            token_logprobs.append(None)
+            tops.append(None)
+        else:
+            token_logprobs.append(lp.logprob)
+            best = sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]
+            tops.append({token_text(state, t): v for t, v in best} if top else {text: lp.logprob})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_choice(state: ServerState, plan: CompletionPlan, index: int, result: RawResult) -> dict[str, Any]:
+    prompt_ids = plan.prompts[index // plan.n]
+    prompt_text = plan.prompt_texts[index // plan.n]
+    text = (prompt_text + result.text) if plan.echo else result.text
+    logprobs = None
+    if plan.logprobs is not None:
+        ids: list[int] = []
+        lps: list[TokenLogprob | None] = []
+        if plan.echo:
+            ids += prompt_ids
+            prompt_lps = result.prompt_logprobs or [None] * len(prompt_ids)
+            lps += list(prompt_lps) + [None] * (len(prompt_ids) - len(prompt_lps))
+        ids += result.token_ids
+        lps += result.logprobs + [None] * (len(result.token_ids) - len(result.logprobs))
+        logprobs = _logprobs_block(state, ids, lps, plan.logprobs, 0)
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+
+
+def total_usage(results: list[RawResult], n: int) -> Usage:
+    prompts = sum(r.usage.prompt_tokens for r in results[::n])
+    return Usage(prompts, sum(r.usage.completion_tokens for r in results), 0,
+                 sum(r.usage.cached_tokens for r in results[::n]))
+
+
+async def _final(stream: Any) -> RawResult:
+    result = RawResult()
+    async with contextlib.aclosing(stream):
+        async for item in stream:
+            if isinstance(item, RawResult):
+                result = item
+    return result
+
+
+async def run_completion(state: ServerState, plan: CompletionPlan, streams: list[Any]) -> dict[str, Any]:
+    results = await asyncio.gather(*[_final(s) for s in streams])
+    choices = [completion_choice(state, plan, i, r) for i, r in enumerate(results)]
+    return {"id": plan.request_id, "object": "text_completion", "created": plan.created, "model": plan.model,
+            "choices": choices, "usage": total_usage(list(results), plan.n).openai(), "system_fingerprint": None}
+
+
+async def completion_sse(state: ServerState, plan: CompletionPlan, streams: list[Any],
+                         admission: Admission) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+        obj: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
+                               "model": plan.model, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return sse_data(obj)
+
+    results: list[RawResult] = [RawResult() for _ in streams]
+    try:
+        if plan.echo:
+            for i in range(len(streams)):
+                yield chunk([{"index": i, "text": plan.prompt_texts[i // plan.n], "logprobs": None,
+                              "finish_reason": None}])
+        async for index, item in merge_streams(streams):
+            if isinstance(item, RawDelta):
+                logprobs = None
+                if plan.logprobs is not None:
+                    logprobs = _logprobs_block(state, item.token_ids, list(item.logprobs), plan.logprobs, 0)
+                yield chunk([{"index": index, "text": item.text, "logprobs": logprobs, "finish_reason": None}])
+            else:
+                results[index] = item
+                yield chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": item.finish_reason}])
+        if plan.include_usage:
+            yield chunk([], total_usage(results, plan.n).openai())
+    except Exception as exc:
+        yield sse_data(to_api_error(exc).openai_body())
+    finally:
+        admission.release()
+    yield DONE
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request) -> Response:
+    state = get_state(request)
+    req = parse_body(CompletionRequest, await request.body())
+    plan = prepare_completion(state, req)
+    with Admission(state) as admission:
+        streams = start_completion(state, plan)
+        if req.stream:
+            admission.keep()
+            return sse_response(completion_sse(state, plan, streams, admission),
+                                on_close=functools.partial(release_all, admission, streams))
+        result = await run_until_disconnect(request, run_completion(state, plan, streams))
+    return JSONResponse(result)

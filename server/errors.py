@@ -1,0 +1,223 @@
+"""Errors: one exception type for every 4xx/5xx the server answers, rendered in the calling API's own shape.
+
+Route functions raise `APIError` (or let pydantic / harmony / sampling-params errors escape: the handlers
+installed by `install_error_handlers` turn those into 400s naming the field). The shape depends on the route:
+
+- OpenAI routes (`/v1/...`, `/tokenize`, ...): `{"error": {"message", "type", "param", "code"}}`.
+- Every route under `/ai/` and `/client/v4/`: the Workers AI envelope
+  `{"success": false, "errors": [{"code", "message"}], "result": null, "messages": []}` with Workers AI's codes
+  (5006 bad input, 5007 no such model, 5005 no LoRA, 3006 too large, 3040 out of capacity, 10000 auth).
+
+A catch-all handler makes sure nothing reaches the client as a dropped connection or a bare 500 page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger("server")
+
+# Workers AI error codes (shared/docs/api.md).
+WAI_BAD_INPUT = 5006
+WAI_NO_MODEL = 5007
+WAI_NO_LORA = 5005
+WAI_TOO_LARGE = 3006
+WAI_OUT_OF_CAPACITY = 3040
+WAI_AUTH = 10000
+WAI_INTERNAL = 3043  # what Workers AI answers for an internal server error
+
+
+class APIError(Exception):
+    """An error answered to the client; `param` names the offending request field when there is one.
+
+    `status` is the HTTP status; `wai_code` / `wai_status` the Workers AI error code and status (the status
+    defaults to `status`); `headers` are extra response headers (Retry-After for 429/503).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        wai_code: int = WAI_BAD_INPUT,
+        wai_status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type
+        self.code = code
+        self.wai_code = wai_code
+        self.wai_status = wai_status if wai_status is not None else status
+        self.headers = headers or {}
+
+    def openai_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def workers_ai_body(self) -> dict[str, Any]:
+        message = self.message
+        if self.param and self.param not in message:
+            message = f"{message} (field: {self.param})"  # the envelope has no param: name it in the text
+        if self.wai_code == WAI_BAD_INPUT and not message.startswith("AiError"):
+            message = f"AiError: Bad input: {message}"
+        return {"success": False, "errors": [{"code": self.wai_code, "message": message}],
+                "result": None, "messages": []}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 for invalid input naming `param`."""
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found",
+                    wai_code=WAI_NO_MODEL, wai_status=400)
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Invalid or missing API key (send Authorization: Bearer <key>)",
+                    type="authentication_error", code="invalid_api_key", wai_code=WAI_AUTH)
+
+
+def overloaded(message: str = "The server is at capacity; retry later", retry_after: int = 1,
+               status: int = 429) -> APIError:
+    return APIError(status, message, type="rate_limit_error" if status == 429 else "server_error",
+                    code="server_overloaded", wai_code=WAI_OUT_OF_CAPACITY, wai_status=429,
+                    headers={"Retry-After": str(retry_after)})
+
+
+def too_large(message: str, param: str | None = None) -> APIError:
+    return APIError(413, message, param=param, code="request_too_large", wai_code=WAI_TOO_LARGE)
+
+
+def is_workers_ai_path(path: str) -> bool:
+    """Routes answering errors in the Workers AI envelope (everything under /ai/ and /client/v4/)."""
+    return path.startswith("/ai/") or path.startswith("/client/v4/")
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    """The JSON response for `error` in the shape of the API that `path` belongs to."""
+    if is_workers_ai_path(path):
+        return JSONResponse(error.workers_ai_body(), status_code=error.wai_status, headers=error.headers)
+    return JSONResponse(error.openai_body(), status_code=error.status, headers=error.headers)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Converting other exceptions
+# ---------------------------------------------------------------------------------------------------------
+
+_UNION_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list", "is-instance"})
+
+
+def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:
+    """Pydantic's error location as the field path clients know: ('messages', 2, 'role') -> messages[2].role."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path") and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and ("[" in part or "(" in part or part.startswith("function-")
+                                        or part in _UNION_MEMBER_TAGS):
+            # Union members / validator pseudo-locations ('str', 'list[int]', 'function-after[...]') say
+            # nothing to a client.
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
+    """The first pydantic error as a 400 naming its field (invalid JSON and wrong types included)."""
+    errors = exc.errors()
+    if not errors:
+        return bad_request("Invalid request body")
+    first = errors[0]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return bad_request(f"Invalid JSON body: {ctx.get('error', first.get('msg', ''))}", code="invalid_json")
+    param = loc_to_param(first.get("loc", ())) or None
+    if kind == "missing":
+        message = f"Missing required field '{param}'"
+    elif kind == "extra_forbidden":
+        message = f"Unknown field '{param}'"
+    else:
+        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else first.get("msg", "")
+    return bad_request(message, param=param, code="invalid_value" if kind != "missing" else "missing_required")
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map any exception to an `APIError`: input errors to 400s naming the field, engine errors to theirs."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return from_validation_error(exc)
+    if isinstance(exc, json.JSONDecodeError):
+        return bad_request(f"Invalid JSON body: {exc}", code="invalid_json")
+    name = type(exc).__name__
+    # Errors from engine/ and engine/harmony/ are matched by name so this module does not import the engine.
+    if name == "HarmonyInputError":
+        return bad_request(str(exc), param=getattr(exc, "param", None))
+    if name == "StructuredOutputError":  # an invalid / unsupported JSON schema, tool_choice without tools
+        return bad_request(getattr(exc, "message", str(exc)), param=getattr(exc, "param", None))
+    if name == "SamplingParamsError":
+        param = getattr(exc, "param", None)
+        return bad_request(str(exc), param=param)
+    if name == "InvalidRequestError":  # engine-side checks (token ids outside the vocabulary, ...)
+        return bad_request(str(exc))
+    if name == "RequestFailedError":
+        return APIError(500, f"The engine failed this request: {exc}", type="server_error",
+                        code="request_failed", wai_code=WAI_INTERNAL)
+    if name == "PromptTooLongError":
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded",
+                        wai_code=WAI_TOO_LARGE, wai_status=413)
+    if name in ("EngineOverloadedError", "QueueFullError"):
+        return overloaded(str(exc) or "The engine queue is full; retry later", status=503)
+    if name in ("EngineDeadError", "EngineNotRunningError"):
+        return APIError(503, str(exc) or "The engine is not running", type="server_error",
+                        code="engine_unavailable", wai_code=WAI_OUT_OF_CAPACITY, wai_status=503,
+                        headers={"Retry-After": "5"})
+    logger.exception("internal error", exc_info=exc)
+    return APIError(500, f"Internal server error ({name})", type="server_error", code="internal_error",
+                    wai_code=WAI_INTERNAL, wai_status=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every exception becomes a JSON answer in the route's API shape (no HTML 500s, no dropped connections)."""
+
+    async def handle_any(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(request.url.path, to_api_error(exc))
+
+    async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error = APIError(404, f"Unknown route {request.method} {request.url.path}", code="not_found",
+                             wai_code=7000 if is_workers_ai_path(request.url.path) else WAI_BAD_INPUT)
+        elif exc.status_code == 405:
+            error = APIError(405, f"Method {request.method} not allowed on {request.url.path}",
+                             code="method_not_allowed")
+        else:
+            error = APIError(exc.status_code, str(exc.detail), code=None)
+        return error_response(request.url.path, error)
+
+    app.add_exception_handler(APIError, handle_any)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, handle_any)  # type: ignore[arg-type]
+    app.add_exception_handler(ValidationError, handle_any)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, handle_http)  # type: ignore[arg-type]
+    # HarmonyInputError / SamplingParamsError are ValueErrors: handled here rather than by the catch-all
+    # (which Starlette runs in its outermost middleware, logging a traceback for what is a client error).
+    app.add_exception_handler(ValueError, handle_any)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, handle_any)

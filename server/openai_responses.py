@@ -1,0 +1,375 @@
+"""POST /v1/responses (and GET /v1/responses/{id}): the OpenAI Responses API over harmony.
+
+Request -> harmony conversation (engine/harmony/responses_convert.py) -> prompt tokens -> `generate_harmony`
+events -> output items: analysis text becomes a `reasoning` item (`content: [reasoning_text]`), final text a
+`message` item (`output_text`), each call to `functions.NAME` a `function_call` item (`call_id`, `name`,
+`arguments`). `ResponseBuilder` turns the event stream into both the streamed Responses events
+(`response.created`, `response.in_progress`, `response.output_item.added`, `response.content_part.added`,
+`response.reasoning_text.delta/.done`, `response.output_text.delta/.done`,
+`response.function_call_arguments.delta/.done`, `response.content_part.done`, `response.output_item.done`,
+`response.completed` / `response.incomplete`, each with its `sequence_number`) and the final response object,
+so the streamed and non-streamed answers cannot disagree.
+
+`store` (default true) keeps the response and its conversation items in memory (bounded, oldest forgotten);
+`previous_response_id` continues from them: the stored items (input and output) come before the new input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from engine.harmony.messages import normalize_tools
+from engine.harmony.responses_convert import conversation_from_responses
+from engine.sampling_params import SamplingParams
+from server.errors import APIError, bad_request, to_api_error
+from server.generation import (
+    Admission,
+    ContentDelta,
+    Event,
+    Finished,
+    ReasoningDelta,
+    ToolCallArgumentsDelta,
+    ToolCallDone,
+    ToolCallStarted,
+    Usage,
+    check_prompt_length,
+    generate_harmony,
+    harmony_sampling_params,
+    release_all,
+    run_until_disconnect,
+)
+from server.openai_chat import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    forced_call_prefill,
+    mask_fn,
+    sampling_kwargs,
+    structured_spec,
+    today,
+)
+from server.protocol_openai import ResponsesRequest, parse_body
+from server.sse import DONE, sse_data, sse_event, sse_response
+from server.state import ServerState, get_state
+
+router = APIRouter()
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+@dataclass
+class ResponsesPlan:
+    model: str
+    prompt_token_ids: list[int]
+    prefill_token_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+    request: ResponsesRequest
+    input_items: list[dict[str, Any]]  # the conversation so far (stored ones first), as Responses items
+    tools: list[dict[str, Any]]
+    effort: str
+    structured_spec: Any = None
+    response_id: str = field(default_factory=lambda: _id("resp"))
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+
+def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
+    if isinstance(req.input, str):
+        return [{"type": "message", "role": "user", "content": req.input}]
+    return list(req.input)
+
+
+def prepare_responses(state: ServerState, req: ResponsesRequest, *,
+                      default_max_tokens: int = DEFAULT_MAX_TOKENS) -> ResponsesPlan:
+    model = state.check_model(req.model)
+    items = input_items_of(req)
+    if req.previous_response_id is not None:
+        stored = state.responses.get(req.previous_response_id)
+        if stored is None:
+            raise bad_request(f"Previous response with id '{req.previous_response_id}' not found",
+                              param="previous_response_id", code="previous_response_not_found")
+        items = stored["items"] + items
+    tools = req.tools or []
+    specs = normalize_tools(tools)
+    mode, name = _tool_choice(req.tool_choice, [t.name for t in specs])
+    reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
+    text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
+    conversation = conversation_from_responses(items, instructions=req.instructions,
+                                               tools=tools if mode != "none" else None, reasoning=reasoning,
+                                               text=text, current_date=today())
+    effort = conversation.messages[0].content.reasoning_effort  # type: ignore[union-attr]
+    response_format = text.get("format") if text else None
+    spec = structured_spec(state, response_format, tools, req.tool_choice, response_format_param="text.format")
+    prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
+    prompt = state.encoding.render_chat_prompt(conversation) + prefill
+    max_tokens = req.max_output_tokens or req.max_tokens or default_max_tokens
+    max_tokens = check_prompt_length(state, len(prompt), max_tokens, "input")
+    kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
+    if req.top_logprobs is not None:
+        kwargs["logprobs"] = req.top_logprobs
+    flat_tools = [{"type": "function", "name": t.name, "description": t.description or None,
+                   "parameters": t.parameters, "strict": False} for t in specs]
+    return ResponsesPlan(model, prompt, prefill, harmony_sampling_params(state, **kwargs), req.stop_list, req,
+                         items, flat_tools, effort or "medium", spec)
+
+
+def _tool_choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
+    if tool_choice is None or tool_choice == "auto":
+        return "auto", None
+    if isinstance(tool_choice, str):
+        if tool_choice == "required" and not names:
+            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
+        return tool_choice, None
+    name = tool_choice.get("name")
+    if name is None and isinstance(tool_choice.get("function"), dict):
+        name = tool_choice["function"].get("name")
+    if tool_choice.get("type") != "function" or not isinstance(name, str):
+        raise bad_request("tool_choice must be auto, none, required or {type: function, name}", param="tool_choice")
+    if name not in names:
+        raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
+    return "named", name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Events -> Responses events and output items
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ResponseBuilder:
+    """Folds generation events into output items, producing the Responses stream events on the way."""
+
+    def __init__(self, plan: ResponsesPlan) -> None:
+        self.plan = plan
+        self.output: list[dict[str, Any]] = []
+        self.sequence_number = 0
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self._open: dict[str, Any] | None = None  # the item being streamed
+        self._text = ""
+
+    # ---- response object ----
+
+    def response(self, status: str) -> dict[str, Any]:
+        req = self.plan.request
+        incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        text_format: dict[str, Any] = {"type": "text"}
+        if req.text is not None and req.text.format is not None:
+            text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
+        tool_choice = req.tool_choice if req.tool_choice is not None else "auto"
+        return {
+            "id": self.plan.response_id, "object": "response", "created_at": self.plan.created_at,
+            "status": status, "model": self.plan.model, "output": list(self.output),
+            "instructions": req.instructions, "tools": self.plan.tools, "tool_choice": tool_choice,
+            "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
+            "temperature": self.plan.params.temperature, "top_p": self.plan.params.top_p,
+            "max_output_tokens": req.max_output_tokens or req.max_tokens,
+            "previous_response_id": req.previous_response_id,
+            "reasoning": {"effort": self.plan.effort, "summary": req.reasoning.summary if req.reasoning else None},
+            "text": {"format": text_format}, "truncation": "disabled", "store": req.store,
+            "metadata": req.metadata or {}, "incomplete_details": incomplete, "error": None,
+            "usage": self.usage.responses() if self.usage is not None and status != "in_progress" else None,
+            "user": req.user, "background": False,
+        }
+
+    @property
+    def status(self) -> str:
+        return "incomplete" if self.finish_reason == "length" else "completed"
+
+    # ---- events ----
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return event
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._event("response.created", response=self.response("in_progress")),
+                self._event("response.in_progress", response=self.response("in_progress"))]
+
+    def feed(self, event: Event) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if isinstance(event, ReasoningDelta):
+            if self._open is None or self._open["type"] != "reasoning":
+                out += self._close()
+                out += self._open_item({"id": _id("rs"), "type": "reasoning", "summary": [], "content": [],
+                                        "status": "in_progress"}, part={"type": "reasoning_text", "text": ""})
+            self._text += event.text
+            out.append(self._event("response.reasoning_text.delta", item_id=self._open["id"],  # type: ignore[index]
+                                   output_index=len(self.output), content_index=0, delta=event.text))
+        elif isinstance(event, ContentDelta):
+            if self._open is None or self._open["type"] != "message":
+                out += self._close()
+                out += self._open_item({"id": _id("msg"), "type": "message", "role": "assistant", "content": [],
+                                        "status": "in_progress"},
+                                       part={"type": "output_text", "text": "", "annotations": []})
+            self._text += event.text
+            out.append(self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
+                                   output_index=len(self.output), content_index=0, delta=event.text,
+                                   logprobs=[]))
+        elif isinstance(event, ToolCallStarted):
+            out += self._close()
+            out += self._open_item({"id": _id("fc"), "type": "function_call", "call_id": event.call_id,
+                                    "name": event.name, "arguments": "", "status": "in_progress"})
+        elif isinstance(event, ToolCallArgumentsDelta) and self._open is not None:
+            self._text += event.delta
+            out.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],
+                                   output_index=len(self.output), delta=event.delta))
+        elif isinstance(event, ToolCallDone):
+            if self._open is None or self._open["type"] != "function_call":  # (no start seen: open it now)
+                out += self._close()
+                out += self._open_item({"id": _id("fc"), "type": "function_call", "call_id": event.call_id,
+                                        "name": event.name, "arguments": "", "status": "in_progress"})
+            self._text = event.arguments
+            out += self._close()
+        elif isinstance(event, Finished):
+            self.finish_reason = event.finish_reason
+            self.usage = event.usage
+            out += self._close()
+        return out
+
+    def finish(self) -> list[dict[str, Any]]:
+        status = self.status
+        kind = "response.incomplete" if status == "incomplete" else "response.completed"
+        return [self._event(kind, response=self.response(status))]
+
+    def _open_item(self, item: dict[str, Any], part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        self._open = item
+        self._text = ""
+        index = len(self.output)
+        out = [self._event("response.output_item.added", output_index=index, item=dict(item))]
+        if part is not None:
+            out.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+        return out
+
+    def _close(self) -> list[dict[str, Any]]:
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        index = len(self.output)
+        item_status = "incomplete" if self.finish_reason == "length" else "completed"
+        out = []
+        if item["type"] == "reasoning":
+            part = {"type": "reasoning_text", "text": self._text}
+            out.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=self._text))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+            item = {**item, "content": [part], "status": item_status}
+        elif item["type"] == "message":
+            part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
+            out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
+                                   content_index=0, text=self._text, logprobs=[]))
+            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
+                                   content_index=0, part=part))
+            item = {**item, "content": [part], "status": item_status}
+        else:
+            out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                                   output_index=index, arguments=self._text, name=item["name"]))
+            item = {**item, "arguments": self._text, "status": item_status}
+        self.output.append(item)
+        out.append(self._event("response.output_item.done", output_index=index, item=item))
+        self._text = ""
+        return out
+
+
+def store_response(state: ServerState, plan: ResponsesPlan, response: dict[str, Any]) -> None:
+    if plan.request.store:
+        state.responses.put(plan.response_id, {"response": response,
+                                               "items": plan.input_items + response["output"]})
+
+
+def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
+    return generate_harmony(state, plan.prompt_token_ids, plan.params, prefill_token_ids=plan.prefill_token_ids,
+                            stop=plan.stop, request_id=plan.response_id,
+                            logits_mask_fn=mask_fn(state, plan.structured_spec))
+
+
+async def run_response(state: ServerState, plan: ResponsesPlan, stream: Any) -> dict[str, Any]:
+    """Non-streaming: the whole response object."""
+    builder = ResponseBuilder(plan)
+    async with contextlib.aclosing(stream):
+        async for event in stream:
+            builder.feed(event)
+    response = builder.response(builder.status)
+    store_response(state, plan, response)
+    return response
+
+
+async def response_events(state: ServerState, plan: ResponsesPlan, stream: Any) -> AsyncIterator[dict[str, Any]]:
+    """Streaming: the Responses events, ending with response.completed (or .incomplete / .failed)."""
+    builder = ResponseBuilder(plan)
+    for event in builder.start():
+        yield event
+    try:
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                for event in builder.feed(item):
+                    yield event
+    except Exception as exc:
+        error = to_api_error(exc)
+        failed = builder.response("failed")
+        failed["error"] = {"code": "server_error", "message": error.message}
+        yield builder._event("response.failed", response=failed)
+        return
+    final = builder.finish()
+    store_response(state, plan, final[-1]["response"])
+    for event in final:
+        yield event
+
+
+async def responses_sse(state: ServerState, plan: ResponsesPlan, stream: Any, admission: Admission,
+                        workers_ai_trailer: bool = False) -> AsyncIterator[str]:
+    usage: dict[str, Any] | None = None
+    try:
+        async for event in response_events(state, plan, stream):
+            if event["type"] in ("response.completed", "response.incomplete"):
+                usage = event["response"]["usage"]
+            yield sse_event(event)
+    finally:
+        admission.release()
+    if workers_ai_trailer:
+        usage = usage or {}
+        yield sse_data({"response": "", "usage": {
+            "prompt_tokens": usage.get("input_tokens", 0), "completion_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0)}})
+        yield DONE
+
+
+async def handle_responses(request: Request, body: dict[str, Any] | bytes, *, workers_ai: bool = False) -> Response:
+    """Validate, run and answer one Responses request (shared by /v1/responses and the Workers AI routes)."""
+    state = get_state(request)
+    req = parse_body(ResponsesRequest, body)
+    plan = prepare_responses(state, req)
+    with Admission(state) as admission:
+        stream = start_responses(state, plan)
+        if req.stream:
+            admission.keep()
+            return sse_response(responses_sse(state, plan, stream, admission, workers_ai_trailer=workers_ai),
+                                on_close=functools.partial(release_all, admission, [stream]))
+        result = await run_until_disconnect(request, run_response(state, plan, stream))
+    return JSONResponse(result)
+
+
+@router.post("/v1/responses")
+async def create_response(request: Request) -> Response:
+    return await handle_responses(request, await request.body())
+
+
+@router.get("/v1/responses/{response_id}")
+async def get_response(request: Request, response_id: str) -> Response:
+    stored = get_state(request).responses.get(response_id)
+    if stored is None:
+        raise APIError(404, f"No response with id '{response_id}' found", param="response_id", code="not_found")
+    return JSONResponse(stored["response"])

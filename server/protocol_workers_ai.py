@@ -1,0 +1,42 @@
+"""Pydantic request models of the Workers AI run route's own formats (prompt, batch, queue polling).
+
+The `messages` and `input` formats reuse `ChatCompletionRequest` / `ResponsesRequest` (server/protocol_openai.py);
+which format a body is in is decided by its keys (`workers_ai.body_format`). Ranges as in shared/docs/api.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from server.protocol_openai import APIModel, ChatResponseFormat, ReasoningConfig, SamplingFields
+
+MAX_BATCH_REQUESTS = 256
+
+
+class PromptRequest(SamplingFields):
+    """`{"prompt": ...}`: one user turn through the chat template, or the raw text with `raw: true`."""
+
+    model: str | None = None
+    prompt: str = Field(min_length=1)
+    raw: bool = False
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    lora: str | None = None
+    response_format: ChatResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+    reasoning: ReasoningConfig | None = None
+
+
+class BatchRequest(APIModel):
+    """`{"requests": [...]}`: each item is a body in any of the three formats (validated one by one)."""
+
+    requests: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_REQUESTS)
+
+
+class PollRequest(APIModel):
+    """`{"request_id": ...}`: the state (or the result) of a queued batch."""
+
+    request_id: str = Field(min_length=1)

@@ -1,0 +1,110 @@
+"""`ServerState`: what every route needs (engine, tokenizer, harmony encoding, names, limits, metrics, stores).
+
+One instance per app (`app.state.server`), built by `server.app.create_app`. Routes receive it through
+`get_state(request)`; nothing here is global, so tests can run several apps side by side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from fastapi import Request
+from tokenizers import Tokenizer
+
+from engine.harmony.render import HarmonyEncoding
+from server.errors import model_not_found
+from server.metrics import ServerMetrics
+
+WORKERS_AI_MODEL_NAME = "@cf/openai/gpt-oss-120b"
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class EngineClient(Protocol):
+    """What the server uses of `engine.async_engine.AsyncEngine`."""
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> Any: ...
+
+    def abort(self, request_id: str) -> Any: ...
+
+    def is_alive(self) -> bool: ...
+
+    def metrics(self) -> dict[str, Any]: ...
+
+
+class BoundedStore(Generic[K, V]):
+    """An insertion-ordered dict that forgets its oldest entries past `capacity` or after `ttl_s` seconds."""
+
+    def __init__(self, capacity: int, ttl_s: float | None = None) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def put(self, key: K, value: V) -> None:
+        self._items.pop(key, None)
+        self._items[key] = (time.monotonic(), value)
+        self._expire()
+
+    def get(self, key: K) -> V | None:
+        self._expire()
+        entry = self._items.get(key)
+        return entry[1] if entry is not None else None
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._items)
+
+    def _expire(self) -> None:
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        if self.ttl_s is not None:
+            cutoff = time.monotonic() - self.ttl_s
+            while self._items and next(iter(self._items.values()))[0] < cutoff:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class ServerState:
+    """Shared by all routes of one app. `max_queue`: generation requests in flight before answering 429."""
+
+    engine: EngineClient
+    tokenizer: Tokenizer
+    served_model_name: str = "gpt-oss-120b"
+    api_key: str | None = None
+    max_model_len: int = 131072
+    max_queue: int = 1024
+    max_body_bytes: int = 32 << 20
+    response_store_size: int = 1024
+    batch_store_size: int = 1024
+    batch_ttl_s: float = 3600.0
+    encoding: HarmonyEncoding = field(init=False)
+    structured: Any = None  # server.structured.StructuredOutputs, or None (prompt-only response formats)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    responses: BoundedStore[str, Any] = field(init=False)
+    batches: BoundedStore[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.encoding = HarmonyEncoding(self.tokenizer)
+        self.responses = BoundedStore(self.response_store_size)
+        self.batches = BoundedStore(self.batch_store_size, self.batch_ttl_s)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, WORKERS_AI_MODEL_NAME)
+
+    def check_model(self, model: str | None) -> str:
+        """The model name to answer with (the request's, or the served name when absent); unknown: 404."""
+        if model is None:
+            return self.served_model_name
+        if model in self.model_names:
+            return model
+        raise model_not_found(model)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server

@@ -1,0 +1,77 @@
+"""Structured outputs for the server: JSON mode, JSON Schema and tool_choice enforced while sampling.
+
+The grammar is the engine's (engine/structured_output.py: llguidance over the whole harmony reply, so the
+analysis channel stays free and only the final message / tool-call arguments are constrained). The server
+builds the request's `StructuredOutputSpec` from its API fields, compiles a per-request matcher, and hands
+the engine a `logits_mask_fn(output_token_ids) -> bool [vocab]` (`AsyncEngine.add_request(...,
+logits_mask_fn=...)`), called on the engine thread before each sampled token.
+
+When the engine or llguidance cannot do this (`StructuredOutputs.create` returns None), routes fall back to
+the prompt alone for response formats and to prefilling the call header for a forced tool call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("server")
+
+
+class StructuredOutputs:
+    """Builds `logits_mask_fn`s for one tokenizer / vocabulary (the compiler is made on first use)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._compiler: Any = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, engine: Any, tokenizer: Any) -> StructuredOutputs | None:
+        """None when the engine takes no `logits_mask_fn` or llguidance is not installed."""
+        try:
+            if "logits_mask_fn" not in inspect.signature(engine.add_request).parameters:
+                return None
+            import engine.structured_output
+        except (ImportError, TypeError, ValueError):
+            logger.warning("structured outputs unavailable: response formats are prompt-only")
+            return None
+        inner = getattr(engine, "engine", engine)
+        vocab_size = getattr(inner, "vocab_size", None) or tokenizer.get_vocab_size(with_added_tokens=True)
+        return cls(tokenizer, int(vocab_size))
+
+    @property
+    def compiler(self) -> Any:
+        with self._lock:
+            if self._compiler is None:
+                from engine.structured_output import StructuredOutputCompiler
+
+                self._compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
+            return self._compiler
+
+    @staticmethod
+    def spec(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any,
+             *, response_format_param: str = "response_format") -> Any:
+        """The request's spec, or None when nothing is constrained (raises StructuredOutputError -> 400)."""
+        from engine.structured_output import StructuredOutputSpec
+
+        return StructuredOutputSpec.from_request(response_format=response_format, tools=tools,
+                                                 tool_choice=tool_choice,
+                                                 response_format_param=response_format_param)
+
+    def mask_fn(self, spec: Any) -> Callable[[list[int]], Any]:
+        """A fresh matcher for one request, as the engine's `logits_mask_fn` (engine thread only)."""
+        matcher = self.compiler.new_state(spec)
+        vocab_size = self.vocab_size
+
+        def allowed(output_token_ids: list[int]) -> Any:
+            while matcher.num_accepted_tokens < len(output_token_ids):
+                if not matcher.accept_token(output_token_ids[matcher.num_accepted_tokens]):
+                    break  # cannot happen with the mask applied; the matcher then allows only stop tokens
+            return matcher.allowed_token_mask(vocab_size)
+
+        return allowed

@@ -1,0 +1,329 @@
+"""Workers AI: POST /ai/run/{model} (and /client/v4/accounts/{account_id}/ai/run/{model}, .../ai/v1/*).
+
+The body's keys pick the format, as Workers AI's schema for gpt-oss-120b does:
+- `prompt` -> one user turn through harmony (or the raw text with `raw: true`), answered as
+  `{"response", "usage", "tool_calls": [{"name", "arguments": {...}}]}`;
+- `messages` -> a `chat.completion` (server/openai_chat.py); `input` -> a Responses object
+  (server/openai_responses.py);
+- `requests` -> a batch: each item in any of the three formats (with an optional `external_reference`
+  echoed back), all run concurrently, `{"results": [...]}` in request order; an item that fails gets
+  `{"success": false, "errors": [...]}` in its own slot without failing the others. With
+  `?queueRequest=true` the batch is queued: `{"status": "queued", "request_id", "model"}` at once, and a
+  later body `{"request_id": ...}` answers `{"status": "queued"|"running", "request_id"}` until the
+  finished `{"results": [...]}` (kept in memory, bounded, expiring).
+Every answer is wrapped as `{"result": ..., "success": true, "errors": [], "messages": []}`; errors use the
+Workers AI envelope (server/errors.py). Streams: prompt -> `data: {"response": "<text>", "p": "<padding>"}`
+frames; messages -> chat.completion.chunk frames; input -> the Responses events; each ends with
+`data: {"response": "", "usage": {...}}` then `data: [DONE]`.
+Defaults: max_tokens 256, temperature 0.6, reasoning effort medium. `lora`: no adapters are loaded: 405, 5005.
+The /client/v4/.../ai/v1/{responses,chat/completions} aliases answer plain OpenAI objects on success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import secrets
+import string
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.completions import RawDelta, RawResult, encode_raw, generate_raw
+from server.errors import WAI_NO_LORA, APIError, bad_request, to_api_error
+from server.generation import (
+    Admission,
+    ContentDelta,
+    Finished,
+    check_prompt_length,
+    collect,
+    release_all,
+    run_until_disconnect,
+)
+from server.openai_chat import (
+    DEFAULT_TEMPERATURE,
+    ChatPlan,
+    chat_completion,
+    handle_chat,
+    prepare_chat,
+    sampling_kwargs,
+    start_chat,
+    usage_brief,
+)
+from server.openai_responses import handle_responses, prepare_responses, run_response, start_responses
+from server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
+from server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
+from server.sse import DONE, sse_data, sse_response
+from server.state import ServerState, get_state
+
+router = APIRouter()
+FORMAT_KEYS = ("prompt", "messages", "input")
+_PADDING_ALPHABET = string.ascii_letters + string.digits
+_background: set[asyncio.Task[Any]] = set()
+
+
+def envelope(result: Any) -> dict[str, Any]:
+    return {"result": result, "success": True, "errors": [], "messages": []}
+
+
+def padding() -> str:
+    """Random-length filler for the `p` field, so frame sizes do not reveal token lengths."""
+    return "".join(secrets.choice(_PADDING_ALPHABET) for _ in range(secrets.randbelow(24) + 1))
+
+
+def normalize_response_format(body: dict[str, Any]) -> dict[str, Any]:
+    """Workers AI sends `{"type": "json_schema", "json_schema": <the schema itself>}`; OpenAI wraps the schema
+    as `{"name", "schema"}`. Accept both (a `json_schema` without a `schema` key is the schema)."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) \
+            and "schema" not in fmt["json_schema"]:
+        body = {**body, "response_format": {**fmt, "json_schema": {"name": "response", "schema": fmt["json_schema"]}}}
+    return body
+
+
+def body_format(body: dict[str, Any]) -> str:
+    """Which format a body is in: "prompt", "messages", "input", "batch" or "poll"."""
+    present = [key for key in FORMAT_KEYS if key in body]
+    if "requests" in body and not present:
+        return "batch"
+    if "request_id" in body and not present:
+        return "poll"
+    if len(present) != 1:
+        if not present:
+            raise bad_request("the body needs one of prompt, messages, input or requests", param="prompt")
+        raise bad_request(f"the body has more than one of {', '.join(present)}; send exactly one",
+                          param=present[1])
+    if body.get("lora") is not None:
+        raise APIError(405, "this model has no LoRA adapter loaded (lora is not supported)", param="lora",
+                       wai_code=WAI_NO_LORA)
+    return present[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The prompt format
+# ---------------------------------------------------------------------------------------------------------
+
+
+def prompt_as_chat(req: PromptRequest) -> ChatCompletionRequest:
+    """A templated prompt is a one-message chat."""
+    fields = req.model_dump(by_alias=True, exclude_none=True, exclude={"prompt", "raw", "stream", "lora"})
+    fields["messages"] = [{"role": "user", "content": req.prompt}]
+    return parse_body(ChatCompletionRequest, fields)
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments  # the model wrote invalid JSON: hand it back as text rather than lose it
+
+
+def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) -> dict[str, Any]:
+    return {"response": content, "usage": usage_brief(usage),
+            "tool_calls": [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in tool_calls]}
+
+
+def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], Any]:
+    from engine.sampling_params import SamplingParams
+
+    state.check_model(req.model)
+    ids = encode_raw(state, req.prompt)
+    max_tokens = check_prompt_length(state, len(ids), req.max_tokens or 256, "prompt")
+    kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
+    kwargs["stop"] = req.stop_list
+    return ids, SamplingParams(**kwargs)
+
+
+async def _raw_result(stream: Any) -> RawResult:
+    result = RawResult()
+    async with contextlib.aclosing(stream):
+        async for item in stream:
+            if isinstance(item, RawResult):
+                result = item
+    return result
+
+
+async def run_prompt(state: ServerState, req: PromptRequest) -> dict[str, Any]:
+    """Non-streaming prompt format."""
+    if req.raw:
+        ids, params = prepare_raw(state, req)
+        result = await _raw_result(generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}"))
+        return {"response": result.text, "usage": usage_brief(result.usage.openai()), "tool_calls": []}
+    plan = prepare_chat(state, prompt_as_chat(req))
+    streams = start_chat(state, plan)
+    collected = await collect(streams[0])
+    return prompt_result(collected.content, collected.tool_calls, collected.usage.openai())
+
+
+async def prompt_sse(state: ServerState, streams: list[Any], raw: bool, admission: Admission) -> AsyncIterator[str]:
+    usage: dict[str, Any] = {}
+    try:
+        async with contextlib.aclosing(streams[0]):
+            async for item in streams[0]:
+                if isinstance(item, (RawDelta, ContentDelta)) and item.text:
+                    yield sse_data({"response": item.text, "p": padding()})
+                elif isinstance(item, (RawResult, Finished)):
+                    usage = item.usage.openai()
+    except Exception as exc:
+        yield sse_data(to_api_error(exc).workers_ai_body())
+    finally:
+        admission.release()
+    yield sse_data({"response": "", "usage": usage_brief(usage)})
+    yield DONE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One request, any format
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def run_one(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
+    """A non-streaming body in any of the three formats -> its result object (raises APIError)."""
+    kind = body_format(body)
+    body = normalize_response_format({k: v for k, v in body.items() if k not in ("stream", "external_reference")})
+    if kind == "prompt":
+        return await run_prompt(state, parse_body(PromptRequest, body))
+    if kind == "messages":
+        plan: ChatPlan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        return await chat_completion(state, plan, start_chat(state, plan))
+    if kind == "input":
+        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        return await run_response(state, rplan, start_responses(state, rplan))
+    raise bad_request(f"a {kind} body cannot be nested in a batch", param="requests")
+
+
+async def run_batch(state: ServerState, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """All items concurrently; each slot gets its result (plus external_reference) or its own error."""
+
+    async def one(item: dict[str, Any]) -> dict[str, Any]:
+        reference = item.get("external_reference")
+        try:
+            if not isinstance(item, dict):
+                raise bad_request("each request must be an object", param="requests")
+            result = await run_one(state, item)
+        except Exception as exc:
+            result = to_api_error(exc).workers_ai_body()
+            result.pop("result", None)
+        if reference is not None:
+            result = {**result, "external_reference": reference}
+        return result
+
+    return {"results": list(await asyncio.gather(*[one(item) for item in items]))}
+
+
+def _batch_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return parse_body(BatchRequest, body).requests
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise bad_request("Request body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object")
+    return body
+
+
+async def run_model(request: Request, model: str) -> Response:
+    state = get_state(request)
+    state.check_model(model)
+    body = _json_body(await request.body())
+    queue = request.query_params.get("queueRequest", "").lower() in ("true", "1")
+    kind = body_format(body)
+    if kind in FORMAT_KEYS:
+        body = normalize_response_format({**body, "model": model})  # the path names the model; answers echo it
+    if kind == "poll":
+        return JSONResponse(envelope(poll(state, parse_body(PollRequest, body).request_id)))
+    if queue:
+        items = _batch_items(body) if kind == "batch" else [body]
+        return JSONResponse(envelope(enqueue(state, items, model)))
+    if kind == "batch":
+        items = _batch_items(body)
+        with Admission(state):
+            result = await run_until_disconnect(request, run_batch(state, items))
+        return JSONResponse(envelope(result))
+    if kind == "messages" and body.get("stream") is True:
+        return await handle_chat(request, body, workers_ai=True)
+    if kind == "input" and body.get("stream") is True:
+        return await handle_responses(request, body, workers_ai=True)
+    if kind == "prompt" and body.get("stream") is True:
+        req = parse_body(PromptRequest, body)
+        with Admission(state) as admission:
+            if req.raw:
+                ids, params = prepare_raw(state, req)
+                streams = [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
+            else:
+                plan = prepare_chat(state, prompt_as_chat(req))
+                streams = start_chat(state, plan)
+            admission.keep()
+            return sse_response(prompt_sse(state, streams, req.raw, admission),
+                                on_close=functools.partial(release_all, admission, streams))
+    with Admission(state):
+        result = await run_until_disconnect(request, run_one(state, body))
+    return JSONResponse(envelope(result))
+
+
+# ---- the batch queue ----
+
+
+def enqueue(state: ServerState, items: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    request_id = str(uuid.uuid4())
+    entry: dict[str, Any] = {"status": "queued", "request_id": request_id, "model": model, "result": None,
+                             "created": time.time()}
+    state.batches.put(request_id, entry)
+
+    async def work() -> None:
+        entry["status"] = "running"
+        try:
+            entry["result"] = await run_batch(state, items)
+        except Exception as exc:
+            entry["result"] = {"results": [], "error": to_api_error(exc).message}
+        entry["status"] = "done"
+
+    task = asyncio.get_running_loop().create_task(work())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return {"status": "queued", "request_id": request_id, "model": model}
+
+
+def poll(state: ServerState, request_id: str) -> dict[str, Any]:
+    entry = state.batches.get(request_id)
+    if entry is None:
+        raise bad_request(f"no queued request with id {request_id} (unknown or expired)", param="request_id")
+    if entry["status"] != "done":
+        return {"status": entry["status"], "request_id": request_id}
+    return entry["result"]
+
+
+@router.post("/ai/run/{model:path}")
+async def ai_run(request: Request, model: str) -> Response:
+    return await run_model(request, model)
+
+
+@router.post("/client/v4/accounts/{account_id}/ai/run/{model:path}")
+async def account_ai_run(request: Request, account_id: str, model: str) -> Response:
+    return await run_model(request, model)
+
+
+@router.post("/client/v4/accounts/{account_id}/ai/v1/responses")
+async def account_responses(request: Request, account_id: str) -> Response:
+    return await handle_responses(request, await request.body())
+
+
+@router.post("/client/v4/accounts/{account_id}/ai/v1/chat/completions")
+async def account_chat(request: Request, account_id: str) -> Response:
+    return await handle_chat(request, await request.body())

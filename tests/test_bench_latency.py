@@ -1,0 +1,52 @@
+"""scripts/bench_latency.py: engine-only prefill / decode timing with the roofline figure, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scripts import bench_latency
+
+
+def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "latency.json"
+    code = bench_latency.main(["--model", str(tiny_checkpoint), "--batch-sizes", "1,3", "--input-lens", "8",
+                               "--output-lens", "3", "--iters", "1", "--warmup", "0", "--profile", "--quiet",
+                               "--result-json", str(out), "--device", "cpu"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert [(r["batch"], r["input"], r["output"]) for r in rows] == [(1, 8, 3), (3, 8, 3)]
+    for row in rows:
+        for key in bench_latency.COLUMNS[3:]:
+            assert row[key] > 0, key
+        # The roofline floor is what the step's bytes take at the measured bandwidth.
+        assert row["roofline ms/step"] == pytest.approx(row["step GB"] * 1e9 / report["copy_bandwidth_bytes_per_s"]
+                                                        * 1e3, rel=1e-6)
+    assert report["bandwidth_measured"] and report["copy_bandwidth_bytes_per_s"] > 1e8
+    assert report["roofline_first_row"]["total"] > 0
+    assert "aten::" in report["profile"]
+    printed = capsys.readouterr().out
+    assert "% roofline" in printed and "decode step, batch 1" in printed
+
+
+def test_preset_with_random_weights(tmp_path: Path) -> None:
+    out = tmp_path / "latency.json"
+    code = bench_latency.main(["--preset", "tiny", "--batch-sizes", "2", "--input-lens", "4", "--output-lens", "2",
+                               "--iters", "1", "--warmup", "0", "--quiet", "--bandwidth-gbs", "10",
+                               "--result-json", str(out), "--device", "cpu"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["copy_bandwidth_bytes_per_s"] == 10e9 and not report["bandwidth_measured"]
+    assert report["model"].startswith("preset:tiny")
+
+
+def test_synthetic_tokenizer_covers_a_large_vocabulary() -> None:
+    from engine.detokenizer import IncrementalDetokenizer
+
+    tokenizer = bench_latency.synthetic_tokenizer(5000)
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.add_tokens([0, 4999]) + detok.flush() == "t0t4999"

@@ -1,0 +1,209 @@
+"""Offline API on the tiny checkpoint: acceptance run, prefix reuse, scoring, stops, aborts, step errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.llm import LLM, InvalidRequestError
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sequence import PromptTooLongError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint) -> LLM:
+    return LLM(tiny_checkpoint, num_blocks=96, max_num_seqs=32, max_num_batched_tokens=96)
+
+
+def assert_pool_full(llm: LLM) -> None:
+    bm = llm.engine.block_manager
+    for pool in bm.pools.values():
+        assert pool.num_free_blocks == pool.num_blocks
+        assert all(count == 0 for count in pool.ref_counts)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_32_concurrent_mixed_lengths_complete_without_leaks(llm):
+    rng = random.Random(0)
+    prompts: list = [[rng.randrange(700) for _ in range(rng.randrange(1, 70))] for _ in range(28)]
+    prompts += ["Hello, world!", "The quick brown fox", "def main():", "Paris is the capital of France."]
+    params = [SamplingParams(max_tokens=rng.randrange(1, 10), temperature=rng.choice([0.0, 0.8])) for _ in prompts]
+    outs = llm.generate(prompts, params)
+    assert len(outs) == 32
+    for out, p in zip(outs, params, strict=True):
+        assert out.finished and out.finish_reason in ("stop", "length")
+        assert 1 <= len(out.token_ids) <= p.max_tokens
+        assert out.finish_reason == "stop" or len(out.token_ids) == p.max_tokens
+    assert outs[28].prompt_token_ids == llm.tokenizer.encode("Hello, world!", add_special_tokens=False).ids
+    assert_pool_full(llm)
+
+
+def test_prefix_reuse_gives_the_cold_logits(llm, tiny_checkpoint):
+    rng = random.Random(1)
+    prompt = [rng.randrange(700) for _ in range(53)]  # 3 full blocks of 16, then 5 tokens
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=20)
+    cold_llm = LLM(tiny_checkpoint, num_blocks=32, enable_prefix_caching=False)
+    cold = cold_llm.generate([prompt], params)[0]
+    first = llm.generate([prompt], params)[0]
+    warm = llm.generate([prompt], params)[0]
+    assert warm.num_cached_tokens == 48 and cold.num_cached_tokens == 0
+    # a longer prompt sharing the prefix hits too
+    assert llm.generate([[*prompt, 5, 6]], params)[0].num_cached_tokens == 48
+    for a, b in ((cold, first), (cold, warm)):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
+            assert list(x.top_logprobs) == list(y.top_logprobs)
+            assert list(x.top_logprobs.values()) == pytest.approx(list(y.top_logprobs.values()), abs=1e-5)
+    assert llm.engine.metrics_snapshot().prefix_hit_tokens_total >= 96
+    assert_pool_full(llm)
+
+
+def test_score_matches_sampled_logprobs(llm):
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    gen = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, logprobs=0))[0]
+    full = prompt + gen.token_ids
+    # chunked (budget 4 tokens per step) and whole scoring agree; greedy tokens' logprobs match sampling's
+    small = LLM(llm.engine.args.model, num_blocks=16, max_num_seqs=4, max_num_batched_tokens=4)
+    for scorer in (llm, small):
+        scored = scorer.score([full], num_top_logprobs=2)[0]
+        assert scored.token_ids == [] and scored.finish_reason == "length"
+        assert len(scored.prompt_logprobs) == len(full) and scored.prompt_logprobs[0] is None
+        for i, lp in enumerate(gen.logprobs):
+            entry = scored.prompt_logprobs[len(prompt) + i]
+            assert entry.token_id == gen.token_ids[i]
+            assert entry.logprob == pytest.approx(lp.logprob, abs=1e-4)
+            assert next(iter(entry.top_logprobs)) == gen.token_ids[i]  # greedy: it is the top token
+    assert_pool_full(llm)
+
+
+def test_finish_reasons_and_stops(llm):
+    prompt = [10, 20, 30, 40]
+    free = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert free.finish_reason == "length" and free.stop_reason is None
+    stop_token = free.token_ids[3]
+    first_index = free.token_ids.index(stop_token)
+    stopped = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=[stop_token]))[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_token
+    assert stopped.token_ids == free.token_ids[: first_index + 1]
+    text = free.text
+    if len(text) >= 4:
+        stop_str = text[2:4]
+        cut = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, stop=[stop_str]))[0]
+        assert cut.finish_reason == "stop" and cut.stop_reason == stop_str
+        assert cut.text == text[: text.index(stop_str)]
+    assert_pool_full(llm)
+
+
+def test_refusals(llm):
+    with pytest.raises(PromptTooLongError):
+        llm.generate([[1] * 5000], SamplingParams(max_tokens=1))
+    with pytest.raises(PromptTooLongError, match="KV cache"):
+        llm.generate([[1] * (96 * 16 + 1)], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[100000]], SamplingParams(max_tokens=1))
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[]], SamplingParams(max_tokens=1))
+    with pytest.raises(SamplingParamsError):
+        SamplingParams(temperature=-1)
+    assert_pool_full(llm)
+
+
+def test_abort_frees_everything(llm):
+    engine = llm.engine
+    rng = random.Random(3)
+    for i in range(6):
+        engine.add_request(f"a{i}", [rng.randrange(700) for _ in range(30)], SamplingParams(max_tokens=50))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks() < 96
+    for i in range(6):
+        out = engine.abort_request(f"a{i}")
+        assert out is not None and out.finished and out.finish_reason == "abort"
+    assert engine.abort_request("a0") is None
+    assert_pool_full(llm)
+
+
+def test_failed_step_fails_its_requests_only(llm, monkeypatch):
+    engine = llm.engine
+    calls = {"n": 0}
+    real_execute = engine.runner.execute
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", flaky)
+    engine.add_request("bad", [1, 2, 3], SamplingParams(max_tokens=3))
+    outs = engine.step()
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("bad", "error")]
+    assert "boom" in outs[0].error
+    assert_pool_full(llm)
+    good = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert len(good.token_ids) == 3
+
+
+def test_logits_mask_constrains_and_fails_alone(llm):
+    engine = llm.engine
+    vocab = engine.vocab_size
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[[11, 22, 33]] = True
+
+    def broken(_output_ids: list[int]) -> torch.Tensor:
+        raise KeyError("grammar state lost")
+
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=7)
+    engine.add_request("masked", [4, 5, 6], params, logits_mask_fn=lambda ids: allowed)
+    engine.add_request("broken", [4, 5, 6], params, logits_mask_fn=broken)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(finished["masked"].token_ids) <= {11, 22, 33} and len(finished["masked"].token_ids) == 5
+    assert finished["broken"].finish_reason == "error" and "grammar state lost" in finished["broken"].error
+    assert_pool_full(llm)
+
+
+def test_generate_feeds_a_bounded_waiting_queue(llm, monkeypatch):
+    monkeypatch.setattr(llm.engine.args, "max_num_waiting", 2)
+    monkeypatch.setattr(llm.engine.scheduler, "max_num_waiting", 2)
+    outs = llm.generate([[i + 1, 2, 3] for i in range(7)], SamplingParams(max_tokens=2, temperature=0.0))
+    assert [len(o.token_ids) for o in outs] == [2] * 7
+    assert llm.generate([], SamplingParams()) == []
+    assert_pool_full(llm)
+
+
+def test_grammar_constrains_generation(llm):
+    structured = pytest.importorskip("engine.structured_output")
+    from engine.llm import grammar_mask_fn
+
+    engine = llm.engine
+    compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
+    spec = structured.StructuredOutputSpec(final_schema=structured.canonical_json({"type": "object"}))
+    engine.add_request(
+        "json",
+        [5, 6, 7],
+        SamplingParams(max_tokens=24, temperature=1.0, seed=3),
+        logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)),
+    )
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    final = outs[-1]
+    assert final.finish_reason in ("stop", "length") and final.error is None
+    # every sampled token was one the grammar allowed: a fresh state accepts the whole output
+    assert compiler.new_state(spec).accept_tokens(final.token_ids)
+    assert_pool_full(llm)

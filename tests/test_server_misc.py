@@ -1,0 +1,152 @@
+"""Models, health, metrics, tokenize/detokenize, auth, legacy completions and client disconnects."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+from openai import AuthenticationError, OpenAI
+
+from tests.server_helpers import API_KEY, HARMONY_ANSWER, encode
+
+pytest_plugins = ["tests.server_fixtures"]
+
+
+def client(server, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=server.v1, api_key=key, max_retries=0, timeout=60)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} not in metrics"
+    return float(match.group(1))
+
+
+def test_models(scripted):
+    models = client(scripted).models.list()
+    assert {m.id for m in models.data} == {"gpt-oss-120b", "@cf/openai/gpt-oss-120b"}
+    assert client(scripted).models.retrieve("gpt-oss-120b").id == "gpt-oss-120b"
+    assert httpx.get(scripted.v1 + "/models/@cf/openai/gpt-oss-120b").status_code == 200
+    assert httpx.get(scripted.v1 + "/models/other").status_code == 404
+
+
+def test_health_follows_engine(scripted):
+    assert httpx.get(scripted.base_url + "/health").status_code == 200
+    scripted.engine.alive = False
+    assert httpx.get(scripted.base_url + "/health").status_code == 503
+    scripted.engine.alive = True
+
+
+def test_tokenize_detokenize(scripted):
+    tok = httpx.post(scripted.base_url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert tok["tokens"] == encode(scripted.tokenizer, "Hello world") and tok["count"] == len(tok["tokens"])
+    detok = httpx.post(scripted.base_url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert detok["prompt"] == "Hello world"
+    messages = [{"role": "user", "content": "hi"}]
+    with_prompt = httpx.post(scripted.base_url + "/tokenize", json={"messages": messages}).json()
+    without = httpx.post(scripted.base_url + "/tokenize",
+                         json={"messages": messages, "add_generation_prompt": False}).json()
+    assert with_prompt["tokens"][:without["count"]] == without["tokens"]
+    assert with_prompt["count"] == without["count"] + len(encode(scripted.tokenizer, "<|start|>assistant"))
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    client(scripted).chat.completions.create(model="gpt-oss-120b", messages=messages, reasoning_effort="high")
+    effort = httpx.post(scripted.base_url + "/tokenize", json={"messages": messages, "reasoning_effort": "high"})
+    assert effort.json()["tokens"] == scripted.engine.requests[-1][1]  # exactly what the chat request got
+    assert httpx.post(scripted.base_url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
+
+
+def test_auth(auth_server):
+    assert httpx.get(auth_server.base_url + "/health").status_code == 200  # /health is open
+    with pytest.raises(AuthenticationError):
+        client(auth_server, "wrong").models.list()
+    assert client(auth_server, API_KEY).models.list().data
+    r = httpx.post(auth_server.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "hi"})
+    assert r.status_code == 401 and r.json()["errors"][0]["code"] == 10000
+    r = httpx.get(auth_server.base_url + "/metrics")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(auth_server.base_url + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200
+
+
+def test_serve_arguments(monkeypatch):
+    import argparse
+
+    from server.app import add_serve_arguments
+
+    monkeypatch.setenv("GPTOSS_API_KEY", "from-env")
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
+    assert (args.host, args.port, args.served_model_name, args.api_key) == ("127.0.0.1", 8000, "gpt-oss-120b",
+                                                                            "from-env")
+
+
+# ---- legacy completions on the real engine ----
+
+def test_completions_echo_logprobs_real_engine(live_server):
+    c = client(live_server)
+    prompt = "The capital of France is Paris"
+    n_prompt = len(encode(live_server.tokenizer, prompt))
+    out = c.completions.create(model="gpt-oss-120b", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                               temperature=0)
+    choice = out.choices[0]
+    assert choice.text == prompt
+    assert len(choice.logprobs.tokens) == n_prompt and choice.logprobs.token_logprobs[0] is None
+    assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == 0
+    out = c.completions.create(model="gpt-oss-120b", prompt=[prompt, "Hello"], max_tokens=3, echo=True,
+                               logprobs=2, temperature=0)
+    assert len(out.choices) == 2 and out.choices[0].text.startswith(prompt)
+    assert len(out.choices[0].logprobs.tokens) == n_prompt + 3
+    assert len(out.choices[1].logprobs.top_logprobs[-1]) == 2
+
+
+def test_completions_stream_real_engine(live_server):
+    chunks = list(client(live_server).completions.create(model="gpt-oss-120b", prompt="Hello", max_tokens=4,
+                                                         stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 4
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+# ---- disconnects and metrics ----
+
+def test_disconnect_mid_stream_frees_blocks(live_server):
+    base = live_server.base_url
+    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 1500,
+                            "stream": True, "temperature": 1.0}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        next(lines)  # the role chunk: the request is running
+        deadline = time.monotonic() + 20
+        while metric(httpx.get(base + "/metrics").text, "gptoss_engine_num_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    # The client is gone: the server aborts the request and the engine frees its blocks.
+    deadline = time.monotonic() + 20
+    while True:
+        text = httpx.get(base + "/metrics").text
+        used = sum(float(v) for v in re.findall(r"^gptoss_engine_kv_blocks_used\{[^}]*\} (\S+)$", text, re.M))
+        if metric(text, "gptoss_engine_num_running") == 0 and used == 0:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
+    assert metric(text, "gptoss_requests_aborted_total") >= 1
+    assert metric(text, "gptoss_requests_in_flight") == 0
+    generated = metric(text, "gptoss_engine_generation_tokens_total")
+    assert generated < 1500
+
+
+def test_metrics_content(live_server):
+    client(live_server).chat.completions.create(model="gpt-oss-120b", max_tokens=3,
+                                                messages=[{"role": "user", "content": "hi"}])
+    r = httpx.get(live_server.base_url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert metric(text, "gptoss_requests_total", '{endpoint="/v1/chat/completions",status="200"}') >= 1
+    assert metric(text, "gptoss_time_to_first_token_seconds_count") >= 1
+    assert metric(text, "gptoss_inter_token_latency_seconds_count") >= 1
+    for name in ("gptoss_engine_num_waiting", "gptoss_engine_prefix_hit_tokens_total",
+                 "gptoss_generation_tokens_per_second"):
+        assert metric(text, name) >= 0
+    assert re.search(r'^gptoss_engine_kv_blocks_free\{group="[^"]+"\} \d+', text, re.M)

@@ -1,0 +1,140 @@
+"""POST /v1/responses through a live server with the `openai` client; every streamed event is validated by
+the client's own models (strictly, with pydantic, not only the client's lenient parsing)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from openai import OpenAI
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from tests.server_helpers import HARMONY_ANSWER, HARMONY_TOOL_CALL, encode
+
+pytest_plugins = ["tests.server_fixtures"]
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+TOOL = {"type": "function", "name": "get_weather", "description": "Get the weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}
+
+
+def client(server) -> OpenAI:
+    return OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=60)
+
+
+def raw_events(server, body: dict) -> list[dict]:
+    """The SSE frames of a streamed response, as dicts (`event:` line checked against `type`)."""
+    events = []
+    with httpx.stream("POST", server.v1 + "/responses", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert event["type"] == name
+                events.append(event)
+    return events
+
+
+def test_responses_sync_real_engine(live_server):
+    out = client(live_server).responses.create(model="gpt-oss-120b", input="Hello", instructions="Be brief.",
+                                               max_output_tokens=5, reasoning={"effort": "low"})
+    assert out.object == "response" and out.status in ("completed", "incomplete")
+    assert out.usage.input_tokens > 0 and out.usage.output_tokens <= 5
+    assert out.usage.output_tokens_details.reasoning_tokens >= 0
+    assert out.reasoning.effort == "low"
+
+
+def test_responses_stream_real_engine(live_server):
+    events = list(client(live_server).responses.create(model="gpt-oss-120b", input="Hello", max_output_tokens=4,
+                                                       stream=True))
+    assert events[0].type == "response.created" and events[1].type == "response.in_progress"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_stream_events_validate(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    events = raw_events(scripted, {"model": "gpt-oss-120b", "input": "hi"})
+    for event in events:
+        EVENTS.validate_python(event)
+    types = [e["type"] for e in events]
+    assert types == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        *["response.reasoning_text.delta"] * types.count("response.reasoning_text.delta"),
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        *["response.output_text.delta"] * types.count("response.output_text.delta"),
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.completed",
+    ]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hi there"
+    final = events[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+
+
+def test_responses_client_parses_stream_with_tool_call(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    events = list(client(scripted).responses.create(model="gpt-oss-120b", input="Weather in Paris?",
+                                                    tools=[TOOL], stream=True))
+    types = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert json.loads(done.arguments) == {"location": "Paris"}
+    final = events[-1].response
+    call = final.output[-1]
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+
+
+def test_responses_sync_items_and_previous_response(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    c = client(scripted)
+    first = c.responses.create(model="gpt-oss-120b", input="Weather in Paris?", tools=[TOOL])
+    assert [item.type for item in first.output] == ["reasoning", "function_call"]
+    call = first.output[1]
+    assert first.usage.output_tokens_details.reasoning_tokens >= 1
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    second = c.responses.create(model="gpt-oss-120b", previous_response_id=first.id, tools=[TOOL],
+                                input=[{"type": "function_call_output", "call_id": call.call_id,
+                                        "output": '{"temp": 20}'}])
+    assert second.output_text == "Hi there"
+    prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
+    assert "Weather in Paris?" in prompt_text
+    assert "to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>" in prompt_text
+    assert "functions.get_weather to=assistant" in prompt_text
+    assert c.responses.retrieve(second.id).id == second.id
+
+
+def test_responses_input_items_text_format_and_named_tool(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, '{"location": "Rome"}<|call|>')
+    out = client(scripted).responses.create(
+        model="gpt-oss-120b", tools=[TOOL], tool_choice={"type": "function", "name": "get_weather"},
+        input=[{"role": "developer", "content": "Use tools."},
+               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Rome?"}]},
+               {"type": "reasoning", "id": "rs_1", "summary": [],
+                "content": [{"type": "reasoning_text", "text": "earlier thought"}]}],
+        text={"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
+        temperature=0.2, top_p=0.5, max_output_tokens=20)
+    assert out.output[0].type == "function_call" and json.loads(out.output[0].arguments) == {"location": "Rome"}
+    _, prompt, params = scripted.engine.requests[-1]
+    text = scripted.tokenizer.decode(prompt, skip_special_tokens=False)
+    assert "Use tools." in text and "# Response Formats" in text and "earlier thought" in text
+    assert params.temperature == 0.2 and params.top_p == 0.5 and params.max_tokens == 20
+
+
+def test_responses_unknown_previous_id(scripted):
+    r = httpx.post(scripted.v1 + "/responses", json={"input": "hi", "previous_response_id": "resp_nope"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+
+@pytest.mark.parametrize("store", [False])
+def test_responses_store_false_not_kept(scripted, store):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    out = client(scripted).responses.create(model="gpt-oss-120b", input="hi", store=store)
+    r = httpx.get(scripted.v1 + f"/responses/{out.id}")
+    assert r.status_code == 404
