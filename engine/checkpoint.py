@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,8 +34,12 @@ def make_random_checkpoint(
     seed: int = 0,
     tokenizer_path: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    write_weights: bool = True,
 ) -> Path:
     """Write a random checkpoint of `config` to `out_dir`; returns the folder.
+
+    With `write_weights=False` only the config, generation config and tokenizer are written: what
+    `--random-weights` needs to build a full-size model directly on the GPU.
 
     The tokenizer is the tiny byte-level BPE unless `tokenizer_path` names a `tokenizer.json` (e.g. the real
     o200k_harmony one). The config's vocabulary grows to the tokenizer's size if it is smaller, and its eos/pad
@@ -67,7 +72,8 @@ def make_random_checkpoint(
             f,
             indent=2,
         )
-    _write_shards(out_dir, config, seed, max_shard_bytes)
+    if write_weights:
+        _write_shards(out_dir, config, seed, max_shard_bytes)
     return out_dir
 
 
@@ -108,9 +114,27 @@ def ensure_default_checkpoint() -> Path:
     target = default_checkpoint_dir()
     if (target / INDEX_FILE).is_file():
         return target
+    return _make_atomically(target, lambda staging: make_random_checkpoint(staging, preset("tiny"), seed=0))
+
+
+def ensure_preset_config_dir(preset_name: str, tokenizer_path: str | Path | None = None) -> Path:
+    """A folder with a preset's config.json and a tokenizer but no weights, for `--random-weights`."""
+    tokenizer_tag = "tiny-tokenizer" if tokenizer_path is None else Path(tokenizer_path).stem
+    target = default_checkpoint_dir().parent / f"config-only-{preset_name}-{tokenizer_tag}"
+    if (target / "config.json").is_file():
+        return target
+    return _make_atomically(
+        target,
+        lambda staging: make_random_checkpoint(
+            staging, preset(preset_name), tokenizer_path=tokenizer_path, write_weights=False
+        ),
+    )
+
+
+def _make_atomically(target: Path, make: Callable[[Path], object]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="tiny-random-", dir=target.parent))
-    make_random_checkpoint(staging, preset("tiny"), seed=0)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + "-", dir=target.parent))
+    make(staging)
     try:
         staging.rename(target)
     except OSError:  # another process made it first

@@ -339,6 +339,27 @@ class StructuredOutputState:
         """Advance by several tokens (replay); stops at the first disallowed one and returns False."""
         return all(self.accept_token(t) for t in token_ids)
 
+    def sync(self, output_token_ids: Sequence[int]) -> bool:
+        """Accept the request's output tokens this state has not seen yet; False if one is refused (the state
+        then stays before it). The sequence's tokens are the truth, so the state keeps in step across
+        preemption-recompute without engine hooks. Tokens after the reply's end are ignored."""
+        for token_id in output_token_ids[self.num_accepted_tokens :]:
+            if self.is_terminated():
+                return True
+            if not self.accept_token(token_id):
+                return False
+        return True
+
+    def __call__(self, output_token_ids: Sequence[int]) -> torch.Tensor:
+        """The engine's `logits_mask_fn` protocol: `sync`, then the bool `[V]` mask of the next token.
+
+        A refused token is not an error here (the caller sampled it without this mask); the mask stays the one
+        before it. The model runner's batched path (`fill_token_bitmasks`) is the fast way to the same masks.
+        """
+        if not self.sync(output_token_ids):
+            logger.warning("structured output: output token refused by the grammar; mask left before it")
+        return self.allowed_token_mask()
+
     def is_terminated(self) -> bool:
         """True once the reply is complete (`<|return|>` or `<|call|>` accepted): no more tokens are needed."""
         return self._matcher.is_stopped() and not self._matcher.is_error()
@@ -582,18 +603,23 @@ def unpack_token_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor
     """
     if sys.byteorder != "little":  # pragma: no cover - every supported host and GPU is little-endian
         raise RuntimeError("unpack_token_bitmask assumes little-endian int32 words")
-    num_rows, width = bitmask.shape
+    width = bitmask.shape[1]
     if vocab_size > 32 * width:
         raise ValueError(f"a bitmask of {width} words covers {32 * width} tokens, not {vocab_size}")
     as_bytes = bitmask.contiguous().view(torch.uint8)  # [R, 4W]
     if bitmask.device.type == "cpu":
         bits = np.unpackbits(as_bytes.numpy(), axis=-1, count=vocab_size, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
-    shifts = _BIT_SHIFTS.get(bitmask.device)
+    return _unpack_bytes_torch(as_bytes, vocab_size)
+
+
+def _unpack_bytes_torch(as_bytes: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """uint8 `[R, 4W]` -> bool `[R, vocab_size]` with tensor ops (the GPU path)."""
+    shifts = _BIT_SHIFTS.get(as_bytes.device)
     if shifts is None:
-        shifts = _BIT_SHIFTS[bitmask.device] = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+        shifts = _BIT_SHIFTS[as_bytes.device] = torch.arange(8, dtype=torch.uint8, device=as_bytes.device)
     bits = (as_bytes.unsqueeze(-1) >> shifts) & 1  # [R, 4W, 8] uint8
-    return bits.view(num_rows, 32 * width)[:, :vocab_size].bool()
+    return bits.view(as_bytes.shape[0], -1)[:, :vocab_size].bool()
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:

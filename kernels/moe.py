@@ -280,9 +280,10 @@ def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
 
 
-# The one-program routing kernel holds [T, E] logits and [slots, E] tile masks in registers: small batches only.
-_FUSED_ROUTE_MAX_PAIRS = 1024
-_FUSED_ROUTE_MAX_LOGITS = 32768
+# The one-program routing kernel holds [T, E] logits and [slots, E] tile masks in registers: decode-sized
+# batches only (T <= 64 at E = 128, k = 4; sm_90: 40 registers at T = 1, a few hundred bytes of spills at 64).
+_FUSED_ROUTE_MAX_PAIRS = 256
+_FUSED_ROUTE_MAX_LOGITS = 8192
 
 
 def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int, fused: bool | None = None) -> MoeRouting:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.config import PRESETS, preset
+from scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -81,9 +82,34 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_make_checkpoint)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engine.async_engine import AsyncEngine
+    from server.app import run_server
+
+    engine_args = engine_args_from_cli(args, load_progress=True)
+    args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
+    engine = AsyncEngine(engine_args)
+    run_server(args, engine=engine)
+    return 0
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    from server.app import add_serve_arguments
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="the HTTP server: OpenAI Chat Completions, Responses, Workers AI run",
+        description="Serve a checkpoint over HTTP. With no --model, a tiny random checkpoint (made once).",
+    )
+    add_engine_arguments(parser)
+    add_serve_arguments(parser)
+    parser.set_defaults(handler=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description="Local inference engine for gpt-oss-120b / 20b.")
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
     _add_make_checkpoint(subparsers)
     return parser
 

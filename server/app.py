@@ -43,7 +43,7 @@ from server import completions, openai_chat, openai_responses, workers_ai
 from server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
 from server.openai_chat import chat_prompt_ids
 from server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
-from server.state import ServerState, get_state
+from server.state import ServerState, get_state, read_body
 from server.structured import StructuredOutputs
 
 logger = logging.getLogger("server")
@@ -138,6 +138,8 @@ def create_app(
         response_store_size=response_store_size, batch_store_size=batch_store_size, batch_ttl_s=batch_ttl_s,
         max_body_bytes=max_body_bytes)
     state.structured = StructuredOutputs.create(engine, tokenizer)
+    if state.structured is not None:
+        state.structured.warm_up()
     app = FastAPI(title="gpt-oss server", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
@@ -182,7 +184,7 @@ def _add_misc_routes(app: FastAPI) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         state = get_state(request)
-        req = parse_body(TokenizeRequest, await request.body())
+        req = parse_body(TokenizeRequest, await read_body(request))
         state.check_model(req.model)
         if req.messages is not None:
             tokens = chat_prompt_ids(state, req.messages, req.tools, req.reasoning_effort,
@@ -194,7 +196,7 @@ def _add_misc_routes(app: FastAPI) -> None:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         state = get_state(request)
-        req = parse_body(DetokenizeRequest, await request.body())
+        req = parse_body(DetokenizeRequest, await read_body(request))
         state.check_model(req.model)
         vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
         bad = [t for t in req.tokens if not 0 <= t < vocab]

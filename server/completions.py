@@ -38,7 +38,7 @@ from server.generation import (
 from server.openai_chat import DEFAULT_MAX_TOKENS, sampling_kwargs, token_text
 from server.protocol_openai import CompletionRequest, parse_body
 from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state
+from server.state import ServerState, get_state, read_body
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for the legacy endpoint
 
@@ -250,7 +250,7 @@ async def completion_sse(state: ServerState, plan: CompletionPlan, streams: list
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     state = get_state(request)
-    req = parse_body(CompletionRequest, await request.body())
+    req = parse_body(CompletionRequest, await read_body(request))
     plan = prepare_completion(state, req)
     with Admission(state) as admission:
         streams = start_completion(state, plan)

@@ -139,17 +139,12 @@ class HarmonyEventStream:
         self._held_logprobs: list[TokenLogprob] = []
         self.tool_calls: list[ToolCallDone] = []
         self._open_call: ToolCallStarted | None = None
-        self._open_call_args: list[str] = []
-        self.saw_call_token = False
+        # The prefill is a header: it can only open a tool call, whose start is emitted with the first events.
         self._prefilling = True
         for token_id in prefill_token_ids:
-            for _ in self.feed(token_id):
-                pass  # a prefilled header emits nothing but ToolCallStarted, re-emitted by `pending_prefill`
-        self._prefill_events = self._pending_after_prefill()
+            self.feed(token_id)
         self._prefilling = False
-
-    def _pending_after_prefill(self) -> list[Event]:
-        return [self._open_call] if self._open_call is not None else []
+        self._prefill_events: list[Event] = [self._open_call] if self._open_call is not None else []
 
     def take_prefill_events(self) -> list[Event]:
         """Events the prefill produced (a forced tool call's `ToolCallStarted`), once."""
@@ -163,20 +158,16 @@ class HarmonyEventStream:
         if not self._prefilling:
             self.num_tokens += 1
         event = self.parser.process(token_id)
-        if token_id == self.parser.encoding.call_id:
-            self.saw_call_token = True
         kind = event.kind
         if not self._prefilling and kind == "reasoning" and (event.text or not event.message_done):
             self.reasoning_tokens += 1
         events: list[Event] = []
         if event.message_started and kind == "tool_call":
             self._open_call = ToolCallStarted(len(self.tool_calls), new_call_id(), tool_name(event.recipient or ""))
-            self._open_call_args = []
             if not self._prefilling:
                 events.append(self._open_call)
         if event.text:
             if kind == "tool_call" and self._open_call is not None:
-                self._open_call_args.append(event.text)
                 events.append(ToolCallArgumentsDelta(self._open_call.index, event.text))
             elif kind == "reasoning":
                 events.append(ReasoningDelta(event.text))

@@ -49,7 +49,7 @@ from server.generation import (
 )
 from server.protocol_openai import ChatCompletionRequest, SamplingFields, parse_body
 from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state
+from server.state import ServerState, get_state, read_body
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
@@ -329,7 +329,7 @@ async def handle_chat(request: Request, body: dict[str, Any] | bytes, *, workers
 
 @router.post("/v1/chat/completions")
 async def create_chat_completion(request: Request) -> Response:
-    return await handle_chat(request, await request.body())
+    return await handle_chat(request, await read_body(request))
 
 
 __all__ = [

@@ -58,7 +58,7 @@ from server.openai_chat import (
 )
 from server.protocol_openai import ResponsesRequest, parse_body
 from server.sse import DONE, sse_data, sse_event, sse_response
-from server.state import ServerState, get_state
+from server.state import ServerState, get_state, read_body
 
 router = APIRouter()
 
@@ -364,7 +364,7 @@ async def handle_responses(request: Request, body: dict[str, Any] | bytes, *, wo
 
 @router.post("/v1/responses")
 async def create_response(request: Request) -> Response:
-    return await handle_responses(request, await request.body())
+    return await handle_responses(request, await read_body(request))
 
 
 @router.get("/v1/responses/{response_id}")

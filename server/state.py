@@ -15,7 +15,7 @@ from fastapi import Request
 from tokenizers import Tokenizer
 
 from engine.harmony.render import HarmonyEncoding
-from server.errors import model_not_found
+from server.errors import model_not_found, too_large
 from server.metrics import ServerMetrics
 
 WORKERS_AI_MODEL_NAME = "@cf/openai/gpt-oss-120b"
@@ -108,3 +108,15 @@ class ServerState:
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server
+
+
+async def read_body(request: Request) -> bytes:
+    """The request body, refused past `max_body_bytes` even without a Content-Length (chunked uploads)."""
+    limit = get_state(request).max_body_bytes
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"Request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -44,6 +44,11 @@ class StructuredOutputs:
         vocab_size = getattr(inner, "vocab_size", None) or tokenizer.get_vocab_size(with_added_tokens=True)
         return cls(tokenizer, int(vocab_size))
 
+    def warm_up(self) -> None:
+        """Build the compiler on a background thread (about 2 s for the real vocabulary), so the first
+        constrained request does not stall the event loop."""
+        threading.Thread(target=lambda: self.compiler, name="structured-output-warmup", daemon=True).start()
+
     @property
     def compiler(self) -> Any:
         with self._lock:

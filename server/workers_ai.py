@@ -60,7 +60,7 @@ from server.openai_responses import handle_responses, prepare_responses, run_res
 from server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
 from server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
 from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state
+from server.state import ServerState, get_state, read_body
 
 router = APIRouter()
 FORMAT_KEYS = ("prompt", "messages", "input")
@@ -161,7 +161,8 @@ async def run_prompt(state: ServerState, req: PromptRequest) -> dict[str, Any]:
     return prompt_result(collected.content, collected.tool_calls, collected.usage.openai())
 
 
-async def prompt_sse(state: ServerState, streams: list[Any], raw: bool, admission: Admission) -> AsyncIterator[str]:
+async def prompt_sse(streams: list[Any], admission: Admission) -> AsyncIterator[str]:
+    """The prompt format's stream: final-channel text (or raw text) as `{"response", "p"}` frames."""
     usage: dict[str, Any] = {}
     try:
         async with contextlib.aclosing(streams[0]):
@@ -241,7 +242,7 @@ def _json_body(raw: bytes) -> dict[str, Any]:
 async def run_model(request: Request, model: str) -> Response:
     state = get_state(request)
     state.check_model(model)
-    body = _json_body(await request.body())
+    body = _json_body(await read_body(request))
     queue = request.query_params.get("queueRequest", "").lower() in ("true", "1")
     kind = body_format(body)
     if kind in FORMAT_KEYS:
@@ -270,7 +271,7 @@ async def run_model(request: Request, model: str) -> Response:
                 plan = prepare_chat(state, prompt_as_chat(req))
                 streams = start_chat(state, plan)
             admission.keep()
-            return sse_response(prompt_sse(state, streams, req.raw, admission),
+            return sse_response(prompt_sse(streams, admission),
                                 on_close=functools.partial(release_all, admission, streams))
     with Admission(state):
         result = await run_until_disconnect(request, run_one(state, body))
@@ -321,9 +322,9 @@ async def account_ai_run(request: Request, account_id: str, model: str) -> Respo
 
 @router.post("/client/v4/accounts/{account_id}/ai/v1/responses")
 async def account_responses(request: Request, account_id: str) -> Response:
-    return await handle_responses(request, await request.body())
+    return await handle_responses(request, await read_body(request))
 
 
 @router.post("/client/v4/accounts/{account_id}/ai/v1/chat/completions")
 async def account_chat(request: Request, account_id: str) -> Response:
-    return await handle_chat(request, await request.body())
+    return await handle_chat(request, await read_body(request))

@@ -82,10 +82,13 @@ def check_against_reference(inputs: dict[str, torch.Tensor], top_k: int, batch_i
 # ---------------------------------------------------------------------------------------------- routing
 
 
-@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 8, 4, 16), (37, 6, 2, 8), (5, 128, 4, 64)])
+ROUTE_CASES = [(1, 8, 4, 16), (37, 6, 2, 8), (5, 128, 4, 64), (64, 128, 4, 64)]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", ROUTE_CASES)
 def test_route_groups_pairs_by_expert(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
     logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(num_tokens))
-    r = moe_route(logits, top_k, block_m)
+    r = moe_route(logits, top_k, block_m, fused=False)
     ref_values, ref_ids = torch.topk(logits, top_k, dim=-1)
     assert torch.equal(r.expert_ids.long(), ref_ids)
     torch.testing.assert_close(r.expert_weights, torch.softmax(ref_values, -1))
@@ -101,6 +104,17 @@ def test_route_groups_pairs_by_expert(num_tokens: int, num_experts: int, top_k: 
                 for e in range(num_experts) for i in range(-(-int(counts[e]) // block_m))]
     assert tiles == expected
     assert all(e == -1 for e in r.tile_expert.tolist()[len(tiles):])
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", ROUTE_CASES)
+def test_fused_route_kernel_matches_torch_routing(num_tokens: int, num_experts: int, top_k: int,
+                                                  block_m: int) -> None:
+    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    fused = moe_route(logits, top_k, block_m, fused=True)
+    plain = moe_route(logits, top_k, block_m, fused=False)
+    for name in ("expert_ids", "sorted_pairs", "expert_offsets", "tile_expert", "tile_row_start"):
+        assert torch.equal(getattr(fused, name), getattr(plain, name)), name
+    torch.testing.assert_close(fused.expert_weights, plain.expert_weights, rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------ kernel vs reference
@@ -244,6 +258,10 @@ for block_m, block_n, block_k, num_warps, num_stages in TILES:
                     num_warps, num_stages)
         print("MMA=", "; ".join(mma))
 build(moe._moe_combine_kernel, dict(y_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=4, BLOCK_H=1024), 4, 1)
+route_types = dict(logits_ptr="*bf16", expert_ids_ptr="*i32", expert_weights_ptr="*fp32", sorted_pairs_ptr="*i32",
+                   expert_offsets_ptr="*i32", tile_expert_ptr="*i32", tile_row_start_ptr="*i32")
+route_constants = dict(E=128, TOP_K=4, BLOCK_M=64, BLOCK_T=1, BLOCK_E=128, BLOCK_KK=4, BLOCK_P=4, BLOCK_S=8)
+build(moe._moe_route_kernel, route_types, route_constants, 8, 1)
 """
 
 

@@ -241,6 +241,19 @@ def test_chat_stop_string_and_logprobs(scripted):
     assert scripted.engine.active == set()
 
 
+def test_chat_stream_n_choices(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    chunks = list(client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, n=3, seed=11,
+                                                           stream=True, stream_options={"include_usage": True}))
+    for index in range(3):
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks
+                       if ch.choices and ch.choices[0].index == index)
+        assert text == "Hi there"
+    assert chunks[-1].usage.completion_tokens == 3 * len(scripted.engine.script)
+    seeds = sorted(params.seed for _, _, params in scripted.engine.requests[-3:])
+    assert seeds == [11, 12, 13]
+
+
 def test_chat_length_finish(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=3)

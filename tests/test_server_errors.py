@@ -191,3 +191,12 @@ def test_body_too_large_is_413(small_server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(small_server.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "x" * 20000})
     check_envelope(r, 413, 3006)
+
+    def chunked():  # no Content-Length: the limit is applied while reading
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(30):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(small_server.v1 + "/chat/completions", content=chunked())
+    assert r.status_code == 413

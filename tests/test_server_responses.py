@@ -111,7 +111,8 @@ def test_responses_sync_items_and_previous_response(scripted):
 
 
 def test_responses_input_items_text_format_and_named_tool(scripted):
-    scripted.engine.script = encode(scripted.tokenizer, '{"location": "Rome"}<|call|>')
+    call = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location": "Rome"}<|call|>'
+    scripted.engine.script = encode(scripted.tokenizer, call)
     out = client(scripted).responses.create(
         model="gpt-oss-120b", tools=[TOOL], tool_choice={"type": "function", "name": "get_weather"},
         input=[{"role": "developer", "content": "Use tools."},
@@ -119,12 +120,13 @@ def test_responses_input_items_text_format_and_named_tool(scripted):
                {"type": "reasoning", "id": "rs_1", "summary": [],
                 "content": [{"type": "reasoning_text", "text": "earlier thought"}]}],
         text={"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
-        temperature=0.2, top_p=0.5, max_output_tokens=20)
+        temperature=0.2, top_p=0.5, max_output_tokens=60)
     assert out.output[0].type == "function_call" and json.loads(out.output[0].arguments) == {"location": "Rome"}
+    assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
     _, prompt, params = scripted.engine.requests[-1]
     text = scripted.tokenizer.decode(prompt, skip_special_tokens=False)
     assert "Use tools." in text and "# Response Formats" in text and "earlier thought" in text
-    assert params.temperature == 0.2 and params.top_p == 0.5 and params.max_tokens == 20
+    assert params.temperature == 0.2 and params.top_p == 0.5 and params.max_tokens == 60
 
 
 def test_responses_unknown_previous_id(scripted):

@@ -23,6 +23,7 @@ from engine.structured_output import (
     StructuredOutputError,
     StructuredOutputSpec,
     StructuredOutputState,
+    _unpack_bytes_torch,
     allocate_token_bitmask,
     allowed_token_mask_for_batch,
     apply_token_bitmask_,
@@ -701,3 +702,28 @@ def test_unpack_bit_order() -> None:
     assert mask.shape == (2, vocab_size)
     assert mask[0].nonzero().flatten().tolist() == allowed
     assert mask[1].all()
+    # The tensor-op path (used on GPUs) agrees with the numpy one, on random words too.
+    assert torch.equal(_unpack_bytes_torch(bitmask.view(torch.uint8), vocab_size), mask)
+    words = torch.randint(-(2**31), 2**31 - 1, (3, 7), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_unpack_bytes_torch(words.view(torch.uint8), 200), unpack_token_bitmask(words, 200))
+
+
+def test_sync_and_mask_fn_protocol(tiny) -> None:
+    """`state(output_token_ids)` is the engine's logits_mask_fn: it catches up on new tokens, then masks."""
+    compiler, driver = tiny
+    spec = json_schema_spec(SCHEMAS["flat_object"])
+    token_ids = driver.run(compiler.new_state(spec), seed=4)
+    reference = compiler.new_state(spec)
+    state = compiler.new_state(spec)
+    for n in (0, 1, 5, len(token_ids) - 1):
+        reference.accept_tokens(token_ids[reference.num_accepted_tokens : n])
+        assert torch.equal(state(token_ids[:n]), reference.allowed_token_mask())
+        assert state.num_accepted_tokens == n
+    assert state.sync(token_ids) and state.is_terminated()
+    assert state.sync([*token_ids, 5, 6])  # tokens past the reply's end are not the grammar's business
+    # A refused token: sync says so and the state stays before it.
+    fresh = compiler.new_state(spec)
+    bad = driver.tokenizer.token_to_id("<|return|>")
+    assert not fresh.sync([bad])
+    assert fresh.num_accepted_tokens == 0
+    assert torch.equal(fresh([bad]), compiler.new_state(spec).allowed_token_mask())
