@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     columns = ["impl", "tokens", "experts_hit", "weight_MB", "ms", "GB/s", "% copy bw", "TFLOP/s", "% matmul",
                "% roofline"]
     print(f"device: {ceilings.device}; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; "
-          f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s; shape {shape}"
+          f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s; shape {shape}"
           + ("  [tiny: Triton interpreter, timings are not meaningful]" if tiny else ""))
     print(format_table(rows, columns))
     results = {"ceilings": ceilings.as_dict(), "shape": shape, "tiny": tiny, "activation_dtype": str(act_dtype),

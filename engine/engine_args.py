@@ -56,9 +56,17 @@ class EngineArgs:
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False
+    enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA otherwise)
+    max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_num_waiting",
+            "max_cuda_graph_batch_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -92,6 +100,15 @@ class EngineArgs:
 
     def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return model_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU."""
+        return device.type == "cuda" and not self.enforce_eager
+
+    @property
+    def cuda_graph_max_batch(self) -> int:
+        """The largest decode batch captured in a CUDA graph."""
+        return min(self.max_num_seqs, self.max_cuda_graph_batch_size)
 
 
 def block_groups(config: ModelConfig) -> dict[str, int | None]:
@@ -134,7 +151,23 @@ def activation_reserve_bytes(args: EngineArgs, config: ModelConfig, dtype: torch
     tokens = args.max_num_batched_tokens
     per_token = (8 * config.hidden_size + 4 * config.q_size + 4 * config.intermediate_size) * elem
     logits = 4 * args.max_num_seqs * config.vocab_size * 4
-    return max(MIN_ACTIVATION_RESERVE_BYTES, tokens * per_token + logits)
+    reserve = max(MIN_ACTIVATION_RESERVE_BYTES, tokens * per_token + logits)
+    if not args.enforce_eager:
+        reserve += cuda_graph_pool_bytes(args, config, dtype)
+    return reserve
+
+
+def cuda_graph_pool_bytes(args: EngineArgs, config: ModelConfig, dtype: torch.dtype) -> int:
+    """A rough upper bound of what the decode CUDA graphs keep reserved (their pool is not shared with eager
+    steps): the largest bucket's logits (output buffer, fp32 copy and model-dtype matmul result), the attention
+    decode partials at the most splits a captured graph launches (64 per sequence and query head, see
+    kernels/attention.py), and the MoE and hidden-state temporaries."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = args.cuda_graph_max_batch
+    logits = rows * config.vocab_size * (4 + 4 + elem)
+    decode_partials = rows * config.num_attention_heads * 64 * (config.head_dim + 2) * 4
+    per_row = (16 * config.hidden_size + 4 * config.q_size + 8 * config.intermediate_size) * 4
+    return logits + decode_partials + rows * per_row
 
 
 def num_kv_blocks(

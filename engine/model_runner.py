@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.config import FULL, SLIDING, ModelConfig
+from engine.cuda_graphs import DecodeGraphRunner, capture_sizes
 from engine.engine_args import EngineArgs, num_kv_blocks
 from engine.forward_batch import ForwardBatch
 from engine.kv_cache import allocate_kv_caches
@@ -73,7 +74,41 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(args.seed)
         self.sampler = Sampler(generator)
-        logger.info("KV cache: %s blocks of %d tokens per group", self.num_blocks, args.block_size)
+        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self._log_memory()
+        # Pure-decode steps replay CUDA graphs (on CUDA unless --enforce-eager); everything else runs eagerly.
+        self.graph_runner: DecodeGraphRunner | None = None
+        if args.use_cuda_graphs(self.device):
+            self.graph_runner = self.make_graph_runner(use_graphs=True)
+            self.graph_runner.capture()
+
+    def make_graph_runner(self, use_graphs: bool) -> DecodeGraphRunner:
+        """A decode graph runner over this runner's model and caches (`use_graphs=False`: eager padded steps)."""
+        return DecodeGraphRunner(
+            self.model,
+            self.kv_caches,
+            list(self.num_blocks),
+            capture_sizes(self.args.cuda_graph_max_batch),
+            self.max_model_len,
+            self.block_size,
+            use_graphs=use_graphs,
+        )
+
+    def _log_memory(self) -> None:
+        """What the weights and the KV cache take, and how many tokens the cache holds."""
+        weight_bytes = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        # The full-attention pool bounds the tokens in cache; the sliding pool holds only the windows.
+        capacity_group = FULL if FULL in self.num_blocks else SLIDING
+        logger.info("weights: %.2f GiB on %s", weight_bytes / 2**30, self.device)
+        logger.info(
+            "KV cache: %.2f GiB (%s), blocks of %d tokens per pool: %s; max tokens in cache: %d",
+            kv_bytes / 2**30,
+            self.kv_caches[0][0].dtype if self.kv_caches else "-",
+            self.block_size,
+            ", ".join(f"{g} {n}" for g, n in self.num_blocks.items()),
+            self.num_blocks[capacity_group] * self.block_size,
+        )
 
     # ---- tensors ----------------------------------------------------------------------------------
 
@@ -134,7 +169,12 @@ class ModelRunner:
         if plan.is_empty:
             return out
         inputs = self.prepare_inputs(plan)
-        hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
+        all_logits = None  # [T, V] fp32 when the graph computed every row's logits
+        graphs = self.graph_runner
+        if graphs is not None and graphs.fits(inputs.batch):
+            hidden, all_logits = graphs.run(inputs.input_ids, inputs.positions, inputs.batch)
+        else:
+            hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
         row = 0
         sample_rows: list[int] = []
         samplers: list[ScheduledSequence] = []
@@ -145,12 +185,19 @@ class ModelRunner:
             if item.samples:
                 sample_rows.append(row - 1)
                 samplers.append(item)
-        if samplers:
-            self._sample(hidden[torch.tensor(sample_rows, device=hidden.device)], samplers, out)
+        if not samplers:
+            return out
+        if len(sample_rows) == row:  # every row samples (pure decode): no gather
+            logits = all_logits if all_logits is not None else self.model.compute_logits(hidden)
+        else:
+            # Non-blocking: a plain torch.tensor(..., device=cuda) would wait for the forward to finish.
+            index = torch.tensor(sample_rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
+            logits = all_logits[index] if all_logits is not None else self.model.compute_logits(hidden[index])
+        self._sample(logits, samplers, out)
         return out
 
-    def _sample(self, hidden: torch.Tensor, items: list[ScheduledSequence], out: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden)  # [N, V] fp32
+    def _sample(self, logits: torch.Tensor, items: list[ScheduledSequence], out: ModelRunnerOutput) -> None:
+        """Sample each item's next token from its row of `logits` `[N, V]` fp32."""
         seqs = [item.seq for item in items]
         params = [seq.sampling_params for seq in seqs]
         batch = SamplingBatch.build(

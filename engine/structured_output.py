@@ -32,23 +32,33 @@ xgrammar (Apache-2.0) because
   apache-tvm-ffi). Both run on CPU; xgrammar's per-step mask is faster (~5-100 us vs ~50-300 us per row
   here), which the worker-thread overlap hides.
 
+JSON details: an object's properties come in the schema's order (as in OpenAI's structured outputs; the
+`# Response Formats` section shows them in that order); whitespace between JSON tokens is free but at most
+MAX_JSON_WHITESPACE characters per gap (a model cannot loop on it). `strict: true` makes unsupported keywords
+(`uniqueItems`, `not`, `if`/`then`, unknown formats, ...) an error; without it they are ignored (best effort).
+Invalid schemas (bad types, regexes, `$ref`s, unsatisfiable bounds) are errors either way.
+
 The bitmask format is llguidance's (and xgrammar's): int32 `[rows, ceil(V / 32)]`, bit `t % 32` of word
 `t // 32` set when token t is allowed. Ids of the model's vocabulary beyond the tokenizer's (padding) are never
 allowed.
 
-Usage (engine side):
+Usage:
 
-    compiler = StructuredOutputCompiler(tokenizer, vocab_size)            # once per engine (~2 s, real vocab)
-    spec = StructuredOutputSpec.from_request(response_format=..., tools=..., tool_choice=...)  # server
+    compiler = StructuredOutputCompiler(tokenizer, vocab_size)   # once per engine (2-5 s with the real vocab)
+    spec = StructuredOutputSpec.from_request(response_format=..., tools=..., tool_choice=...)  # None: no grammar
     state = compiler.new_state(spec)      # per request; raises StructuredOutputError (-> HTTP 400)
-    ... each step: bitmask = worker.submit(states).result(); apply_token_bitmask_(logits, bitmask, rows) ...
-    state.accept_token(sampled_token_id)  # after sampling
+    # per step, batched: sync each state with its output tokens, fill the bitmasks off-thread, apply on device
+    future = worker.submit([s for s in states if s.sync(output_token_ids_of(s))])   # a BitmaskWorker
+    ... forward pass ...
+    mask = allowed_token_mask_for_batch(future.result().to(device, non_blocking=True), rows, N, V)
+    # or one request at a time: `state(output_token_ids) -> bool [V]` (the engine's `logits_mask_fn` protocol)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 from collections import OrderedDict
@@ -281,7 +291,7 @@ def _lark_string(text: str) -> str:
 
 def harmony_grammar(spec: StructuredOutputSpec) -> str:
     """The Lark grammar (llguidance dialect) of a whole harmony reply under `spec`; see the module docstring."""
-    rules = ['TEXT: /(?s:.*)/']
+    rules = ["TEXT: /(?s:.*)/"]
     header = '<|channel|> "analysis"'
     if spec.tools:
         header = '<|channel|> ("analysis" | "commentary")'
@@ -289,6 +299,7 @@ def harmony_grammar(spec: StructuredOutputSpec) -> str:
     replies = []
     if spec.allow_final:
         replies.append("final")
+        # No content type on the final channel: the model needs none, and parsers read one there as a recipient.
         body = "TEXT" if spec.final_schema is None else "final_json"
         rules.append(f'final: <|channel|> "final" <|message|> {body} <|return|>')
         if spec.final_schema is not None:
@@ -565,11 +576,15 @@ class BitmaskWorker:
     """
 
     def __init__(self, vocab_size: int, max_rows: int = 256, num_threads: int | None = None) -> None:
+        """`num_threads`: llguidance's pool for the rows (default: half the CPUs, at most 16); 1 fills the rows
+        one after the other on the worker thread (on a 2-core host the pool only adds dispatch latency)."""
         self.vocab_size = vocab_size
         pin = torch.cuda.is_available()
         self._buffers = [allocate_token_bitmask(max_rows, vocab_size, pin_memory=pin) for _ in range(2)]
         self._next_buffer = 0
-        self._executor = llguidance.LLExecutor(num_threads)
+        if num_threads is None:
+            num_threads = min(16, (os.cpu_count() or 1) // 2)
+        self._executor = llguidance.LLExecutor(num_threads) if num_threads > 1 else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-bitmask")
 
     def submit(self, states: Sequence[StructuredOutputState]) -> Future[torch.Tensor]:

@@ -2,9 +2,11 @@
 
 Data flow for `fused_moe(x [T, H], router_logits [T, E], ...)` with P = T * top_k (token, slot) pairs:
 
-1. `moe_route` (torch ops, no host sync): top-k by logit, softmax over the k in fp32, then the pairs sorted
-   by expert (stable, so by pair id inside an expert) and cut into row tiles of `block_m` rows that never
-   straddle two experts. Empty experts get no tile, so decode launches no work for them.
+1. `moe_route` (no host sync; one Triton program for decode-sized batches, torch ops beyond): top-k by
+   logit, softmax over the k in fp32, then the pairs sorted by expert (stable, so by pair id inside an
+   expert) and cut into row tiles of `block_m` rows that never straddle two experts. The grid is an upper
+   bound on the tile count; slots past the real tiles and empty experts exit at once, so decode does no
+   work for the experts nobody chose.
 2. matmul 1 (`_moe_matmul_kernel`, SWIGLU epilogue): for each tile, gather the tile's token rows of x, multiply
    by W1[e]^T read as packed MXFP4 and dequantised in registers, add b1, split the interleaved gate/up
    columns, clamped SwiGLU -> `act [P, I]` in expert-sorted row order.
@@ -68,8 +70,10 @@ def _moe_matmul_kernel(
     BLOCK_N: tl.constexpr,  # weight rows per tile (2x the SwiGLU outputs per tile)
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # N-blocks vary fastest across the grid, so the CTAs in flight share a few row tiles (their gathered
+    # activations stay in L2) and one expert's weights (8 MB at 120b shapes, also L2-resident) at a time.
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert < 0:  # grid slot beyond the real tiles (the grid is an upper bound so routing never syncs)
         return
@@ -85,7 +89,8 @@ def _moe_matmul_kernel(
     expert64 = expert.to(tl.int64)
     wb_rows = wb_ptr + expert64 * stride_wbe + offs_n[:, None] * stride_wbn  # [BLOCK_N, 1]
     ws_rows = ws_ptr + expert64 * stride_wse + offs_n[:, None] * stride_wsn
-    a_base = a_ptr + a_rows[:, None] * stride_am  # [BLOCK_M, 1]
+    # Row offsets in int64: P * H passes 2^31 elements past ~186k tokens at 120b shapes.
+    a_base = a_ptr + a_rows.to(tl.int64)[:, None] * stride_am  # [BLOCK_M, 1]
 
     HALF_K: tl.constexpr = BLOCK_K // 2
     GROUPS_K: tl.constexpr = BLOCK_K // 32
@@ -139,16 +144,16 @@ def _moe_matmul_kernel(
         up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit)
         act = (up + 1.0) * (gate * tl.sigmoid(swiglu_alpha * gate))
         offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_on
+        out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_c[None, :] * stride_on
         tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (offs_c[None, :] < N // 2))
     else:
         weight = tl.load(pair_weight_ptr + pairs, mask=row_mask, other=0.0)
         y = acc * weight[:, None]
         if ATOMIC_OUT:
-            out_ptrs = out_ptr + (pairs // TOP_K)[:, None] * stride_om + offs_n[None, :] * stride_on
+            out_ptrs = out_ptr + (pairs // TOP_K).to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
             tl.atomic_add(out_ptrs, y, mask=row_mask[:, None] & n_mask[None, :])
         else:
-            out_ptrs = out_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on
+            out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
             tl.store(out_ptrs, y, mask=row_mask[:, None] & n_mask[None, :])
 
 
@@ -160,7 +165,7 @@ def _moe_combine_kernel(
     TOP_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs_h < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -372,7 +377,7 @@ class MoeConfig:
 # Batch-invariant table: both entries give each Hopper warpgroup a 64 x 64 output tile (64 x 128 with 8 warps
 # splits N over two warpgroups; 128 x 64 with 8 warps splits M), so every output element goes through the
 # same m64n64k16 wgmma sequence in any batch (tests/test_moe_kernel.py checks the instrShape in the sm_90
-# TTGIR). Only the row tile grows for prefill. sm_90 registers (triton 3.6): 169-181 and 218-253, no spills.
+# TTGIR). Only the row tile grows for prefill. sm_90 registers (triton 3.6): 169-181 and 218-234, no spills.
 _INVARIANT_CONFIGS: list[tuple[int, MoeConfig]] = [
     (2048, MoeConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)),
     (1 << 62, MoeConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
@@ -464,7 +469,7 @@ def fused_moe(
               routing.expert_offsets)
 
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
-    grid1 = (num_slots, triton.cdiv(2 * intermediate, config.block_n))
+    grid1 = (triton.cdiv(2 * intermediate, config.block_n), num_slots)
     matmul_kernel[grid1](
         x, x.stride(0), x.stride(1),
         w1_blocks, w1_blocks.stride(0), w1_blocks.stride(1),
@@ -482,7 +487,7 @@ def fused_moe(
         out_rows = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
     else:
         out_rows = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
-    grid2 = (num_slots, triton.cdiv(hidden, config.block_n))
+    grid2 = (triton.cdiv(hidden, config.block_n), num_slots)
     matmul_kernel[grid2](
         act, act.stride(0), act.stride(1),
         w2_blocks, w2_blocks.stride(0), w2_blocks.stride(1),

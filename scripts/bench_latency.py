@@ -1,7 +1,8 @@
 """`gptoss bench latency`: the engine alone (no server), prefill and decode speed against the memory roofline.
 
     gptoss bench latency --model CKPT --batch-sizes 1,8,32 --input-lens 128,1024 --output-lens 64
-    gptoss bench latency --preset gpt-oss-120b --random-weights ...   # no checkpoint: random weights on the device
+    gptoss bench latency --random-weights --preset gpt-oss-120b ...   # no checkpoint: random weights on the device
+    gptoss bench latency ...                                          # no --model: the tiny random checkpoint
 
 For each batch size B x input length I x output length O, with B random prompts of I tokens (prefix caching
 off, EOS ignored), the median over `--iters` runs of
@@ -26,8 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.config import PRESETS
-from scripts.generate import add_engine_arguments, engine_kwargs
+from scripts.generate import make_llm
 
 COLUMNS = ["batch", "input", "output", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s",
            "roofline ms/step", "roofline tok/s", "% roofline"]
@@ -49,27 +49,20 @@ def synthetic_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def preset_folder(preset_name: str, directory: str | Path, tokenizer_path: str | None = None) -> Path:
-    """A checkpoint folder without weights (config.json + tokenizer.json), for `random_weights=True`.
+def covering_tokenizer(model_path: str, tokenizer_path: str | None, vocab_size: int) -> str | None:
+    """A tokenizer.json covering every id of the model, or None when the checkpoint's already does.
 
-    The tokenizer must cover the vocabulary (the detokenizer looks every sampled id up): `tokenizer_path`
-    when given, else the tiny BPE when the preset's vocabulary fits it, else a synthetic word-level one.
+    The detokenizer looks up every sampled id; random weights sample all `vocab_size` of them, and a config-only
+    preset folder may ship the tiny tokenizer (1024 ids) beside a 201088-id model.
     """
-    from engine.config import preset
-    from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+    from engine.tokenizer import load_tokenizer
 
-    config = preset(preset_name)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path)
-    else:
-        tokenizer = build_tiny_tokenizer()
-        if tokenizer.get_vocab_size(with_added_tokens=True) < config.vocab_size:
-            tokenizer = synthetic_tokenizer(config.vocab_size)
-    tokenizer.save(str(directory / "tokenizer.json"))
-    return directory
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    if tokenizer.get_vocab_size(with_added_tokens=True) >= vocab_size:
+        return None
+    path = Path(tempfile.mkdtemp(prefix="gptoss-bench-tokenizer-")) / "tokenizer.json"
+    synthetic_tokenizer(vocab_size).save(str(path))
+    return str(path)
 
 
 def random_prompts(num: int, length: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
@@ -168,23 +161,24 @@ def profile_table(llm: Any, batch: int, input_len: int, output_len: int, seed: i
 
 def run_bench_latency(args: argparse.Namespace) -> int:
     from benchmarks.common import device_name, format_table, measure_copy_bandwidth
-    from engine.llm import LLM
+    from engine.config import ModelConfig
     from engine.roofline import format_breakdown
+    from scripts.engine_flags import resolve_model_path
 
-    kwargs = engine_kwargs(args)
-    kwargs["enable_prefix_caching"] = False  # every run must really prefill
-    kwargs["max_num_seqs"] = max(args.max_num_seqs, max(args.batch_sizes))
-    longest = max(args.batch_sizes) * max(args.input_lens)
-    kwargs["max_num_batched_tokens"] = max(args.max_num_batched_tokens, longest)
-    model = args.model
-    if model is None:
-        model = preset_folder(args.preset, tempfile.mkdtemp(prefix="gptoss-bench-"), args.tokenizer)
-        kwargs["tokenizer"] = None
-        kwargs["random_weights"] = True
-    elif args.random_weights:
-        kwargs["random_weights"] = True
+    model_path = resolve_model_path(args)
+    overrides: dict[str, Any] = {
+        "model": model_path,
+        "enable_prefix_caching": False,  # every run must really prefill
+        "max_num_seqs": max(args.max_num_seqs, max(args.batch_sizes)),
+        # A whole batch's prompts in one step, so the prefill time is one step's.
+        "max_num_batched_tokens": max(args.max_num_batched_tokens, max(args.batch_sizes) * max(args.input_lens)),
+    }
+    if args.random_weights:
+        tokenizer = covering_tokenizer(model_path, args.tokenizer, ModelConfig.from_json(model_path).vocab_size)
+        if tokenizer is not None:
+            overrides["tokenizer"] = tokenizer
     start = time.perf_counter()
-    llm = LLM(model, **kwargs)
+    llm = make_llm(args, **overrides)
     load_s = time.perf_counter() - start
     device = llm.engine.runner.device
     # One throw-away run, so the first configuration does not pay for lazy initialisation (kernels, caches).
@@ -202,7 +196,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "copy_bandwidth_bytes_per_s": bandwidth,
         "bandwidth_measured": not args.bandwidth_gbs,
-        "model": str(args.model or f"preset:{args.preset} (random weights)"),
+        "model": f"preset:{args.preset} (random weights)" if args.random_weights and not args.model else model_path,
         "config": llm.engine.config.to_hf_dict(),
         "rows": rows,
         "roofline_first_row": breakdown.as_dict(),
@@ -220,23 +214,20 @@ def run_bench_latency(args: argparse.Namespace) -> int:
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     """Add `latency` under `gptoss bench` (pass the `bench` command's subparsers)."""
+    from scripts.engine_flags import add_engine_arguments
+
     parser = bench_subparsers.add_parser(
         "latency",
         help="engine-only prefill / decode speed per batch size, against the memory-bandwidth roofline",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_engine_arguments(parser, require_model=False)
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="without --model: this preset's shapes with random weights")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="with --model: its config and tokenizer, random weights (no loading)")
+    add_engine_arguments(parser)  # --model, or --random-weights --preset NAME; --seed also seeds the prompts
     parser.add_argument("--batch-sizes", type=parse_ints, default=[1, 4, 16])
     parser.add_argument("--input-lens", type=parse_ints, default=[128])
     parser.add_argument("--output-lens", type=parse_ints, default=[32])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="use this memory bandwidth (GB/s) for the roofline instead of measuring it")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run")

@@ -59,6 +59,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="bit-identical results whatever the batch (default on)",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     return parser
 
 

@@ -1,6 +1,6 @@
 """`gptoss generate`: offline batch generation from a JSONL file, in-process, with continuous batching.
 
-    gptoss generate requests.jsonl results.jsonl --model CKPT [--max-num-seqs 64] [--seed 1]
+    gptoss generate requests.jsonl results.jsonl --model CKPT [--max-num-seqs 64] [--seed 1] [--temperature 1]
 
 Each input line is one JSON object with exactly one of
 - `messages`: OpenAI Chat messages, rendered with harmony (plus `tools`, `reasoning_effort`,
@@ -30,9 +30,10 @@ Ctrl-C loses nothing finished; re-running with the same output file first drops 
 process died while writing it), then skips every id already there. When all requests are done the file is
 rewritten (atomically, through a temporary file) in input order.
 
-Determinism: with `--seed`, a request without its own `seed` gets one derived from the run seed and its id, so
-its tokens depend only on its prompt and parameters; with the engine's batch-invariant mode (the default)
-two runs give identical files whatever `--max-num-seqs` is.
+Determinism: a request without its own `seed` gets one derived from the run's `--seed` (default 0) and its id,
+so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
+two runs give identical files whatever `--max-num-seqs` is, and a resumed run continues exactly. A different
+`--seed` gives different samples.
 
 The continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) are shared with
 `gptoss score`.
@@ -41,6 +42,7 @@ The continuous-batching driver (`run_engine`) and the output file (`ResultsFile`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -473,43 +475,16 @@ def make_progress(total: int, enabled: bool, unit: str = "req") -> Any:
     return tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
 
-# ---- engine flags shared by generate, score and bench latency ---------------------------------------------
+# ---- the engine, from the shared engine flags (scripts/engine_flags.py) ----------------------------------
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, require_model: bool = True) -> None:
-    """The `EngineArgs` fields worth setting from a command line."""
-    group = parser.add_argument_group("engine")
-    group.add_argument("--model", required=require_model, help="checkpoint folder (Hugging Face layout)")
-    group.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    group.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
-    group.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (the batch size)")
-    group.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step")
-    group.add_argument("--max-model-len", type=int, default=None)
-    group.add_argument("--block-size", type=int, default=16)
-    group.add_argument("--num-blocks", type=int, default=None, help="KV blocks per layer type")
-    group.add_argument("--kv-cache-gb", type=float, default=None)
-    group.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    group.add_argument("--no-prefix-caching", action="store_true")
-    group.add_argument("--engine-seed", type=int, default=0, help="the generator of requests without a seed")
+def make_llm(args: argparse.Namespace, **overrides: Any) -> Any:
+    """An `LLM` from parsed engine flags (`add_engine_arguments`), with `EngineArgs` fields overridden."""
+    from engine.llm import LLM
+    from scripts.engine_flags import engine_args_from_cli
 
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`EngineArgs` keywords (besides `model`) from `add_engine_arguments`' flags."""
-    return {
-        "tokenizer": args.tokenizer,
-        "device": args.device,
-        "dtype": args.dtype,
-        "max_num_seqs": args.max_num_seqs,
-        "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": args.max_model_len,
-        "block_size": args.block_size,
-        "num_blocks": args.num_blocks,
-        "kv_cache_gb": args.kv_cache_gb,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "enable_prefix_caching": not args.no_prefix_caching,
-        "seed": args.engine_seed,
-    }
+    engine_args = dataclasses.asdict(engine_args_from_cli(args, **overrides))
+    return LLM(engine_args.pop("model"), **engine_args)
 
 
 def in_flight_limit(max_num_seqs: int) -> int:
@@ -585,15 +560,16 @@ def generate_jsonl(
 
 def run_generate(args: argparse.Namespace) -> int:
     from engine.harmony import HarmonyEncoding
-    from engine.llm import LLM
+    from scripts.engine_flags import resolve_model_path
 
+    args.model = resolve_model_path(args)  # the tiny default checkpoint or a config-only folder when not given
     encoding = HarmonyEncoding.from_file(args.tokenizer or args.model)
     defaults = GenerateDefaults(args.max_tokens, args.temperature, args.top_p, args.seed, args.reasoning_effort,
                                 args.current_date)
     summary = generate_jsonl(
         args.input,
         args.output,
-        lambda: LLM(args.model, **engine_kwargs(args)),
+        lambda: make_llm(args),
         encoding,
         defaults,
         max_in_flight=in_flight_limit(args.max_num_seqs),
@@ -610,6 +586,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from scripts.engine_flags import add_engine_arguments
+
     parser = subparsers.add_parser(
         "generate",
         help="offline batch generation: JSONL of requests in, JSONL of results out (resumable)",
@@ -618,13 +596,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     parser.add_argument("input", type=Path, help="JSONL of requests")
     parser.add_argument("output", type=Path, help="JSONL of results (appended to and resumed if it exists)")
-    add_engine_arguments(parser)
+    add_engine_arguments(parser)  # its --seed also seeds every request without one (see the description)
     sampling = parser.add_argument_group("defaults for lines that do not set them")
     sampling.add_argument("--max-tokens", type=int, default=256)
     sampling.add_argument("--temperature", type=float, default=1.0)
     sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--seed", type=int, default=None,
-                          help="derive a seed per request from this and its id (reproducible at any batch size)")
     sampling.add_argument("--reasoning-effort", default="medium", choices=("low", "medium", "high"))
     sampling.add_argument("--current-date", default=None, help="YYYY-MM-DD for the system message (default: none)")
     parser.add_argument("--include-raw", action="store_true",

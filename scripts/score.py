@@ -30,9 +30,8 @@ from scripts.generate import (
     BadLine,
     Job,
     ResultsFile,
-    add_engine_arguments,
-    engine_kwargs,
     in_flight_limit,
+    make_llm,
     make_progress,
     read_jobs,
     report_bad_line,
@@ -208,12 +207,10 @@ def score_jsonl(
 
 
 def run_score(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
-
     summary = score_jsonl(
         args.input,
         args.output,
-        lambda: LLM(args.model, **engine_kwargs(args)),
+        lambda: make_llm(args),
         max_in_flight=in_flight_limit(args.max_num_seqs),
         progress=not args.no_progress,
     )
@@ -227,6 +224,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `gptoss score` to the `gptoss` command line."""
+    from scripts.engine_flags import add_engine_arguments
+
     parser = subparsers.add_parser(
         "score",
         help="log-probabilities of continuations given contexts (multiple-choice evaluation), JSONL in and out",

@@ -8,9 +8,12 @@ API (what `gptoss serve` uses):
         `engine`: an `engine.async_engine.AsyncEngine` (or anything with `add_request`, `abort`, `is_alive`,
         `metrics`); `tokenizer`: the checkpoint's `tokenizers.Tokenizer`; `max_model_len` defaults to the
         engine's; `api_key`: when set, every route but /health needs `Authorization: Bearer <key>`;
-        `max_queue`: generation requests in flight before new ones get 429 + Retry-After.
+        `max_queue`: generation requests in flight before new ones get 429 + Retry-After. Structured outputs
+        (response formats, strict tools, forced tool calls) are enforced when the engine's `add_request`
+        takes `logits_mask_fn` and llguidance is installed (server/structured.py).
     add_serve_arguments(parser)     adds --host (127.0.0.1), --port (8000), --api-key (env GPTOSS_API_KEY),
-                                    --served-model-name (gpt-oss-120b), --max-queue, --log-level
+                                    --served-model-name (gpt-oss-120b), --max-queue, --response-store-size,
+                                    --log-level
     run_server(args, engine=None, tokenizer=None)
         builds the engine from `args` (every `EngineArgs` field found on `args`, e.g. args.model) unless
         given, the app, and runs uvicorn on args.host:args.port until interrupted; shuts the engine down.

@@ -198,7 +198,8 @@ def total_usage(results: list[RawResult], n: int) -> Usage:
                  sum(r.usage.cached_tokens for r in results[::n]))
 
 
-async def _final(stream: Any) -> RawResult:
+async def final_result(stream: Any) -> RawResult:
+    """Run a `generate_raw` stream to its end; its `RawResult`."""
     result = RawResult()
     async with contextlib.aclosing(stream):
         async for item in stream:
@@ -208,7 +209,7 @@ async def _final(stream: Any) -> RawResult:
 
 
 async def run_completion(state: ServerState, plan: CompletionPlan, streams: list[Any]) -> dict[str, Any]:
-    results = await asyncio.gather(*[_final(s) for s in streams])
+    results = await asyncio.gather(*[final_result(s) for s in streams])
     choices = [completion_choice(state, plan, i, r) for i, r in enumerate(results)]
     return {"id": plan.request_id, "object": "text_completion", "created": plan.created, "model": plan.model,
             "choices": choices, "usage": total_usage(list(results), plan.n).openai(), "system_fingerprint": None}

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from engine.harmony.chat_convert import conversation_from_chat
+from engine.harmony.messages import normalize_tools
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 from server.errors import APIError, bad_request, to_api_error
@@ -83,23 +84,23 @@ def forced_call_prefill(state: ServerState, name: str | None) -> list[int]:
             *enc.encode_text(" "), enc.constrain_id, *enc.encode_text("json"), enc.message_id]
 
 
-def tool_choice_name(tool_choice: Any, tools: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """(mode, function name): mode is auto / none / required / named; checks a named function exists."""
-    if tool_choice is None:
-        return "auto", None
-    if isinstance(tool_choice, str):
-        if tool_choice != "auto" and not tools:
-            if tool_choice == "required":
-                raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
-        return tool_choice, None
-    function = tool_choice.get("function") if isinstance(tool_choice.get("function"), dict) else tool_choice
-    name = function.get("name") if isinstance(function, dict) else None
-    if tool_choice.get("type", "function") != "function" or not isinstance(name, str) or not name:
-        raise bad_request("tool_choice must be auto, none, required or {type: function, function: {name}}",
-                          param="tool_choice")
-    names = [(t.get("function") if isinstance(t.get("function"), dict) else t).get("name")
-             for t in tools if isinstance(t, dict)]
-    if name not in names:
+def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
+    """(mode, function name), mode one of auto / none / required / named. Accepts Chat Completions'
+    `{type: function, function: {name}}` and Responses' `{type: function, name}`; a named function must exist."""
+    if tool_choice is None or tool_choice in ("auto", "none"):
+        return tool_choice or "auto", None
+    if tool_choice == "required":
+        if not tool_names:
+            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
+        return "required", None
+    usage = "tool_choice must be auto, none, required or a function ({type: function, name})"
+    if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function":
+        raise bad_request(usage, param="tool_choice")
+    function = tool_choice.get("function")
+    name = (function if isinstance(function, dict) else tool_choice).get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(usage, param="tool_choice")
+    if name not in tool_names:
         raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
     return "named", name
 
@@ -149,7 +150,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, *, default_max_
                  default_temperature: float = DEFAULT_TEMPERATURE) -> ChatPlan:
     model = state.check_model(req.model)
     tools = req.tools if req.tools is not None else req.functions or []
-    mode, name = tool_choice_name(req.tool_choice, tools)
+    mode, name = tool_choice_mode(req.tool_choice, [t.name for t in normalize_tools(tools)])
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     prompt = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, req.effort, response_format)
     spec = structured_spec(state, response_format, tools, req.tool_choice)

@@ -28,6 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from engine.harmony.messages import normalize_tools
+from engine.harmony.render import HarmonyEncoding
 from engine.harmony.responses_convert import conversation_from_responses
 from engine.sampling_params import SamplingParams
 from server.errors import APIError, bad_request, to_api_error
@@ -55,6 +56,7 @@ from server.openai_chat import (
     sampling_kwargs,
     structured_spec,
     today,
+    tool_choice_mode,
 )
 from server.protocol_openai import ResponsesRequest, parse_body
 from server.sse import DONE, sse_data, sse_event, sse_response
@@ -101,7 +103,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, *,
         items = stored["items"] + items
     tools = req.tools or []
     specs = normalize_tools(tools)
-    mode, name = _tool_choice(req.tool_choice, [t.name for t in specs])
+    mode, name = tool_choice_mode(req.tool_choice, [t.name for t in specs])
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(items, instructions=req.instructions,
@@ -123,23 +125,6 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, *,
                          items, flat_tools, effort or "medium", spec)
 
 
-def _tool_choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
-    if tool_choice is None or tool_choice == "auto":
-        return "auto", None
-    if isinstance(tool_choice, str):
-        if tool_choice == "required" and not names:
-            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
-        return tool_choice, None
-    name = tool_choice.get("name")
-    if name is None and isinstance(tool_choice.get("function"), dict):
-        name = tool_choice["function"].get("name")
-    if tool_choice.get("type") != "function" or not isinstance(name, str):
-        raise bad_request("tool_choice must be auto, none, required or {type: function, name}", param="tool_choice")
-    if name not in names:
-        raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
-    return "named", name
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Events -> Responses events and output items
 # ---------------------------------------------------------------------------------------------------------
@@ -148,8 +133,10 @@ def _tool_choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
 class ResponseBuilder:
     """Folds generation events into output items, producing the Responses stream events on the way."""
 
-    def __init__(self, plan: ResponsesPlan) -> None:
+    def __init__(self, plan: ResponsesPlan, encoding: HarmonyEncoding | None = None) -> None:
         self.plan = plan
+        self.encoding = encoding  # for logprob token texts (`top_logprobs` requests)
+        self._logprobs: list[dict[str, Any]] = []  # of the open message
         self.output: list[dict[str, Any]] = []
         self.sequence_number = 0
         self.usage: Usage | None = None
@@ -213,9 +200,11 @@ class ResponseBuilder:
                                         "status": "in_progress"},
                                        part={"type": "output_text", "text": "", "annotations": []})
             self._text += event.text
+            logprobs = self._logprob_entries(event.logprobs)
+            self._logprobs += logprobs
             out.append(self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
                                    output_index=len(self.output), content_index=0, delta=event.text,
-                                   logprobs=[]))
+                                   logprobs=logprobs))
         elif isinstance(event, ToolCallStarted):
             out += self._close()
             out += self._open_item({"id": _id("fc"), "type": "function_call", "call_id": event.call_id,
@@ -241,6 +230,20 @@ class ResponseBuilder:
         status = self.status
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
         return [self._event(kind, response=self.response(status))]
+
+    def _logprob_entries(self, logprobs: list[Any]) -> list[dict[str, Any]]:
+        top = self.plan.request.top_logprobs
+        if top is None or self.encoding is None or not logprobs:
+            return []
+        encoding = self.encoding
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            data = encoding.token_bytes(token_id)
+            return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data), "logprob": logprob}
+
+        return [{**entry(lp.token_id, lp.logprob),
+                 "top_logprobs": [entry(t, v) for t, v in sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]]}
+                for lp in logprobs]
 
     def _open_item(self, item: dict[str, Any], part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         self._open = item
@@ -268,9 +271,10 @@ class ResponseBuilder:
                                    content_index=0, part=part))
             item = {**item, "content": [part], "status": item_status}
         elif item["type"] == "message":
-            part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": []}
+            part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": self._logprobs}
             out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=self._text, logprobs=[]))
+                                   content_index=0, text=self._text, logprobs=self._logprobs))
+            self._logprobs = []
             out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
                                    content_index=0, part=part))
             item = {**item, "content": [part], "status": item_status}
@@ -298,7 +302,7 @@ def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
 
 async def run_response(state: ServerState, plan: ResponsesPlan, stream: Any) -> dict[str, Any]:
     """Non-streaming: the whole response object."""
-    builder = ResponseBuilder(plan)
+    builder = ResponseBuilder(plan, state.encoding)
     async with contextlib.aclosing(stream):
         async for event in stream:
             builder.feed(event)
@@ -309,7 +313,7 @@ async def run_response(state: ServerState, plan: ResponsesPlan, stream: Any) -> 
 
 async def response_events(state: ServerState, plan: ResponsesPlan, stream: Any) -> AsyncIterator[dict[str, Any]]:
     """Streaming: the Responses events, ending with response.completed (or .incomplete / .failed)."""
-    builder = ResponseBuilder(plan)
+    builder = ResponseBuilder(plan, state.encoding)
     for event in builder.start():
         yield event
     try:

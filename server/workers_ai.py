@@ -35,7 +35,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.completions import RawDelta, RawResult, encode_raw, generate_raw
+from engine.sampling_params import SamplingParams
+from server.completions import RawDelta, RawResult, encode_raw, final_result, generate_raw
 from server.errors import WAI_NO_LORA, APIError, bad_request, to_api_error
 from server.generation import (
     Admission,
@@ -129,9 +130,8 @@ def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) ->
             "tool_calls": [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in tool_calls]}
 
 
-def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], Any]:
-    from engine.sampling_params import SamplingParams
-
+def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], SamplingParams]:
+    """A `raw: true` prompt: the text as it is, no template; sampled like legacy completions."""
     state.check_model(req.model)
     ids = encode_raw(state, req.prompt)
     max_tokens = check_prompt_length(state, len(ids), req.max_tokens or 256, "prompt")
@@ -140,20 +140,11 @@ def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], Any]
     return ids, SamplingParams(**kwargs)
 
 
-async def _raw_result(stream: Any) -> RawResult:
-    result = RawResult()
-    async with contextlib.aclosing(stream):
-        async for item in stream:
-            if isinstance(item, RawResult):
-                result = item
-    return result
-
-
 async def run_prompt(state: ServerState, req: PromptRequest) -> dict[str, Any]:
     """Non-streaming prompt format."""
     if req.raw:
         ids, params = prepare_raw(state, req)
-        result = await _raw_result(generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}"))
+        result = await final_result(generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}"))
         return {"response": result.text, "usage": usage_brief(result.usage.openai()), "tool_calls": []}
     plan = prepare_chat(state, prompt_as_chat(req))
     streams = start_chat(state, plan)

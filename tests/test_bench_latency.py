@@ -35,8 +35,9 @@ def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
 
 def test_preset_with_random_weights(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
-    code = bench_latency.main(["--preset", "tiny", "--batch-sizes", "2", "--input-lens", "4", "--output-lens", "2",
-                               "--iters", "1", "--warmup", "0", "--quiet", "--bandwidth-gbs", "10",
+    code = bench_latency.main(["--random-weights", "--preset", "tiny", "--batch-sizes", "2", "--input-lens", "4",
+                               "--output-lens", "2", "--iters", "1", "--warmup", "0", "--quiet", "--bandwidth-gbs",
+                               "10",
                                "--result-json", str(out), "--device", "cpu"])
     assert code == 0
     report = json.loads(out.read_text())
@@ -44,9 +45,14 @@ def test_preset_with_random_weights(tmp_path: Path) -> None:
     assert report["model"].startswith("preset:tiny")
 
 
-def test_synthetic_tokenizer_covers_a_large_vocabulary() -> None:
+def test_synthetic_tokenizer_covers_a_large_vocabulary(tiny_checkpoint: Path) -> None:
     from engine.detokenizer import IncrementalDetokenizer
+    from engine.tokenizer import load_tokenizer
 
     tokenizer = bench_latency.synthetic_tokenizer(5000)
     detok = IncrementalDetokenizer(tokenizer)
     assert detok.add_tokens([0, 4999]) + detok.flush() == "t0t4999"
+    # A checkpoint whose tokenizer covers its vocabulary keeps it; a bigger model gets a covering one.
+    assert bench_latency.covering_tokenizer(str(tiny_checkpoint), None, 500) is None
+    path = bench_latency.covering_tokenizer(str(tiny_checkpoint), None, 201088)
+    assert load_tokenizer(path).get_vocab_size() == 201088

@@ -195,5 +195,4 @@ def test_cli_registration(tmp_path: Path) -> None:
     args = parser.parse_args(["generate", "in.jsonl", "out.jsonl", "--model", "m", "--max-num-seqs", "4",
                               "--seed", "1", "--temperature", "0"])
     assert args.handler is generate.run_generate
-    assert generate.engine_kwargs(args)["max_num_seqs"] == 4
-    assert args.temperature == 0.0 and args.seed == 1
+    assert args.max_num_seqs == 4 and args.temperature == 0.0 and args.seed == 1

@@ -75,6 +75,14 @@ def test_chat_stream_real_engine(live_server):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 5
 
 
+def test_chat_prefix_cache_hits_are_reported(live_server):
+    messages = [{"role": "user", "content": "A longer question that is asked twice, word for word, " * 3}]
+    c = client(live_server)
+    c.chat.completions.create(model="gpt-oss-120b", messages=messages, max_tokens=1)
+    again = c.chat.completions.create(model="gpt-oss-120b", messages=messages, max_tokens=1)
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+
+
 def test_chat_n_logprobs_real_engine(live_server):
     out = client(live_server).chat.completions.create(
         model="gpt-oss-120b", messages=MESSAGES, max_tokens=3, n=2, logprobs=True, top_logprobs=2,

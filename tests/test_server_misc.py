@@ -150,3 +150,17 @@ def test_metrics_content(live_server):
                  "gptoss_generation_tokens_per_second"):
         assert metric(text, name) >= 0
     assert re.search(r'^gptoss_engine_kv_blocks_free\{group="[^"]+"\} \d+', text, re.M)
+
+
+def test_bounded_store_capacity_and_expiry(monkeypatch):
+    from server import state as state_module
+
+    now = [100.0]
+    monkeypatch.setattr(state_module.time, "monotonic", lambda: now[0])
+    store = state_module.BoundedStore(capacity=2, ttl_s=10.0)
+    store.put("a", 1)
+    store.put("b", 2)
+    store.put("c", 3)
+    assert store.get("a") is None and store.get("b") == 2 and len(store) == 2  # oldest forgotten
+    now[0] += 11
+    assert store.get("c") is None and len(store) == 0  # expired

@@ -129,6 +129,19 @@ def test_responses_input_items_text_format_and_named_tool(scripted):
     assert params.temperature == 0.2 and params.top_p == 0.5 and params.max_tokens == 60
 
 
+def test_responses_top_logprobs(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    events = raw_events(scripted, {"input": "hi", "top_logprobs": 2})
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    for event in deltas:
+        EVENTS.validate_python(event)
+    entries = [lp for e in deltas for lp in e["logprobs"]]
+    assert "".join(lp["token"] for lp in entries) == "Hi there"
+    assert all(lp["logprob"] == -0.5 and len(lp["top_logprobs"]) == 2 for lp in entries)
+    final = events[-1]["response"]["output"][-1]["content"][0]
+    assert len(final["logprobs"]) == len(entries)
+
+
 def test_responses_unknown_previous_id(scripted):
     r = httpx.post(scripted.v1 + "/responses", json={"input": "hi", "previous_response_id": "resp_nope"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"

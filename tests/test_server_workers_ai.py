@@ -182,6 +182,12 @@ def test_account_aliases(scripted):
     assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"  # plain OpenAI object
     resp = httpx.post(f"{base}/v1/responses", json={"model": MODEL, "input": "hi"})
     assert resp.status_code == 200 and resp.json()["object"] == "response"
+    from openai import OpenAI
+
+    cf = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    assert cf.responses.create(model=MODEL, input="hi").output_text == "Hi there"
+    chat = cf.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "Hi there"
     bad = httpx.post(f"{base}/v1/responses", json={"model": MODEL})
     assert bad.status_code == 400
     assert bad.json()["success"] is False and bad.json()["errors"][0]["code"] == 5006  # the envelope on error

@@ -666,6 +666,12 @@ def test_batched_bitmasks_match_single_masks(tiny) -> None:
         assert torch.equal(unpack_token_bitmask(second, compiler.vocab_size), expected[:2])
     finally:
         worker.shutdown()
+    serial_worker = BitmaskWorker(compiler.vocab_size, max_rows=8, num_threads=1)  # no llguidance pool
+    try:
+        assert torch.equal(unpack_token_bitmask(serial_worker.submit(states).result(timeout=30), compiler.vocab_size),
+                           expected)
+    finally:
+        serial_worker.shutdown()
 
 
 def test_apply_bitmask_to_some_rows(tiny) -> None:
