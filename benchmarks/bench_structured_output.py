@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -97,7 +98,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--tokenizer", type=Path, default=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None)
-    parser.add_argument("--threads", type=int, default=None, help="llguidance pool size (default: its own)")
+    parser.add_argument("--threads", type=int, default=max(2, min(16, (os.cpu_count() or 1) // 2)),
+                        help="llguidance pool size for the parallel fill (default: half the CPUs, 2..16)")
     args = parser.parse_args()
 
     if args.tokenizer is not None:
@@ -133,7 +135,8 @@ def main() -> None:
         compiler.new_state(specs[0])
     hit_us = 1e4 * (time.perf_counter() - start)
 
-    print(f"tokenizer {label}, vocab {vocab_size}, logits on {device}, torch threads {torch.get_num_threads()}")
+    print(f"tokenizer {label}, vocab {vocab_size}, logits on {device}, torch threads {torch.get_num_threads()}, "
+          f"llguidance pool {args.threads} threads, {os.cpu_count()} CPUs")
     print(f"compiler build {build_s:.2f} s; schema compile {', '.join(f'{t:.1f}' for t in compile_ms)} ms; "
           f"new_state on a cache hit {hit_us:.0f} us")
     print(f"reply lengths {[len(r) for r in replies]} tokens; {args.steps} steps per batch size; "

@@ -160,11 +160,15 @@ def profile_table(llm: Any, batch: int, input_len: int, output_len: int, seed: i
 
 
 def run_bench_latency(args: argparse.Namespace) -> int:
+    import torch
+
     from benchmarks.common import device_name, format_table, measure_copy_bandwidth
     from engine.config import ModelConfig
     from engine.roofline import format_breakdown
     from scripts.engine_flags import resolve_model_path
 
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     model_path = resolve_model_path(args)
     overrides: dict[str, Any] = {
         "model": model_path,
@@ -194,6 +198,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "device": device_name(device),
         "dtype": str(runner.dtype).removeprefix("torch."),
+        "cpu_threads": torch.get_num_threads(),
         "copy_bandwidth_bytes_per_s": bandwidth,
         "bandwidth_measured": not args.bandwidth_gbs,
         "model": f"preset:{args.preset} (random weights)" if args.random_weights and not args.model else model_path,
@@ -230,6 +235,8 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="use this memory bandwidth (GB/s) for the roofline instead of measuring it")
+    parser.add_argument("--num-threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with others")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--quiet", action="store_true")

@@ -396,13 +396,14 @@ class LocalServer:
     """`server.app` on a checkpoint, in a child process (so it does not share the load generator's GIL)."""
 
     def __init__(self, model: str | Path, *, port: int | None = None, engine_args: dict[str, Any] | None = None,
-                 startup_timeout: float = 180.0, log_path: str | Path | None = None) -> None:
+                 startup_timeout: float = 180.0, log_path: str | Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         options = {"model": str(model), "host": "127.0.0.1", "port": self.port, "log_level": "warning",
                    "served_model_name": "gpt-oss-120b", **(engine_args or {})}
         repo_root = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, "PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         self._log = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen([sys.executable, "-c", _SERVE_CODE, json.dumps(options)], cwd=repo_root,
                                         env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -175,7 +175,8 @@ def test_poisson_rate_and_http_errors(fake_server: str) -> None:
 def test_live_tiny_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
     from engine.tokenizer import load_tokenizer
 
-    with bench_serve.LocalServer(tiny_checkpoint, engine_args={"max_num_seqs": 8}) as server:
+    with bench_serve.LocalServer(tiny_checkpoint, engine_args={"max_num_seqs": 8},
+                                 env={"OMP_NUM_THREADS": "1"}) as server:
         for endpoint in ("/v1/completions", "/v1/chat/completions"):
             args = bench_args("--base-url", server.base_url, "--endpoint", endpoint, "--num-prompts", "4",
                               "--input-len", "12", "--output-len", "4", "--concurrency", "4", "--ignore-eos",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,17 @@ from scripts import generate
 from scripts.generate import GenerateDefaults, ResultsFile, generate_jsonl, read_jobs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread() -> Iterator[None]:
+    """One torch thread: on a 2-core machine shared with other processes, two threads stall each other (10x)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
@@ -138,7 +150,7 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
             for i in range(12)]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "scripts.generate", str(path), str(out), "--model", str(tiny_checkpoint),
          "--max-num-seqs", "1", "--seed", "3", "--no-progress"],
