@@ -76,6 +76,8 @@ class DecodeGraphRunner:
         # +1: a table may hold one block more than the context needs (the block of the next token).
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size) + 1
         self.use_graphs = use_graphs
+        # Rows >= this hold padding (as allocated): `_pad` only rewrites rows that earlier steps made real.
+        self._padding_from = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
         device, n = model.device, self.max_size
@@ -130,14 +132,17 @@ class DecodeGraphRunner:
         self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     def _pad(self, num_seqs: int, size: int) -> None:
-        """Make rows num_seqs..size-1 padding that reads key 0 of block 0 and writes nothing."""
-        if num_seqs == size:
-            return
-        self.seq_lens[num_seqs:size].fill_(1)
-        for g in self.groups:
-            self.slot_mapping[g][num_seqs:size].fill_(-1)
-            # Only column 0 is read at seq_len 1; an earlier real row may have left a freed (-1) entry there.
-            self.block_tables[g][num_seqs:size, 0].zero_()
+        """Make rows num_seqs..size-1 padding that reads key 0 of block 0 and writes nothing, then record that
+        rows num_seqs..max_size-1 are padding (or rows from `_padding_from` if it lies beyond `size`)."""
+        stale_end = min(size, self._padding_from)  # rows num_seqs..stale_end-1 were real in an earlier step
+        if num_seqs < stale_end:
+            self.seq_lens[num_seqs:stale_end].fill_(1)
+            for g in self.groups:
+                self.slot_mapping[g][num_seqs:stale_end].fill_(-1)
+                # Only column 0 is read at seq_len 1; a real row may have left a freed (-1) entry there.
+                self.block_tables[g][num_seqs:stale_end, 0].zero_()
+        if self._padding_from <= size:
+            self._padding_from = num_seqs
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -149,7 +154,6 @@ class DecodeGraphRunner:
             return
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info(self.model.device)[0]
-        self._pad(0, self.max_size)
         self._pool = torch.cuda.graph_pool_handle()
         for size in reversed(self.sizes):
             self._forward(size)  # compiles the Triton kernels of this shape, outside the capture

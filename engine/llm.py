@@ -85,17 +85,11 @@ def eos_token_ids(checkpoint_dir: str | Path, config: ModelConfig) -> frozenset[
 def grammar_mask_fn(state: Any) -> Callable[[list[int]], Any]:
     """A `logits_mask_fn` from a grammar state (engine/structured_output.py's `StructuredOutputState`).
 
-    The state is fed the output tokens it has not seen yet, then asked for its allowed-token mask; so it stays
-    in step with the request across preemptions (the output tokens never change) without engine hooks.
+    The state is one itself (`state(output_token_ids)` catches up on new output tokens, then masks), and the
+    model runner recognises it: all grammar rows of a step get their masks in one batch, computed on a worker
+    thread while the forward runs. It stays in step across preemptions (the output tokens never change).
     """
-
-    def mask(output_token_ids: list[int]) -> Any:
-        new_tokens = output_token_ids[state.num_accepted_tokens :]
-        if new_tokens and not state.accept_tokens(new_tokens):
-            raise ValueError(f"the grammar rejected a sampled token: {state.error}")
-        return state.allowed_token_mask()
-
-    return mask
+    return state
 
 
 class LLMEngine:

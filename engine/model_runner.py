@@ -9,6 +9,7 @@ tokens this step's chunk predicts.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +25,7 @@ from engine.model import GptOssModel
 from engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import TokenLogprob
+from engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,34 @@ class ModelRunnerOutput:
 
 @dataclass
 class StepInputs:
-    """The host-built tensors of one step (on the model's device)."""
+    """The tensors of one step, built on the host (`prepare_inputs`), then moved with `to`."""
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     batch: ForwardBatch
+
+    def to(self, device: torch.device) -> StepInputs:
+        """Copies on `device` (non-blocking; tensors shared between layer types stay shared)."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=True)
+            return moved[id(t)]
+
+        batch = self.batch
+        return StepInputs(
+            move(self.input_ids),
+            move(self.positions),
+            ForwardBatch(
+                query_start_loc=move(batch.query_start_loc),
+                seq_lens=move(batch.seq_lens),
+                block_tables={g: move(t) for g, t in batch.block_tables.items()},
+                slot_mapping={g: move(t) for g, t in batch.slot_mapping.items()},
+                max_query_len=batch.max_query_len,
+                max_seq_len=batch.max_seq_len,
+            ),
+        )
 
 
 class ModelRunner:
@@ -74,6 +99,8 @@ class ModelRunner:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(args.seed)
         self.sampler = Sampler(generator)
+        # Grammar bitmasks (structured outputs) are filled on a worker thread; made on the first such request.
+        self._bitmask_worker: BitmaskWorker | None = None
         self.max_model_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self._log_memory()
         # Pure-decode steps replay CUDA graphs (on CUDA unless --enforce-eager); everything else runs eagerly.
@@ -113,7 +140,8 @@ class ModelRunner:
     # ---- tensors ----------------------------------------------------------------------------------
 
     def prepare_inputs(self, plan: SchedulerOutput) -> StepInputs:
-        """input_ids/positions `[T]`, and per group `block_tables` `[S, max_blocks]`, `slot_mapping` `[T]`."""
+        """input_ids/positions `[T]`, and per group `block_tables` `[S, max_blocks]`, `slot_mapping` `[T]`, as
+        host tensors: an eager step moves them to the device, a graph replay copies them into its buffers."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -131,10 +159,6 @@ class ModelRunner:
                 table = seq.block_tables[g]
                 slot_mapping[g].extend(table[p // bs] * bs + p % bs for p in range(item.start, item.end))
         max_blocks = max(len(item.seq.block_tables[g]) for item in plan.scheduled for g in groups)
-        device = self.device
-
-        def to_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
         block_tables = {}
         for g in groups:
@@ -144,22 +168,22 @@ class ModelRunner:
             for i, item in enumerate(plan.scheduled):
                 table = item.seq.block_tables[g]
                 rows[i, : len(table)] = table
-            block_tables[g] = torch.from_numpy(rows).to(device, non_blocking=True)
-        slots = {g: to_device(slot_mapping[g], torch.int64) for g in groups}
+            block_tables[g] = torch.from_numpy(rows)
+        slots = {g: torch.tensor(slot_mapping[g], dtype=torch.int64) for g in groups}
         if len(groups) == 1:  # one pool serves both layer types
             for other in (FULL, SLIDING):
                 block_tables.setdefault(other, block_tables[groups[0]])
                 slots.setdefault(other, slots[groups[0]])
         q_lens = [item.num_new_tokens for item in plan.scheduled]
         batch = ForwardBatch(
-            query_start_loc=to_device(query_start_loc, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             block_tables=block_tables,
             slot_mapping=slots,
             max_query_len=max(q_lens),
             max_seq_len=max(seq_lens),
         )
-        return StepInputs(to_device(input_ids, torch.int64), to_device(positions, torch.int64), batch)
+        return StepInputs(torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64), batch)
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -168,12 +192,16 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if plan.is_empty:
             return out
+        # Structured-output rows: their bitmasks are computed on a worker thread (llguidance drops the GIL)
+        # while this thread builds the inputs and launches the forward; `_sample` waits for them.
+        grammar = self._submit_grammar_bitmasks([item.seq for item in plan.scheduled if item.samples], out)
         inputs = self.prepare_inputs(plan)
         all_logits = None  # [T, V] fp32 when the graph computed every row's logits
         graphs = self.graph_runner
         if graphs is not None and graphs.fits(inputs.batch):
             hidden, all_logits = graphs.run(inputs.input_ids, inputs.positions, inputs.batch)
         else:
+            inputs = inputs.to(self.device)
             hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
         row = 0
         sample_rows: list[int] = []
@@ -193,11 +221,44 @@ class ModelRunner:
             # Non-blocking: a plain torch.tensor(..., device=cuda) would wait for the forward to finish.
             index = torch.tensor(sample_rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
             logits = all_logits[index] if all_logits is not None else self.model.compute_logits(hidden[index])
-        self._sample(logits, samplers, out)
+        self._sample(logits, samplers, out, grammar)
         return out
 
-    def _sample(self, logits: torch.Tensor, items: list[ScheduledSequence], out: ModelRunnerOutput) -> None:
-        """Sample each item's next token from its row of `logits` `[N, V]` fp32."""
+    def _submit_grammar_bitmasks(
+        self, seqs: list, out: ModelRunnerOutput
+    ) -> tuple[list[int], Future[torch.Tensor]] | None:
+        """Start the bitmasks of the sampling rows whose `logits_mask_fn` is a grammar state -> (their row
+        indices among `seqs`, the future of int32 `[len(rows), ceil(V/32)]`), or None when there are none.
+
+        Each state first catches up on the tokens sampled since its last step (`sync`); a refused token fails
+        only that request (`out.failed`).
+        """
+        rows: list[int] = []
+        states: list[StructuredOutputState] = []
+        for i, seq in enumerate(seqs):
+            state = seq.logits_mask_fn
+            if not isinstance(state, StructuredOutputState):
+                continue
+            if not state.sync(seq.output_token_ids):
+                out.failed[seq.seq_id] = f"logits mask failed: the grammar refused an output token ({state.error})"
+                continue
+            rows.append(i)
+            states.append(state)
+        if not states:
+            return None
+        if self._bitmask_worker is None:
+            self._bitmask_worker = BitmaskWorker(states[0].vocab_size, max_rows=self.args.max_num_seqs)
+        return rows, self._bitmask_worker.submit(states)
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        items: list[ScheduledSequence],
+        out: ModelRunnerOutput,
+        grammar: tuple[list[int], Future[torch.Tensor]] | None = None,
+    ) -> None:
+        """Sample each item's next token from its row of `logits` `[N, V]` fp32 (`grammar`: see
+        `_submit_grammar_bitmasks`)."""
         seqs = [item.seq for item in items]
         params = [seq.sampling_params for seq in seqs]
         batch = SamplingBatch.build(
@@ -207,7 +268,7 @@ class ModelRunner:
             logits.device,
             prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
         )
-        result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out))
+        result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out, grammar))
         token_ids = result.sampled_token_ids.tolist()
         logprobs = result.sampled_logprobs.tolist()
         top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
@@ -218,16 +279,29 @@ class ModelRunner:
             out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprobs[i], top_logprobs=top)
 
     @staticmethod
-    def _allowed_token_mask(seqs: list, logits: torch.Tensor, out: ModelRunnerOutput) -> torch.Tensor | None:
+    def _allowed_token_mask(
+        seqs: list,
+        logits: torch.Tensor,
+        out: ModelRunnerOutput,
+        grammar: tuple[list[int], Future[torch.Tensor]] | None = None,
+    ) -> torch.Tensor | None:
         """`[N, V]` bool from the sequences' `logits_mask_fn` (None when no sequence has one).
 
-        A mask function that raises or returns a bad mask fails only its own request (`out.failed`).
+        Grammar states come as one batched bitmask (`grammar`, from `_submit_grammar_bitmasks`), unpacked on the
+        logits' device; other mask functions are called row by row. A mask function that raises or returns a
+        bad mask fails only its own request (`out.failed`).
         """
         if not any(seq.logits_mask_fn is not None for seq in seqs):
             return None
         mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
+        if grammar is not None:
+            rows, future = grammar
+            # From pinned memory: the copy is async; the buffer is not refilled before the next-but-one step.
+            bitmask = future.result().to(logits.device, non_blocking=True)
+            row_index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+            mask[row_index] = unpack_token_bitmask(bitmask, logits.shape[1])
         for i, seq in enumerate(seqs):
-            if seq.logits_mask_fn is None:
+            if seq.logits_mask_fn is None or isinstance(seq.logits_mask_fn, StructuredOutputState):
                 continue
             try:
                 row = seq.logits_mask_fn(seq.output_token_ids)

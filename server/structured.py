@@ -69,14 +69,7 @@ class StructuredOutputs:
                                                  response_format_param=response_format_param)
 
     def mask_fn(self, spec: Any) -> Callable[[list[int]], Any]:
-        """A fresh matcher for one request, as the engine's `logits_mask_fn` (engine thread only)."""
-        matcher = self.compiler.new_state(spec)
-        vocab_size = self.vocab_size
-
-        def allowed(output_token_ids: list[int]) -> Any:
-            while matcher.num_accepted_tokens < len(output_token_ids):
-                if not matcher.accept_token(output_token_ids[matcher.num_accepted_tokens]):
-                    break  # cannot happen with the mask applied; the matcher then allows only stop tokens
-            return matcher.allowed_token_mask(vocab_size)
-
-        return allowed
+        """A fresh matcher for one request; it is the engine's `logits_mask_fn` itself (`state(output_token_ids)
+        -> bool [vocab]`, engine thread only), which the model runner batches with the step's other grammar rows.
+        Raises StructuredOutputError (-> 400) for an invalid / unsupported schema."""
+        return self.compiler.new_state(spec)

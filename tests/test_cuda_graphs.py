@@ -134,8 +134,11 @@ def test_padded_decode_matches_unpadded_and_writes_only_real_slots(cpu_model):
     base = random_caches(model, seed=0)
     graph_caches = clone_caches(base)
     runner = DecodeGraphRunner(model, graph_caches, [FULL, SLIDING], SIZES, MAX_MODEL_LEN, BLOCK_SIZE, use_graphs=False)
-    # Largest first, so later, smaller batches run on rows that earlier real rows left stale (freed -1 ids).
-    for step, num_seqs in enumerate([15, 9, 3, 6, 5, 1, 2]):
+    # Largest first, so later, smaller batches run on rows that earlier real rows left stale (freed -1 ids);
+    # then random sizes exercise the bookkeeping of which rows still need re-padding.
+    rng = random.Random(100)
+    order = [15, 9, 3, 6, 5, 1, 2] + [rng.randrange(1, 17) for _ in range(9)]
+    for step, num_seqs in enumerate(order):
         seq_lens = random.Random(step).sample(SEQ_LENS, num_seqs)
         input_ids, positions, batch = decode_step(seq_lens, config.sliding_window, config.vocab_size, "cpu", step)
         eager_caches = clone_caches(graph_caches)

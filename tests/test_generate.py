@@ -146,8 +146,8 @@ def test_results_in_input_order_with_every_field(tmp_path: Path, encoding, llm16
 
 
 def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
-    rows = [{"id": f"k{i}", "prompt": f"Hello number {i}", "raw": True, "max_tokens": 4, "ignore_eos": True}
-            for i in range(12)]
+    rows = [{"id": f"k{i}", "prompt": f"Hello number {i}", "raw": True, "max_tokens": 8, "ignore_eos": True}
+            for i in range(24)]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -160,7 +160,7 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 2:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
@@ -168,7 +168,7 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
     assert 2 <= len(killed) < len(rows), "the run should have been killed mid-way"
     # A process killed inside a write would leave a partial line: the resume must drop it.
     with open(out, "ab") as f:
-        f.write(b'{"id": "k11", "text": "half a li')
+        f.write(b'{"id": "k23", "text": "half a li')
     summary = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=3), max_in_flight=40)
     assert summary.num_already_done == len(killed)
     results = read_results(out)
@@ -177,7 +177,7 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
     for record in killed:  # what was finished before the kill is kept as it was
         assert by_id[record["id"]] == record
     # ... and what the rerun produced at batch 16 equals what the killed run would have at batch 1.
-    assert all(r["usage"]["completion_tokens"] == 4 for r in results)
+    assert all(r["usage"]["completion_tokens"] == 8 for r in results)
 
 
 def test_same_results_at_batch_1_and_16(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:

@@ -393,3 +393,16 @@ def test_random_tokens_never_raise(tiny):
             parser.process(token)
         parser.finish()
         assert isinstance(parser.result.final_text, str)
+
+
+def test_lone_content_type_on_final_is_not_a_recipient() -> None:
+    from engine.harmony import HarmonyEncoding
+    from engine.tokenizer import build_tiny_tokenizer
+
+    enc = HarmonyEncoding(build_tiny_tokenizer())
+    for header in ("<|channel|>final <|constrain|>json", "<|channel|>final json"):
+        ids = enc.tokenizer.encode(header + '<|message|>{"a": 1}<|return|>', add_special_tokens=False).ids
+        result = enc.parse_completion(ids)
+        assert result.tool_calls == []
+        assert result.final_text == '{"a": 1}'
+        assert result.messages[0].recipient is None

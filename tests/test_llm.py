@@ -223,3 +223,47 @@ def test_grammar_constrains_generation(llm):
     # every sampled token was one the grammar allowed: a fresh state accepts the whole output
     assert compiler.new_state(spec).accept_tokens(final.token_ids)
     assert_pool_full(llm)
+
+
+def test_grammar_rows_batched_like_per_row_masks(llm):
+    """Grammar states as `logits_mask_fn` take the model runner's batched bitmask path; plain callables the
+    per-row one. With seeded sampling both give the same tokens, in steps that mix them with free rows."""
+    structured = pytest.importorskip("engine.structured_output")
+    from engine.llm import grammar_mask_fn
+
+    engine = llm.engine
+    compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
+    specs = [
+        structured.StructuredOutputSpec.from_request({"type": "json_object"}),
+        structured.StructuredOutputSpec.from_request(
+            tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+                "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}],
+            tool_choice="required"),
+    ]
+    allowed = torch.zeros(engine.vocab_size, dtype=torch.bool)
+    allowed[100:200] = True
+
+    def run(batched: bool) -> dict[str, list[int]]:
+        for i, spec in enumerate(specs * 2):
+            state = compiler.new_state(spec)
+            mask_fn = grammar_mask_fn(state) if batched else (lambda ids, state=state: state(ids))
+            params = SamplingParams(max_tokens=16, temperature=1.0, seed=10 + i,
+                                    stop_token_ids=list(compiler.stop_token_ids))
+            engine.add_request(f"g{i}", [5, 6, 7 + i], params, logits_mask_fn=mask_fn)
+        engine.add_request("plain", [4, 5], SamplingParams(max_tokens=8, temperature=1.0, seed=1),
+                           logits_mask_fn=lambda ids: allowed)
+        engine.add_request("free", [4, 5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=2))
+        finished = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    assert out.error is None, out.error
+                    finished[out.request_id] = out.token_ids
+        return finished
+
+    batched, per_row = run(True), run(False)
+    assert batched == per_row
+    for i, spec in enumerate(specs * 2):
+        assert compiler.new_state(spec).accept_tokens(batched[f"g{i}"])
+    assert all(100 <= t < 200 for t in batched["plain"])
+    assert_pool_full(llm)

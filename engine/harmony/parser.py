@@ -105,6 +105,11 @@ def parse_header(text: str, role: str | None, *, with_recipient: bool = True
         last = parts.pop()
         if last.startswith("to="):
             recipient = last[3:]
+        elif count == 1 and role == "assistant" and (last.startswith(CONSTRAIN_MARKER) or last == "json"):
+            # "<|channel|>final <|constrain|>json<|message|>": a lone content type, not a recipient called
+            # "json" (openai-harmony reads it as one, which would turn a JSON answer into a tool call).
+            content_type = last
+            issues.append(f"content type {last!r} without a recipient (openai-harmony reads it as a recipient)")
         elif count == 1:
             recipient = last
         else:
