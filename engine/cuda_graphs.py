@@ -12,10 +12,12 @@ freezes: the graphs get the engine's max_model_len, an upper bound; each sequenc
 the device from its own seq_len and the programs beyond it exit (kernels/attention.py `_decode_split_kernel`).
 The MoE grid is a host-known upper bound of the token count (kernels/moe.py), so a whole step is capturable.
 
-Each graph computes `model.forward` and `model.compute_logits` of all B rows and copies them into output
-buffers shared by all buckets (`[max_bucket, H]`, `[max_bucket, V]` fp32); `run` returns views of their first
-N rows, valid until the next `run`. Graphs share one memory pool and are captured largest first, so the
-smaller ones reuse the largest one's temporaries.
+Each graph computes `model.forward` of all B rows into one hidden-state buffer shared by all buckets
+(`[max_bucket, H]`); `run` returns a view of its first N rows, valid until the next `run`. The logits are left
+to the caller (`model.compute_logits` on the rows that sample): the unembedding reads the same weights for any
+row count, its launch is hidden behind the graph's execution, and keeping it out of the graphs saves a
+`[max_bucket, vocab]` fp32 buffer (206 MB at 120b and 256 rows) and the padding rows' logits. Graphs share one
+memory pool and are captured largest first, so the smaller ones reuse the largest one's temporaries.
 
 Without CUDA graphs (`use_graphs=False`, the only mode on CPU) `run` does the same copies and padding and runs
 the padded batch eagerly: the padding logic is then testable anywhere.
@@ -93,7 +95,6 @@ class DecodeGraphRunner:
             }
             self.slot_mapping = {g: torch.full((n,), -1, dtype=torch.int64, device=device) for g in self.groups}
             self.hidden = torch.zeros(n, config.hidden_size, dtype=model.dtype, device=device)
-            self.logits = torch.zeros(n, config.vocab_size, dtype=torch.float32, device=device)
         self._batches = {size: self._batch(size) for size in self.sizes}
 
     def _group_of(self, layer_type: str) -> str:
@@ -126,14 +127,13 @@ class DecodeGraphRunner:
         return all(batch.block_tables[g].shape[1] <= self.max_blocks_per_seq for g in self.groups)
 
     def _forward(self, size: int) -> None:
-        """The captured work: the padded forward of bucket `size`, into the shared output buffers."""
+        """The captured work: the padded forward of bucket `size`, into the shared hidden-state buffer."""
         hidden = self.model.forward(self.input_ids[:size], self.positions[:size], self._batches[size], self.kv_caches)
         self.hidden[:size].copy_(hidden)
-        self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     def _pad(self, num_seqs: int, size: int) -> None:
-        """Make rows num_seqs..size-1 padding that reads key 0 of block 0 and writes nothing, then record that
-        rows num_seqs..max_size-1 are padding (or rows from `_padding_from` if it lies beyond `size`)."""
+        """Make rows num_seqs..size-1 padding that reads key 0 of block 0 and writes nothing (rewriting only
+        those below `_padding_from`), then record which rows are padding now."""
         stale_end = min(size, self._padding_from)  # rows num_seqs..stale_end-1 were real in an earlier step
         if num_seqs < stale_end:
             self.seq_lens[num_seqs:stale_end].fill_(1)
@@ -170,18 +170,20 @@ class DecodeGraphRunner:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def run(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step of N = `batch.num_seqs` sequences (`fits(batch)` must hold).
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """One decode step of N = `batch.num_seqs` sequences (`fits(batch)` must hold), as `model.forward`.
 
-        input_ids, positions `[N]`; returns hidden `[N, H]` and fp32 logits `[N, V]`: views of the output
-        buffers, overwritten by the next `run`.
+        input_ids, positions `[N]` and the batch's tensors may be on the host or the device (they are copied
+        into the static buffers). Returns the final hidden states `[N, H]`: a view of the output buffer,
+        overwritten by the next `run`.
         """
         num_seqs = batch.num_seqs
         size = self.bucket(num_seqs)
         if size is None or not self.fits(batch):
             raise ValueError(f"a decode batch of {num_seqs} sequences does not fit the graph buffers")
+        # Rows below num_seqs stop being padding now (recorded first, so a failed copy cannot leave stale
+        # real slots in rows taken for padding later).
+        self._padding_from = max(self._padding_from, num_seqs)
         self.input_ids[:num_seqs].copy_(input_ids, non_blocking=True)
         self.positions[:num_seqs].copy_(positions, non_blocking=True)
         self.seq_lens[:num_seqs].copy_(batch.seq_lens, non_blocking=True)
@@ -195,4 +197,4 @@ class DecodeGraphRunner:
             self.graphs[size].replay()
         else:
             self._forward(size)
-        return self.hidden[:num_seqs], self.logits[:num_seqs]
+        return self.hidden[:num_seqs]

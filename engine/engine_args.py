@@ -2,7 +2,8 @@
 
 The KV cache is sized, in order of precedence, from `num_blocks` (block ids per group), `kv_cache_gb`, or on
 CUDA from free GPU memory after the weights are loaded (`gpu_memory_utilization` of the card's total, minus
-what is already used and an activation reserve). On CPU without either, `DEFAULT_CPU_KV_CACHE_GB`.
+what is already used and an activation reserve, which includes the decode CUDA graphs' memory pool unless
+`enforce_eager`). On CPU without either, `DEFAULT_CPU_KV_CACHE_GB`.
 
 With sliding-window layers the memory is split between two block pools: the sliding pool gets what every
 running sequence needs for its window plus a prefill chunk (at most a quarter of the memory, at least a tenth,
@@ -153,21 +154,18 @@ def activation_reserve_bytes(args: EngineArgs, config: ModelConfig, dtype: torch
     logits = 4 * args.max_num_seqs * config.vocab_size * 4
     reserve = max(MIN_ACTIVATION_RESERVE_BYTES, tokens * per_token + logits)
     if not args.enforce_eager:
-        reserve += cuda_graph_pool_bytes(args, config, dtype)
+        reserve += cuda_graph_pool_bytes(args, config)
     return reserve
 
 
-def cuda_graph_pool_bytes(args: EngineArgs, config: ModelConfig, dtype: torch.dtype) -> int:
+def cuda_graph_pool_bytes(args: EngineArgs, config: ModelConfig) -> int:
     """A rough upper bound of what the decode CUDA graphs keep reserved (their pool is not shared with eager
-    steps): the largest bucket's logits (output buffer, fp32 copy and model-dtype matmul result), the attention
-    decode partials at the most splits a captured graph launches (64 per sequence and query head, see
-    kernels/attention.py), and the MoE and hidden-state temporaries."""
-    elem = torch.empty((), dtype=dtype).element_size()
+    steps), from the largest bucket: the attention decode partials at the most splits a captured graph launches
+    (64 per sequence and query head, see kernels/attention.py), and the MoE and hidden-state temporaries."""
     rows = args.cuda_graph_max_batch
-    logits = rows * config.vocab_size * (4 + 4 + elem)
     decode_partials = rows * config.num_attention_heads * 64 * (config.head_dim + 2) * 4
     per_row = (16 * config.hidden_size + 4 * config.q_size + 8 * config.intermediate_size) * 4
-    return logits + decode_partials + rows * per_row
+    return decode_partials + rows * per_row
 
 
 def num_kv_blocks(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -65,13 +65,12 @@ class StepInputs:
         return StepInputs(
             move(self.input_ids),
             move(self.positions),
-            ForwardBatch(
+            replace(
+                batch,
                 query_start_loc=move(batch.query_start_loc),
                 seq_lens=move(batch.seq_lens),
                 block_tables={g: move(t) for g, t in batch.block_tables.items()},
                 slot_mapping={g: move(t) for g, t in batch.slot_mapping.items()},
-                max_query_len=batch.max_query_len,
-                max_seq_len=batch.max_seq_len,
             ),
         )
 
@@ -196,10 +195,9 @@ class ModelRunner:
         # while this thread builds the inputs and launches the forward; `_sample` waits for them.
         grammar = self._submit_grammar_bitmasks([item.seq for item in plan.scheduled if item.samples], out)
         inputs = self.prepare_inputs(plan)
-        all_logits = None  # [T, V] fp32 when the graph computed every row's logits
         graphs = self.graph_runner
         if graphs is not None and graphs.fits(inputs.batch):
-            hidden, all_logits = graphs.run(inputs.input_ids, inputs.positions, inputs.batch)
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.batch)
         else:
             inputs = inputs.to(self.device)
             hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
@@ -215,13 +213,10 @@ class ModelRunner:
                 samplers.append(item)
         if not samplers:
             return out
-        if len(sample_rows) == row:  # every row samples (pure decode): no gather
-            logits = all_logits if all_logits is not None else self.model.compute_logits(hidden)
-        else:
+        if len(sample_rows) < row:
             # Non-blocking: a plain torch.tensor(..., device=cuda) would wait for the forward to finish.
-            index = torch.tensor(sample_rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
-            logits = all_logits[index] if all_logits is not None else self.model.compute_logits(hidden[index])
-        self._sample(logits, samplers, out, grammar)
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64).to(hidden.device, non_blocking=True)]
+        self._sample(self.model.compute_logits(hidden), samplers, out, grammar)
         return out
 
     def _submit_grammar_bitmasks(
@@ -325,7 +320,7 @@ class ModelRunner:
         k = seq.sampling_params.prompt_logprobs or 0
         entries: list[TokenLogprob] = []
         rows = hidden[first - 1 - item.start : last - item.start]
-        targets = torch.tensor(seq.token_ids[first : last + 1], dtype=torch.int64, device=hidden.device)
+        targets = torch.tensor(seq.token_ids[first : last + 1], dtype=torch.int64).to(hidden.device, non_blocking=True)
         for begin in range(0, rows.shape[0], PROMPT_LOGITS_CHUNK):
             logits = self.model.compute_logits(rows[begin : begin + PROMPT_LOGITS_CHUNK])
             result = compute_prompt_logprobs(logits, targets[begin : begin + PROMPT_LOGITS_CHUNK], k)

@@ -445,17 +445,6 @@ class LocalServer:
         self.close()
 
 
-def tiny_checkpoint(directory: str | Path) -> Path:
-    """A tiny random checkpoint in `directory` (made once; reused when already there)."""
-    from engine.checkpoint import make_random_checkpoint
-    from engine.config import preset
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        make_random_checkpoint(directory, preset("tiny"), seed=0)
-    return directory
-
-
 # ---- the command -----------------------------------------------------------------------------------------
 
 
@@ -474,7 +463,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     tokenizer_path = args.tokenizer
     try:
         if base_url is None:
-            model = args.model or tiny_checkpoint(Path(tempfile.gettempdir()) / "gptoss-bench-tiny")
+            from engine.checkpoint import ensure_default_checkpoint
+
+            model = args.model or ensure_default_checkpoint()
             engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
             print(f"starting a server on {model} ...", file=sys.stderr)
             server = LocalServer(model, engine_args=engine_args)

@@ -487,9 +487,10 @@ def make_llm(args: argparse.Namespace, **overrides: Any) -> Any:
     return LLM(engine_args.pop("model"), **engine_args)
 
 
-def in_flight_limit(max_num_seqs: int) -> int:
-    """Requests handed to the engine at once: enough waiting ones to refill the batch as others finish."""
-    return 2 * max_num_seqs + 8
+def in_flight_limit(max_num_seqs: int, max_num_waiting: int = 4096) -> int:
+    """Requests handed to the engine at once: enough waiting ones to refill the batch as others finish, and
+    never more than its waiting queue takes (beyond it `add_request` raises `EngineOverloadedError`)."""
+    return min(2 * max_num_seqs + 8, max_num_seqs + max_num_waiting)
 
 
 def report_bad_line(bad: BadLine) -> None:
@@ -572,7 +573,7 @@ def run_generate(args: argparse.Namespace) -> int:
         lambda: make_llm(args),
         encoding,
         defaults,
-        max_in_flight=in_flight_limit(args.max_num_seqs),
+        max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
         include_raw=args.include_raw,
         progress=not args.no_progress,
     )

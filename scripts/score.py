@@ -211,7 +211,7 @@ def run_score(args: argparse.Namespace) -> int:
         args.input,
         args.output,
         lambda: make_llm(args),
-        max_in_flight=in_flight_limit(args.max_num_seqs),
+        max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
         progress=not args.no_progress,
     )
     print(f"{summary.num_lines} lines ({summary.num_bad_lines} bad lines skipped): {summary.num_already_done} "
