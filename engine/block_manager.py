@@ -267,14 +267,20 @@ class BlockManager:
         """
         if num_new_tokens <= 0:
             raise ValueError(f"num_new_tokens must be positive, got {num_new_tokens}")
-        fresh = self._is_fresh(seq)
-        hit = self.find_prefix_hit(seq) if fresh else 0
-        if not fresh:
-            self._free_out_of_window(seq)
-        needed = self._num_blocks_needed(seq, num_new_tokens, hit)
-        if any(needed[name] > pool.num_free_blocks for name, pool in self.pools.items()):
-            return False
         bs = self.block_size
+        if self._is_fresh(seq):
+            hit = self.find_prefix_hit(seq)
+            needed = self._num_blocks_needed(seq, num_new_tokens, hit)
+            if any(needed[name] > pool.num_free_blocks for name, pool in self.pools.items()):
+                return False
+        else:
+            hit = 0
+            self._free_out_of_window(seq)
+            # `_num_blocks_needed` without a hit, inline: this runs for every running sequence every step.
+            end_blocks = -(-(seq.num_computed_tokens + num_new_tokens) // bs)
+            tables = seq.block_tables
+            if any(end_blocks - len(tables.get(name, ())) > pool.num_free_blocks for name, pool in self.pools.items()):
+                return False
         if hit:
             for name, pool in self.pools.items():
                 first = self._first_needed_block(name, hit * bs)

@@ -134,8 +134,11 @@ class IncrementalDetokenizer:
             return ""
         token_ids = list(token_ids)
         self.num_tokens += len(token_ids)
-        data = b"".join(self._table[t] for t in token_ids if t not in self._skipped_ids)
-        self._pending += self._utf8.decode(data, final=False)
+        table, skipped = self._table, self._skipped_ids
+        # Ids past the tokenizer's table (a model vocabulary padded beyond it) decode to nothing.
+        data = b"".join(table[t] for t in token_ids if t not in skipped and t < len(table))
+        if data:
+            self._pending += self._utf8.decode(data, final=False)
         return self._release(final=False)
 
     def flush(self) -> str:

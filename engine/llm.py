@@ -262,6 +262,7 @@ class LLMEngine:
         if seq.is_finished:
             return
         self.scheduler.finish(seq, reason, stop_reason)
+        self.runner.host_block_tables.release(seq.seq_id)
         self.metrics.record_finished(reason)
 
     def _make_output(self, seq: Sequence) -> RequestOutput:

@@ -24,7 +24,7 @@ from engine.loader import load_weights, randomize_weights
 from engine.model import GptOssModel
 from engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from engine.scheduler import ScheduledSequence, SchedulerOutput
-from engine.sequence import TokenLogprob
+from engine.sequence import Sequence, TokenLogprob
 from engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,17 @@ class ModelRunnerOutput:
     failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its logits mask could not be built
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     first_prompt_index: dict[int, int] = field(default_factory=dict)
+
+
+def _to_host_lists(*tensors: torch.Tensor | None) -> list[list | None]:
+    """`.tolist()` of each tensor (None stays None) with a single wait for the device: on CUDA every tensor is
+    copied asynchronously (into pinned memory) and the stream is synchronised once, instead of one blocking
+    copy per tensor."""
+    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
+    device = next((t.device for t in tensors if t is not None), None)
+    if device is not None and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return [h.tolist() if h is not None else None for h in host]
 
 
 @dataclass
@@ -75,6 +86,94 @@ class StepInputs:
         )
 
 
+class HostBlockTables:
+    """Persistent host copies of the live sequences' block tables, one `[rows, width]` int32 array per group.
+
+    Each sequence keeps one row (by seq_id) from its first step until `release`. A block table only changes by
+    appending blocks at its end, by setting a prefix of entries to -1 (sliding-window blocks released:
+    `seq.num_window_freed` of them), or by being replaced by a new list (preemption, a prefix hit, a fork), so a
+    row is brought up to date by copying only the new entries (a whole row only when the list was replaced).
+    Rebuilding every table from its Python list each step costs ~1 ms per 64 sequences of 1k tokens and grows
+    with the context. Entries past a table's length are 0, as in a freshly built array.
+    """
+
+    def __init__(self, groups: list[str], num_rows: int = 16, width: int = 64) -> None:
+        self.groups = list(groups)
+        self.arrays = {g: np.zeros((num_rows, width), dtype=np.int32) for g in self.groups}
+        self.row_of: dict[int, int] = {}
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+        # Per group and row: the list mirrored (identity), how many entries are copied, how many are -1 already.
+        self._source: dict[str, list[list[int] | None]] = {g: [None] * num_rows for g in self.groups}
+        self._length = {g: [0] * num_rows for g in self.groups}
+        self._freed = {g: [0] * num_rows for g in self.groups}
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self._length.values())))
+
+    def _grow_rows(self) -> None:
+        old = self.num_rows
+        for g in self.groups:
+            self.arrays[g] = np.concatenate([self.arrays[g], np.zeros_like(self.arrays[g])])
+            self._source[g].extend([None] * old)
+            self._length[g].extend([0] * old)
+            self._freed[g].extend([0] * old)
+        self._free_rows.extend(range(2 * old - 1, old - 1, -1))
+
+    def _grow_width(self, group: str, width: int) -> None:
+        array = self.arrays[group]
+        new_width = max(width, 2 * array.shape[1])
+        self.arrays[group] = np.pad(array, ((0, 0), (0, new_width - array.shape[1])))
+
+    def sync(self, seq: Sequence) -> int:
+        """Bring `seq`'s row up to date with its block tables; returns the row."""
+        row = self.row_of.get(seq.seq_id)
+        if row is None:
+            if not self._free_rows:
+                self._grow_rows()
+            row = self._free_rows.pop()
+            self.row_of[seq.seq_id] = row
+        for g in self.groups:
+            table = seq.block_tables[g]
+            length = len(table)
+            array = self.arrays[g]
+            if length > array.shape[1]:
+                self._grow_width(g, length)
+                array = self.arrays[g]
+            old_length = self._length[g][row]
+            freed = seq.num_window_freed.get(g, 0)
+            if self._source[g][row] is not table:
+                array[row, :length] = table
+                if old_length > length:
+                    array[row, length:old_length] = 0
+                self._source[g][row] = table
+            else:
+                if length > old_length:
+                    array[row, old_length:length] = table[old_length:]
+                old_freed = self._freed[g][row]
+                if freed > old_freed:
+                    array[row, old_freed:freed] = -1
+            self._length[g][row] = length
+            self._freed[g][row] = freed
+        return row
+
+    def gather(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        """Per group, the tables of `seqs` (synced first): `[len(seqs), max table length]` int32, a new host
+        tensor (the rows are copied out, so later syncs do not change it)."""
+        rows = [self.sync(seq) for seq in seqs]
+        width = max(self._length[g][row] for row in rows for g in self.groups)
+        return {g: torch.from_numpy(self.arrays[g][rows, :width]) for g in self.groups}
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished sequence's row (its content is overwritten when the row is reused)."""
+        row = self.row_of.pop(seq_id, None)
+        if row is None:
+            return
+        for g in self.groups:
+            self._source[g][row] = None
+        self._free_rows.append(row)
+
+
 class ModelRunner:
     """Loads the model and KV caches for `args`; `execute` runs one step."""
 
@@ -95,6 +194,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(
             config, self.num_blocks, args.block_size, args.resolve_kv_dtype(self.dtype), self.device
         )
+        self.host_block_tables = HostBlockTables(list(self.num_blocks))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(args.seed)
         self.sampler = Sampler(generator)
@@ -150,24 +250,23 @@ class ModelRunner:
         slot_mapping: dict[str, list[int]] = {g: [] for g in groups}
         for item in plan.scheduled:
             seq = item.seq
-            input_ids.extend(seq.token_ids[item.start : item.end])
-            positions.extend(range(item.start, item.end))
+            start, end = item.start, item.end
             query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
-            seq_lens.append(item.end)
+            seq_lens.append(end)
+            if end - start == 1:  # a decode: no slices or generators for one token
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                block, offset = divmod(start, bs)
+                for g in groups:
+                    slot_mapping[g].append(seq.block_tables[g][block] * bs + offset)
+                continue
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
             for g in groups:
                 table = seq.block_tables[g]
-                slot_mapping[g].extend(table[p // bs] * bs + p % bs for p in range(item.start, item.end))
-        max_blocks = max(len(item.seq.block_tables[g]) for item in plan.scheduled for g in groups)
-
-        block_tables = {}
-        for g in groups:
-            # Padding is never read (positions >= seq_len); freed sliding entries stay -1. Row by row through
-            # numpy: a nested-list torch.tensor costs ~70 ms for 256 sequences of 8k tokens, this ~5 ms.
-            rows = np.zeros((len(plan.scheduled), max_blocks), dtype=np.int32)
-            for i, item in enumerate(plan.scheduled):
-                table = item.seq.block_tables[g]
-                rows[i, : len(table)] = table
-            block_tables[g] = torch.from_numpy(rows)
+                slot_mapping[g].extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        # Padding is never read (positions >= seq_len); freed sliding entries are -1.
+        block_tables = self.host_block_tables.gather([item.seq for item in plan.scheduled])
         slots = {g: torch.tensor(slot_mapping[g], dtype=torch.int64) for g in groups}
         if len(groups) == 1:  # one pool serves both layer types
             for other in (FULL, SLIDING):
@@ -256,18 +355,20 @@ class ModelRunner:
         `_submit_grammar_bitmasks`)."""
         seqs = [item.seq for item in items]
         params = [seq.sampling_params for seq in seqs]
-        batch = SamplingBatch.build(
-            params,
-            [seq.output_token_ids for seq in seqs],
-            logits.shape[-1],
-            logits.device,
-            prompt_token_ids=[seq.prompt_token_ids for seq in seqs],
-        )
+        # The sampler reads the token lists only of rows with penalties (and a seeded row's output length);
+        # `output_token_ids` is a new list per call, not worth making for the other rows.
+        outputs = [
+            seq.output_token_ids if p.uses_penalties or p.seed is not None else ()
+            for seq, p in zip(seqs, params, strict=True)
+        ]
+        prompts = [
+            seq.prompt_token_ids if p.repetition_penalty != 1.0 else () for seq, p in zip(seqs, params, strict=True)
+        ]
+        batch = SamplingBatch.build(params, outputs, logits.shape[-1], logits.device, prompt_token_ids=prompts)
         result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out, grammar))
-        token_ids = result.sampled_token_ids.tolist()
-        logprobs = result.sampled_logprobs.tolist()
-        top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
-        top_values = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        token_ids, logprobs, top_ids, top_values = _to_host_lists(
+            result.sampled_token_ids, result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs
+        )
         for i, seq in enumerate(seqs):
             k = seq.sampling_params.logprobs or 0
             top = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids and top_values else {}

@@ -29,16 +29,21 @@ Logprobs are those of the model's raw distribution: `log_softmax(logits)` of the
 the mask, penalties, temperature and filtering (what OpenAI reports and vLLM's default).
 
 Cost notes: the sort needed by top_p (or top_k, which uses `torch.topk` when no row needs top_p) runs only on
-the rows that use them; the penalties' [N, V] count tensors are built only when a row uses a penalty. Building
-a batch is Python over the rows (and over the prompt/output token ids when penalties are on), never over V.
+the rows that use them; the penalties' [N, V] count tensors are built only when a row uses a penalty (one flat
+index, one `index_add_`). An all-greedy batch builds no per-row tensor at all. Building a batch is Python over
+the rows (and over the prompt/output token ids when penalties are on), never over V; its host tensors reach a
+CUDA device through pinned memory with non-blocking copies (the per-row [N] fp32 parameters packed in one), so
+building never waits for the forward still running on the device.
 Sampling holds one fp64 [N, V] temporary (8 * N * V bytes: 400 MB at N = 256, V = 201088).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
@@ -71,8 +76,8 @@ class SamplingBatch:
 
     num_rows: int
     vocab_size: int
-    temperature: torch.Tensor  # [N] fp32; 1.0 on greedy rows
-    greedy: torch.Tensor  # [N] bool
+    temperature: torch.Tensor | None  # [N] fp32, 1.0 on greedy rows; None when every row is greedy
+    greedy: torch.Tensor | None  # [N] bool; None when every row is greedy
     all_greedy: bool
     any_greedy: bool
     # top_k / top_p apply to `filter_rows` only (non-greedy rows that use either).
@@ -108,38 +113,40 @@ class SamplingBatch:
         if len(output_token_ids) != num_rows:
             raise ValueError(f"{num_rows} params but {len(output_token_ids)} output_token_ids lists")
         device = torch.device(device)
-
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
         greedy_list = [p.is_greedy for p in params]
-        temperature = floats([1.0 if g else p.temperature for p, g in zip(params, greedy_list, strict=True)])
-        greedy = torch.tensor(greedy_list, dtype=torch.bool, device=device)
-
-        # top_k / top_p: only non-greedy rows (filtering never changes an argmax).
-        filter_rows_list = [
-            i
-            for i, p in enumerate(params)
-            if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
-        ]
-        filter_rows = top_k = top_p = None
-        if filter_rows_list:
-            filter_rows = torch.tensor(filter_rows_list, dtype=torch.int64, device=device)
-            ks = [
-                params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list
+        all_greedy = all(greedy_list)
+        # Every [N] fp32 column this batch needs goes in one host tensor and one (non-blocking) copy.
+        columns: dict[str, list[float]] = {}
+        filter_rows = top_k = top_p = greedy = None
+        seeded_rows = seeded_uniforms = None
+        if not all_greedy:  # greedy rows: argmax of the penalised logits, nothing else is read
+            columns["temperature"] = [1.0 if g else p.temperature for p, g in zip(params, greedy_list, strict=True)]
+            greedy = _to_device(torch.tensor(greedy_list, dtype=torch.bool), device)
+            # top_k / top_p: only non-greedy rows (filtering never changes an argmax).
+            filter_rows_list = [
+                i
+                for i, p in enumerate(params)
+                if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
             ]
-            ps = [params[i].top_p for i in filter_rows_list]
-            if any(k < vocab_size for k in ks):
-                top_k = torch.tensor(ks, dtype=torch.int64, device=device)
-            if any(p < 1.0 for p in ps):
-                top_p = floats(ps)
+            if filter_rows_list:
+                filter_rows = _to_device(torch.tensor(filter_rows_list, dtype=torch.int64), device)
+                ks = [
+                    params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list
+                ]
+                ps = [params[i].top_p for i in filter_rows_list]
+                if any(k < vocab_size for k in ks):
+                    top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
+                if any(p < 1.0 for p in ps):
+                    top_p = _to_device(torch.tensor(ps, dtype=torch.float32), device)
+            if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list, strict=True)):
+                columns["min_p"] = [0.0 if g else p.min_p for p, g in zip(params, greedy_list, strict=True)]
+            seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy_list[i]]
+            if seeded:
+                seeded_rows = _to_device(torch.tensor(seeded, dtype=torch.int64), device)
+                uniforms = [seeded_uniform(params[i].seed, len(output_token_ids[i])) for i in seeded]  # type: ignore[arg-type]
+                seeded_uniforms = _to_device(torch.tensor(uniforms, dtype=torch.float64), device)
 
-        min_p = None
-        if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list, strict=True)):
-            min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy_list, strict=True)])
-
-        repetition_penalty = seen_token_mask = None
-        frequency_penalty = presence_penalty = output_token_counts = None
+        seen_token_mask = output_token_counts = None
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         freq_rows = [
             i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
@@ -152,8 +159,8 @@ class SamplingBatch:
                 device,
             )
         if freq_rows:
-            frequency_penalty = floats([p.frequency_penalty for p in params])
-            presence_penalty = floats([p.presence_penalty for p in params])
+            columns["frequency_penalty"] = [p.frequency_penalty for p in params]
+            columns["presence_penalty"] = [p.presence_penalty for p in params]
         if rep_rows:
             if prompt_token_ids is None:
                 raise ValueError("prompt_token_ids is required when a row has repetition_penalty != 1")
@@ -161,31 +168,29 @@ class SamplingBatch:
             prompt_counts = _token_counts(
                 [prompt_token_ids[i] if i in rep_set else () for i in range(num_rows)], vocab_size, device
             )
+            assert output_token_counts is not None
             seen_token_mask = (prompt_counts > 0) | (output_token_counts > 0)
-            repetition_penalty = floats([max(p.repetition_penalty, _MIN_REPETITION_PENALTY) for p in params])
+            columns["repetition_penalty"] = [max(p.repetition_penalty, _MIN_REPETITION_PENALTY) for p in params]
 
-        seeded_rows = seeded_uniforms = None
-        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy_list[i]]
-        if seeded:
-            seeded_rows = torch.tensor(seeded, dtype=torch.int64, device=device)
-            uniforms = [seeded_uniform(params[i].seed, len(output_token_ids[i])) for i in seeded]  # type: ignore[arg-type]
-            seeded_uniforms = torch.tensor(uniforms, dtype=torch.float64, device=device)
-
+        values: dict[str, torch.Tensor] = {}
+        if columns:
+            packed = _to_device(torch.tensor(list(columns.values()), dtype=torch.float32), device)
+            values = dict(zip(columns, packed.unbind(0), strict=True))
         return cls(
             num_rows=num_rows,
             vocab_size=vocab_size,
-            temperature=temperature,
+            temperature=values.get("temperature"),
             greedy=greedy,
-            all_greedy=all(greedy_list),
+            all_greedy=all_greedy,
             any_greedy=any(greedy_list),
             filter_rows=filter_rows,
             top_k=top_k,
             top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
+            min_p=values.get("min_p"),
+            repetition_penalty=values.get("repetition_penalty"),
             seen_token_mask=seen_token_mask,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
+            frequency_penalty=values.get("frequency_penalty"),
+            presence_penalty=values.get("presence_penalty"),
             output_token_counts=output_token_counts,
             seeded_rows=seeded_rows,
             seeded_uniforms=seeded_uniforms,
@@ -193,19 +198,27 @@ class SamplingBatch:
         )
 
 
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: on CUDA through pinned memory with a non-blocking copy, so building a batch
+    never waits for the forward that is still running (a plain `torch.tensor(..., device=cuda)` would)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[N] lists of token ids -> [N, V] fp32 occurrence counts (padding scatters into a dropped column V)."""
+    """[N] lists of token ids -> [N, V] fp32 occurrence counts, from one flat index (row * V + id) and one
+    `index_add_` (no [N, max_len] padding, one host-to-device copy)."""
     num_rows = len(token_ids)
-    max_len = max((len(ids) for ids in token_ids), default=0)
-    counts = torch.zeros(num_rows, vocab_size + 1, dtype=torch.float32, device=device)
-    if max_len > 0:
-        padded = torch.full((num_rows, max_len), vocab_size, dtype=torch.int64)
-        for row, ids in enumerate(token_ids):
-            if len(ids):
-                padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
-        padded = padded.to(device)
-        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
-    return counts[:, :vocab_size]
+    lengths = [len(ids) for ids in token_ids]
+    total = sum(lengths)
+    counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
+    if total > 0:
+        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
+        flat += np.repeat(np.arange(num_rows, dtype=np.int64) * vocab_size, lengths)
+        index = _to_device(torch.from_numpy(flat), device)
+        counts.index_add_(0, index, torch.ones(total, dtype=torch.float32, device=device))
+    return counts.view(num_rows, vocab_size)
 
 
 @dataclass
@@ -308,6 +321,7 @@ class Sampler:
         logits = apply_penalties(logits, batch)
         if batch.all_greedy:
             return logits  # argmax is all that follows; temperature and filtering cannot change it
+        assert batch.temperature is not None
         logits = logits / batch.temperature.unsqueeze(1)
         if batch.filter_rows is not None:
             if batch.filter_rows.numel() == batch.num_rows:
@@ -340,6 +354,7 @@ class Sampler:
         # neighbour's), and never past the end (target <= total).
         sampled = torch.searchsorted(cdf, target).squeeze(1)
         if batch.any_greedy:
+            assert batch.greedy is not None
             sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
         return sampled
 

@@ -139,6 +139,13 @@ class Scheduler:
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            start = seq.num_computed_tokens
+            # The common case first: everything fits (`allocate` is all or nothing); asking
+            # `max_allocatable_tokens` first would do the same bookkeeping twice per sequence and step.
+            if want > 0 and bm.allocate(seq, want):
+                scheduled[seq.seq_id] = ScheduledSequence(seq, start, want)
+                budget -= want
+                continue
             while True:
                 num_new = bm.max_allocatable_tokens(seq, want)
                 if num_new > 0:

@@ -78,6 +78,8 @@ class Sequence:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        # The prompt never changes: one copy, shared by every reader (they must not modify it).
+        self._prompt_token_ids: list[int] = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.want_prompt_logprobs = want_prompt_logprobs
         self.arrival_time = arrival_time
@@ -111,7 +113,8 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        """The prompt (a shared list, not a copy: copying a long prompt per step per request adds up)."""
+        return self._prompt_token_ids
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -37,9 +37,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # httpx is imported where it is used: `gptoss --help` must not need it
+    import httpx
 
 PERCENTILES = (50, 90, 99)
 WORDS = ("the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with",
@@ -156,6 +157,8 @@ def chunk_text(chunk: dict[str, Any]) -> str:
 async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
                        ) -> RequestResult:
     """Stream one request; TTFT, ITL and E2EL as vLLM's benchmark measures them."""
+    import httpx
+
     result = RequestResult()
     num_chunks = 0
     start = time.perf_counter()
@@ -300,6 +303,8 @@ async def served_model_name(client: httpx.AsyncClient, base_url: str, headers: d
 
 async def sweep(args: argparse.Namespace, base_url: str, tokenizer: Any | None) -> dict[str, Any]:
     """Warm-up, then one benchmark per concurrency value; the whole JSON report."""
+    import httpx
+
     chat = args.endpoint.endswith("chat/completions")
     url = base_url.rstrip("/") + args.endpoint
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -410,6 +415,8 @@ class LocalServer:
         self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
+        import httpx
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

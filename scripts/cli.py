@@ -2,6 +2,9 @@
 
     gptoss serve [--model PATH]          the HTTP server (no --model: a tiny random checkpoint, made once)
     gptoss make-checkpoint OUT           random weights in the Hugging Face layout
+    gptoss generate IN.jsonl OUT.jsonl   offline batch generation (resumable)
+    gptoss score IN.jsonl OUT.jsonl      log-probabilities of continuations (multiple-choice evaluation)
+    gptoss bench serve | latency         load-test a server; the engine alone against its roofline
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from engine.config import PRESETS, preset
+from scripts import bench_latency, bench_serve, generate, score
 from scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
 Handler = Callable[[argparse.Namespace], int]
@@ -111,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_make_checkpoint(subparsers)
+    generate.register(subparsers)
+    score.register(subparsers)
+    bench = subparsers.add_parser("bench", help="benchmarks: serve (load-test a server), latency (the engine alone)")
+    bench_subparsers = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve.register(bench_subparsers)
+    bench_latency.register(bench_subparsers)
     return parser
 
 

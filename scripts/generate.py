@@ -149,7 +149,12 @@ def read_jobs(
             request_id = normalize_id(obj.get("id"), line_no)
             if request_id in seen:
                 raise BadLine(line_no, f"duplicate id {request_id!r} (first on line {seen[request_id]})")
-            job = build(obj, line_no, request_id)
+            try:
+                job = build(obj, line_no, request_id)
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:  # BadLine is a ValueError
+                if isinstance(exc, BadLine):
+                    raise
+                raise BadLine(line_no, f"{type(exc).__name__}: {exc}") from None
         except BadLine as bad:
             report(bad)
             continue
@@ -231,25 +236,15 @@ def build_generate_job(obj: dict[str, Any], line_no: int, request_id: str, encod
         raise BadLine(line_no, f"raw: must be a boolean, got {raw!r}")
     if raw and kind != "prompt":
         raise BadLine(line_no, "raw: only applies to prompt")
+    if kind == "prompt" and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
+        raise BadLine(line_no, "prompt: must be a non-empty string")
     try:
-        if kind == "prompt":
-            prompt = obj["prompt"]
-            if not isinstance(prompt, str) or not prompt:
-                raise BadLine(line_no, "prompt: must be a non-empty string")
-            if raw:
-                prompt_ids = encoding.tokenizer.encode(prompt, add_special_tokens=False).ids
-            else:
-                conversation = conversation_from_chat(
-                    [{"role": "user", "content": prompt}],
-                    tools=obj.get("tools"),
-                    reasoning_effort=obj.get("reasoning_effort", defaults.reasoning_effort),
-                    response_format=obj.get("response_format"),
-                    current_date=defaults.current_date,
-                )
-                prompt_ids = encoding.render_chat_prompt(conversation)
-        elif kind == "messages":
+        if raw:
+            prompt_ids = encoding.tokenizer.encode(obj["prompt"], add_special_tokens=False).ids
+        elif kind in ("prompt", "messages"):
+            messages = [{"role": "user", "content": obj["prompt"]}] if kind == "prompt" else obj["messages"]
             conversation = conversation_from_chat(
-                obj["messages"],
+                messages,
                 tools=obj.get("tools"),
                 reasoning_effort=obj.get("reasoning_effort", defaults.reasoning_effort),
                 response_format=obj.get("response_format"),
@@ -270,7 +265,7 @@ def build_generate_job(obj: dict[str, Any], line_no: int, request_id: str, encod
             )
             prompt_ids = encoding.render_chat_prompt(conversation)
     except HarmonyInputError as exc:
-        param = f" ({exc.param})" if getattr(exc, "param", None) else ""
+        param = f" ({exc.param})" if exc.param and exc.param not in str(exc) else ""
         raise BadLine(line_no, f"{exc}{param}") from None
     if not prompt_ids:
         raise BadLine(line_no, "the prompt renders to no tokens")
@@ -505,7 +500,8 @@ class GenerateSummary:
     num_requests: int  # valid input lines
     num_bad_lines: int
     num_already_done: int  # found in the output file when the run started
-    num_run: int
+    num_run: int  # left to run when the run started
+    num_finished: int = 0  # of those, finished (all of them unless interrupted)
     interrupted: bool = False
 
 
@@ -545,6 +541,7 @@ def generate_jsonl(
 
             def on_finished(job: Job, out: Any) -> None:
                 results.append(generate_result(job, out, encoding, include_raw))
+                summary.num_finished += 1
 
             try:
                 run_engine(llm.engine, pending, on_finished, max_in_flight=max_in_flight, progress=bar)
@@ -578,7 +575,8 @@ def run_generate(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
-          f"{summary.num_already_done} were already in {args.output}, {summary.num_run} run", file=sys.stderr)
+          f"{summary.num_already_done} were already in {args.output}, {summary.num_finished} of {summary.num_run} "
+          "others run", file=sys.stderr)
     if summary.interrupted:
         print("interrupted: every finished result is in the output file; run the same command again to resume",
               file=sys.stderr)

@@ -127,7 +127,8 @@ class ScoreSummary:
     num_lines: int
     num_bad_lines: int
     num_already_done: int
-    num_run: int
+    num_run: int  # lines left to score when the run started
+    num_finished: int = 0  # of those, scored
     interrupted: bool = False
 
 
@@ -190,6 +191,7 @@ def score_jsonl(
                 **line.extra,
             }
             results.append(record)
+            summary.num_finished += 1
 
     bar = make_progress(len(pending), progress, unit="seq")
     try:
@@ -215,7 +217,7 @@ def run_score(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     print(f"{summary.num_lines} lines ({summary.num_bad_lines} bad lines skipped): {summary.num_already_done} "
-          f"were already in {args.output}, {summary.num_run} scored", file=sys.stderr)
+          f"were already in {args.output}, {summary.num_finished} of {summary.num_run} others scored", file=sys.stderr)
     if summary.interrupted:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130

@@ -137,6 +137,7 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
         max_tokens = check_prompt_length(state, len(ids), max_tokens, param) if max_tokens else 0
         kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
         kwargs["stop"] = req.stop_list
+        kwargs["ignore_eos"] = req.ignore_eos
         if req.logprobs is not None:
             kwargs["logprobs"] = req.logprobs
         if req.echo and (req.logprobs is not None or max_tokens == 0):

@@ -198,6 +198,8 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
     user: str | None = None
+    # vLLM's extension: generate exactly max_tokens (benchmarks need fixed output lengths).
+    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:

@@ -10,11 +10,16 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The tiny test models are far too small for intra-op threads to pay: on a 2-core machine two torch threads
+# per process made steps ~10x slower. Child processes (servers, killed `generate` runs) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Without a GPU the Triton kernels run in the interpreter. Triton reads the variable when a kernel is
 # decorated, so it is set here, before any test module imports a kernel.
 try:
     import torch
 
+    torch.set_num_threads(1)
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # torch missing: the tests that need it fail on their own imports

@@ -208,3 +208,29 @@ def test_cli_registration(tmp_path: Path) -> None:
                               "--seed", "1", "--temperature", "0"])
     assert args.handler is generate.run_generate
     assert args.max_num_seqs == 4 and args.temperature == 0.0 and args.seed == 1
+
+
+def test_ctrl_c_keeps_finished_lines_and_frees_the_engine(tmp_path: Path, encoding, llm16, monkeypatch) -> None:
+    rows = [{"id": f"c{i}", "prompt": f"Hi {i}", "raw": True, "max_tokens": 1 + i, "ignore_eos": True}
+            for i in range(6)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    engine = llm16.engine
+    real_step = engine.step
+    calls = []
+
+    def step_then_interrupt():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_then_interrupt)
+    summary = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=5), max_in_flight=40)
+    assert summary.interrupted and 0 < summary.num_finished < len(rows)
+    assert len(read_results(out)) == summary.num_finished
+    assert not engine.has_unfinished_requests()  # the requests in flight were aborted
+    monkeypatch.setattr(engine, "step", real_step)
+    again = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=5), max_in_flight=40)
+    assert not again.interrupted and again.num_already_done == summary.num_finished
+    assert [r["id"] for r in read_results(out)] == [r["id"] for r in rows]

@@ -164,3 +164,11 @@ def test_bounded_store_capacity_and_expiry(monkeypatch):
     assert store.get("a") is None and store.get("b") == 2 and len(store) == 2  # oldest forgotten
     now[0] += 11
     assert store.get("c") is None and len(store) == 0  # expired
+
+
+def test_completions_ignore_eos_reaches_the_engine(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, "Hello there")
+    for flag in (True, False):
+        httpx.post(scripted.v1 + "/completions", timeout=30,
+                   json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": flag}).raise_for_status()
+        assert scripted.engine.requests[-1][2].ignore_eos is flag
