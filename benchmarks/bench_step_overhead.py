@@ -81,7 +81,9 @@ def build_engine(
     workdir: Path, vocab_size: int, max_batch: int, prompt_len: int, steps: int, tokenizer: Path | None
 ) -> LLMEngine:
     """An engine on a tiny random checkpoint of `vocab_size` tokens, KV pools large enough for every stream."""
-    max_len = prompt_len + steps + 64
+    # Sequences whose prompt is done decode while later prompts are still prefilling: room for those tokens too.
+    max_batched_tokens = max(8192, prompt_len)
+    max_len = prompt_len + steps + 64 + -(-max_batch * prompt_len // max_batched_tokens)
     config = preset("tiny").replace(vocab_size=vocab_size, max_position_embeddings=max(2048, max_len))
     make_random_checkpoint(workdir, config, seed=0, tokenizer_path=tokenizer, write_weights=False)
     block_size = 16
@@ -93,7 +95,7 @@ def build_engine(
         block_size=block_size,
         num_blocks=num_blocks,
         max_num_seqs=max_batch,
-        max_num_batched_tokens=max(8192, prompt_len),
+        max_num_batched_tokens=max_batched_tokens,
         max_model_len=max_len,
         enable_prefix_caching=False,
     )
@@ -154,7 +156,7 @@ def run_batch(
         step["host_total"] = step["step_total"] - step.get("sampler_compute", 0.0) - step.get("stubs", 0.0)
         for name in (*PHASES, "host_total", "step_total"):
             samples[name].append(step.get(name, 0.0) * 1e6)
-    failed = [seq.error for seq in engine.requests.values() if seq.is_finished or seq.error]
+    failed = [(seq.finish_reason, seq.error) for seq in engine.requests.values() if seq.is_finished or seq.error]
     if failed or len(engine.requests) != batch:
         raise RuntimeError(f"requests failed or finished during the timed steps: {failed[:3]}")
     for request_id in ids:
