@@ -73,9 +73,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`x` `[T, H]` (normalised) -> `[T, H]`; writes this step's keys/values into `kv_cache`."""
         num_tokens = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q = ops.linear(x, self.q_proj.weight, self.q_proj.bias, batch_invariant)
+        k = ops.linear(x, self.k_proj.weight, self.k_proj.bias, batch_invariant)
+        v = ops.linear(x, self.v_proj.weight, self.v_proj.bias, batch_invariant)
+        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping[self.layer_type])
         attn = ops.paged_attention(
@@ -92,9 +95,11 @@ class Attention(nn.Module):
             max_seq_len=batch.max_seq_len,
             batch_invariant=batch_invariant,
         )
-        out = nn.functional.linear(attn.reshape(num_tokens, -1), self.o_proj.weight)
-        if self.world_size > 1:
-            dist.all_reduce(out)
+        attn = attn.reshape(num_tokens, -1)
+        if self.world_size == 1:
+            return ops.linear(attn, self.o_proj.weight, self.o_proj.bias, batch_invariant)
+        out = ops.linear(attn, self.o_proj.weight, None, batch_invariant)
+        dist.all_reduce(out)
         # The bias is added once, after the reduction, not once per rank.
         return out + self.o_proj.bias
 
@@ -133,7 +138,7 @@ class MoE(nn.Module):
         experts = self.experts
         return ops.moe(
             x,
-            self.router(x),
+            ops.linear(x, self.router.weight, self.router.bias, batch_invariant),
             experts.gate_up_proj_blocks,
             experts.gate_up_proj_scales,
             experts.gate_up_proj_bias,
@@ -262,5 +267,5 @@ class GptOssModel(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` -> `[N, V]` fp32."""
-        return self.lm_head(hidden).to(torch.float32)
+        """`[N, H]` -> `[N, V]` fp32 (batch-invariant on CUDA: written in fp32 straight from the accumulator)."""
+        return ops.linear(hidden, self.lm_head.weight, None, self.batch_invariant, out_dtype=torch.float32)

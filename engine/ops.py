@@ -10,6 +10,27 @@ import torch
 from kernels import reference
 
 
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch_invariant: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """`x` `[T, K]` @ `weight` `[N, K]`^T + `bias` `[N]` -> `[T, N]` in `out_dtype` (default x.dtype).
+
+    cuBLAS picks its algorithm (and split-K) from the row count, so a row's bits depend on the batch; in
+    batch-invariant mode CUDA tensors go through the Triton kernel, whose per-element reduction order depends
+    on K only (it accumulates in fp32 and rounds once, to out_dtype). Otherwise, and on CPU, torch.
+    """
+    if x.is_cuda and batch_invariant:
+        from kernels.matmul import linear as triton_linear
+
+        return triton_linear(x, weight, bias, out_dtype=out_dtype)
+    out = torch.nn.functional.linear(x, weight, bias)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

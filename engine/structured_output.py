@@ -16,6 +16,15 @@ when the model opens the final channel (or a tool call), whatever the model does
 the headers by itself (the mask then allows what it would pick anyway), a random test model is led through
 them. Special tokens are grammar terminals by name (`<|channel|>`), never matched by TEXT or JSON strings.
 
+`StructuredOutputSpec(..., start_in_final=True)` is for a prompt that already ends inside the final channel
+(`...<|start|>assistant<|channel|>final<|message|>`, `FINAL_HEADER` prefilled: reasoning skipped); its grammar
+is just `BODY <|return|>`. With a random test model that is what makes replies end: it picks among the allowed
+tokens about uniformly, so it opens the analysis channel half the time or more and then writes free TEXT that
+a one-in-hundreds `<|end|>` practically never closes. With a schema whose values are all bounded (strings with
+maxLength / enum / a bounded pattern, integers with minimum and maximum, arrays with maxItems, objects with
+`additionalProperties: false`) and the whitespace cap below, every reply then ends within a bounded number of
+tokens (tests/test_structured_e2e.py). It cannot go with tools (a call is not a final message).
+
 Library: llguidance (MIT; the Rust core behind Guidance, also used by vLLM, SGLang and llama.cpp), chosen over
 xgrammar (Apache-2.0) because
 - its Lark dialect has special tokens as terminals by name and embeds JSON schemas inline (`%json {...}`),
@@ -84,6 +93,8 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 RETURN_TOKEN = "<|return|>"
 CALL_TOKEN = "<|call|>"
 EOS_TOKEN = "<|endoftext|>"
+# What a prompt ends with when the reply starts inside the final channel (`StructuredOutputSpec.start_in_final`).
+FINAL_HEADER = "<|channel|>final<|message|>"
 
 
 class StructuredOutputError(ValueError):
@@ -118,6 +129,8 @@ class StructuredOutputSpec:
     or None for free text. `strict`: unsupported schema keywords are errors (True) or ignored (False; invalid
     schemas are errors either way). `tools`: the functions the model may call (empty: no tool calls).
     `allow_final`: False when a tool call is required (`tool_choice` "required" or a named function).
+    `start_in_final`: the prompt ends with `FINAL_HEADER` (the caller skipped reasoning), so the reply is only
+    the final message's body and `<|return|>`; no tools then.
     """
 
     final_schema: str | None = None
@@ -125,10 +138,13 @@ class StructuredOutputSpec:
     tools: tuple[ToolConstraint, ...] = ()
     allow_final: bool = True
     final_param: str = field(default="response_format", compare=False)
+    start_in_final: bool = False
 
     def __post_init__(self) -> None:
         if not self.allow_final and not self.tools:
             raise StructuredOutputError("tool_choice", "a tool call is required but no function tool is given")
+        if self.start_in_final and (self.tools or not self.allow_final):
+            raise StructuredOutputError("tools", "a reply that starts in the final channel cannot call tools")
         names = [tool.name for tool in self.tools]
         if len(set(names)) != len(names):
             raise StructuredOutputError("tools", f"duplicate function names in {names}")
@@ -142,6 +158,7 @@ class StructuredOutputSpec:
         *,
         response_format_param: str = "response_format",
         tools_param: str = "tools",
+        start_in_final: bool = False,
     ) -> StructuredOutputSpec | None:
         """The spec of an API request, or None when nothing needs constraining.
 
@@ -153,6 +170,7 @@ class StructuredOutputSpec:
         (`{"name", "description", "parameters"}`) send them; non-function tools are skipped. `tool_choice`:
         "auto" / None, "none", "required", or `{"type": "function", "function": {"name"}}` /
         `{"type": "function", "name"}`. Raises `StructuredOutputError` naming the offending field.
+        `start_in_final`: the prompt ends with `FINAL_HEADER` (see the class docstring).
         """
         final_schema, strict, final_param = parse_response_format(response_format, response_format_param)
         all_tools = parse_function_tools(tools, tools_param)
@@ -165,7 +183,8 @@ class StructuredOutputSpec:
         )
         if not constrained:
             return None
-        return cls(final_schema, strict, callable_tools, allow_final, final_param=final_param)
+        return cls(final_schema, strict, callable_tools, allow_final, final_param=final_param,
+                   start_in_final=start_in_final)
 
 
 def canonical_json(value: Any) -> str:
@@ -292,6 +311,12 @@ def _lark_string(text: str) -> str:
 def harmony_grammar(spec: StructuredOutputSpec) -> str:
     """The Lark grammar (llguidance dialect) of a whole harmony reply under `spec`; see the module docstring."""
     rules = ["TEXT: /(?s:.*)/"]
+    final_body = "TEXT"
+    if spec.final_schema is not None and spec.allow_final:
+        final_body = "final_json"
+        rules.append(f"final_json: %json {json.dumps(_json_with_options(spec.final_schema, spec.strict))}")
+    if spec.start_in_final:  # the prompt ends with FINAL_HEADER: only the body and <|return|> are left
+        return "\n".join([f"start: {final_body} <|return|>", *rules]) + "\n"
     header = '<|channel|> "analysis"'
     if spec.tools:
         header = '<|channel|> ("analysis" | "commentary")'
@@ -300,10 +325,7 @@ def harmony_grammar(spec: StructuredOutputSpec) -> str:
     if spec.allow_final:
         replies.append("final")
         # No content type on the final channel: the model needs none, and parsers read one there as a recipient.
-        body = "TEXT" if spec.final_schema is None else "final_json"
-        rules.append(f'final: <|channel|> "final" <|message|> {body} <|return|>')
-        if spec.final_schema is not None:
-            rules.append(f"final_json: %json {json.dumps(_json_with_options(spec.final_schema, spec.strict))}")
+        rules.append(f'final: <|channel|> "final" <|message|> {final_body} <|return|>')
     if spec.tools:
         rules.append('content_type: " " <|constrain|> "json" | " json"')
     for i, tool in enumerate(spec.tools):

@@ -432,6 +432,45 @@ def test_natural_replies_accepted(request: pytest.FixtureRequest, which: str) ->
         assert not state.accept_tokens(token_ids)
 
 
+@pytest.mark.parametrize("name", ["nested_object", "array_of_objects", "string_pattern"])
+def test_start_in_final_reply_is_the_body_and_return(tiny, name: str) -> None:
+    """A prompt ending with FINAL_HEADER: the reply is the JSON and `<|return|>`, no headers, no analysis."""
+    compiler, driver = tiny
+    spec = StructuredOutputSpec.from_request(
+        {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMAS[name], "strict": True}},
+        start_in_final=True,
+    )
+    assert spec is not None and spec.start_in_final and spec != json_schema_spec(SCHEMAS[name])
+    assert "<|channel|>" not in compiler.compile(spec).grammar
+    for seed in range(3):
+        token_ids = driver.run(compiler.new_state(spec), seed=seed)
+        assert token_ids[-1] == compiler.stop_token_ids[0]
+        text = driver.decode(token_ids[:-1])
+        assert "<|" not in text
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_start_in_final_json_object_and_text(tiny) -> None:
+    compiler, driver = tiny
+    spec = StructuredOutputSpec.from_request({"type": "json_object"}, start_in_final=True)
+    assert spec is not None
+    token_ids = driver.run(compiler.new_state(spec), seed=4)
+    assert isinstance(json.loads(driver.decode(token_ids[:-1])), dict)
+    # Free text in the final channel: anything without special tokens, then <|return|>.
+    state = compiler.new_state(StructuredOutputSpec(start_in_final=True))
+    assert state.accept_tokens(driver.tokenizer.encode("Hi there", add_special_tokens=False).ids)
+    assert not state.accept_token(driver.tokenizer.token_to_id("<|channel|>"))
+    assert state.accept_token(compiler.stop_token_ids[0]) and state.is_terminated()
+
+
+def test_start_in_final_cannot_call_tools() -> None:
+    with pytest.raises(StructuredOutputError, match="cannot call tools") as info:
+        StructuredOutputSpec.from_request(None, TOOLS, "required", start_in_final=True)
+    assert info.value.param == "tools"
+    spec = StructuredOutputSpec.from_request({"type": "json_object"}, TOOLS, "none", start_in_final=True)
+    assert spec is not None and spec.tools == ()
+
+
 # --------------------------------------------------------------------------------------------------------
 # Requests -> specs, and errors
 # --------------------------------------------------------------------------------------------------------
