@@ -9,7 +9,8 @@ prefilled (not timed), then `--steps` pure-decode steps are timed phase by phase
 - schedule:        `Scheduler.schedule` (the plan, block allocation)
 - prepare_inputs:  `ModelRunner.prepare_inputs` (token ids, positions, block tables, slot mapping)
 - sample_host:     `ModelRunner._sample` minus the sampler's tensor work (sampling metadata, device->host copy,
-                   per-row results)
+                   per-row results); with penalties it also holds the [N, V] count/mask tensors' fill, device
+                   work on CUDA but CPU compute here
 - sampler_compute: the `Sampler` call itself: [N, V] tensor work, device work on CUDA but CPU compute here
 - mark_computed:   `Scheduler.mark_computed`
 - output:          `LLMEngine._process` (append token, stop checks, detokenize, RequestOutput deltas)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, prepared for a session that is lent a GPU (one H100/H200; the device tool's `run`).
 #
-#   part "kernels" (~6 min): the Triton kernel tests compiled for real (not interpreted), then the MoE and
+#   part "kernels" (~9 min): the Triton kernel tests compiled for real (not interpreted), then the MoE and
 #                             attention benchmarks at gpt-oss-120b shapes.
 #   part "engine"  (~7 min): CUDA-graph tests, then `gptoss bench latency` on full-size random 120b weights
 #                             (batch-1 decode at 1k and 32k context, prefill of 1k and 8k prompts).
@@ -39,8 +39,10 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one step, its log kept even when it fa
 case "$part" in
 kernels)
     run test_kernels 200 python3 -m pytest -q -x tests/test_moe_kernel.py tests/test_attention_kernel.py
+    run test_matmul 250 python3 -m pytest -q -x tests/test_matmul_kernel.py
     run bench_moe 120 python3 -m benchmarks.bench_moe --out "$out" --iters 10
     run bench_attention 150 python3 -m benchmarks.bench_attention --out "$out" --iters 10
+    run bench_matmul 150 python3 -m benchmarks.bench_matmul --out "$out" --iters 10
     ;;
 engine)
     run test_cuda_graphs 150 python3 -m pytest -q -x tests/test_cuda_graphs.py tests/test_llm.py

@@ -362,7 +362,7 @@ class ModelRunner:
             for seq, p in zip(seqs, params, strict=True)
         ]
         prompts = [
-            seq.prompt_token_ids if p.repetition_penalty != 1.0 else () for seq, p in zip(seqs, params, strict=True)
+            seq.prompt_token_array if p.repetition_penalty != 1.0 else () for seq, p in zip(seqs, params, strict=True)
         ]
         batch = SamplingBatch.build(params, outputs, logits.shape[-1], logits.device, prompt_token_ids=prompts)
         result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out, grammar))

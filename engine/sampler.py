@@ -39,7 +39,6 @@ Sampling holds one fp64 [N, V] temporary (8 * N * V bytes: 400 MB at N = 256, V 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,11 +164,12 @@ class SamplingBatch:
             if prompt_token_ids is None:
                 raise ValueError("prompt_token_ids is required when a row has repetition_penalty != 1")
             rep_set = set(rep_rows)
-            prompt_counts = _token_counts(
-                [prompt_token_ids[i] if i in rep_set else () for i in range(num_rows)], vocab_size, device
+            seen_token_mask = _token_mask(
+                [prompt_token_ids[i] if i in rep_set else () for i in range(num_rows)],
+                [output_token_ids[i] if i in rep_set else () for i in range(num_rows)],
+                vocab_size,
+                device,
             )
-            assert output_token_counts is not None
-            seen_token_mask = (prompt_counts > 0) | (output_token_counts > 0)
             columns["repetition_penalty"] = [max(p.repetition_penalty, _MIN_REPETITION_PENALTY) for p in params]
 
         values: dict[str, torch.Tensor] = {}
@@ -206,19 +206,44 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _flat_token_index(token_ids: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray | None:
+    """`row * V + id` of every token of every row, int64 (None when there is none). A row may be a list of ids
+    or an int64 numpy array (e.g. a cached prompt: no Python loop over its tokens)."""
+    parts = []
+    for row, ids in enumerate(token_ids):
+        if len(ids):
+            array = ids if isinstance(ids, np.ndarray) else np.fromiter(ids, dtype=np.int64, count=len(ids))
+            parts.append(array + row * vocab_size)
+    return np.concatenate(parts) if parts else None
+
+
 def _token_counts(token_ids: Sequence[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[N] lists of token ids -> [N, V] fp32 occurrence counts, from one flat index (row * V + id) and one
-    `index_add_` (no [N, max_len] padding, one host-to-device copy)."""
+    """[N] rows of token ids -> [N, V] fp32 occurrence counts, from one flat index (row * V + id), one
+    host-to-device copy and one `index_add_` (no [N, max_len] padding)."""
     num_rows = len(token_ids)
-    lengths = [len(ids) for ids in token_ids]
-    total = sum(lengths)
     counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
-    if total > 0:
-        flat = np.fromiter(itertools.chain.from_iterable(token_ids), dtype=np.int64, count=total)
-        flat += np.repeat(np.arange(num_rows, dtype=np.int64) * vocab_size, lengths)
-        index = _to_device(torch.from_numpy(flat), device)
-        counts.index_add_(0, index, torch.ones(total, dtype=torch.float32, device=device))
+    index = _flat_token_index(token_ids, vocab_size)
+    if index is not None:
+        index_t = _to_device(torch.from_numpy(index), device)
+        counts.index_add_(0, index_t, torch.ones(len(index), dtype=torch.float32, device=device))
     return counts.view(num_rows, vocab_size)
+
+
+def _token_mask(
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """[N] prompts and [N] outputs -> [N, V] bool: the id occurs in row i's prompt or output. One flat index,
+    one copy, one scatter of True (no fp32 [N, V] count tensors)."""
+    num_rows = len(prompt_token_ids)
+    mask = torch.zeros(num_rows * vocab_size, dtype=torch.bool, device=device)
+    parts = [_flat_token_index(rows, vocab_size) for rows in (prompt_token_ids, output_token_ids)]
+    parts = [part for part in parts if part is not None]
+    if parts:
+        mask[_to_device(torch.from_numpy(np.concatenate(parts)), device)] = True
+    return mask.view(num_rows, vocab_size)
 
 
 @dataclass

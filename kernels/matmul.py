@@ -13,8 +13,8 @@ Why the result of a row does not depend on M (the number of rows):
 - The tile table (`gpu_config`) is keyed on M, N and the dtype, but every entry of one layer (N, dtype)
   shares BLOCK_K and the MMA instruction each warp group issues (on Hopper `wgmma m64 nW k16` with
   W = `MatmulConfig.instr_n` fixed per N): bigger batches get bigger CTA tiles by adding warp groups along
-  M or N, never by changing the instruction or the K steps. tests/test_matmul_kernel.py checks the instruction shape of every entry
-  in the sm_90 TTGIR and, on a GPU, the bits across the table.
+  M or N, never by changing the instruction or the K steps. tests/test_matmul_kernel.py checks the
+  instruction shape of every entry in the sm_90 TTGIR and, on a GPU, the bits across the table.
 - M is not specialised on (`do_not_specialize`): M == 1 or M % 16 == 0 compile the same kernel.
 
 Decode (M <= 256) is bandwidth-bound on the weight: the grid walks the N tiles with the (few) M tiles of one
@@ -165,7 +165,9 @@ def gpu_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> Ma
     128 x 128 tiles for prefill (64-wide N for the 16-wide MMA, to stay at 32 warps)."""
     instr = instr_n_for(n)
     fp32 = dtype == torch.float32
-    block_k = 64 if fp32 else 128  # the same bytes per stage either way
+    # K step: 256 B of each weight row per stage (512 B for the narrowest layers): k/v_proj and the
+    # router have too few N tiles to fill the GPU, so each CTA needs more bytes in flight to stream fast.
+    block_k = (64 if fp32 else 128) * (2 if instr == 16 else 1)
     if num_rows <= 64:
         block_m, block_n = 64, instr
     elif num_rows <= 256 or fp32:  # fp32 (tests, debugging): 128-row FMA tiles would spill

@@ -37,8 +37,9 @@ DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
 # ||out - ref|| / ||ref|| against the fp32 reference before its final cast. Products of bf16 values are exact
 # in fp32, so the kernel and the reference differ by fp32 summation order (~1e-7) plus the one rounding to
 # the output dtype: bf16 output is within 2^-8 of the fp32 value per element (the interpreter truncates,
-# measured 3.3e-3), 2^-9 on GPU (round to nearest, ~1.5e-3); fp32 output measured <= 2e-7.
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8 + 1e-5}
+# measured 3.3e-3), 2^-9 on GPU (round to nearest, ~1.5e-3); fp32 output: measured <= 2e-7 in the
+# interpreter; on GPU the bound allows for K = 4096 summed in one sequential chain (~eps * sqrt(K) = 4e-6).
+REL_TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-5, torch.bfloat16: 2.0**-8 + 1e-5}
 
 # The dense layers of gpt-oss-120b: (name, N, K).
 MODEL_SHAPES = [("q_proj", 4096, 2880), ("k_proj", 512, 2880), ("o_proj", 2880, 4096), ("router", 128, 2880),
@@ -66,12 +67,13 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     [
         (1, 200, 96, torch.bfloat16, True),  # decode row; N, K not multiples of the blocks
         (3, 200, 160, torch.float32, True),
-        (17, 200, 96, torch.float32, False),
+        (17, 200, 100, torch.float32, False),  # K not a multiple of any BLOCK_K: the masked K tail
         (17, 200, 160, torch.bfloat16, False),
         (64, 200, 160, torch.bfloat16, True),  # exactly two interpreter row tiles
         (130, 200, 96, torch.float32, True),  # several row tiles, the last one partial
         (130, 200, 160, torch.bfloat16, True),
         (3, 48, 64, torch.bfloat16, False),  # N below one tile, K a multiple of BLOCK_K (no K mask)
+        (5, 72, 70, torch.bfloat16, True),  # masked K tail with bf16
     ],
 )
 def test_linear_matches_reference(rows: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
@@ -125,7 +127,7 @@ def _check_rows_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     """Each row in `rows` gives the same bits alone, inside every prefix batch of `batch_sizes` that holds it,
     and inside a batch padded with garbage rows (a CUDA-graph bucket)."""
     alone = {r: linear(x[r:r + 1], weight, bias, config=config)[0] for r in rows}
-    padding = torch.randn(37, x.shape[1], device=x.device).mul(1e3).to(x.dtype)
+    padding = torch.randn(37, x.shape[1], generator=torch.Generator().manual_seed(99)).mul(1e3).to(x)
     for size in batch_sizes:
         full = linear(x[:size], weight, bias, config=config)
         padded = linear(torch.cat([x[:size], padding]), weight, bias, config=config)
@@ -164,7 +166,9 @@ def test_batch_invariance_across_tile_configs() -> None:
 @pytest.mark.parametrize("name,n,k", MODEL_SHAPES, ids=[s[0] for s in MODEL_SHAPES])
 def test_model_shapes_invariant_across_the_table_on_gpu(name: str, n: int, k: int) -> None:
     """The proof the table needs: at each layer shape, rows are bit-identical alone (bucket 1) and in batches
-    that pick each of the other buckets; and close to the reference."""
+    that pick each of the other buckets; and close to the reference. If only the cross-bucket comparisons
+    fail, the table's premise (same wgmma shape and K steps -> same bits) does not hold on this GPU: make
+    `gpu_config` return its M <= 64 entry for every M (invariant by construction, slower for big batches)."""
     x, weight, b = make_inputs(300, n, k, torch.bfloat16, name != "lm_head", seed=5)
     _check_rows_invariant(x, weight, b, [8, 64, 65, 256, 300], [0, 7, 63, 64, 255, 299])
     out = linear(x, weight, b, out_dtype=torch.float32 if name == "lm_head" else None)
@@ -323,7 +327,8 @@ def build(n, k, cfg, dtype, out_dtype, has_bias):
     aligned = [*pointers, "stride_xm", "stride_wn", "stride_om"] + (["N"] if n % 16 == 0 else [])
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     source = triton.compiler.ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=cfg[3], num_stages=cfg[4]))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=cfg[3], num_stages=cfg[4]))
     mma = sorted(set(re.findall(r"versionMajor = [0-9]+.*?instrShape = \\[[0-9, ]*\\]", compiled.asm["ttgir"])))
     return "; ".join(mma), compiled.metadata.shared
 

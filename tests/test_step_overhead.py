@@ -151,6 +151,20 @@ def test_penalty_tensors_match_the_lists():
     assert torch.equal(batch.temperature, torch.tensor([1.0, 1.0, 1.0]))
 
 
+def test_prompts_as_arrays_give_the_same_seen_mask():
+    params = [SamplingParams(repetition_penalty=1.2), SamplingParams(), SamplingParams(repetition_penalty=0.5)]
+    outputs, prompts = [[8], [1], []], [[2, 3, 2], [4], [9, 0]]
+    from_lists = SamplingBatch.build(params, outputs, 10, "cpu", prompt_token_ids=prompts)
+    arrays = [np.asarray(p, dtype=np.int64) for p in prompts]
+    from_arrays = SamplingBatch.build(params, outputs, 10, "cpu", prompt_token_ids=arrays)
+    want = torch.zeros(3, 10, dtype=torch.bool)
+    want[0, [2, 3, 8]] = True
+    want[2, [9, 0]] = True
+    assert torch.equal(from_lists.seen_token_mask, want) and torch.equal(from_arrays.seen_token_mask, want)
+    seq = Sequence("a", [5, 6, 5], None)
+    assert seq.prompt_token_array.tolist() == [5, 6, 5] and seq.prompt_token_array.dtype == np.int64
+
+
 def test_token_counts_of_empty_and_ragged_rows():
     got = _token_counts([[], [2, 2, 0], [], [4]], 5, torch.device("cpu"))
     want = torch.tensor([[0, 0, 0, 0, 0], [1, 0, 2, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 1]], dtype=torch.float32)
