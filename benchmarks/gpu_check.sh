@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The device check, prepared for a session that is lent a GPU (one H100/H200; the device tool's `run`).
 #
-#   part "kernels" (~9 min): the Triton kernel tests compiled for real (not interpreted), then the MoE and
-#                             attention benchmarks at gpt-oss-120b shapes.
+#   part "kernels" (~6 min): the Triton kernel tests compiled for real (not interpreted).
+#   part "bench"   (~6 min): the MoE, attention and dense-GEMM benchmarks at gpt-oss-120b shapes.
 #   part "engine"  (~7 min): CUDA-graph tests, then `gptoss bench latency` on full-size random 120b weights
 #                             (batch-1 decode at 1k and 32k context, prefill of 1k and 8k prompts).
 #
 # Usage from the device tool (carry .whl: the GPU image lacks fastapi/uvicorn/pydantic/llguidance; see
 # ../shared/device-wheels-py312/README.md):
-#   bash benchmarks/gpu_check.sh kernels     then     bash benchmarks/gpu_check.sh engine
+#   bash benchmarks/gpu_check.sh kernels|bench|engine   (one device-tool run each)
 # Logs, JSON and PNGs go to $OUT (the device tool's folder) or benchmarks/out. Copy the tables into
 # benchmarks/RESULTS.md with the device, date, commit and command.
 set -uo pipefail
@@ -40,6 +40,8 @@ case "$part" in
 kernels)
     run test_kernels 200 python3 -m pytest -q -x tests/test_moe_kernel.py tests/test_attention_kernel.py
     run test_matmul 250 python3 -m pytest -q -x tests/test_matmul_kernel.py
+    ;;
+bench)
     run bench_moe 120 python3 -m benchmarks.bench_moe --out "$out" --iters 10
     run bench_attention 150 python3 -m benchmarks.bench_attention --out "$out" --iters 10
     run bench_matmul 150 python3 -m benchmarks.bench_matmul --out "$out" --iters 10
@@ -50,7 +52,7 @@ engine)
         --batch-sizes 1 --input-lens 1024,8192,32768 --output-lens 64 --iters 2 --max-model-len 40960
     ;;
 *)
-    echo "unknown part $part: kernels or engine" >&2
+    echo "unknown part $part: kernels, bench or engine" >&2
     exit 2
     ;;
 esac
