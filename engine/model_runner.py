@@ -48,11 +48,11 @@ def _to_host_lists(*tensors: torch.Tensor | None) -> list[list | None]:
     """`.tolist()` of each tensor (None stays None) with a single wait for the device: on CUDA every tensor is
     copied asynchronously (into pinned memory) and the stream is synchronised once, instead of one blocking
     copy per tensor."""
-    host = [t.to("cpu", non_blocking=True) if t is not None else None for t in tensors]
-    device = next((t.device for t in tensors if t is not None), None)
-    if device is not None and device.type == "cuda":
+    device = next((t.device for t in tensors if t is not None and t.is_cuda), None)
+    if device is not None:
+        tensors = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in tensors)
         torch.cuda.current_stream(device).synchronize()
-    return [h.tolist() if h is not None else None for h in host]
+    return [t.tolist() if t is not None else None for t in tensors]
 
 
 @dataclass
@@ -162,6 +162,11 @@ class HostBlockTables:
         tensor (the rows are copied out, so later syncs do not change it)."""
         rows = [self.sync(seq) for seq in seqs]
         width = max(self._length[g][row] for row in rows for g in self.groups)
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1 and rows == list(range(first, first + len(rows))):
+            # Consecutive rows (the usual case: rows are handed out in admission order): a slice is cheaper
+            # than fancy indexing.
+            return {g: torch.from_numpy(self.arrays[g][first : first + len(rows), :width].copy()) for g in self.groups}
         return {g: torch.from_numpy(self.arrays[g][rows, :width]) for g in self.groups}
 
     def release(self, seq_id: int) -> None:

@@ -201,6 +201,8 @@ class SamplingBatch:
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`: on CUDA through pinned memory with a non-blocking copy, so building a batch
     never waits for the forward that is still running (a plain `torch.tensor(..., device=cuda)` would)."""
+    if device.type == "cpu":
+        return host
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
