@@ -25,12 +25,21 @@ from engine.model import GptOssModel
 from engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from engine.scheduler import ScheduledSequence, SchedulerOutput
 from engine.sequence import Sequence, TokenLogprob
-from engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
+
+try:
+    from engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
+except ImportError:  # llguidance missing (e.g. a bare GPU image): no request can carry a grammar state then
+    BitmaskWorker = StructuredOutputState = unpack_token_bitmask = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
 # Rows of logits computed at once for prompt logprobs ([rows, vocab] fp32 each time).
 PROMPT_LOGITS_CHUNK = 512
+
+
+def is_grammar_state(mask_fn: object) -> bool:
+    """Whether a request's mask function is a grammar state, whose masks are computed batched."""
+    return StructuredOutputState is not None and isinstance(mask_fn, StructuredOutputState)
 
 
 @dataclass
@@ -336,7 +345,7 @@ class ModelRunner:
         states: list[StructuredOutputState] = []
         for i, seq in enumerate(seqs):
             state = seq.logits_mask_fn
-            if not isinstance(state, StructuredOutputState):
+            if not is_grammar_state(state):
                 continue
             if not state.sync(seq.output_token_ids):
                 out.failed[seq.seq_id] = f"logits mask failed: the grammar refused an output token ({state.error})"
@@ -402,7 +411,7 @@ class ModelRunner:
             row_index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
             mask[row_index] = unpack_token_bitmask(bitmask, logits.shape[1])
         for i, seq in enumerate(seqs):
-            if seq.logits_mask_fn is None or isinstance(seq.logits_mask_fn, StructuredOutputState):
+            if seq.logits_mask_fn is None or is_grammar_state(seq.logits_mask_fn):
                 continue
             try:
                 row = seq.logits_mask_fn(seq.output_token_ids)

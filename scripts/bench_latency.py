@@ -22,7 +22,6 @@ import json
 import random
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,31 +37,6 @@ def parse_ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
     return values
-
-
-def synthetic_tokenizer(vocab_size: int) -> Any:
-    """A word-level tokenizer with one token `t{i}` per id: any id decodes, nothing real to tokenize."""
-    from tokenizers import Tokenizer, decoders, models
-
-    tokenizer = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tokenizer.decoder = decoders.ByteLevel()
-    return tokenizer
-
-
-def covering_tokenizer(model_path: str, tokenizer_path: str | None, vocab_size: int) -> str | None:
-    """A tokenizer.json covering every id of the model, or None when the checkpoint's already does.
-
-    The detokenizer looks up every sampled id; random weights sample all `vocab_size` of them, and a config-only
-    preset folder may ship the tiny tokenizer (1024 ids) beside a 201088-id model.
-    """
-    from engine.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path or model_path)
-    if tokenizer.get_vocab_size(with_added_tokens=True) >= vocab_size:
-        return None
-    path = Path(tempfile.mkdtemp(prefix="gptoss-bench-tokenizer-")) / "tokenizer.json"
-    synthetic_tokenizer(vocab_size).save(str(path))
-    return str(path)
 
 
 def random_prompts(num: int, length: int, vocab_size: int, rng: random.Random) -> list[list[int]]:
@@ -163,7 +137,6 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     import torch
 
     from benchmarks.common import device_name, format_table, measure_copy_bandwidth
-    from engine.config import ModelConfig
     from engine.roofline import format_breakdown
     from scripts.engine_flags import resolve_model_path
 
@@ -177,10 +150,6 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         # A whole batch's prompts in one step, so the prefill time is one step's.
         "max_num_batched_tokens": max(args.max_num_batched_tokens, max(args.batch_sizes) * max(args.input_lens)),
     }
-    if args.random_weights:
-        tokenizer = covering_tokenizer(model_path, args.tokenizer, ModelConfig.from_json(model_path).vocab_size)
-        if tokenizer is not None:
-            overrides["tokenizer"] = tokenizer
     start = time.perf_counter()
     llm = make_llm(args, **overrides)
     load_s = time.perf_counter() - start

@@ -8,21 +8,12 @@ import threading
 import time
 
 import pytest
-import torch
 
 from engine.async_engine import AsyncEngine, RequestFailedError
 from engine.engine_args import EngineArgs
 from engine.llm import InvalidRequestError, LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import EngineDeadError, EngineOverloadedError, PromptTooLongError
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts import bench_latency
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Iterator[None]:
-    """One torch thread: on a 2-core machine shared with other processes, two threads stall each other (10x)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
@@ -57,14 +45,3 @@ def test_preset_with_random_weights(tmp_path: Path) -> None:
     assert report["model"].startswith("preset:tiny")
 
 
-def test_synthetic_tokenizer_covers_a_large_vocabulary(tiny_checkpoint: Path) -> None:
-    from engine.detokenizer import IncrementalDetokenizer
-    from engine.tokenizer import load_tokenizer
-
-    tokenizer = bench_latency.synthetic_tokenizer(5000)
-    detok = IncrementalDetokenizer(tokenizer)
-    assert detok.add_tokens([0, 4999]) + detok.flush() == "t0t4999"
-    # A checkpoint whose tokenizer covers its vocabulary keeps it; a bigger model gets a covering one.
-    assert bench_latency.covering_tokenizer(str(tiny_checkpoint), None, 500) is None
-    path = bench_latency.covering_tokenizer(str(tiny_checkpoint), None, 201088)
-    assert load_tokenizer(path).get_vocab_size() == 201088

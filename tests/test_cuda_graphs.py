@@ -35,12 +35,6 @@ SEQ_LENS = [1, 12, 13, 16, 17, 25, 28, 29, 32, 33, 44, 45, 48, 49, 60]
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def load_model(checkpoint: Path, dtype: torch.dtype, device: str) -> GptOssModel:

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from scripts.generate import GenerateDefaults, ResultsFile, generate_jsonl, read
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Iterator[None]:
-    """One torch thread: on a 2-core machine shared with other processes, two threads stall each other (10x)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:

@@ -12,14 +12,6 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.sequence import PromptTooLongError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint) -> LLM:
     return LLM(tiny_checkpoint, num_blocks=96, max_num_seqs=32, max_num_batched_tokens=96)

@@ -5,21 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from engine.block_manager import FULL, SLIDING, BlockManager
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import EngineOverloadedError, PromptTooLongError, Sequence, SequenceStatus
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The CI box has 2 shared cores; torch's intra-op threads only fight each other on these tiny shapes.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_scheduler(num_blocks=16, block_size=4, window=None, max_num_seqs=8, budget=16, max_model_len=64, **kw):

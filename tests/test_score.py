@@ -4,24 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from scripts import score
 from scripts.score import score_jsonl, split_tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread() -> Iterator[None]:
-    """One torch thread: on a 2-core machine shared with other processes, two threads stall each other (10x)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
