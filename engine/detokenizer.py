@@ -38,7 +38,7 @@ from engine.sampling_params import SamplingParams
 
 
 @lru_cache(maxsize=1)
-def _byte_level_char_to_byte() -> dict[int, int]:
+def byte_level_char_to_byte() -> dict[int, int]:
     """GPT-2's byte-level alphabet inverted: ord(char) -> byte (printable bytes map to themselves)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -65,7 +65,7 @@ def _tables(tokenizer: Tokenizer) -> tuple[list[bytes], frozenset[int]]:
     table = [b""] * (max(vocab.values(), default=-1) + 1)
     if isinstance(tokenizer.decoder, decoders.ByteLevel):
         # str.translate to latin-1 code points, then encode: one C-level pass per token.
-        translation = {char: chr(byte) for char, byte in _byte_level_char_to_byte().items()}
+        translation = {char: chr(byte) for char, byte in byte_level_char_to_byte().items()}
         for token, token_id in vocab.items():
             if token_id in added:
                 table[token_id] = added[token_id].content.encode("utf-8")

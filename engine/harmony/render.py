@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders
 
+from engine.detokenizer import byte_level_char_to_byte
 from engine.harmony.messages import (
     JSON_CALL_CONTENT_TYPE,
     Conversation,
@@ -31,20 +32,8 @@ if TYPE_CHECKING:
 CONSTRAIN = "<|constrain|>"
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte <-> printable-unicode table, inverted: vocab character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-_BYTE_DECODER = _byte_level_decoder()
+# GPT-2's byte-level alphabet inverted: vocab character -> byte.
+_BYTE_DECODER = {chr(char): byte for char, byte in byte_level_char_to_byte().items()}
 
 
 def render_system_text(system: SystemContent, has_function_tools: bool) -> str:
