@@ -6,7 +6,8 @@
 #   part "engine"  (~7 min): CUDA-graph tests, then `gptoss bench latency` on full-size random 120b weights
 #                             (batch-1 decode at 1k and 32k context, prefill of 1k and 8k prompts).
 #
-# Usage from the device tool (carry .whl: the GPU image lacks fastapi/uvicorn/pydantic/llguidance; see
+# Usage from the device tool (carry .whl: the GPU image lacks fastapi/uvicorn/pydantic (llguidance is optional:
+# without it only structured outputs are off); see
 # ../shared/device-wheels-py312/README.md):
 #   bash benchmarks/gpu_check.sh kernels|bench|engine   (one device-tool run each)
 # Logs, JSON and PNGs go to $OUT (the device tool's folder) or benchmarks/out. Copy the tables into
