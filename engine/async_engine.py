@@ -25,8 +25,8 @@ Public API (for the server):
 While streaming, the iterator raises `RequestFailedError` if the request failed inside the engine (e.g. the
 model step raised: the requests of that step fail, the loop goes on) and `EngineDeadError` if the engine
 stopped. An aborted request ends with an output whose finish_reason is "abort". Leaving the `async for`
-early, or cancelling the task that iterates, aborts the request (with `aclosing`, at once; otherwise when
-the generator is garbage-collected).
+early, or cancelling the task that iterates, aborts the request (with `aclosing`, at once, even before the
+first output; otherwise when the stream is garbage-collected).
 
 Threading: the loop thread is the only one touching the scheduler, block manager and model. Requests and
 aborts reach it through a thread-safe queue; outputs come back with `loop.call_soon_threadsafe` into one
@@ -64,6 +64,44 @@ logger = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput | BaseException]
+
+
+class _OutputStream:
+    """The outputs of one request, as an async iterator. Closing it (`aclose`, or garbage collection) or
+    cancelling the task waiting on it aborts the request unless it has finished, even before its first output
+    (an async generator's `finally` would not run then)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._stream = stream
+        self._finished = False
+
+    def __aiter__(self) -> _OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:  # cancelled: nobody will read this request's outputs
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finished
+        return item
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self._request_id)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_finished", True):
+            self._engine.abort(self._request_id)
 
 
 class AsyncEngine:
@@ -110,6 +148,9 @@ class AsyncEngine:
         self.engine.validate_request(prompt_token_ids, sampling_params)
         loop = asyncio.get_running_loop()
         with self._streams_lock:
+            # Checked under the lock: the loop's exit sets `_stopped` before it fails the streams it holds.
+            if self._stopped.is_set():
+                raise EngineDeadError(self._dead_reason or "the engine is shut down")
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             num_waiting = len(self._streams) - self._num_running
@@ -118,24 +159,7 @@ class AsyncEngine:
             stream = _Stream(loop, asyncio.Queue())
             self._streams[request_id] = stream
         self._inbox.put(("add", (request_id, prompt_token_ids, sampling_params, logits_mask_fn)))
-        return self._iterate(request_id, stream)
-
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finished:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return _OutputStream(self, request_id, stream)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (no-op if unknown or done). Its blocks are freed on the loop's next turn."""

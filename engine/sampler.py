@@ -82,6 +82,7 @@ class SamplingBatch:
     # top_k / top_p apply to `filter_rows` only (non-greedy rows that use either).
     filter_rows: torch.Tensor | None  # [R] int64
     top_k: torch.Tensor | None  # [R] int64, vocab_size where disabled; None if no row uses top_k
+    max_top_k: int  # max of `top_k` (known on the host: reading it back from the device would stall)
     top_p: torch.Tensor | None  # [R] fp32, 1.0 where disabled; None if no row uses top_p
     min_p: torch.Tensor | None  # [N] fp32 (0 on greedy rows)
     repetition_penalty: torch.Tensor | None  # [N] fp32
@@ -117,6 +118,7 @@ class SamplingBatch:
         # Every [N] fp32 column this batch needs goes in one host tensor and one (non-blocking) copy.
         columns: dict[str, list[float]] = {}
         filter_rows = top_k = top_p = greedy = None
+        max_top_k = vocab_size
         seeded_rows = seeded_uniforms = None
         if not all_greedy:  # greedy rows: argmax of the penalised logits, nothing else is read
             columns["temperature"] = [1.0 if g else p.temperature for p, g in zip(params, greedy_list, strict=True)]
@@ -135,6 +137,7 @@ class SamplingBatch:
                 ps = [params[i].top_p for i in filter_rows_list]
                 if any(k < vocab_size for k in ks):
                     top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
+                    max_top_k = max(ks)
                 if any(p < 1.0 for p in ps):
                     top_p = _to_device(torch.tensor(ps, dtype=torch.float32), device)
             if any(p.min_p > 0 and not g for p, g in zip(params, greedy_list, strict=True)):
@@ -185,6 +188,7 @@ class SamplingBatch:
             any_greedy=any(greedy_list),
             filter_rows=filter_rows,
             top_k=top_k,
+            max_top_k=max_top_k,
             top_p=top_p,
             min_p=values.get("min_p"),
             repetition_penalty=values.get("repetition_penalty"),
@@ -277,18 +281,20 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None, max_k: int | None = None
 ) -> torch.Tensor:
     """Mask (-inf) tokens outside each row's top_k, then outside its top_p nucleus: [R, V] -> [R, V].
 
     top_k [R] int64 (V = disabled), top_p [R] fp32 (1 = disabled). Ties at the k-th value are kept. The most
-    likely token is always kept. Without top_p only `torch.topk(max k)` runs, not a full sort.
+    likely token is always kept. Without top_p only `torch.topk(max k)` runs, not a full sort; pass `max_k`
+    (the max of top_k) when the host knows it, or it is read back from the device.
     """
     if top_k is None and top_p is None:
         return logits
     if top_p is None:
         assert top_k is not None
-        max_k = int(top_k.max())
+        if max_k is None:
+            max_k = int(top_k.max())
         kth_value = logits.topk(max_k, dim=-1).values.gather(1, (top_k - 1).unsqueeze(1))
         return logits.masked_fill(logits < kth_value, float("-inf"))
     vocab_size = logits.shape[-1]
@@ -352,9 +358,9 @@ class Sampler:
         logits = logits / batch.temperature.unsqueeze(1)
         if batch.filter_rows is not None:
             if batch.filter_rows.numel() == batch.num_rows:
-                logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+                logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
             else:
-                filtered = apply_top_k_top_p(logits[batch.filter_rows], batch.top_k, batch.top_p)
+                filtered = apply_top_k_top_p(logits[batch.filter_rows], batch.top_k, batch.top_p, batch.max_top_k)
                 logits = logits.index_copy(0, batch.filter_rows, filtered)
         if batch.min_p is not None:
             logits = apply_min_p(logits, batch.min_p)

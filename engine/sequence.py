@@ -181,12 +181,6 @@ class RequestOutput:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    @functools.cached_property
-    def prompt_token_array(self) -> np.ndarray:
-        """The prompt as an int64 array `[num_prompt_tokens]`, made once (the sampler's repetition penalty reads
-        it every step; converting the list each time costs ~20 us per 1k tokens)."""
-        return np.asarray(self._prompt_token_ids, dtype=np.int64)
-
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids)

@@ -173,3 +173,35 @@ def test_shutdown_fails_pending_streams(llm_engine):
     asyncio.run(main())
     assert not engine.is_alive()
     assert not llm_engine.has_unfinished_requests()  # the loop aborted what was left
+
+
+def test_closing_a_stream_never_iterated_aborts(engine, llm_engine):
+    """A consumer that goes away before its first output (e.g. the client disconnected) must still abort."""
+    params = SamplingParams(max_tokens=10_000, ignore_eos=True)
+
+    async def main():
+        stream = engine.add_request("unread", list(range(40)), params)
+        await wait_until(lambda: "unread" in llm_engine.requests)
+        seq = llm_engine.requests["unread"]
+        await stream.aclose()
+        await wait_until(lambda: seq.is_finished, timeout=5.0)
+        assert seq.finish_reason == "abort" and seq.num_output_tokens < 10_000
+        await wait_until(lambda: pool_full(engine))
+        with pytest.raises(StopAsyncIteration):
+            await stream.__anext__()
+
+    asyncio.run(main())
+
+
+def test_add_request_racing_the_loop_exit_is_not_left_hanging(llm_engine, monkeypatch):
+    """`add_request` can pass its liveness check just before the loop exits: the stream must still end."""
+    engine = AsyncEngine.from_llm_engine(llm_engine)
+    engine.shutdown()
+    monkeypatch.setattr(engine, "is_alive", lambda: True)  # the check ran before the loop stopped
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            stream = engine.add_request("late", [1, 2, 3], SamplingParams(max_tokens=2))
+            await asyncio.wait_for(stream.__anext__(), timeout=2.0)
+
+    asyncio.run(main())

@@ -336,3 +336,27 @@ def test_cuda_matches_cpu() -> None:
     cpu = sample(logits, params).sampled_token_ids
     cuda = sample(logits.cuda(), params).sampled_token_ids.cpu()
     assert torch.equal(cpu, cuda)
+
+
+def test_sampling_reads_nothing_back_from_the_device(monkeypatch) -> None:
+    """The sampler runs in the decode step: a device-to-host read (`.item()`, `int(t)`, `.tolist()`) would
+    stall the host on the forward; only the model runner's one batched read at the end may wait."""
+    params = [
+        SamplingParams(temperature=0.7, top_k=5, seed=1),  # top_k without top_p: the `torch.topk` path
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, top_k=3, top_p=0.9, min_p=0.1),
+    ]
+    logits = random_logits(3)
+    batch = SamplingBatch.build(params[:1], [[]], VOCAB, "cpu")
+    expected = sample(logits, params)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sampler read a tensor back to the host")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = Sampler()(logits[:1], batch)
+    got = sample(logits, params)
+    monkeypatch.undo()
+    assert out.sampled_token_ids.shape == (1,)
+    assert torch.equal(got.sampled_token_ids, expected.sampled_token_ids)
