@@ -99,6 +99,12 @@ def overloaded(message: str = "The server is at capacity; retry later", retry_af
                     headers={"Retry-After": str(retry_after)})
 
 
+def no_lora() -> APIError:
+    """No LoRA adapters are loaded: Workers AI answers 405 / 5005; OpenAI routes a 400 naming `lora`."""
+    return APIError(400, "this model has no LoRA adapter loaded (lora is not supported)", param="lora",
+                    code="lora_not_supported", wai_code=WAI_NO_LORA, wai_status=405)
+
+
 def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, param=param, code="request_too_large", wai_code=WAI_TOO_LARGE)
 

@@ -26,10 +26,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from engine.harmony.chat_convert import conversation_from_chat
-from engine.harmony.messages import normalize_tools
+from engine.harmony.messages import normalize_effort, normalize_tools
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
-from server.errors import APIError, bad_request, to_api_error
+from server.errors import APIError, bad_request, no_lora, to_api_error
 from server.generation import (
     Admission,
     Collected,
@@ -149,10 +149,15 @@ def chat_prompt_ids(state: ServerState, messages: Any, tools: Any, reasoning_eff
 def prepare_chat(state: ServerState, req: ChatCompletionRequest, *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  default_temperature: float = DEFAULT_TEMPERATURE) -> ChatPlan:
     model = state.check_model(req.model)
+    if req.lora is not None:
+        raise no_lora()
     tools = req.tools if req.tools is not None else req.functions or []
     mode, name = tool_choice_mode(req.tool_choice, [t.name for t in normalize_tools(tools)])
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
-    prompt = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, req.effort, response_format)
+    effort = req.effort
+    if req.reasoning_effort is None and req.reasoning is not None:  # so that an error names the field sent
+        effort = normalize_effort(req.reasoning.effort, "reasoning.effort")
+    prompt = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, effort, response_format)
     spec = structured_spec(state, response_format, tools, req.tool_choice)
     prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
     prompt = prompt + prefill
@@ -298,6 +303,8 @@ async def chat_sse(state: ServerState, plan: ChatPlan, streams: list[Any], admis
                 yield sse_data({"response": "", "usage": usage_brief(obj.get("usage"))})
     except Exception as exc:
         yield sse_data(error_frame(exc))
+        if workers_ai_trailer:  # Workers AI streams end with the usage trailer, failed ones too
+            yield sse_data({"response": "", "usage": usage_brief(None)})
     finally:
         admission.release()
         for stream in streams:

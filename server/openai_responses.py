@@ -31,7 +31,7 @@ from engine.harmony.messages import normalize_tools
 from engine.harmony.render import HarmonyEncoding
 from engine.harmony.responses_convert import conversation_from_responses
 from engine.sampling_params import SamplingParams
-from server.errors import APIError, bad_request, to_api_error
+from server.errors import APIError, bad_request, no_lora, to_api_error
 from server.generation import (
     Admission,
     ContentDelta,
@@ -94,6 +94,8 @@ def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
 def prepare_responses(state: ServerState, req: ResponsesRequest, *,
                       default_max_tokens: int = DEFAULT_MAX_TOKENS) -> ResponsesPlan:
     model = state.check_model(req.model)
+    if req.lora is not None:
+        raise no_lora()
     items = input_items_of(req)
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)

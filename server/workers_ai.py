@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.sampling_params import SamplingParams
 from server.completions import RawDelta, RawResult, encode_raw, final_result, generate_raw
-from server.errors import WAI_NO_LORA, APIError, bad_request, to_api_error
+from server.errors import bad_request, no_lora, to_api_error
 from server.generation import (
     Admission,
     ContentDelta,
@@ -101,8 +101,7 @@ def body_format(body: dict[str, Any]) -> str:
         raise bad_request(f"the body has more than one of {', '.join(present)}; send exactly one",
                           param=present[1])
     if body.get("lora") is not None:
-        raise APIError(405, "this model has no LoRA adapter loaded (lora is not supported)", param="lora",
-                       wai_code=WAI_NO_LORA)
+        raise no_lora()
     return present[0]
 
 
@@ -178,7 +177,7 @@ async def prompt_sse(streams: list[Any], admission: Admission) -> AsyncIterator[
 async def run_one(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
     """A non-streaming body in any of the three formats -> its result object (raises APIError)."""
     kind = body_format(body)
-    body = normalize_response_format({k: v for k, v in body.items() if k not in ("stream", "external_reference")})
+    body = normalize_response_format({k: v for k, v in body.items() if k != "external_reference"})
     if kind == "prompt":
         return await run_prompt(state, parse_body(PromptRequest, body))
     if kind == "messages":

@@ -32,7 +32,7 @@ def scripted_server() -> LiveServer:
 def scripted(scripted_server: LiveServer) -> LiveServer:
     """The scripted server with a fresh script / delay / overload state for one test."""
     engine = scripted_server.engine
-    engine.script, engine.delay, engine.overloaded, engine.alive = [], 0.0, False, True
+    engine.script, engine.delay, engine.overloaded, engine.alive, engine.fail_after = [], 0.0, False, True, None
     engine.requests.clear()
     engine.mask_fns.clear()
     engine.mask_violations.clear()

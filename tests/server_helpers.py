@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.sampling_params import SamplingParams
-from engine.sequence import EngineOverloadedError, RequestOutput, TokenLogprob
+from engine.sequence import EngineOverloadedError, RequestFailedError, RequestOutput, TokenLogprob
 from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 API_KEY = "test-key"
@@ -84,7 +84,8 @@ class ScriptedEngine:
     Honours max_tokens and stop_token_ids; reports logprobs (-0.5 for the chosen token, -1.5 for one
     alternative) and prompt logprobs when asked. `delay` sleeps between tokens (for disconnect tests).
     With a `logits_mask_fn` (structured outputs) each scripted token is checked against the mask; the ones
-    it forbids are recorded in `mask_violations` (the script is replayed regardless).
+    it forbids are recorded in `mask_violations` (the script is replayed regardless). With `fail_after` set,
+    a request fails (`RequestFailedError`, as the engine reports a failed request) after that many tokens.
     """
 
     def __init__(self, tokenizer: Any) -> None:
@@ -98,6 +99,7 @@ class ScriptedEngine:
         self.overloaded = False
         self.mask_fns: list[Any] = []  # the logits_mask_fn of each request (None: unconstrained)
         self.mask_violations: list[int] = []
+        self.fail_after: int | None = None
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     logits_mask_fn: Any = None) -> Any:
@@ -125,6 +127,9 @@ class ScriptedEngine:
                 yield RequestOutput(request_id, prompt, [], "", True, "length", prompt_logprobs=prompt_logprobs)
                 return
             for token_id in script:
+                if self.fail_after is not None and len(tokens) >= self.fail_after:
+                    finished = True
+                    raise RequestFailedError("scripted failure")
                 if request_id not in self.active:
                     finished = True
                     yield RequestOutput(request_id, prompt, tokens, "", True, "abort")

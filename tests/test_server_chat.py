@@ -266,3 +266,49 @@ def test_chat_length_finish(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=3)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 3
+
+
+# ---- wire format: every frame parses with the openai package's own models ----
+
+def raw_chunks(server, body: dict) -> list:
+    """The `data:` payloads of a streamed chat answer (dicts, and the final "[DONE]")."""
+    frames = []
+    with httpx.stream("POST", server.v1 + "/chat/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                frames.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+    return frames
+
+
+@pytest.mark.parametrize("script", [HARMONY_ANSWER, HARMONY_TOOL_CALL])
+def test_chat_frames_validate_with_openai_types(scripted, script):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    scripted.engine.script = encode(scripted.tokenizer, script)
+    body = {"model": "gpt-oss-120b", "messages": MESSAGES, "tools": [WEATHER_TOOL], "n": 2}
+    r = httpx.post(scripted.v1 + "/chat/completions", json=body, timeout=60)
+    ChatCompletion.model_validate(r.json())
+    frames = raw_chunks(scripted, {**body, "stream_options": {"include_usage": True}})
+    assert frames[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(f) for f in frames[:-1]]
+    assert len({c.id for c in chunks}) == 1
+    first = chunks[0]
+    assert sorted(ch.index for ch in first.choices) == [0, 1]
+    assert all(ch.delta.role == "assistant" for ch in first.choices)
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == r.json()["usage"]["prompt_tokens"]
+    reasons = {ch.index: ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason}
+    expected = "tool_calls" if script == HARMONY_TOOL_CALL else "stop"
+    assert reasons == {0: expected, 1: expected}
+    for index in (0, 1):
+        calls = [tc for c in chunks for ch in c.choices if ch.index == index for tc in ch.delta.tool_calls or []]
+        if script != HARMONY_TOOL_CALL:
+            assert calls == []
+            continue
+        head, rest = calls[0], calls[1:]
+        assert head.index == 0 and head.id.startswith("call_") and head.type == "function"
+        assert head.function.name == "get_weather"
+        assert rest and all(tc.index == 0 and tc.id is None and tc.type is None and tc.function.name is None
+                            and tc.function.arguments for tc in rest)
+        assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"location": "Paris"}

@@ -53,6 +53,7 @@ CHAT_CASES = [
     ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
      "response_format.json_schema.schema"),
     ({"messages": USER, "reasoning_effort": "extreme"}, 400, "reasoning_effort"),
+    ({"messages": USER, "reasoning": {"effort": "extreme"}}, 400, "reasoning.effort"),
     ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"minimum": "low"}}}}}}, 400,
      "response_format.json_schema.schema"),
@@ -130,6 +131,7 @@ def check_envelope(r, status: int, code: int, contains: str | None = None) -> No
     ({"prompt": "hi", "messages": USER}, "messages"),
     ({"messages": [{"role": "alien", "content": "x"}]}, "messages[0].role"),
     ({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
+    ({"prompt": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
     ({"requests": []}, "requests"),
     ({"request_id": "no-such-id"}, "request_id"),
 ])
@@ -200,3 +202,84 @@ def test_body_too_large_is_413(small_server):
 
     r = httpx.post(small_server.v1 + "/chat/completions", content=chunked())
     assert r.status_code == 413
+
+
+OUT_OF_RANGE = [  # every parameter of the api.md table, just outside its range
+    ("temperature", -0.1), ("temperature", 5.1), ("top_p", 0.0), ("top_p", 1.01), ("top_k", 0), ("top_k", 51),
+    ("seed", 0), ("seed", 10_000_000_000), ("repetition_penalty", -0.1), ("repetition_penalty", 2.1),
+    ("frequency_penalty", -2.1), ("frequency_penalty", 2.1), ("presence_penalty", -2.1), ("presence_penalty", 2.1),
+    ("max_tokens", 0), ("max_tokens", 1.5), ("stream", "yes"), ("raw", "yes"),
+]
+WAI_BODIES = {"prompt": {"prompt": "hi"}, "messages": {"messages": USER}, "input": {"input": "hi"}}
+
+
+@pytest.mark.parametrize(("field", "value"), OUT_OF_RANGE)
+def test_out_of_range_on_every_shape(scripted, field, value):
+    if field != "raw":
+        r = httpx.post(scripted.v1 + "/chat/completions", json={"messages": USER, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"]
+        responses_field = "max_output_tokens" if field == "max_tokens" else field
+        r = httpx.post(scripted.v1 + "/responses", json={"input": "hi", responses_field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == responses_field
+    for kind, body in WAI_BODIES.items():
+        if field == "raw" and kind != "prompt":
+            continue
+        r = httpx.post(scripted.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={**body, field: value})
+        check_envelope(r, 400, 5006, field)
+
+
+def test_edges_of_the_ranges_are_accepted(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    edges = {"temperature": 5, "top_p": 0.001, "top_k": 50, "seed": 9_999_999_999, "repetition_penalty": 0,
+             "frequency_penalty": -2, "presence_penalty": 2, "max_tokens": 1}
+    for body in WAI_BODIES.values():
+        r = httpx.post(scripted.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={**body, **edges})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/ai/run/@cf/openai/gpt-oss-120b",
+                                  "/client/v4/accounts/a/ai/v1/responses",
+                                  "/client/v4/accounts/a/ai/v1/chat/completions"])
+def test_wrong_content_type_bad_bytes_and_non_objects(scripted, path):
+    for kwargs in ({"data": {"messages": "hi"}}, {"content": b"\xff\xfe", "headers": {"content-type": "text/plain"}},
+                   {"content": b"<xml/>", "headers": {"content-type": "application/xml"}},
+                   {"content": b"[1, 2]"}, {"content": b"null"}, {"content": b'"text"'}):
+        r = httpx.post(scripted.base_url + path, **kwargs)
+        assert r.status_code == 400, r.text
+        body = r.json()
+        if path.startswith("/v1/"):
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+        else:
+            assert body["success"] is False and body["errors"][0]["code"] == 5006
+
+
+@pytest.mark.parametrize(("path", "body", "status"), [
+    ("/v1/responses", {"input": LONG}, 400),
+    ("/v1/responses", {"input": LONG, "stream": True}, 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "stream": True}, 400),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": LONG}]}, 413),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"input": LONG}, 413),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "stream": True}, 413),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "raw": True}, 413),
+    ("/client/v4/accounts/a/ai/v1/responses", {"input": LONG}, 413),
+])
+def test_prompt_longer_than_the_context(scripted, path, body, status):
+    r = httpx.post(scripted.base_url + path, json=body)
+    assert r.status_code == status, r.text
+    if path.startswith("/v1/"):
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+    else:
+        check_envelope(r, 413, 3006)
+
+
+def test_edges_of_the_ranges_real_engine(live_server):
+    edges = {"temperature": 5, "top_p": 0.001, "top_k": 50, "seed": 9_999_999_999, "repetition_penalty": 0,
+             "frequency_penalty": -2, "presence_penalty": 2, "max_tokens": 2}
+    r = httpx.post(live_server.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "hi", **edges},
+                   timeout=120)
+    assert r.status_code == 200, r.text
+    r = httpx.post(live_server.v1 + "/chat/completions", timeout=120,
+                   json={"messages": USER, **edges, "temperature": 0, "n": 2})
+    assert r.status_code == 200, r.text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import time
 
 import httpx
@@ -172,3 +174,82 @@ def test_completions_ignore_eos_reaches_the_engine(scripted):
         httpx.post(scripted.v1 + "/completions", timeout=30,
                    json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": flag}).raise_for_status()
         assert scripted.engine.requests[-1][2].ignore_eos is flag
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    ("POST", "/v1/responses", {"input": "hi"}),
+    ("POST", "/v1/completions", {"prompt": "hi"}),
+    ("GET", "/v1/models", None),
+    ("POST", "/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
+    ("POST", "/client/v4/accounts/a/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi"}),
+    ("POST", "/client/v4/accounts/a/ai/v1/responses", {"input": "hi"}),
+    ("POST", "/client/v4/accounts/a/ai/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_auth_refusals_in_each_shape(auth_server, method, path, body, headers):
+    r = httpx.request(method, auth_server.base_url + path, json=body, headers=headers)
+    assert r.status_code == 401, r.text
+    if path.startswith("/v1/"):
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+    else:
+        assert r.json()["success"] is False and r.json()["result"] is None
+        assert r.json()["errors"][0]["code"] == 10000
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    ("/v1/responses", {"input": "hi", "stream": True}),
+    ("/v1/completions", {"prompt": "hi", "stream": True}),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True, "raw": True}),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/ai/run/@cf/openai/gpt-oss-120b", {"input": "hi"}),
+])
+def test_disconnect_aborts_the_request(scripted, path, body):
+    engine = scripted.engine
+    engine.script, engine.delay = encode(scripted.tokenizer, HARMONY_ANSWER) * 40, 0.02
+    aborted = len(engine.aborted)
+    if body.get("stream"):
+        with httpx.stream("POST", scripted.base_url + path, json={**body, "max_tokens": 1000}, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+    else:  # hang up once the engine has the request (a client timeout could fire before it got there)
+        data = json.dumps({**body, "max_tokens": 1000}).encode()
+        submitted = len(engine.requests)
+        with socket.create_connection(("127.0.0.1", int(scripted.base_url.rsplit(":", 1)[1]))) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            deadline = time.monotonic() + 10
+            while len(engine.requests) == submitted:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while len(engine.aborted) == aborted or engine.active:
+        assert time.monotonic() < deadline, (engine.aborted, engine.active)
+        time.sleep(0.02)
+    assert len(engine.requests[-1]) and engine.requests[-1][0] in engine.aborted
+    engine.delay = 0.0
+
+
+def test_completions_frames_validate_with_openai_types(scripted):
+    from openai.types import Completion
+
+    scripted.engine.script = encode(scripted.tokenizer, "Hello there")
+    body = {"prompt": ["Hi", "Yo"], "max_tokens": 4, "n": 2, "logprobs": 1}
+    Completion.model_validate(httpx.post(scripted.v1 + "/completions", json=body, timeout=30).json())
+    frames = []
+    with httpx.stream("POST", scripted.v1 + "/completions", timeout=30,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        frames = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    for frame in frames[:-1]:
+        chunk = json.loads(frame)
+        for choice in chunk["choices"]:  # OpenAI streams finish_reason null, which the type cannot express
+            choice["finish_reason"] = choice["finish_reason"] or "stop"
+        Completion.model_validate(chunk)
+    assert json.loads(frames[-2])["choices"] == [] and json.loads(frames[-2])["usage"]["completion_tokens"] == 12
+    assert {c["index"] for f in frames[:-2] for c in json.loads(f)["choices"]} == {0, 1, 2, 3}

@@ -153,3 +153,90 @@ def test_responses_store_false_not_kept(scripted, store):
     out = client(scripted).responses.create(model="gpt-oss-120b", input="hi", store=store)
     r = httpx.get(scripted.v1 + f"/responses/{out.id}")
     assert r.status_code == 404
+
+
+def without_ids(value):
+    """`value` with the per-response ids and timestamps blanked (they differ between two runs)."""
+    if isinstance(value, dict):
+        return {k: None if k in ("id", "call_id", "created_at") else without_ids(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_ids(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize(("script", "max_output_tokens"), [(HARMONY_ANSWER, None), (HARMONY_TOOL_CALL, None),
+                                                           (HARMONY_ANSWER, 12)])
+def test_responses_stream_agrees_with_sync(scripted, script, max_output_tokens):
+    from openai.types.responses import Response
+
+    scripted.engine.script = encode(scripted.tokenizer, script)
+    body = {"model": "gpt-oss-120b", "input": "hi", "tools": [TOOL], "max_output_tokens": max_output_tokens}
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    Response.model_validate(sync)
+    events = raw_events(scripted, body)
+    for event in events:
+        EVENTS.validate_python(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]
+    if max_output_tokens is None:
+        assert final["type"] == "response.completed" and final["response"]["status"] == "completed"
+    else:
+        assert final["type"] == "response.incomplete" and sync["status"] == "incomplete"
+        assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert without_ids(final["response"]) == without_ids(sync)
+    # output_index / content_index: each item's events carry its place in the final output.
+    output = final["response"]["output"]
+    for event in events:
+        if "output_index" in event:
+            index = event["output_index"]
+            item_id = event.get("item_id") or event["item"]["id"]
+            assert output[index]["id"] == item_id
+            if "content_index" in event:
+                assert event["content_index"] == 0 and output[index]["type"] in ("reasoning", "message")
+    added = [e["output_index"] for e in events if e["type"] == "response.output_item.added"]
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert added == done == list(range(len(output)))
+
+
+def test_responses_previous_id_prompt_equals_explicit_history(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    first = httpx.post(scripted.v1 + "/responses", json={"input": "Weather?", "tools": [TOOL],
+                                                         "instructions": "Be nice."}).json()
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    new = [{"type": "function_call_output", "call_id": first["output"][-1]["call_id"], "output": "20C"}]
+    chained = httpx.post(scripted.v1 + "/responses", json={"previous_response_id": first["id"], "input": new,
+                                                           "tools": [TOOL]}).json()
+    chained_prompt = scripted.engine.requests[-1][1]
+    assert chained["usage"]["input_tokens"] == len(chained_prompt)
+    httpx.post(scripted.v1 + "/responses", json={"input": [{"role": "user", "content": "Weather?"},
+                                                           *first["output"], *new], "tools": [TOOL]})
+    assert scripted.engine.requests[-1][1] == chained_prompt  # instructions are not carried over (as OpenAI)
+
+
+def test_responses_engine_failure_mid_stream_is_response_failed(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    scripted.engine.fail_after = 12
+    events = raw_events(scripted, {"input": "hi"})
+    for event in events:
+        EVENTS.validate_python(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["status"] == "failed"
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_noise_streams_validate_real_engine(live_server, seed):
+    """Whatever the (random) model emits, every frame of every shape parses with the openai types."""
+    from openai.types.chat import ChatCompletionChunk
+
+    body = {"max_tokens": 24, "temperature": 1.5, "seed": seed}
+    events = raw_events(live_server, {"input": "Hello", **body})
+    for event in events:
+        EVENTS.validate_python(event)
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")
+    with httpx.stream("POST", live_server.v1 + "/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "Hello"}], "stream": True, **body}) as r:
+        frames = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    for frame in frames[:-1]:
+        ChatCompletionChunk.model_validate_json(frame)

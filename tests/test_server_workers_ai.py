@@ -212,3 +212,86 @@ def test_workers_ai_response_format_schema_shape(scripted):
 def test_lora_is_405(scripted):
     r = run(scripted, {"prompt": "hi", "lora": "my-adapter"})
     assert r.status_code == 405 and r.json()["errors"][0]["code"] == 5005
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    (f"/ai/run/{MODEL}", {"messages": [{"role": "user", "content": "hi"}], "lora": "a"}),
+    (f"/ai/run/{MODEL}", {"input": "hi", "lora": "a"}),
+    (f"/client/v4/accounts/abc/ai/run/{MODEL}", {"prompt": "hi", "lora": "a"}),
+    ("/client/v4/accounts/abc/ai/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                        "lora": "a"}),
+    ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a"}),
+    ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a", "stream": True}),
+])
+def test_lora_is_405_on_every_workers_ai_route(scripted, path, body):
+    r = httpx.post(scripted.base_url + path, json=body)
+    assert r.status_code == 405, r.text
+    assert r.json()["success"] is False and r.json()["errors"][0]["code"] == 5005
+
+
+def test_lora_is_refused_on_openai_routes(scripted):
+    r = httpx.post(scripted.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                            "lora": "a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
+    r = httpx.post(scripted.v1 + "/responses", json={"input": "hi", "lora": "a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
+
+
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]},
+                                  {"input": "hi"}])
+def test_stream_must_be_a_boolean(scripted, body):
+    r = run(scripted, {**body, "stream": "yes"})
+    assert r.status_code == 400 and r.json()["errors"][0]["code"] == 5006
+    assert "stream" in r.json()["errors"][0]["message"]
+
+
+def test_results_and_frames_validate_with_openai_types(scripted):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    messages = {"messages": [{"role": "user", "content": "Paris?"}], "tools": [FLAT_TOOL]}
+    ChatCompletion.model_validate(ok(run(scripted, messages)))
+    Response.model_validate(ok(run(scripted, {"input": "Paris?", "tools": [FLAT_TOOL]})))
+    frames = sse_frames(scripted, messages)
+    for frame in frames[:-2]:
+        ChatCompletionChunk.model_validate(frame)
+    assert set(frames[-2]) == {"response", "usage"} and frames[-1] == "[DONE]"
+    adapter = TypeAdapter(ResponseStreamEvent)
+    frames = sse_frames(scripted, {"input": "Paris?", "tools": [FLAT_TOOL]})
+    for frame in frames[:-2]:
+        adapter.validate_python(frame)
+    usage = frames[-2]["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and frames[-1] == "[DONE]"
+
+
+def test_prompt_usage_equals_the_rendered_prompt(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    result = ok(run(scripted, {"prompt": "hello there"}))
+    tokens = httpx.post(scripted.base_url + "/tokenize",
+                        json={"messages": [{"role": "user", "content": "hello there"}]}).json()["tokens"]
+    assert scripted.engine.requests[-1][1] == tokens and result["usage"]["prompt_tokens"] == len(tokens)
+    frames = sse_frames(scripted, {"prompt": "hello there"})
+    assert frames[-2]["usage"]["prompt_tokens"] == len(tokens)
+
+
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]},
+                                  {"input": "hi"}])
+def test_failed_stream_still_ends_with_trailer(scripted, body):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    scripted.engine.fail_after = 12
+    frames = sse_frames(scripted, body)
+    assert any("error" in f or f.get("type") == "response.failed" or f.get("success") is False
+               for f in frames[:-2])
+    assert set(frames[-2]) == {"response", "usage"} and frames[-2]["response"] == "" and frames[-1] == "[DONE]"
+
+
+def test_batch_items_with_stream_run_whole(scripted):
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
+    items = [{"prompt": "a", "stream": True}, {"input": "b", "stream": True},
+             {"prompt": "c", "stream": "yes", "external_reference": "bad"}]
+    results = ok(run(scripted, {"requests": items}))["results"]
+    assert results[0]["response"] == "Hi there" and results[1]["object"] == "response"
+    assert results[2]["success"] is False and "stream" in results[2]["errors"][0]["message"]
+    assert results[2]["external_reference"] == "bad"
