@@ -60,7 +60,6 @@ class Attention(nn.Module):
         self.o_proj = _linear(self.num_heads * self.head_dim, h, True, dtype)
         # Sinks stay fp32: they join an fp32 softmax denominator.
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
-        self.rank = rank
 
     def forward(
         self,
