@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from benchmarks.common import (
+from gptoss.benchmarks.common import (
     format_table,
     measure_ceilings,
     median_time,
@@ -46,10 +45,10 @@ MASKED_BASELINE_MAX_TOKENS = 8192
 
 
 def _import_attention(interpret: bool):
-    """kernels.attention decorated for the interpreter or the GPU (Triton decides at import time)."""
+    """gptoss.kernels.attention decorated for the interpreter or the GPU (Triton decides at import time)."""
     if interpret:
         os.environ["TRITON_INTERPRET"] = "1"
-    import kernels.attention as attention
+    import gptoss.kernels.attention as attention
 
     if attention._is_interpreted(attention._prefill_kernel) != interpret:
         attention = importlib.reload(attention)

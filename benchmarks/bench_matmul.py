@@ -24,8 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from benchmarks.common import (
+from gptoss.benchmarks.common import (
     format_table,
     measure_ceilings,
     median_time,
@@ -56,8 +55,13 @@ def call_bytes(rows: int, n: int, k: int, bias: bool, dtype: torch.dtype, out_dt
     return (n * k + (n if bias else 0) + rows * k) * size + rows * n * out_size
 
 
-def make_calls(triton_linear: Callable, x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None,
-               out_dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
+def make_calls(
+    triton_linear: Callable,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> dict[str, Callable[[], torch.Tensor]]:
     """One call of each implementation, each call on the next weight copy."""
     cycle = itertools.cycle(weights)
     return {
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny = args.tiny or device.type != "cuda"
     if tiny and device.type != "cuda":
         os.environ["TRITON_INTERPRET"] = "1"  # read by kernels.matmul at launch time
-    from kernels.matmul import linear, pick_config
+    from gptoss.kernels.matmul import linear, pick_config
 
     layers = [spec for spec in (TINY_LAYERS if tiny else REAL_LAYERS) if not args.layers or spec[0] in args.layers]
     rows_list = args.rows or (TINY_ROWS if tiny else REAL_ROWS)
@@ -123,8 +127,15 @@ def main(argv: list[str] | None = None) -> dict:
                 fn, reps = batched(call, min(max(copies, 8), 512), device, graphs=not args.no_graphs)
                 times[impl] = median_time(fn, device, warmup=warmup, iters=iters) / reps
                 del fn
-                row = dict(layer=layer, N=n, K=k, rows=rows, impl=impl, ms=times[impl] * 1e3,
-                           **roofline(times[impl], num_bytes, flops, ceilings))
+                row = dict(
+                    layer=layer,
+                    N=n,
+                    K=k,
+                    rows=rows,
+                    impl=impl,
+                    ms=times[impl] * 1e3,
+                    **roofline(times[impl], num_bytes, flops, ceilings),
+                )
                 if impl == "triton":
                     config = pick_config(rows, n, dtype)
                     row["tile"] = f"{config.block_m}x{config.block_n}x{config.block_k}/{config.num_warps}w"
@@ -134,11 +145,26 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    columns = ["layer", "N", "K", "rows", "impl", "tile", "ms", "GB/s", "% copy bw", "TFLOP/s", "% matmul",
-               "% roofline", "vs torch"]
-    print(f"device: {ceilings.device}; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; "
-          f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s"
-          + ("  [tiny: Triton interpreter, timings are not meaningful]" if tiny else ""))
+    columns = [
+        "layer",
+        "N",
+        "K",
+        "rows",
+        "impl",
+        "tile",
+        "ms",
+        "GB/s",
+        "% copy bw",
+        "TFLOP/s",
+        "% matmul",
+        "% roofline",
+        "vs torch",
+    ]
+    print(
+        f"device: {ceilings.device}; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; "
+        f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s"
+        + ("  [tiny: Triton interpreter, timings are not meaningful]" if tiny else "")
+    )
     print(format_table(rows_out, columns))
     results = {"ceilings": ceilings.as_dict(), "tiny": tiny, "dtype": str(dtype), "rows": rows_out}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,8 +174,13 @@ def main(argv: list[str] | None = None) -> dict:
         for impl in ("triton", "torch"):
             points = [(r["rows"], r["% roofline"]) for r in rows_out if r["layer"] == layer and r["impl"] == impl]
             series[f"{layer} {impl}"] = ([p[0] for p in points], [p[1] for p in points])
-    plot_series(args.out / "bench_matmul.png", series, xlabel="rows (M)", ylabel="% of roofline",
-                title=f"dense linear, bf16 ({ceilings.device})")
+    plot_series(
+        args.out / "bench_matmul.png",
+        series,
+        xlabel="rows (M)",
+        ylabel="% of roofline",
+        title=f"dense linear, bf16 ({ceilings.device})",
+    )
     return results
 
 

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from benchmarks.common import (
+from gptoss.benchmarks.common import (
     format_table,
     measure_ceilings,
     median_time,
@@ -41,19 +40,19 @@ def make_experts(experts: int, hidden: int, intermediate: int, device: torch.dev
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def mxfp4(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, device=device,
-                               dtype=torch.uint8)
-        scales = torch.randint(118, 123, (experts, rows, cols // 32), generator=gen, device=device,
-                               dtype=torch.uint8)
+        blocks = torch.randint(0, 256, (experts, rows, cols // 32, 16), generator=gen, device=device, dtype=torch.uint8)
+        scales = torch.randint(118, 123, (experts, rows, cols // 32), generator=gen, device=device, dtype=torch.uint8)
         return blocks, scales
 
     w1_blocks, w1_scales = mxfp4(2 * intermediate, hidden)
     w2_blocks, w2_scales = mxfp4(hidden, intermediate)
     bias = {"generator": gen, "device": device}
     return {
-        "w1_blocks": w1_blocks, "w1_scales": w1_scales,
+        "w1_blocks": w1_blocks,
+        "w1_scales": w1_scales,
         "w1_bias": (torch.randn(experts, 2 * intermediate, **bias) * 0.1).to(torch.bfloat16),
-        "w2_blocks": w2_blocks, "w2_scales": w2_scales,
+        "w2_blocks": w2_blocks,
+        "w2_scales": w2_scales,
         "w2_bias": (torch.randn(experts, hidden, **bias) * 0.1).to(torch.bfloat16),
     }
 
@@ -63,10 +62,11 @@ def expert_bytes(weights: dict) -> int:
     return sum(t[0].numel() * t.element_size() for t in weights.values())
 
 
-def dequant_matmul_baseline(x: torch.Tensor, router_logits: torch.Tensor, weights: dict, top_k: int,
-                            compute_dtype: torch.dtype) -> torch.Tensor:
+def dequant_matmul_baseline(
+    x: torch.Tensor, router_logits: torch.Tensor, weights: dict, top_k: int, compute_dtype: torch.dtype
+) -> torch.Tensor:
     """The naive path: dequantise each hit expert with the reference, then dense torch matmuls."""
-    from kernels.reference import mxfp4_dequantize, route_topk, swiglu
+    from gptoss.kernels.reference import mxfp4_dequantize, route_topk, swiglu
 
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     tiny = args.tiny or device.type != "cuda"
     if tiny and device.type != "cuda":
         os.environ["TRITON_INTERPRET"] = "1"  # read by kernels.moe at launch time
-    from kernels.moe import fused_moe, moe_route
+    from gptoss.kernels.moe import fused_moe, moe_route
 
     shape = TINY_SHAPE if tiny else REAL_SHAPE
     tokens_list = args.tokens or (TINY_TOKENS if tiny else REAL_TOKENS)
@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> dict:
         "triton_fast": lambda x, logits: fused_moe(x, logits, **weights, top_k=top_k, batch_invariant=False),
     }
     if not args.no_baseline:
-        impls["torch_dequant_matmul"] = lambda x, logits: dequant_matmul_baseline(x, logits, weights, top_k,
-                                                                                  baseline_dtype)
+        impls["torch_dequant_matmul"] = lambda x, logits: dequant_matmul_baseline(
+            x, logits, weights, top_k, baseline_dtype
+        )
 
     rows = []
     gen = torch.Generator(device=device).manual_seed(1)
@@ -125,27 +126,57 @@ def main(argv: list[str] | None = None) -> dict:
         flops = 2 * tokens * top_k * (hidden * 2 * intermediate + intermediate * hidden)
         for name, fn in impls.items():
             seconds = median_time(functools.partial(fn, x, logits), device, warmup=warmup, iters=iters)
-            rows.append(dict(impl=name, tokens=tokens, experts_hit=hit, weight_MB=weight_bytes / 1e6,
-                             ms=seconds * 1e3, **roofline(seconds, weight_bytes, flops, ceilings)))
+            rows.append(
+                dict(
+                    impl=name,
+                    tokens=tokens,
+                    experts_hit=hit,
+                    weight_MB=weight_bytes / 1e6,
+                    ms=seconds * 1e3,
+                    **roofline(seconds, weight_bytes, flops, ceilings),
+                )
+            )
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    columns = ["impl", "tokens", "experts_hit", "weight_MB", "ms", "GB/s", "% copy bw", "TFLOP/s", "% matmul",
-               "% roofline"]
-    print(f"device: {ceilings.device}; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; "
-          f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s; shape {shape}"
-          + ("  [tiny: Triton interpreter, timings are not meaningful]" if tiny else ""))
+    columns = [
+        "impl",
+        "tokens",
+        "experts_hit",
+        "weight_MB",
+        "ms",
+        "GB/s",
+        "% copy bw",
+        "TFLOP/s",
+        "% matmul",
+        "% roofline",
+    ]
+    print(
+        f"device: {ceilings.device}; copy {ceilings.copy_bytes_per_s / 1e9:.1f} GB/s; "
+        f"{ceilings.matmul_dtype} matmul {ceilings.matmul_flops_per_s / 1e12:.3g} TFLOP/s; shape {shape}"
+        + ("  [tiny: Triton interpreter, timings are not meaningful]" if tiny else "")
+    )
     print(format_table(rows, columns))
-    results = {"ceilings": ceilings.as_dict(), "shape": shape, "tiny": tiny, "activation_dtype": str(act_dtype),
-                   "rows": rows}
+    results = {
+        "ceilings": ceilings.as_dict(),
+        "shape": shape,
+        "tiny": tiny,
+        "activation_dtype": str(act_dtype),
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "bench_moe.json", results)
     series = {}
     for name in impls:
         points = [(r["tokens"], r["% roofline"]) for r in rows if r["impl"] == name]
         series[name] = ([p[0] for p in points], [p[1] for p in points])
-    plot_series(args.out / "bench_moe.png", series, xlabel="tokens", ylabel="% of roofline",
-                title=f"MXFP4 MoE, H={hidden} I={intermediate} E={experts} top-{top_k} ({ceilings.device})")
+    plot_series(
+        args.out / "bench_moe.png",
+        series,
+        xlabel="tokens",
+        ylabel="% of roofline",
+        title=f"MXFP4 MoE, H={hidden} I={intermediate} E={experts} top-{top_k} ({ceilings.device})",
+    )
     return results
 
 

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from engine.checkpoint import make_random_checkpoint
-from engine.config import preset
-from engine.engine_args import EngineArgs
-from engine.llm import LLMEngine
-from engine.sampling_params import SamplingParams
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.llm_engine import LLMEngine
+from gptoss.engine.model.config import preset
+from gptoss.engine.model.random_checkpoint import make_random_checkpoint
+from gptoss.engine.sampling_params import SamplingParams
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "o200k_harmony.tokenizer.json"
 PHASES = ("schedule", "prepare_inputs", "sample_host", "sampler_compute", "mark_computed", "output")
@@ -186,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=201088)
     parser.add_argument("--sampling", choices=sorted(SAMPLING), default="greedy")
     parser.add_argument(
-        "--tokenizer", type=lambda text: Path(text) if text else None,
+        "--tokenizer",
+        type=lambda text: Path(text) if text else None,
         default=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None,
         help='tokenizer.json (default: shared/vocab/o200k_harmony.tokenizer.json when present; "": the tiny one)',
     )

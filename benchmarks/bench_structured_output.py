@@ -24,8 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from engine.structured_output import (
+from gptoss.engine.structured_output import (
     StructuredOutputCompiler,
     StructuredOutputSpec,
     StructuredOutputState,
@@ -33,7 +32,7 @@ from engine.structured_output import (
     apply_token_bitmask_,
     fill_token_bitmasks,
 )
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "o200k_harmony.tokenizer.json"
 REAL_VOCAB_SIZE = 201088
@@ -45,26 +44,59 @@ ANALYSIS = (
 # (schema, an answer that satisfies it)
 CASES: list[tuple[dict, dict]] = [
     (
-        {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-                                          "tags": {"type": "array", "items": {"type": "string"}}},
-         "required": ["name", "age", "tags"], "additionalProperties": False},
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer", "minimum": 0},
+                "tags": {"type": "array", "items": {"type": "string"}},
+            },
+            "required": ["name", "age", "tags"],
+            "additionalProperties": False,
+        },
         {"name": "Ada Lovelace", "age": 36, "tags": ["mathematician", "writer", "analyst"]},
     ),
     (
-        {"type": "object", "properties": {
-            "city": {"type": "string"},
-            "forecast": {"type": "array", "items": {"type": "object", "properties": {
-                "day": {"type": "string", "format": "date"}, "high": {"type": "number"},
-                "sky": {"enum": ["sunny", "cloudy", "rain"]}}, "required": ["day", "high", "sky"],
-                "additionalProperties": False}}},
-         "required": ["city", "forecast"], "additionalProperties": False},
-        {"city": "Paris", "forecast": [{"day": "2026-11-26", "high": 9.5, "sky": "rain"},
-                                       {"day": "2026-11-27", "high": 11, "sky": "cloudy"}]},
+        {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "forecast": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "day": {"type": "string", "format": "date"},
+                            "high": {"type": "number"},
+                            "sky": {"enum": ["sunny", "cloudy", "rain"]},
+                        },
+                        "required": ["day", "high", "sky"],
+                        "additionalProperties": False,
+                    },
+                },
+            },
+            "required": ["city", "forecast"],
+            "additionalProperties": False,
+        },
+        {
+            "city": "Paris",
+            "forecast": [
+                {"day": "2026-11-26", "high": 9.5, "sky": "rain"},
+                {"day": "2026-11-27", "high": 11, "sky": "cloudy"},
+            ],
+        },
     ),
     (
-        {"anyOf": [{"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
-                   {"type": "object", "properties": {"error": {"type": "string", "pattern": "^E[0-9]{3}$"}},
-                    "required": ["error"]}]},
+        {
+            "anyOf": [
+                {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]},
+                {
+                    "type": "object",
+                    "properties": {"error": {"type": "string", "pattern": "^E[0-9]{3}$"}},
+                    "required": ["error"],
+                },
+            ]
+        },
         {"answer": "The capital of France is Paris, which is also its largest city."},
     ),
 ]
@@ -98,8 +130,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--tokenizer", type=Path, default=REAL_TOKENIZER if REAL_TOKENIZER.is_file() else None)
-    parser.add_argument("--threads", type=int, default=max(2, min(16, (os.cpu_count() or 1) // 2)),
-                        help="llguidance pool size for the parallel fill (default: half the CPUs, 2..16)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(2, min(16, (os.cpu_count() or 1) // 2)),
+        help="llguidance pool size for the parallel fill (default: half the CPUs, 2..16)",
+    )
     args = parser.parse_args()
 
     if args.tokenizer is not None:
@@ -117,14 +153,17 @@ def main() -> None:
     specs, replies = [], []
     compile_ms = []
     for schema, answer in CASES:
-        spec = StructuredOutputSpec.from_request({"type": "json_schema", "json_schema": {"schema": schema,
-                                                                                         "strict": True}})
+        spec = StructuredOutputSpec.from_request(
+            {"type": "json_schema", "json_schema": {"schema": schema, "strict": True}}
+        )
         assert spec is not None
         start = time.perf_counter()
         compiler.compile(spec)
         compile_ms.append(1e3 * (time.perf_counter() - start))
-        text = (f"<|channel|>analysis<|message|>{ANALYSIS}<|end|><|start|>assistant"
-                f"<|channel|>final<|message|>{json.dumps(answer)}<|return|>")
+        text = (
+            f"<|channel|>analysis<|message|>{ANALYSIS}<|end|><|start|>assistant"
+            f"<|channel|>final<|message|>{json.dumps(answer)}<|return|>"
+        )
         token_ids = tokenizer.encode(text, add_special_tokens=False).ids
         check = compiler.new_state(spec)
         assert check.accept_tokens(token_ids) and check.is_terminated(), "reply does not match its schema"
@@ -135,12 +174,17 @@ def main() -> None:
         compiler.new_state(specs[0])
     hit_us = 1e4 * (time.perf_counter() - start)
 
-    print(f"tokenizer {label}, vocab {vocab_size}, logits on {device}, torch threads {torch.get_num_threads()}, "
-          f"llguidance pool {args.threads} threads, {os.cpu_count()} CPUs")
-    print(f"compiler build {build_s:.2f} s; schema compile {', '.join(f'{t:.1f}' for t in compile_ms)} ms; "
-          f"new_state on a cache hit {hit_us:.0f} us")
-    print(f"reply lengths {[len(r) for r in replies]} tokens; {args.steps} steps per batch size; "
-          "mean / p90 ms per step")
+    print(
+        f"tokenizer {label}, vocab {vocab_size}, logits on {device}, torch threads {torch.get_num_threads()}, "
+        f"llguidance pool {args.threads} threads, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"compiler build {build_s:.2f} s; schema compile {', '.join(f'{t:.1f}' for t in compile_ms)} ms; "
+        f"new_state on a cache hit {hit_us:.0f} us"
+    )
+    print(
+        f"reply lengths {[len(r) for r in replies]} tokens; {args.steps} steps per batch size; mean / p90 ms per step"
+    )
     print(f"{'batch':>5} | {'fill serial':>17} | {'fill parallel':>17} | {'accept':>17} | {'apply':>17}")
 
     import llguidance
@@ -150,8 +194,9 @@ def main() -> None:
         timings: dict[str, list[float]] = {"serial": [], "parallel": [], "accept": [], "apply": []}
         # One pass per fill mode, each from fresh states (llguidance caches a state's mask until the next token).
         for mode in ("serial", "parallel"):
-            rows = [Replayer(compiler.new_state(specs[i % len(specs)]), replies[i % len(specs)])
-                    for i in range(batch_size)]
+            rows = [
+                Replayer(compiler.new_state(specs[i % len(specs)]), replies[i % len(specs)]) for i in range(batch_size)
+            ]
             for i, row in enumerate(rows):  # stagger the rows so the batch mixes analysis and JSON positions
                 for _ in range((i * 17) % len(row.token_ids)):
                     row.state.accept_token(row.next_token())
@@ -173,8 +218,10 @@ def main() -> None:
                 for row in rows:
                     assert row.state.accept_token(row.next_token())
                 timings["accept"].append(time.perf_counter() - start)
-        print(f"{batch_size:>5} | {_ms(timings['serial'])} | {_ms(timings['parallel'])} | "
-              f"{_ms(timings['accept'])} | {_ms(timings['apply'])}")
+        print(
+            f"{batch_size:>5} | {_ms(timings['serial'])} | {_ms(timings['parallel'])} | "
+            f"{_ms(timings['accept'])} | {_ms(timings['apply'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int | None = None, i
     return 2 * num_bytes / seconds
 
 
-def measure_matmul_rate(device: torch.device, size: int | None = None, dtype: torch.dtype | None = None,
-                        iters: int = 10) -> float:
+def measure_matmul_rate(
+    device: torch.device, size: int | None = None, dtype: torch.dtype | None = None, iters: int = 10
+) -> float:
     """FLOP/s of a square `size`^3 matmul (bf16 8192 on GPU; fp32 512 on CPU, where bf16 is emulated)."""
     size = size or (8192 if device.type == "cuda" else 512)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -144,8 +145,14 @@ def write_json(path: Path | str, payload: dict) -> Path:
     return path
 
 
-def plot_series(path: Path | str, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str,
-                ylabel: str, title: str, logx: bool = True) -> Path | None:
+def plot_series(
+    path: Path | str,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = True,
+) -> Path | None:
     """One line per series name -> (xs, ys), saved as a PNG; returns None when matplotlib is missing."""
     try:
         import matplotlib

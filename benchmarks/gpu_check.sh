@@ -17,12 +17,16 @@ part=${1:-kernels}
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The checkout as the `gptoss` namespace without installing it: one folder of links, gptoss/<folder> -> <folder>.
+src=/tmp/gptoss-src
+mkdir -p "$src/gptoss"
+for folder in engine kernels server scripts benchmarks; do ln -sfn "$PWD/$folder" "$src/gptoss/$folder"; done
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
+    export PYTHONPATH=/tmp/site:$src
 else
-    export PYTHONPATH=$PWD
+    export PYTHONPATH=$src
 fi
 unset TRITON_INTERPRET
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device_$part.txt"
@@ -49,7 +53,7 @@ bench)
     ;;
 engine)
     run test_cuda_graphs 150 python3 -m pytest -q -x tests/test_cuda_graphs.py tests/test_llm.py
-    run bench_latency_120b 360 python3 -m scripts.cli bench latency --random-weights --preset gpt-oss-120b \
+    run bench_latency_120b 360 python3 -m gptoss.scripts.cli bench latency --random-weights --preset gpt-oss-120b \
         --batch-sizes 1 --input-lens 1024,8192,32768 --output-lens 64 --iters 2 --max-model-len 40960
     ;;
 *)

@@ -45,17 +45,12 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any
 
-from engine.engine_args import EngineArgs
-from engine.llm import LLMEngine
-from engine.metrics import MetricsSnapshot
-from engine.sampling_params import SamplingParams
-from engine.sequence import (
-    EngineDeadError,
-    EngineOverloadedError,
-    InvalidRequestError,
-    RequestFailedError,
-    RequestOutput,
-)
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
+from gptoss.engine.llm_engine import LLMEngine
+from gptoss.engine.metrics import MetricsSnapshot
+from gptoss.engine.outputs import RequestOutput
+from gptoss.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

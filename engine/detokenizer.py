@@ -32,9 +32,8 @@ import codecs
 from collections.abc import Iterable
 from functools import lru_cache
 
+from gptoss.engine.sampling_params import SamplingParams
 from tokenizers import Tokenizer, decoders
-
-from engine.sampling_params import SamplingParams
 
 
 @lru_cache(maxsize=1)
@@ -105,9 +104,7 @@ class IncrementalDetokenizer:
             else (params.include_stop_str_in_output if params else False)
         )
         skip = (
-            skip_special_tokens
-            if skip_special_tokens is not None
-            else (params.skip_special_tokens if params else True)
+            skip_special_tokens if skip_special_tokens is not None else (params.skip_special_tokens if params else True)
         )
         self._skipped_ids = specials if skip else frozenset()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

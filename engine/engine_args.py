@@ -17,9 +17,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-
-from engine.config import FULL, SLIDING, ModelConfig
-from engine.kv_cache import kv_bytes_per_block
+from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
+from gptoss.engine.worker.kv_cache import kv_bytes_per_block
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Memory kept free for activations, logits and sampler temporaries on top of an estimate from the sizes.

@@ -12,7 +12,7 @@ Two levels of validation:
 Both raise `SamplingParamsError` (a `ValueError`) whose `param` attribute names the offending field, so the
 server can answer a 400 that names it. Fields set after construction are not re-checked: call `validate()`.
 
-Semantics (what the sampler does with each field, engine/sampler.py):
+Semantics (what the sampler does with each field, engine/worker/sampler.py):
 - `temperature` < 1e-5 (in particular 0) means greedy: argmax, ties broken by the lowest token id.
 - Order of logit processing: allowed-token mask, repetition penalty, frequency/presence penalties,
   temperature, top_k, top_p, min_p, then sampling.
@@ -106,9 +106,7 @@ class SamplingParams:
         self._check_number("temperature", low=0.0)
         self._check_number("top_p", low=0.0, high=1.0, low_open=True)
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise SamplingParamsError(
-                "top_k", f"must be an integer >= -1 (-1 or 0: disabled), got {self.top_k!r}"
-            )
+            raise SamplingParamsError("top_k", f"must be an integer >= -1 (-1 or 0: disabled), got {self.top_k!r}")
         self._check_number("min_p", low=0.0, high=1.0)
         self._check_number("repetition_penalty", low=0.0)
         self._check_number("frequency_penalty", low=-2.0, high=2.0)
@@ -117,9 +115,7 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"must be a non-negative integer or None, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError("stop", "must be a string or a list of non-empty strings")
-        if not isinstance(self.stop_token_ids, list) or not all(
-            _is_int(t) and t >= 0 for t in self.stop_token_ids
-        ):
+        if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be a list of non-negative integers")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -127,9 +123,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
-                raise SamplingParamsError(
-                    name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}"
-                )
+                raise SamplingParamsError(name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}")
 
     def validate_api_ranges(self) -> None:
         """Check the public API ranges (shared/docs/api.md), stricter than `validate()`."""

@@ -79,9 +79,8 @@ from typing import Any
 import llguidance
 import numpy as np
 import torch
+from gptoss.engine.tokenizer import special_token_id
 from tokenizers import Tokenizer
-
-from engine.tokenizer import special_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +182,9 @@ class StructuredOutputSpec:
         )
         if not constrained:
             return None
-        return cls(final_schema, strict, callable_tools, allow_final, final_param=final_param,
-                   start_in_final=start_in_final)
+        return cls(
+            final_schema, strict, callable_tools, allow_final, final_param=final_param, start_in_final=start_in_final
+        )
 
 
 def canonical_json(value: Any) -> str:
@@ -196,9 +196,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def parse_response_format(
-    value: dict[str, Any] | None, param: str = "response_format"
-) -> tuple[str | None, bool, str]:
+def parse_response_format(value: dict[str, Any] | None, param: str = "response_format") -> tuple[str | None, bool, str]:
     """-> (the final message's schema as compact JSON text or None for free text, strict, the schema's field)."""
     if value is None:
         return None, True, param

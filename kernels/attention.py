@@ -574,7 +574,7 @@ def paged_attention(
     window = int(sliding_window) if has_window else 0
     interpreted = _is_interpreted(_prefill_kernel)
     if not interpreted and query.device.type != "cuda":
-        raise RuntimeError("kernels.attention on CPU tensors needs TRITON_INTERPRET=1 set before it is imported")
+        raise RuntimeError("gptoss.kernels.attention on CPU tensors needs TRITON_INTERPRET=1 set before it is imported")
     common = {
         "head_dim": head_dim,
         "block_size": block_size,

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from kernels.moe import interpreting
+from gptoss.kernels.moe import interpreting
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernel
@@ -42,10 +41,16 @@ from kernels.moe import interpreting
 
 
 def _linear_kernel(
-    x_ptr, stride_xm, stride_xk,  # x [M, K]
-    w_ptr, stride_wn, stride_wk,  # weight [N, K]
+    x_ptr,
+    stride_xm,
+    stride_xk,  # x [M, K]
+    w_ptr,
+    stride_wn,
+    stride_wk,  # weight [N, K]
     bias_ptr,  # bias [N] (any float dtype); unused when not HAS_BIAS
-    out_ptr, stride_om, stride_on,  # out [M, N]
+    out_ptr,
+    stride_om,
+    stride_on,  # out [M, N]
     M,  # rows: not specialised on (see `_kernel`), so no M gets its own compiled variant
     N,
     K: tl.constexpr,  # a layer constant: the K loop has a known trip count, and no K mask when it divides
@@ -177,8 +182,9 @@ def gpu_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> Ma
     warps = 4 * (block_m // 64) * (block_n // instr)
     stage_bytes = (block_m + block_n) * block_k * (4 if fp32 else 2)
     stages = max(2, min(4, _SMEM_BUDGET // stage_bytes))
-    return MatmulConfig(block_m=block_m, block_n=block_n, block_k=block_k, instr_n=instr, num_warps=warps,
-                        num_stages=stages)
+    return MatmulConfig(
+        block_m=block_m, block_n=block_n, block_k=block_k, instr_n=instr, num_warps=warps, num_stages=stages
+    )
 
 
 def invariant_configs(n: int, dtype: torch.dtype = torch.bfloat16) -> list[MatmulConfig]:
@@ -219,7 +225,9 @@ def linear(
     if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype} must be a float [{n}]")
     if not x.is_cuda and not interpreting():
-        raise RuntimeError("kernels.matmul.linear needs CUDA tensors (or TRITON_INTERPRET=1); use F.linear on CPU")
+        raise RuntimeError(
+            "gptoss.kernels.matmul.linear needs CUDA tensors (or TRITON_INTERPRET=1); use F.linear on CPU"
+        )
     out_dtype = out_dtype or x.dtype
     out = torch.empty(num_rows, n, dtype=out_dtype, device=x.device)
     if num_rows == 0 or n == 0:

@@ -48,18 +48,30 @@ def interpreting() -> bool:
 
 
 def _moe_matmul_kernel(
-    a_ptr, stride_am, stride_ak,  # activations: x [T, K] (GATHER_A) or act [P, K] in sorted order
-    wb_ptr, stride_wbe, stride_wbn,  # MXFP4 blocks [E, N, K/32, 16] uint8, the last two dims contiguous
-    ws_ptr, stride_wse, stride_wsn, stride_wsk,  # e8m0 scales [E, N, K/32] uint8
-    bias_ptr, stride_be, stride_bn,  # bias [E, N]
-    out_ptr, stride_om, stride_on,  # act [P, N/2] | y [P, N] fp32 | out32 [T, N] fp32
+    a_ptr,
+    stride_am,
+    stride_ak,  # activations: x [T, K] (GATHER_A) or act [P, K] in sorted order
+    wb_ptr,
+    stride_wbe,
+    stride_wbn,  # MXFP4 blocks [E, N, K/32, 16] uint8, the last two dims contiguous
+    ws_ptr,
+    stride_wse,
+    stride_wsn,
+    stride_wsk,  # e8m0 scales [E, N, K/32] uint8
+    bias_ptr,
+    stride_be,
+    stride_bn,  # bias [E, N]
+    out_ptr,
+    stride_om,
+    stride_on,  # act [P, N/2] | y [P, N] fp32 | out32 [T, N] fp32
     sorted_pair_ptr,  # [P] int32: pair id (token * TOP_K + slot) of each expert-sorted row
     pair_weight_ptr,  # [P] fp32: routing weight of each pair id
     tile_expert_ptr,  # [num_tiles] int32: expert of each row tile, -1 for unused grid slots
     tile_row_start_ptr,  # [num_tiles] int32: first sorted row of each tile
     expert_offsets_ptr,  # [E + 1] int32: sorted rows of expert e are offsets[e] .. offsets[e + 1] - 1
     N,  # weight rows (output features before SwiGLU)
-    swiglu_limit, swiglu_alpha,
+    swiglu_limit,
+    swiglu_alpha,
     K: tl.constexpr,  # reduction size: a model constant (also keeps triton 3.6's interpreter happy in range())
     TOP_K: tl.constexpr,
     GATHER_A: tl.constexpr,  # True: A row = token of the pair (matmul 1); False: A row = sorted row
@@ -102,19 +114,19 @@ def _moe_matmul_kernel(
     offs_b = tl.arange(0, HALF_K)
     offs_g = tl.arange(0, GROUPS_K)
     packed = tl.load(wb_rows + offs_b[None, :], mask=n_mask[:, None] & (offs_b[None, :] < K // 2), other=0)
-    scale_bits = tl.load(ws_rows + offs_g[None, :] * stride_wsk, mask=n_mask[:, None] & (offs_g[None, :] < K // 32),
-                         other=127)
+    scale_bits = tl.load(
+        ws_rows + offs_g[None, :] * stride_wsk, mask=n_mask[:, None] & (offs_g[None, :] < K // 32), other=127
+    )
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         next_b = (k0 + BLOCK_K) // 2 + offs_b
         next_g = (k0 + BLOCK_K) // 32 + offs_g
-        packed_next = tl.load(wb_rows + next_b[None, :], mask=n_mask[:, None] & (next_b[None, :] < K // 2),
-                              other=0)
-        scale_bits_next = tl.load(ws_rows + next_g[None, :] * stride_wsk,
-                                  mask=n_mask[:, None] & (next_g[None, :] < K // 32), other=127)
+        packed_next = tl.load(wb_rows + next_b[None, :], mask=n_mask[:, None] & (next_b[None, :] < K // 2), other=0)
+        scale_bits_next = tl.load(
+            ws_rows + next_g[None, :] * stride_wsk, mask=n_mask[:, None] & (next_g[None, :] < K // 32), other=127
+        )
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & (offs_k[None, :] < K),
-                    other=0.0)
+        a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
         packed32 = packed.to(tl.int32)
         nibbles = tl.reshape(tl.join(packed32 & 0xF, packed32 >> 4), (BLOCK_N, BLOCK_K))
         # e2m1 -> fp32: |v| = 2^(e - 1) * (1 + m / 2) for exponent bits e >= 1 (built as fp32 bits with
@@ -161,7 +173,8 @@ def _moe_combine_kernel(
     y_ptr,  # [T * TOP_K, H] fp32, row t * TOP_K + j = weighted output of token t's slot j
     out_ptr,  # [T, H]
     H,
-    stride_ym, stride_om,
+    stride_ym,
+    stride_om,
     TOP_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -175,13 +188,17 @@ def _moe_combine_kernel(
 
 
 def _moe_route_kernel(
-    logits_ptr, stride_lt, stride_le,  # router logits [T, E]
+    logits_ptr,
+    stride_lt,
+    stride_le,  # router logits [T, E]
     expert_ids_ptr,  # out [T, TOP_K] int32 (contiguous)
     expert_weights_ptr,  # out [T, TOP_K] fp32 (contiguous)
     sorted_pairs_ptr,  # out [P] int32
     expert_offsets_ptr,  # out [E + 1] int32
-    tile_expert_ptr, tile_row_start_ptr,  # out [num_slots] int32
-    num_tokens, num_slots,
+    tile_expert_ptr,
+    tile_row_start_ptr,  # out [num_slots] int32
+    num_tokens,
+    num_slots,
     E: tl.constexpr,
     TOP_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -196,8 +213,11 @@ def _moe_route_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     t_mask = offs_t < num_tokens
     e_valid = offs_e < E
-    logits = tl.load(logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
-                     mask=t_mask[:, None] & e_valid[None, :], other=0.0).to(tl.float32)
+    logits = tl.load(
+        logits_ptr + offs_t[:, None] * stride_lt + offs_e[None, :] * stride_le,
+        mask=t_mask[:, None] & e_valid[None, :],
+        other=0.0,
+    ).to(tl.float32)
     logits = tl.where(e_valid[None, :], logits, float("-inf"))
     # Top-k by repeated argmax (ties go to the lower expert id); softmax over the k chosen logits.
     top_max = tl.max(logits, axis=1)
@@ -240,8 +260,7 @@ def _moe_route_kernel(
     row_base = tl.sum(tl.where(one_hot, starts[None, :], 0), axis=1)
     s_mask = offs_s < num_slots
     tl.store(tile_expert_ptr + offs_s, tl.where(valid, slot_expert, -1), mask=s_mask)
-    tl.store(tile_row_start_ptr + offs_s, tl.where(valid, row_base + (offs_s - first_tile) * BLOCK_M, 0),
-             mask=s_mask)
+    tl.store(tile_row_start_ptr + offs_s, tl.where(valid, row_base + (offs_s - first_tile) * BLOCK_M, 0), mask=s_mask)
 
 
 _JITTED: dict[bool, tuple] = {}
@@ -303,8 +322,11 @@ def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int, fused: bool
     num_slots = max_row_tiles(num_pairs, num_experts, block_m)
     block_t, block_e = triton.next_power_of_2(num_tokens), triton.next_power_of_2(num_experts)
     if fused is None:
-        fused = ((router_logits.is_cuda or interpreting()) and num_pairs <= _FUSED_ROUTE_MAX_PAIRS
-                 and block_t * block_e <= _FUSED_ROUTE_MAX_LOGITS)
+        fused = (
+            (router_logits.is_cuda or interpreting())
+            and num_pairs <= _FUSED_ROUTE_MAX_PAIRS
+            and block_t * block_e <= _FUSED_ROUTE_MAX_LOGITS
+        )
     if not fused:
         return _moe_route_torch(router_logits, top_k, block_m, num_slots)
     device = router_logits.device
@@ -316,15 +338,28 @@ def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int, fused: bool
     tile_row_start = torch.empty(num_slots, dtype=torch.int32, device=device)
     route_kernel = _kernels()[2]
     route_kernel[(1,)](
-        router_logits, router_logits.stride(0), router_logits.stride(1),
-        expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start,
-        num_tokens, num_slots,
-        E=num_experts, TOP_K=top_k, BLOCK_M=block_m, BLOCK_T=block_t, BLOCK_E=block_e,
-        BLOCK_KK=triton.next_power_of_2(top_k), BLOCK_P=triton.next_power_of_2(num_pairs),
-        BLOCK_S=triton.next_power_of_2(num_slots), num_warps=8,
+        router_logits,
+        router_logits.stride(0),
+        router_logits.stride(1),
+        expert_ids,
+        expert_weights,
+        sorted_pairs,
+        expert_offsets,
+        tile_expert,
+        tile_row_start,
+        num_tokens,
+        num_slots,
+        E=num_experts,
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        BLOCK_KK=triton.next_power_of_2(top_k),
+        BLOCK_P=triton.next_power_of_2(num_pairs),
+        BLOCK_S=triton.next_power_of_2(num_slots),
+        num_warps=8,
     )
-    return MoeRouting(expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start,
-                      block_m)
+    return MoeRouting(expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start, block_m)
 
 
 def _moe_route_torch(router_logits: torch.Tensor, top_k: int, block_m: int, num_slots: int) -> MoeRouting:
@@ -405,8 +440,9 @@ def pick_config(num_tokens: int, batch_invariant: bool = True) -> MoeConfig:
     return table[-1][1]
 
 
-def _check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, experts: int, rows: int,
-                 cols: int, name: str) -> None:
+def _check_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, experts: int, rows: int, cols: int, name: str
+) -> None:
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"{name} blocks and scales must be uint8")
     if tuple(blocks.shape) != (experts, rows, cols // MXFP4_BLOCK, MXFP4_BLOCK // 2):
@@ -465,22 +501,47 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     num_slots = routing.tile_expert.numel()
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    common = (routing.sorted_pairs, routing.expert_weights, routing.tile_expert, routing.tile_row_start,
-              routing.expert_offsets)
+    common = (
+        routing.sorted_pairs,
+        routing.expert_weights,
+        routing.tile_expert,
+        routing.tile_row_start,
+        routing.expert_offsets,
+    )
 
     act = torch.empty(num_pairs, intermediate, dtype=x.dtype, device=x.device)
     grid1 = (triton.cdiv(2 * intermediate, config.block_n), num_slots)
     matmul_kernel[grid1](
-        x, x.stride(0), x.stride(1),
-        w1_blocks, w1_blocks.stride(0), w1_blocks.stride(1),
-        w1_scales, w1_scales.stride(0), w1_scales.stride(1), w1_scales.stride(2),
-        w1_bias, w1_bias.stride(0), w1_bias.stride(1),
-        act, act.stride(0), act.stride(1),
+        x,
+        x.stride(0),
+        x.stride(1),
+        w1_blocks,
+        w1_blocks.stride(0),
+        w1_blocks.stride(1),
+        w1_scales,
+        w1_scales.stride(0),
+        w1_scales.stride(1),
+        w1_scales.stride(2),
+        w1_bias,
+        w1_bias.stride(0),
+        w1_bias.stride(1),
+        act,
+        act.stride(0),
+        act.stride(1),
         *common,
         2 * intermediate,
-        float(swiglu_limit), float(swiglu_alpha),
-        K=hidden, TOP_K=top_k, GATHER_A=True, SWIGLU=True, ATOMIC_OUT=False, FP32_MATH=fp32_math,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **launch,
+        float(swiglu_limit),
+        float(swiglu_alpha),
+        K=hidden,
+        TOP_K=top_k,
+        GATHER_A=True,
+        SWIGLU=True,
+        ATOMIC_OUT=False,
+        FP32_MATH=fp32_math,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        **launch,
     )
 
     if batch_invariant:
@@ -489,16 +550,36 @@ def fused_moe(
         out_rows = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     grid2 = (triton.cdiv(hidden, config.block_n), num_slots)
     matmul_kernel[grid2](
-        act, act.stride(0), act.stride(1),
-        w2_blocks, w2_blocks.stride(0), w2_blocks.stride(1),
-        w2_scales, w2_scales.stride(0), w2_scales.stride(1), w2_scales.stride(2),
-        w2_bias, w2_bias.stride(0), w2_bias.stride(1),
-        out_rows, out_rows.stride(0), out_rows.stride(1),
+        act,
+        act.stride(0),
+        act.stride(1),
+        w2_blocks,
+        w2_blocks.stride(0),
+        w2_blocks.stride(1),
+        w2_scales,
+        w2_scales.stride(0),
+        w2_scales.stride(1),
+        w2_scales.stride(2),
+        w2_bias,
+        w2_bias.stride(0),
+        w2_bias.stride(1),
+        out_rows,
+        out_rows.stride(0),
+        out_rows.stride(1),
         *common,
         hidden,
-        float(swiglu_limit), float(swiglu_alpha),
-        K=intermediate, TOP_K=top_k, GATHER_A=False, SWIGLU=False, ATOMIC_OUT=not batch_invariant, FP32_MATH=fp32_math,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, **launch,
+        float(swiglu_limit),
+        float(swiglu_alpha),
+        K=intermediate,
+        TOP_K=top_k,
+        GATHER_A=False,
+        SWIGLU=False,
+        ATOMIC_OUT=not batch_invariant,
+        FP32_MATH=fp32_math,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        **launch,
     )
     if not batch_invariant:
         return out_rows.to(x.dtype)
@@ -506,6 +587,13 @@ def fused_moe(
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     block_h = 1024 if hidden > 512 else triton.next_power_of_2(hidden)
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        out_rows, out, hidden, out_rows.stride(0), out.stride(0), TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+        out_rows,
+        out,
+        hidden,
+        out_rows.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        BLOCK_H=block_h,
+        num_warps=4,
     )
     return out

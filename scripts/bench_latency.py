@@ -9,7 +9,7 @@ off, EOS ignored), the median over `--iters` runs of
 - prefill: a generate with `max_tokens=1` (the prompts plus one sampled token): `B * I / t_prefill` tokens/s;
 - decode: a generate with `max_tokens=O` minus the prefill run: `(t_full - t_prefill) / (O - 1)` per step,
   `B * (O - 1) / (t_full - t_prefill)` tokens/s;
-- roofline: the bytes one decode step of B sequences at context `I + O/2` reads (engine/roofline.py, with
+- roofline: the bytes one decode step of B sequences at context `I + O/2` reads (engine/model/roofline.py, with
   the loaded model's weight and KV element sizes) over the device's measured bandwidth (a big on-device copy,
   read + write bytes per second), so `% roofline` says how close the measured step is to the memory limit.
 `--profile` adds a torch.profiler table (ops by self time) of one more full run of the first configuration.
@@ -26,10 +26,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scripts.generate import make_llm
+from gptoss.scripts.generate import make_llm
 
-COLUMNS = ["batch", "input", "output", "prefill ms", "prefill tok/s", "decode ms/step", "decode tok/s",
-           "roofline ms/step", "roofline tok/s", "% roofline"]
+COLUMNS = [
+    "batch",
+    "input",
+    "output",
+    "prefill ms",
+    "prefill tok/s",
+    "decode ms/step",
+    "decode tok/s",
+    "roofline ms/step",
+    "roofline tok/s",
+    "% roofline",
+]
 
 
 def parse_ints(text: str) -> list[int]:
@@ -45,8 +55,8 @@ def random_prompts(num: int, length: int, vocab_size: int, rng: random.Random) -
 
 def timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> float:
     """Seconds for `llm.generate` of `prompts` to `max_tokens` tokens each (device synchronised)."""
-    from benchmarks.common import synchronize
-    from engine.sampling_params import SamplingParams
+    from gptoss.benchmarks.common import synchronize
+    from gptoss.engine.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     device = llm.engine.runner.device
@@ -57,8 +67,9 @@ def timed_generate(llm: Any, prompts: list[list[int]], max_tokens: int) -> float
     return time.perf_counter() - start
 
 
-def measure(llm: Any, batch: int, input_len: int, output_len: int, iters: int, warmup: int, seed: int
-            ) -> tuple[float, float]:
+def measure(
+    llm: Any, batch: int, input_len: int, output_len: int, iters: int, warmup: int, seed: int
+) -> tuple[float, float]:
     """Median (prefill seconds, full-generation seconds) over `iters` runs, fresh random prompts each time."""
     rng = random.Random(seed)
     vocab = llm.engine.vocab_size
@@ -80,16 +91,17 @@ def element_size(dtype: Any) -> int:
 
 def step_bytes(llm: Any, batch: int, context_len: int) -> Any:
     """The roofline's `DecodeStepBytes` for the loaded model's dtypes (experts stay MXFP4 on every device)."""
-    from engine.roofline import decode_step_bytes
+    from gptoss.engine.model.roofline import decode_step_bytes
 
     runner = llm.engine.runner
-    return decode_step_bytes(llm.engine.config, batch, context_len, element_size(runner.dtype),
-                             runner.kv_caches[0][0].element_size())
+    return decode_step_bytes(
+        llm.engine.config, batch, context_len, element_size(runner.dtype), runner.kv_caches[0][0].element_size()
+    )
 
 
 def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dict[str, Any]]:
     """One table row per (batch, input, output) configuration."""
-    from engine.roofline import decode_ceiling
+    from gptoss.engine.model.roofline import decode_ceiling
 
     rows = []
     for batch in args.batch_sizes:
@@ -100,22 +112,27 @@ def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dic
                 decode_s = max(t_full - t_prefill, 1e-9) / steps
                 step = step_bytes(llm, batch, input_len + output_len // 2)
                 ceiling = decode_ceiling(step, bandwidth)
-                rows.append({
-                    "batch": batch,
-                    "input": input_len,
-                    "output": output_len,
-                    "prefill ms": t_prefill * 1e3,
-                    "prefill tok/s": batch * input_len / t_prefill,
-                    "decode ms/step": decode_s * 1e3,
-                    "decode tok/s": batch / decode_s,
-                    "roofline ms/step": ceiling.seconds * 1e3,
-                    "roofline tok/s": ceiling.tokens_per_s,
-                    "% roofline": 100 * ceiling.seconds / decode_s,
-                    "step GB": step.total / 1e9,
-                })
+                rows.append(
+                    {
+                        "batch": batch,
+                        "input": input_len,
+                        "output": output_len,
+                        "prefill ms": t_prefill * 1e3,
+                        "prefill tok/s": batch * input_len / t_prefill,
+                        "decode ms/step": decode_s * 1e3,
+                        "decode tok/s": batch / decode_s,
+                        "roofline ms/step": ceiling.seconds * 1e3,
+                        "roofline tok/s": ceiling.tokens_per_s,
+                        "% roofline": 100 * ceiling.seconds / decode_s,
+                        "step GB": step.total / 1e9,
+                    }
+                )
                 if not args.quiet:
-                    print(f"batch {batch} input {input_len} output {output_len}: prefill {rows[-1]['prefill ms']:.1f}"
-                          f" ms, decode {rows[-1]['decode ms/step']:.2f} ms/step", file=sys.stderr)
+                    print(
+                        f"batch {batch} input {input_len} output {output_len}: prefill {rows[-1]['prefill ms']:.1f}"
+                        f" ms, decode {rows[-1]['decode ms/step']:.2f} ms/step",
+                        file=sys.stderr,
+                    )
     return rows
 
 
@@ -135,10 +152,9 @@ def profile_table(llm: Any, batch: int, input_len: int, output_len: int, seed: i
 
 def run_bench_latency(args: argparse.Namespace) -> int:
     import torch
-
-    from benchmarks.common import device_name, format_table, measure_copy_bandwidth
-    from engine.roofline import format_breakdown
-    from scripts.engine_flags import resolve_model_path
+    from gptoss.benchmarks.common import device_name, format_table, measure_copy_bandwidth
+    from gptoss.engine.model.roofline import format_breakdown
+    from gptoss.scripts.engine_flags import resolve_model_path
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
@@ -157,8 +173,11 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     # One throw-away run, so the first configuration does not pay for lazy initialisation (kernels, caches).
     timed_generate(llm, random_prompts(1, min(args.input_lens), llm.engine.vocab_size, random.Random(args.seed)), 2)
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_copy_bandwidth(device)
-    print(f"{device_name(device)}: loaded in {load_s:.1f} s; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"({'given' if args.bandwidth_gbs else 'measured'})", file=sys.stderr)
+    print(
+        f"{device_name(device)}: loaded in {load_s:.1f} s; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"({'given' if args.bandwidth_gbs else 'measured'})",
+        file=sys.stderr,
+    )
     rows = bench_rows(llm, args, bandwidth)
     print(format_table(rows, COLUMNS))
     runner = llm.engine.runner
@@ -188,7 +207,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
     """Add `latency` under `gptoss bench` (pass the `bench` command's subparsers)."""
-    from scripts.engine_flags import add_engine_arguments
+    from gptoss.scripts.engine_flags import add_engine_arguments
 
     parser = bench_subparsers.add_parser(
         "latency",
@@ -202,10 +221,18 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output-lens", type=parse_ints, default=[32])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--bandwidth-gbs", type=float, default=None,
-                        help="use this memory bandwidth (GB/s) for the roofline instead of measuring it")
-    parser.add_argument("--num-threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with others")
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="use this memory bandwidth (GB/s) for the roofline instead of measuring it",
+    )
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with others",
+    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run")
     parser.add_argument("--result-json", default=None)
     parser.add_argument("--quiet", action="store_true")

@@ -43,8 +43,38 @@ if TYPE_CHECKING:  # httpx is imported where it is used: `gptoss --help` must no
     import httpx
 
 PERCENTILES = (50, 90, 99)
-WORDS = ("the", "of", "and", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on", "are", "as", "with",
-         "his", "they", "at", "be", "this", "have", "from", "or", "one", "had", "by", "word", "but", "not")
+WORDS = (
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+)
 
 
 @dataclass
@@ -119,8 +149,7 @@ def make_requests(
 # ---- one streamed request --------------------------------------------------------------------------------
 
 
-def request_body(request: RequestInput, model: str, chat: bool, ignore_eos: bool, temperature: float
-                 ) -> dict[str, Any]:
+def request_body(request: RequestInput, model: str, chat: bool, ignore_eos: bool, temperature: float) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": request.output_len,
@@ -154,8 +183,9 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     return "".join(pieces)
 
 
-async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
-                       ) -> RequestResult:
+async def send_request(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> RequestResult:
     """Stream one request; TTFT, ITL and E2EL as vLLM's benchmark measures them."""
     import httpx
 
@@ -173,7 +203,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                 line = line.strip()
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
@@ -313,19 +343,39 @@ async def sweep(args: argparse.Namespace, base_url: str, tokenizer: Any | None) 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         model = args.served_model_name or await served_model_name(client, base_url.rstrip("/"), headers)
         if args.num_warmups:
-            warmups = make_requests(args.num_warmups, args.input_len, args.output_len, 0.0, args.seed + 1, chat,
-                                    tokenizer)
-            await run_benchmark(client, url, warmups, model=model, chat=chat, request_rate=math.inf,
-                                concurrency=None, ignore_eos=args.ignore_eos, temperature=args.temperature,
-                                headers=headers)
+            warmups = make_requests(
+                args.num_warmups, args.input_len, args.output_len, 0.0, args.seed + 1, chat, tokenizer
+            )
+            await run_benchmark(
+                client,
+                url,
+                warmups,
+                model=model,
+                chat=chat,
+                request_rate=math.inf,
+                concurrency=None,
+                ignore_eos=args.ignore_eos,
+                temperature=args.temperature,
+                headers=headers,
+            )
         runs = []
         for concurrency in args.concurrency or [None]:
-            inputs = make_requests(args.num_prompts, args.input_len, args.output_len, args.random_range_ratio,
-                                   args.seed, chat, tokenizer)
-            metrics = await run_benchmark(client, url, inputs, model=model, chat=chat,
-                                          request_rate=args.request_rate, concurrency=concurrency,
-                                          ignore_eos=args.ignore_eos, temperature=args.temperature,
-                                          headers=headers, seed=args.seed)
+            inputs = make_requests(
+                args.num_prompts, args.input_len, args.output_len, args.random_range_ratio, args.seed, chat, tokenizer
+            )
+            metrics = await run_benchmark(
+                client,
+                url,
+                inputs,
+                model=model,
+                chat=chat,
+                request_rate=args.request_rate,
+                concurrency=concurrency,
+                ignore_eos=args.ignore_eos,
+                temperature=args.temperature,
+                headers=headers,
+                seed=args.seed,
+            )
             runs.append(metrics)
             if not args.quiet:
                 print(format_run(metrics), file=sys.stderr)
@@ -365,8 +415,10 @@ def plot_sweep(path: str | Path, runs: list[dict[str, Any]], title: str) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, label in ((axes[0], "median_e2el_ms", "median end-to-end latency (ms)"),
-                           (axes[1], "median_tpot_ms", "median time per output token (ms)")):
+    for ax, key, label in (
+        (axes[0], "median_e2el_ms", "median end-to-end latency (ms)"),
+        (axes[1], "median_tpot_ms", "median time per output token (ms)"),
+    ):
         xs = [run[key] for run in runs]
         ys = [run["output_throughput"] for run in runs]
         ax.plot(xs, ys, marker="o")
@@ -386,7 +438,7 @@ def plot_sweep(path: str | Path, runs: list[dict[str, Any]], title: str) -> Path
 
 _SERVE_CODE = """
 import argparse, json, sys
-from server.app import run_server
+from gptoss.server.app import run_server
 run_server(argparse.Namespace(**json.loads(sys.argv[1])))
 """
 
@@ -400,18 +452,36 @@ def free_port() -> int:
 class LocalServer:
     """`server.app` on a checkpoint, in a child process (so it does not share the load generator's GIL)."""
 
-    def __init__(self, model: str | Path, *, port: int | None = None, engine_args: dict[str, Any] | None = None,
-                 startup_timeout: float = 180.0, log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        port: int | None = None,
+        engine_args: dict[str, Any] | None = None,
+        startup_timeout: float = 180.0,
+        log_path: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        options = {"model": str(model), "host": "127.0.0.1", "port": self.port, "log_level": "warning",
-                   "served_model_name": "gpt-oss-120b", **(engine_args or {})}
+        options = {
+            "model": str(model),
+            "host": "127.0.0.1",
+            "port": self.port,
+            "log_level": "warning",
+            "served_model_name": "gpt-oss-120b",
+            **(engine_args or {}),
+        }
         repo_root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": repo_root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         self._log = open(log_path, "wb") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
-        self.process = subprocess.Popen([sys.executable, "-c", _SERVE_CODE, json.dumps(options)], cwd=repo_root,
-                                        env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _SERVE_CODE, json.dumps(options)],
+            cwd=repo_root,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self._wait_ready(startup_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -463,14 +533,14 @@ def parse_concurrency(text: str) -> list[int]:
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from engine.tokenizer import load_tokenizer
+    from gptoss.engine.tokenizer import load_tokenizer
 
     server: LocalServer | None = None
     base_url = args.base_url
     tokenizer_path = args.tokenizer
     try:
         if base_url is None:
-            from engine.checkpoint import ensure_default_checkpoint
+            from gptoss.engine.model.random_checkpoint import ensure_default_checkpoint
 
             model = args.model or ensure_default_checkpoint()
             engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
@@ -488,8 +558,11 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         Path(args.result_json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.result_json}", file=sys.stderr)
     if args.plot:
-        plot_sweep(args.plot, report["runs"], f"{report['config']['model']} {args.endpoint}, "
-                   f"in {args.input_len} / out {args.output_len} tokens")
+        plot_sweep(
+            args.plot,
+            report["runs"],
+            f"{report['config']['model']} {args.endpoint}, in {args.input_len} / out {args.output_len} tokens",
+        )
         print(f"wrote {args.plot}", file=sys.stderr)
     failed = sum(run["failed"] for run in report["runs"])
     return 1 if failed and not any(run["completed"] for run in report["runs"]) else 0
@@ -498,23 +571,34 @@ def run_bench_serve(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
     target.add_argument("--base-url", default=None, help="a running server, e.g. http://127.0.0.1:8000")
-    target.add_argument("--model", default=None,
-                        help="without --base-url: start our server on this checkpoint (default: a tiny random one)")
+    target.add_argument(
+        "--model",
+        default=None,
+        help="without --base-url: start our server on this checkpoint (default: a tiny random one)",
+    )
     target.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size of the started server")
     target.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"))
     target.add_argument("--served-model-name", default=None, help="the body's model (default: from /v1/models)")
     target.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"))
-    target.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json for random prompts (default: the started server's; else byte tokens)")
+    target.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json for random prompts (default: the started server's; else byte tokens)",
+    )
     load = parser.add_argument_group("load")
     load.add_argument("--num-prompts", type=int, default=100)
     load.add_argument("--input-len", type=int, default=128)
     load.add_argument("--output-len", type=int, default=128)
-    load.add_argument("--random-range-ratio", type=float, default=0.0,
-                      help="lengths uniform in [len * (1 - r), len * (1 + r)]")
+    load.add_argument(
+        "--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * (1 - r), len * (1 + r)]"
+    )
     load.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second")
-    load.add_argument("--concurrency", type=parse_concurrency, default=None,
-                      help="most requests in flight; a list (1,4,16) runs a sweep")
+    load.add_argument(
+        "--concurrency",
+        type=parse_concurrency,
+        default=None,
+        help="most requests in flight; a list (1,4,16) runs a sweep",
+    )
     load.add_argument("--num-warmups", type=int, default=1)
     load.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM extension)")
     load.add_argument("--temperature", type=float, default=0.0)

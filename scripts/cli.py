@@ -1,10 +1,10 @@
 """`gptoss`: the command line. Each subcommand parses its flags here and hands off to the module that does it.
 
-    gptoss serve [--model PATH]          the HTTP server (no --model: a tiny random checkpoint, made once)
-    gptoss make-checkpoint OUT           random weights in the Hugging Face layout
-    gptoss generate IN.jsonl OUT.jsonl   offline batch generation (resumable)
-    gptoss score IN.jsonl OUT.jsonl      log-probabilities of continuations (multiple-choice evaluation)
-    gptoss bench serve | latency         load-test a server; the engine alone against its roofline
+gptoss serve [--model PATH]          the HTTP server (no --model: a tiny random checkpoint, made once)
+gptoss make-checkpoint OUT           random weights in the Hugging Face layout
+gptoss generate IN.jsonl OUT.jsonl   offline batch generation (resumable)
+gptoss score IN.jsonl OUT.jsonl      log-probabilities of continuations (multiple-choice evaluation)
+gptoss bench serve | latency         load-test a server; the engine alone against its roofline
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from engine.config import PRESETS, preset
-from scripts import bench_latency, bench_serve, generate, score
-from scripts.engine_flags import add_engine_arguments, engine_args_from_cli
+from gptoss.engine.model.config import PRESETS, preset
+from gptoss.scripts import bench_latency, bench_serve, generate, score
+from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from engine.checkpoint import make_random_checkpoint
+    from gptoss.engine.model.random_checkpoint import make_random_checkpoint
 
     config = preset(args.preset)
     overrides = {
@@ -87,8 +87,8 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from engine.async_engine import AsyncEngine
-    from server.app import run_server
+    from gptoss.engine.async_engine import AsyncEngine
+    from gptoss.server.app import run_server
 
     engine_args = engine_args_from_cli(args, load_progress=True)
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
-    from server.app import add_serve_arguments
+    from gptoss.server.app import add_serve_arguments
 
     parser = subparsers.add_parser(
         "serve",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from engine.config import PRESETS
-from engine.engine_args import EngineArgs
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.model.config import PRESETS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def resolve_model_path(args: argparse.Namespace) -> str:
     """The checkpoint folder the flags name, making the tiny default or a config-only folder as needed."""
-    from engine.checkpoint import ensure_default_checkpoint, ensure_preset_config_dir
+    from gptoss.engine.model.random_checkpoint import ensure_default_checkpoint, ensure_preset_config_dir
 
     if args.model:
         return str(args.model)

@@ -71,8 +71,22 @@ SAMPLING_KEYS = (
     "ignore_eos",
 )
 REQUEST_KEYS = frozenset(
-    {"id", "raw", "metadata", "tools", "reasoning_effort", "reasoning", "response_format", "instructions", "text",
-     "logprobs", "top_logprobs", *PROMPT_KEYS, *MAX_TOKENS_ALIASES, *SAMPLING_KEYS}
+    {
+        "id",
+        "raw",
+        "metadata",
+        "tools",
+        "reasoning_effort",
+        "reasoning",
+        "response_format",
+        "instructions",
+        "text",
+        "logprobs",
+        "top_logprobs",
+        *PROMPT_KEYS,
+        *MAX_TOKENS_ALIASES,
+        *SAMPLING_KEYS,
+    }
 )
 
 
@@ -179,12 +193,16 @@ class GenerateDefaults:
     current_date: str | None = None
 
 
-def _sampling_params(obj: dict[str, Any], line_no: int, request_id: str, defaults: GenerateDefaults,
-                     stop_token_ids: Iterable[int]) -> Any:
-    from engine.sampling_params import SamplingParams, SamplingParamsError
+def _sampling_params(
+    obj: dict[str, Any], line_no: int, request_id: str, defaults: GenerateDefaults, stop_token_ids: Iterable[int]
+) -> Any:
+    from gptoss.engine.sampling_params import SamplingParams, SamplingParamsError
 
-    kwargs: dict[str, Any] = {"max_tokens": defaults.max_tokens, "temperature": defaults.temperature,
-                              "top_p": defaults.top_p}
+    kwargs: dict[str, Any] = {
+        "max_tokens": defaults.max_tokens,
+        "temperature": defaults.temperature,
+        "top_p": defaults.top_p,
+    }
     given_max = [k for k in MAX_TOKENS_ALIASES if obj.get(k) is not None]
     if len(given_max) > 1:
         raise BadLine(line_no, f"give only one of {', '.join(given_max)}")
@@ -219,10 +237,11 @@ def _sampling_params(obj: dict[str, Any], line_no: int, request_id: str, default
         raise BadLine(line_no, str(exc)) from None
 
 
-def build_generate_job(obj: dict[str, Any], line_no: int, request_id: str, encoding: Any,
-                       defaults: GenerateDefaults) -> Job:
+def build_generate_job(
+    obj: dict[str, Any], line_no: int, request_id: str, encoding: Any, defaults: GenerateDefaults
+) -> Job:
     """Validate one input object and render its prompt (see the module docstring for the fields)."""
-    from engine.harmony import HarmonyInputError, conversation_from_chat, conversation_from_responses
+    from gptoss.engine.harmony import HarmonyInputError, conversation_from_chat, conversation_from_responses
 
     unknown = sorted(set(obj) - REQUEST_KEYS)
     if unknown:
@@ -283,12 +302,14 @@ def logprobs_json(encoding: Any, entries: Iterable[Any]) -> list[dict[str, Any]]
     out = []
     for entry in entries:
         top = sorted(entry.top_logprobs.items(), key=lambda kv: -kv[1])
-        out.append({
-            "token": _token_text(encoding, entry.token_id),
-            "token_id": entry.token_id,
-            "logprob": entry.logprob,
-            "top_logprobs": [{"token": _token_text(encoding, t), "token_id": t, "logprob": lp} for t, lp in top],
-        })
+        out.append(
+            {
+                "token": _token_text(encoding, entry.token_id),
+                "token_id": entry.token_id,
+                "logprob": entry.logprob,
+                "top_logprobs": [{"token": _token_text(encoding, t), "token_id": t, "logprob": lp} for t, lp in top],
+            }
+        )
     return out
 
 
@@ -420,7 +441,7 @@ def run_engine(
     engine refuses (too long a prompt...) finish at once with `finish_reason="error"` and the reason. On any
     exception (Ctrl-C included) the requests in flight are aborted before it propagates.
     """
-    from engine.sequence import RequestOutput
+    from gptoss.engine.outputs import RequestOutput
 
     pending = iter(jobs)
     in_flight: dict[str, Job] = {}
@@ -438,8 +459,9 @@ def run_engine(
                 try:
                     engine.add_request(request_id, job.prompt_token_ids, job.params)
                 except ValueError as exc:  # PromptTooLongError, InvalidRequestError: this request only
-                    on_finished(job, RequestOutput(request_id, job.prompt_token_ids, [], "", True, "error",
-                                                   error=str(exc)))
+                    on_finished(
+                        job, RequestOutput(request_id, job.prompt_token_ids, [], "", True, "error", error=str(exc))
+                    )
                     if progress is not None:
                         progress.update(1)
                     continue
@@ -475,8 +497,8 @@ def make_progress(total: int, enabled: bool, unit: str = "req") -> Any:
 
 def make_llm(args: argparse.Namespace, **overrides: Any) -> Any:
     """An `LLM` from parsed engine flags (`add_engine_arguments`), with `EngineArgs` fields overridden."""
-    from engine.llm import LLM
-    from scripts.engine_flags import engine_args_from_cli
+    from gptoss.engine.llm import LLM
+    from gptoss.scripts.engine_flags import engine_args_from_cli
 
     engine_args = dataclasses.asdict(engine_args_from_cli(args, **overrides))
     return LLM(engine_args.pop("model"), **engine_args)
@@ -557,13 +579,14 @@ def generate_jsonl(
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from engine.harmony import HarmonyEncoding
-    from scripts.engine_flags import resolve_model_path
+    from gptoss.engine.harmony import HarmonyEncoding
+    from gptoss.scripts.engine_flags import resolve_model_path
 
     args.model = resolve_model_path(args)  # the tiny default checkpoint or a config-only folder when not given
     encoding = HarmonyEncoding.from_file(args.tokenizer or args.model)
-    defaults = GenerateDefaults(args.max_tokens, args.temperature, args.top_p, args.seed, args.reasoning_effort,
-                                args.current_date)
+    defaults = GenerateDefaults(
+        args.max_tokens, args.temperature, args.top_p, args.seed, args.reasoning_effort, args.current_date
+    )
     summary = generate_jsonl(
         args.input,
         args.output,
@@ -574,18 +597,23 @@ def run_generate(args: argparse.Namespace) -> int:
         include_raw=args.include_raw,
         progress=not args.no_progress,
     )
-    print(f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
-          f"{summary.num_already_done} were already in {args.output}, {summary.num_finished} of {summary.num_run} "
-          "others run", file=sys.stderr)
+    print(
+        f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
+        f"{summary.num_already_done} were already in {args.output}, {summary.num_finished} of {summary.num_run} "
+        "others run",
+        file=sys.stderr,
+    )
     if summary.interrupted:
-        print("interrupted: every finished result is in the output file; run the same command again to resume",
-              file=sys.stderr)
+        print(
+            "interrupted: every finished result is in the output file; run the same command again to resume",
+            file=sys.stderr,
+        )
         return 130
     return 1 if summary.num_bad_lines and args.strict else 0
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from scripts.engine_flags import add_engine_arguments
+    from gptoss.scripts.engine_flags import add_engine_arguments
 
     parser = subparsers.add_parser(
         "generate",
@@ -602,8 +630,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--reasoning-effort", default="medium", choices=("low", "medium", "high"))
     sampling.add_argument("--current-date", default=None, help="YYYY-MM-DD for the system message (default: none)")
-    parser.add_argument("--include-raw", action="store_true",
-                        help="also write each completion's token ids and raw text (special tokens spelled out)")
+    parser.add_argument(
+        "--include-raw",
+        action="store_true",
+        help="also write each completion's token ids and raw text (special tokens spelled out)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any input line was bad")
     parser.set_defaults(handler=run_generate)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.generate import (
+from gptoss.scripts.generate import (
     BadLine,
     Job,
     ResultsFile,
@@ -52,8 +52,9 @@ def _ids_or_text(value: Any, field_name: str, line_no: int, vocab_size: int) -> 
     raise BadLine(line_no, f"{field_name}: must be a string or a list of token ids")
 
 
-def split_tokens(tokenizer: Any, context: str | list[int], continuation: str | list[int],
-                 start_id: int | None) -> tuple[list[int], list[int]]:
+def split_tokens(
+    tokenizer: Any, context: str | list[int], continuation: str | list[int], start_id: int | None
+) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-evaluation-harness splits them (see the module docstring)."""
 
     def encode(text: str) -> list[int]:
@@ -62,12 +63,13 @@ def split_tokens(tokenizer: Any, context: str | list[int], continuation: str | l
     if isinstance(context, str) and isinstance(continuation, str):
         stripped = context.rstrip()
         if stripped != context:
-            continuation = context[len(stripped):] + continuation
+            continuation = context[len(stripped) :] + continuation
             context = stripped
         context_ids = encode(context)
         whole = encode(context + continuation)
-        continuation_ids = whole[len(context_ids):] if whole[: len(context_ids)] == context_ids else encode(
-            continuation)
+        continuation_ids = (
+            whole[len(context_ids) :] if whole[: len(context_ids)] == context_ids else encode(continuation)
+        )
     else:
         context_ids = encode(context) if isinstance(context, str) else list(context)
         continuation_ids = encode(continuation) if isinstance(continuation, str) else list(continuation)
@@ -86,10 +88,11 @@ class ScoreLine:
     results: dict[int, tuple[float, list[float], bool]]
 
 
-def build_score_jobs(obj: dict[str, Any], line_no: int, request_id: str, tokenizer: Any, vocab_size: int,
-                     start_id: int | None) -> list[Job]:
+def build_score_jobs(
+    obj: dict[str, Any], line_no: int, request_id: str, tokenizer: Any, vocab_size: int, start_id: int | None
+) -> list[Job]:
     """One `Job` per continuation (prompt = context + continuation ids; only prompt logprobs computed)."""
-    from engine.sampling_params import SamplingParams
+    from gptoss.engine.sampling_params import SamplingParams
 
     unknown = sorted(set(obj) - SCORE_KEYS)
     if unknown:
@@ -142,7 +145,7 @@ def score_jsonl(
     report: Callable[[BadLine], None] = report_bad_line,
 ) -> ScoreSummary:
     """The whole of `gptoss score`; `llm` is an `LLM` or a callable making one (see `generate_jsonl`)."""
-    from engine.tokenizer import load_tokenizer
+    from gptoss.engine.tokenizer import load_tokenizer
 
     if callable(llm) and not hasattr(llm, "engine"):
         llm = llm()
@@ -169,8 +172,12 @@ def score_jsonl(
     pending = [job for job in all_jobs if job.id not in results.done_ids]
     for index, job in enumerate(pending):
         job.index = index  # unique engine request ids
-    summary = ScoreSummary(len(ordered), len(bad_lines), sum(1 for j in ordered if j.id in results.done_ids),
-                           len({job.id for job in pending}))
+    summary = ScoreSummary(
+        len(ordered),
+        len(bad_lines),
+        sum(1 for j in ordered if j.id in results.done_ids),
+        len({job.id for job in pending}),
+    )
 
     def on_finished(job: Job, out: Any) -> None:
         line = lines[job.id]
@@ -178,8 +185,9 @@ def score_jsonl(
             line.results[job.extra["continuation_index"]] = (float("nan"), [], False)
             line.extra["error"] = out.error or "no prompt logprobs returned"
         else:
-            line.results[job.extra["continuation_index"]] = continuation_score(out.prompt_logprobs,
-                                                                               job.extra["context_len"])
+            line.results[job.extra["continuation_index"]] = continuation_score(
+                out.prompt_logprobs, job.extra["context_len"]
+            )
         if len(line.results) == line.num_continuations:
             scores = [line.results[j] for j in range(line.num_continuations)]
             record = {
@@ -195,8 +203,14 @@ def score_jsonl(
 
     bar = make_progress(len(pending), progress, unit="seq")
     try:
-        run_engine(llm.engine, pending, on_finished, max_in_flight=max_in_flight, progress=bar,
-                   count_tokens=lambda out: out.num_prompt_tokens if out.finished else 0)
+        run_engine(
+            llm.engine,
+            pending,
+            on_finished,
+            max_in_flight=max_in_flight,
+            progress=bar,
+            count_tokens=lambda out: out.num_prompt_tokens if out.finished else 0,
+        )
     except KeyboardInterrupt:
         results.close()
         summary.interrupted = True
@@ -216,8 +230,11 @@ def run_score(args: argparse.Namespace) -> int:
         max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
         progress=not args.no_progress,
     )
-    print(f"{summary.num_lines} lines ({summary.num_bad_lines} bad lines skipped): {summary.num_already_done} "
-          f"were already in {args.output}, {summary.num_finished} of {summary.num_run} others scored", file=sys.stderr)
+    print(
+        f"{summary.num_lines} lines ({summary.num_bad_lines} bad lines skipped): {summary.num_already_done} "
+        f"were already in {args.output}, {summary.num_finished} of {summary.num_run} others scored",
+        file=sys.stderr,
+    )
     if summary.interrupted:
         print("interrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -226,7 +243,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `gptoss score` to the `gptoss` command line."""
-    from scripts.engine_flags import add_engine_arguments
+    from gptoss.scripts.engine_flags import add_engine_arguments
 
     parser = subparsers.add_parser(
         "score",

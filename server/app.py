@@ -40,14 +40,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from gptoss.server import completions, openai_chat, openai_responses, workers_ai
+from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
+from gptoss.server.openai_chat import chat_prompt_ids
+from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
+from gptoss.server.state import ServerState, get_state, read_body
+from gptoss.server.structured import StructuredOutputs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server import completions, openai_chat, openai_responses, workers_ai
-from server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
-from server.openai_chat import chat_prompt_ids
-from server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
-from server.state import ServerState, get_state, read_body
-from server.structured import StructuredOutputs
 
 logger = logging.getLogger("server")
 VERSION = "0.1.0"
@@ -66,9 +65,19 @@ def endpoint_label(path: str) -> str:
         return "/v1/responses/{id}"
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
-    known = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/health", "/metrics",
-             "/tokenize", "/detokenize", "/version", "/client/v4/accounts/{account_id}/ai/v1/responses",
-             "/client/v4/accounts/{account_id}/ai/v1/chat/completions")
+    known = (
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/version",
+        "/client/v4/accounts/{account_id}/ai/v1/responses",
+        "/client/v4/accounts/{account_id}/ai/v1/chat/completions",
+    )
     return path if path in known else "other"
 
 
@@ -136,10 +145,17 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving `engine` (see the module docstring)."""
     state = ServerState(
-        engine=engine, tokenizer=tokenizer, served_model_name=served_model_name, api_key=api_key or None,
-        max_model_len=max_model_len or _engine_max_model_len(engine) or 131072, max_queue=max_queue,
-        response_store_size=response_store_size, batch_store_size=batch_store_size, batch_ttl_s=batch_ttl_s,
-        max_body_bytes=max_body_bytes)
+        engine=engine,
+        tokenizer=tokenizer,
+        served_model_name=served_model_name,
+        api_key=api_key or None,
+        max_model_len=max_model_len or _engine_max_model_len(engine) or 131072,
+        max_queue=max_queue,
+        response_store_size=response_store_size,
+        batch_store_size=batch_store_size,
+        batch_ttl_s=batch_ttl_s,
+        max_body_bytes=max_body_bytes,
+    )
     state.structured = StructuredOutputs.create(engine, tokenizer)
     if state.structured is not None:
         state.structured.warm_up()
@@ -164,8 +180,13 @@ def _add_misc_routes(app: FastAPI) -> None:
         return JSONResponse({"version": VERSION})
 
     def model_card(state: ServerState, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": state.created, "owned_by": "openai",
-                "max_model_len": state.max_model_len}
+        return {
+            "id": name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "openai",
+            "max_model_len": state.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -190,8 +211,9 @@ def _add_misc_routes(app: FastAPI) -> None:
         req = parse_body(TokenizeRequest, await read_body(request))
         state.check_model(req.model)
         if req.messages is not None:
-            tokens = chat_prompt_ids(state, req.messages, req.tools, req.reasoning_effort,
-                                     add_generation_prompt=req.add_generation_prompt)
+            tokens = chat_prompt_ids(
+                state, req.messages, req.tools, req.reasoning_effort, add_generation_prompt=req.add_generation_prompt
+            )
         else:
             tokens = completions.encode_raw(state, req.prompt or "")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
@@ -218,22 +240,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
     group.add_argument("--port", type=int, default=8000)
-    group.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on every route but /health (env GPTOSS_API_KEY)")
-    group.add_argument("--served-model-name", default="gpt-oss-120b",
-                       help="model name of the API (@cf/openai/gpt-oss-120b is accepted too)")
-    group.add_argument("--max-queue", type=int, default=1024,
-                       help="generation requests in flight before new ones get 429 (Retry-After)")
-    group.add_argument("--response-store-size", type=int, default=1024,
-                       help="Responses kept for previous_response_id (oldest forgotten)")
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("GPTOSS_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health (env GPTOSS_API_KEY)",
+    )
+    group.add_argument(
+        "--served-model-name",
+        default="gpt-oss-120b",
+        help="model name of the API (@cf/openai/gpt-oss-120b is accepted too)",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="generation requests in flight before new ones get 429 (Retry-After)",
+    )
+    group.add_argument(
+        "--response-store-size",
+        type=int,
+        default=1024,
+        help="Responses kept for previous_response_id (oldest forgotten)",
+    )
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
 def build_engine(args: argparse.Namespace) -> Any:
     """An AsyncEngine from the `EngineArgs` fields present on `args`."""
-    from engine.async_engine import AsyncEngine
-    from engine.engine_args import EngineArgs
+    from gptoss.engine.async_engine import AsyncEngine
+    from gptoss.engine.engine_args import EngineArgs
 
     names = {f.name for f in dataclasses.fields(EngineArgs)}
     kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
@@ -243,20 +279,29 @@ def build_engine(args: argparse.Namespace) -> Any:
 def run_server(args: argparse.Namespace, engine: Any = None, tokenizer: Any = None) -> None:
     """Build (or take) the engine, create the app and serve it with uvicorn until interrupted."""
     import uvicorn
-
-    from engine.tokenizer import load_tokenizer
+    from gptoss.engine.tokenizer import load_tokenizer
 
     logging.basicConfig(level=getattr(args, "log_level", "info").upper())
     if engine is None:
         engine = build_engine(args)
     if tokenizer is None:
         tokenizer = load_tokenizer(getattr(args, "tokenizer", None) or args.model)
-    app = create_app(engine, tokenizer, served_model_name=getattr(args, "served_model_name", "gpt-oss-120b"),
-                     api_key=getattr(args, "api_key", None), max_queue=getattr(args, "max_queue", 1024),
-                     response_store_size=getattr(args, "response_store_size", 1024))
+    app = create_app(
+        engine,
+        tokenizer,
+        served_model_name=getattr(args, "served_model_name", "gpt-oss-120b"),
+        api_key=getattr(args, "api_key", None),
+        max_queue=getattr(args, "max_queue", 1024),
+        response_store_size=getattr(args, "response_store_size", 1024),
+    )
     try:
-        uvicorn.run(app, host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
-                    log_level=getattr(args, "log_level", "info"), timeout_graceful_shutdown=5)
+        uvicorn.run(
+            app,
+            host=getattr(args, "host", "127.0.0.1"),
+            port=getattr(args, "port", 8000),
+            log_level=getattr(args, "log_level", "info"),
+            timeout_graceful_shutdown=5,
+        )
     finally:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is not None:

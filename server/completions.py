@@ -20,11 +20,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-
-from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
-from server.errors import bad_request, to_api_error
-from server.generation import (
+from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.errors import bad_request, to_api_error
+from gptoss.server.generation import (
     Admission,
     Submitted,
     Usage,
@@ -35,10 +34,10 @@ from server.generation import (
     start_all,
     submit,
 )
-from server.openai_chat import DEFAULT_MAX_TOKENS, sampling_kwargs, token_text
-from server.protocol_openai import CompletionRequest, parse_body
-from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state, read_body
+from gptoss.server.openai_chat import DEFAULT_MAX_TOKENS, sampling_kwargs, token_text
+from gptoss.server.protocol_openai import CompletionRequest, parse_body
+from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.state import ServerState, get_state, read_body
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for the legacy endpoint
 
@@ -69,8 +68,7 @@ class RawDelta:
     logprobs: list[TokenLogprob]
 
 
-def generate_raw(state: ServerState, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str) -> Any:
+def generate_raw(state: ServerState, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Any:
     """Submit a raw completion now; iterate `RawDelta`s then one `RawResult` (always last)."""
     outputs = submit(state, request_id, prompt_token_ids, params)
     return Submitted(state, request_id, _raw_events(outputs, len(prompt_token_ids)))
@@ -118,8 +116,9 @@ def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
         return [encode_raw(state, p) for p in prompt]
     if all(isinstance(p, list) for p in prompt):
         return [list(p) for p in prompt]
-    raise bad_request("prompt must be a string, a list of strings, token ids or a list of token-id lists",
-                      param="prompt")
+    raise bad_request(
+        "prompt must be a string, a list of strings, token ids or a list of token-id lists", param="prompt"
+    )
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
@@ -151,13 +150,17 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
 
 
 def start_completion(state: ServerState, plan: CompletionPlan) -> list[Any]:
-    return start_all([
-        functools.partial(generate_raw, state, plan.prompts[i // plan.n], params, f"{plan.request_id}-{i}")
-        for i, params in enumerate(plan.params)])
+    return start_all(
+        [
+            functools.partial(generate_raw, state, plan.prompts[i // plan.n], params, f"{plan.request_id}-{i}")
+            for i, params in enumerate(plan.params)
+        ]
+    )
 
 
-def _logprobs_block(state: ServerState, token_ids: list[int], logprobs: list[TokenLogprob | None],
-                    top: int, offset: int) -> dict[str, Any]:
+def _logprobs_block(
+    state: ServerState, token_ids: list[int], logprobs: list[TokenLogprob | None], top: int, offset: int
+) -> dict[str, Any]:
     """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for token_id, lp in zip(token_ids, logprobs, strict=False):
@@ -195,8 +198,9 @@ def completion_choice(state: ServerState, plan: CompletionPlan, index: int, resu
 
 def total_usage(results: list[RawResult], n: int) -> Usage:
     prompts = sum(r.usage.prompt_tokens for r in results[::n])
-    return Usage(prompts, sum(r.usage.completion_tokens for r in results), 0,
-                 sum(r.usage.cached_tokens for r in results[::n]))
+    return Usage(
+        prompts, sum(r.usage.completion_tokens for r in results), 0, sum(r.usage.cached_tokens for r in results[::n])
+    )
 
 
 async def final_result(stream: Any) -> RawResult:
@@ -212,15 +216,28 @@ async def final_result(stream: Any) -> RawResult:
 async def run_completion(state: ServerState, plan: CompletionPlan, streams: list[Any]) -> dict[str, Any]:
     results = await asyncio.gather(*[final_result(s) for s in streams])
     choices = [completion_choice(state, plan, i, r) for i, r in enumerate(results)]
-    return {"id": plan.request_id, "object": "text_completion", "created": plan.created, "model": plan.model,
-            "choices": choices, "usage": total_usage(list(results), plan.n).openai(), "system_fingerprint": None}
+    return {
+        "id": plan.request_id,
+        "object": "text_completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": choices,
+        "usage": total_usage(list(results), plan.n).openai(),
+        "system_fingerprint": None,
+    }
 
 
-async def completion_sse(state: ServerState, plan: CompletionPlan, streams: list[Any],
-                         admission: Admission) -> AsyncIterator[str]:
+async def completion_sse(
+    state: ServerState, plan: CompletionPlan, streams: list[Any], admission: Admission
+) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-        obj: dict[str, Any] = {"id": plan.request_id, "object": "text_completion", "created": plan.created,
-                               "model": plan.model, "choices": choices}
+        obj: dict[str, Any] = {
+            "id": plan.request_id,
+            "object": "text_completion",
+            "created": plan.created,
+            "model": plan.model,
+            "choices": choices,
+        }
         if usage is not None:
             obj["usage"] = usage
         return sse_data(obj)
@@ -229,8 +246,9 @@ async def completion_sse(state: ServerState, plan: CompletionPlan, streams: list
     try:
         if plan.echo:
             for i in range(len(streams)):
-                yield chunk([{"index": i, "text": plan.prompt_texts[i // plan.n], "logprobs": None,
-                              "finish_reason": None}])
+                yield chunk(
+                    [{"index": i, "text": plan.prompt_texts[i // plan.n], "logprobs": None, "finish_reason": None}]
+                )
         async for index, item in merge_streams(streams):
             if isinstance(item, RawDelta):
                 logprobs = None
@@ -258,7 +276,9 @@ async def create_completion(request: Request) -> Response:
         streams = start_completion(state, plan)
         if req.stream:
             admission.keep()
-            return sse_response(completion_sse(state, plan, streams, admission),
-                                on_close=functools.partial(release_all, admission, streams))
+            return sse_response(
+                completion_sse(state, plan, streams, admission),
+                on_close=functools.partial(release_all, admission, streams),
+            )
         result = await run_until_disconnect(request, run_completion(state, plan, streams))
     return JSONResponse(result)

@@ -73,8 +73,12 @@ class APIError(Exception):
             message = f"{message} (field: {self.param})"  # the envelope has no param: name it in the text
         if self.wai_code == WAI_BAD_INPUT and not message.startswith("AiError"):
             message = f"AiError: Bad input: {message}"
-        return {"success": False, "errors": [{"code": self.wai_code, "message": message}],
-                "result": None, "messages": []}
+        return {
+            "success": False,
+            "errors": [{"code": self.wai_code, "message": message}],
+            "result": None,
+            "messages": [],
+        }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -83,26 +87,50 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found",
-                    wai_code=WAI_NO_MODEL, wai_status=400)
+    return APIError(
+        404,
+        f"The model '{model}' does not exist",
+        param="model",
+        code="model_not_found",
+        wai_code=WAI_NO_MODEL,
+        wai_status=400,
+    )
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Invalid or missing API key (send Authorization: Bearer <key>)",
-                    type="authentication_error", code="invalid_api_key", wai_code=WAI_AUTH)
+    return APIError(
+        401,
+        "Invalid or missing API key (send Authorization: Bearer <key>)",
+        type="authentication_error",
+        code="invalid_api_key",
+        wai_code=WAI_AUTH,
+    )
 
 
-def overloaded(message: str = "The server is at capacity; retry later", retry_after: int = 1,
-               status: int = 429) -> APIError:
-    return APIError(status, message, type="rate_limit_error" if status == 429 else "server_error",
-                    code="server_overloaded", wai_code=WAI_OUT_OF_CAPACITY, wai_status=429,
-                    headers={"Retry-After": str(retry_after)})
+def overloaded(
+    message: str = "The server is at capacity; retry later", retry_after: int = 1, status: int = 429
+) -> APIError:
+    return APIError(
+        status,
+        message,
+        type="rate_limit_error" if status == 429 else "server_error",
+        code="server_overloaded",
+        wai_code=WAI_OUT_OF_CAPACITY,
+        wai_status=429,
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def no_lora() -> APIError:
     """No LoRA adapters are loaded: Workers AI answers 405 / 5005; OpenAI routes a 400 naming `lora`."""
-    return APIError(400, "this model has no LoRA adapter loaded (lora is not supported)", param="lora",
-                    code="lora_not_supported", wai_code=WAI_NO_LORA, wai_status=405)
+    return APIError(
+        400,
+        "this model has no LoRA adapter loaded (lora is not supported)",
+        param="lora",
+        code="lora_not_supported",
+        wai_code=WAI_NO_LORA,
+        wai_status=405,
+    )
 
 
 def too_large(message: str, param: str | None = None) -> APIError:
@@ -136,8 +164,9 @@ def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:
             continue
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and ("[" in part or "(" in part or part.startswith("function-")
-                                        or part in _UNION_MEMBER_TAGS):
+        elif isinstance(part, str) and (
+            "[" in part or "(" in part or part.startswith("function-") or part in _UNION_MEMBER_TAGS
+        ):
             # Union members / validator pseudo-locations ('str', 'list[int]', 'function-after[...]') say
             # nothing to a client.
             continue
@@ -186,20 +215,38 @@ def to_api_error(exc: BaseException) -> APIError:
     if name == "InvalidRequestError":  # engine-side checks (token ids outside the vocabulary, ...)
         return bad_request(str(exc))
     if name == "RequestFailedError":
-        return APIError(500, f"The engine failed this request: {exc}", type="server_error",
-                        code="request_failed", wai_code=WAI_INTERNAL)
+        return APIError(
+            500,
+            f"The engine failed this request: {exc}",
+            type="server_error",
+            code="request_failed",
+            wai_code=WAI_INTERNAL,
+        )
     if name == "PromptTooLongError":
-        return APIError(400, str(exc), param="messages", code="context_length_exceeded",
-                        wai_code=WAI_TOO_LARGE, wai_status=413)
+        return APIError(
+            400, str(exc), param="messages", code="context_length_exceeded", wai_code=WAI_TOO_LARGE, wai_status=413
+        )
     if name in ("EngineOverloadedError", "QueueFullError"):
         return overloaded(str(exc) or "The engine queue is full; retry later", status=503)
     if name in ("EngineDeadError", "EngineNotRunningError"):
-        return APIError(503, str(exc) or "The engine is not running", type="server_error",
-                        code="engine_unavailable", wai_code=WAI_OUT_OF_CAPACITY, wai_status=503,
-                        headers={"Retry-After": "5"})
+        return APIError(
+            503,
+            str(exc) or "The engine is not running",
+            type="server_error",
+            code="engine_unavailable",
+            wai_code=WAI_OUT_OF_CAPACITY,
+            wai_status=503,
+            headers={"Retry-After": "5"},
+        )
     logger.exception("internal error", exc_info=exc)
-    return APIError(500, f"Internal server error ({name})", type="server_error", code="internal_error",
-                    wai_code=WAI_INTERNAL, wai_status=500)
+    return APIError(
+        500,
+        f"Internal server error ({name})",
+        type="server_error",
+        code="internal_error",
+        wai_code=WAI_INTERNAL,
+        wai_status=500,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -210,11 +257,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def handle_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            error = APIError(404, f"Unknown route {request.method} {request.url.path}", code="not_found",
-                             wai_code=7000 if is_workers_ai_path(request.url.path) else WAI_BAD_INPUT)
+            error = APIError(
+                404,
+                f"Unknown route {request.method} {request.url.path}",
+                code="not_found",
+                wai_code=7000 if is_workers_ai_path(request.url.path) else WAI_BAD_INPUT,
+            )
         elif exc.status_code == 405:
-            error = APIError(405, f"Method {request.method} not allowed on {request.url.path}",
-                             code="method_not_allowed")
+            error = APIError(
+                405, f"Method {request.method} not allowed on {request.url.path}", code="method_not_allowed"
+            )
         else:
             error = APIError(exc.status_code, str(exc.detail), code=None)
         return error_response(request.url.path, error)

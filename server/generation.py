@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.harmony.parser import tool_name
-from engine.harmony.render import HarmonyEncoding
-from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
-from server.errors import APIError, overloaded
-from server.state import ServerState
+from gptoss.engine.harmony.parser import tool_name
+from gptoss.engine.harmony.render import HarmonyEncoding
+from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.errors import APIError, overloaded
+from gptoss.server.state import ServerState
 
 # ---------------------------------------------------------------------------------------------------------
 # Events
@@ -54,17 +54,23 @@ class Usage:
 
     def openai(self) -> dict[str, Any]:
         """Chat Completions / legacy Completions usage object."""
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
 
     def responses(self) -> dict[str, Any]:
         """Responses API usage object."""
-        return {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
-                "total_tokens": self.total_tokens,
-                "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
-                "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
+        return {
+            "input_tokens": self.prompt_tokens,
+            "output_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
 
 
 @dataclass
@@ -127,8 +133,9 @@ class HarmonyEventStream:
     they count as neither output nor usage.
     """
 
-    def __init__(self, encoding: HarmonyEncoding, prefill_token_ids: Sequence[int] = (),
-                 stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, encoding: HarmonyEncoding, prefill_token_ids: Sequence[int] = (), stop: Sequence[str] = ()
+    ) -> None:
         self.parser = encoding.stream_parser("assistant")
         self.stop_strings = [s for s in stop if s]
         self.num_tokens = 0
@@ -173,8 +180,12 @@ class HarmonyEventStream:
                 events.append(ReasoningDelta(event.text))
             else:
                 events += self._content(event.text, logprob)
-        elif (logprob is not None and kind in ("final", "commentary") and not event.message_started
-              and event.message_done is None):
+        elif (
+            logprob is not None
+            and kind in ("final", "commentary")
+            and not event.message_started
+            and event.message_done is None
+        ):
             self._held_logprobs.append(logprob)  # a partial UTF-8 character: its logprob rides on the next text
         if event.message_done is not None and kind == "tool_call" and self._open_call is not None:
             call = self._open_call
@@ -205,8 +216,8 @@ class HarmonyEventStream:
                 if pending.endswith(s[:length]):
                     keep = max(keep, length)
                     break
-        self._held = pending[len(pending) - keep:] if keep else ""
-        return self._emit(pending[:len(pending) - keep])
+        self._held = pending[len(pending) - keep :] if keep else ""
+        return self._emit(pending[: len(pending) - keep])
 
     def _emit(self, text: str) -> list[Event]:
         if not text:
@@ -259,9 +270,14 @@ def new_request_id(prefix: str) -> str:
 def check_prompt_length(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> int:
     """Raise a 400 when the prompt leaves no room to generate; return max_tokens clamped to the context."""
     if prompt_len >= state.max_model_len:
-        raise APIError(400, f"The prompt is {prompt_len} tokens long; this model's context is "
-                            f"{state.max_model_len} tokens", param=param, code="context_length_exceeded",
-                       wai_code=3006, wai_status=413)
+        raise APIError(
+            400,
+            f"The prompt is {prompt_len} tokens long; this model's context is {state.max_model_len} tokens",
+            param=param,
+            code="context_length_exceeded",
+            wai_code=3006,
+            wai_status=413,
+        )
     return max(0, min(max_tokens, state.max_model_len - prompt_len))
 
 
@@ -327,8 +343,9 @@ class Submitted:
         await self._inner.aclose()  # type: ignore[attr-defined]
 
 
-def submit(state: ServerState, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-           logits_mask_fn: Any = None) -> AsyncIterator[Any]:
+def submit(
+    state: ServerState, request_id: str, prompt_token_ids: list[int], params: SamplingParams, logits_mask_fn: Any = None
+) -> AsyncIterator[Any]:
     """Queue a request in the engine now (its errors, e.g. overload or a prompt too long, raise here, before
     any response is started) and return its outputs wrapped by `engine_outputs`."""
     if logits_mask_fn is not None:
@@ -338,8 +355,9 @@ def submit(state: ServerState, request_id: str, prompt_token_ids: list[int], par
     return Submitted(state, request_id, engine_outputs(state, request_id, stream, len(prompt_token_ids)))
 
 
-async def engine_outputs(state: ServerState, request_id: str, stream: AsyncIterator[Any],
-                         num_prompt_tokens: int) -> AsyncIterator[Any]:
+async def engine_outputs(
+    state: ServerState, request_id: str, stream: AsyncIterator[Any], num_prompt_tokens: int
+) -> AsyncIterator[Any]:
     """The engine's per-step outputs, timed for the metrics; aborts the request if the consumer leaves early
     (or never starts: the abort is also sent from `finally`, which runs when this generator is closed)."""
     metrics = state.metrics
@@ -390,12 +408,16 @@ def generate_harmony(
     """
     request_id = request_id or new_request_id("gen")
     outputs = submit(state, request_id, prompt_token_ids, params, logits_mask_fn)
-    return Submitted(state, request_id,
-                     _harmony_events(state, outputs, len(prompt_token_ids), prefill_token_ids, stop))
+    return Submitted(state, request_id, _harmony_events(state, outputs, len(prompt_token_ids), prefill_token_ids, stop))
 
 
-async def _harmony_events(state: ServerState, outputs: AsyncIterator[Any], num_prompt_tokens: int,
-                          prefill_token_ids: Sequence[int], stop: Sequence[str]) -> AsyncIterator[Event]:
+async def _harmony_events(
+    state: ServerState,
+    outputs: AsyncIterator[Any],
+    num_prompt_tokens: int,
+    prefill_token_ids: Sequence[int],
+    stop: Sequence[str],
+) -> AsyncIterator[Event]:
     events = HarmonyEventStream(state.encoding, prefill_token_ids, stop)
     usage = Usage(prompt_tokens=num_prompt_tokens)
     finish_reason: str | None = None

@@ -89,18 +89,28 @@ class ServerMetrics:
     def render(self, engine_stats: dict[str, Any] | None = None) -> str:
         """The whole exposition text: server counters and histograms, then the engine's numeric stats."""
         p = PREFIX
-        lines = [f"# HELP {p}_requests_total HTTP requests by endpoint and status code.",
-                 f"# TYPE {p}_requests_total counter"]
+        lines = [
+            f"# HELP {p}_requests_total HTTP requests by endpoint and status code.",
+            f"# TYPE {p}_requests_total counter",
+        ]
         for (endpoint, status), count in sorted(self.requests.items()):
             lines.append(f'{p}_requests_total{{endpoint="{_escape(endpoint)}",status="{status}"}} {count}')
         scalars = [
             ("requests_in_flight", "gauge", "Generation requests the server is handling now.", self.in_flight),
-            ("requests_aborted_total", "counter", "Requests aborted (client gone or stopped early).",
-             self.aborted_total),
+            (
+                "requests_aborted_total",
+                "counter",
+                "Requests aborted (client gone or stopped early).",
+                self.aborted_total,
+            ),
             ("prompt_tokens_total", "counter", "Prompt tokens of finished requests.", self.prompt_tokens_total),
             ("generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens_total),
-            ("generation_tokens_per_second", "gauge",
-             f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s.", self.tokens_per_second()),
+            (
+                "generation_tokens_per_second",
+                "gauge",
+                f"Generated tokens per second over the last {THROUGHPUT_WINDOW_S:g} s.",
+                self.tokens_per_second(),
+            ),
         ]
         for name, kind, help_text, value in scalars:
             lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} {kind}", f"{p}_{name} {value}"]

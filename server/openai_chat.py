@@ -24,13 +24,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-
-from engine.harmony.chat_convert import conversation_from_chat
-from engine.harmony.messages import normalize_effort, normalize_tools
-from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
-from server.errors import APIError, bad_request, no_lora, to_api_error
-from server.generation import (
+from gptoss.engine.harmony.chat_convert import conversation_from_chat
+from gptoss.engine.harmony.messages import normalize_effort, normalize_tools
+from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.errors import APIError, bad_request, no_lora, to_api_error
+from gptoss.server.generation import (
     Admission,
     Collected,
     ContentDelta,
@@ -48,9 +47,9 @@ from server.generation import (
     run_until_disconnect,
     start_all,
 )
-from server.protocol_openai import ChatCompletionRequest, SamplingFields, parse_body
-from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state, read_body
+from gptoss.server.protocol_openai import ChatCompletionRequest, SamplingFields, parse_body
+from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.state import ServerState, get_state, read_body
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
@@ -80,8 +79,15 @@ def forced_call_prefill(state: ServerState, name: str | None) -> list[int]:
     enc = state.encoding
     if name is None:
         return enc.encode_text(" to=functions.")
-    return [*enc.encode_text(f" to=functions.{name}"), enc.channel_id, *enc.encode_text("commentary"),
-            *enc.encode_text(" "), enc.constrain_id, *enc.encode_text("json"), enc.message_id]
+    return [
+        *enc.encode_text(f" to=functions.{name}"),
+        enc.channel_id,
+        *enc.encode_text("commentary"),
+        *enc.encode_text(" "),
+        enc.constrain_id,
+        *enc.encode_text("json"),
+        enc.message_id,
+    ]
 
 
 def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
@@ -105,13 +111,19 @@ def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str 
     return "named", name
 
 
-def structured_spec(state: ServerState, response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None,
-                    tool_choice: Any, response_format_param: str = "response_format") -> Any:
+def structured_spec(
+    state: ServerState,
+    response_format: dict[str, Any] | None,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: Any,
+    response_format_param: str = "response_format",
+) -> Any:
     """The request's structured-output spec (None: unconstrained, or the engine cannot constrain)."""
     if state.structured is None:
         return None
-    return state.structured.spec(response_format, tools or None, tool_choice,
-                                 response_format_param=response_format_param)
+    return state.structured.spec(
+        response_format, tools or None, tool_choice, response_format_param=response_format_param
+    )
 
 
 def mask_fn(state: ServerState, spec: Any) -> Any:
@@ -136,18 +148,34 @@ class ChatPlan:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def chat_prompt_ids(state: ServerState, messages: Any, tools: Any, reasoning_effort: Any,
-                    response_format: Any = None, add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt_ids(
+    state: ServerState,
+    messages: Any,
+    tools: Any,
+    reasoning_effort: Any,
+    response_format: Any = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
     """The harmony prompt of a chat request (also what /tokenize answers for `messages`)."""
-    conversation = conversation_from_chat(messages, tools=tools or None, reasoning_effort=reasoning_effort,
-                                          response_format=response_format, current_date=today())
+    conversation = conversation_from_chat(
+        messages,
+        tools=tools or None,
+        reasoning_effort=reasoning_effort,
+        response_format=response_format,
+        current_date=today(),
+    )
     if add_generation_prompt:
         return state.encoding.render_chat_prompt(conversation)
     return state.encoding.render_conversation(conversation)
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest, *, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                 default_temperature: float = DEFAULT_TEMPERATURE) -> ChatPlan:
+def prepare_chat(
+    state: ServerState,
+    req: ChatCompletionRequest,
+    *,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    default_temperature: float = DEFAULT_TEMPERATURE,
+) -> ChatPlan:
     model = state.check_model(req.model)
     if req.lora is not None:
         raise no_lora()
@@ -172,8 +200,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, *, default_max_
             kwargs = {**kwargs, "seed": kwargs["seed"] + 1}
         params.append(harmony_sampling_params(state, **kwargs))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatPlan(model, prompt, prefill, params, req.stop_list, bool(req.logprobs), req.top_logprobs or 0,
-                    include_usage, spec)
+    return ChatPlan(
+        model, prompt, prefill, params, req.stop_list, bool(req.logprobs), req.top_logprobs or 0, include_usage, spec
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,11 +220,17 @@ def logprob_entries(state: ServerState, logprobs: list[TokenLogprob], top: int) 
     for lp in logprobs:
         data = state.encoding.token_bytes(lp.token_id)
         tops = sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]
-        out.append({
-            "token": data.decode("utf-8", errors="replace"), "logprob": lp.logprob, "bytes": list(data),
-            "top_logprobs": [{"token": token_text(state, t), "logprob": v,
-                              "bytes": list(state.encoding.token_bytes(t))} for t, v in tops],
-        })
+        out.append(
+            {
+                "token": data.decode("utf-8", errors="replace"),
+                "logprob": lp.logprob,
+                "bytes": list(data),
+                "top_logprobs": [
+                    {"token": token_text(state, t), "logprob": v, "bytes": list(state.encoding.token_bytes(t))}
+                    for t, v in tops
+                ],
+            }
+        )
     return out
 
 
@@ -219,17 +254,31 @@ def chat_message(result: Collected) -> dict[str, Any]:
 def sum_usage(usages: list[Usage]) -> Usage:
     """Usage of n choices: the prompt counted once, completions summed."""
     first = usages[0]
-    return Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages),
-                 sum(u.reasoning_tokens for u in usages), first.cached_tokens)
+    return Usage(
+        first.prompt_tokens,
+        sum(u.completion_tokens for u in usages),
+        sum(u.reasoning_tokens for u in usages),
+        first.cached_tokens,
+    )
 
 
 def start_chat(state: ServerState, plan: ChatPlan) -> list[Any]:
     """Submit the plan's n choices to the engine now; their event streams (engine errors raise here)."""
-    return start_all([
-        functools.partial(generate_harmony, state, plan.prompt_token_ids, params,
-                          prefill_token_ids=plan.prefill_token_ids, stop=plan.stop,
-                          request_id=f"{plan.request_id}-{i}", logits_mask_fn=mask_fn(state, plan.structured_spec))
-        for i, params in enumerate(plan.params)])
+    return start_all(
+        [
+            functools.partial(
+                generate_harmony,
+                state,
+                plan.prompt_token_ids,
+                params,
+                prefill_token_ids=plan.prefill_token_ids,
+                stop=plan.stop,
+                request_id=f"{plan.request_id}-{i}",
+                logits_mask_fn=mask_fn(state, plan.structured_spec),
+            )
+            for i, params in enumerate(plan.params)
+        ]
+    )
 
 
 async def chat_completion(state: ServerState, plan: ChatPlan, streams: list[Any]) -> dict[str, Any]:
@@ -241,28 +290,45 @@ async def chat_completion(state: ServerState, plan: ChatPlan, streams: list[Any]
             await stream.aclose()
     choices = []
     for i, result in enumerate(results):
-        choice: dict[str, Any] = {"index": i, "message": chat_message(result),
-                                  "finish_reason": result.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {
+            "index": i,
+            "message": chat_message(result),
+            "finish_reason": result.finish_reason,
+            "logprobs": None,
+        }
         if plan.logprobs:
             choice["logprobs"] = {"content": logprob_entries(state, result.logprobs, plan.top_logprobs)}
         choices.append(choice)
-    return {"id": plan.request_id, "object": "chat.completion", "created": plan.created, "model": plan.model,
-            "choices": choices, "usage": sum_usage([r.usage for r in results]).openai(),
-            "system_fingerprint": None}
+    return {
+        "id": plan.request_id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": choices,
+        "usage": sum_usage([r.usage for r in results]).openai(),
+        "system_fingerprint": None,
+    }
 
 
 async def chat_chunks(state: ServerState, plan: ChatPlan, streams: list[Any]) -> AsyncIterator[dict[str, Any]]:
     """`chat.completion.chunk` objects; the last one always has `choices: []` and the usage."""
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        out = {"id": plan.request_id, "object": "chat.completion.chunk", "created": plan.created,
-               "model": plan.model, "choices": choices, "system_fingerprint": None}
+        out = {
+            "id": plan.request_id,
+            "object": "chat.completion.chunk",
+            "created": plan.created,
+            "model": plan.model,
+            "choices": choices,
+            "system_fingerprint": None,
+        }
         if usage is not None:
             out["usage"] = usage
         return out
 
-    def choice(index: int, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: Any = None) -> dict[str, Any]:
+    def choice(
+        index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
+    ) -> dict[str, Any]:
         return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
 
     yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(len(streams))])
@@ -276,8 +342,12 @@ async def chat_chunks(state: ServerState, plan: ChatPlan, streams: list[Any]) ->
                 logprobs = {"content": logprob_entries(state, event.logprobs, plan.top_logprobs)}
             yield chunk([choice(index, {"content": event.text}, logprobs=logprobs)])
         elif isinstance(event, ToolCallStarted):
-            call = {"index": event.index, "id": event.call_id, "type": "function",
-                    "function": {"name": event.name, "arguments": ""}}
+            call = {
+                "index": event.index,
+                "id": event.call_id,
+                "type": "function",
+                "function": {"name": event.name, "arguments": ""},
+            }
             yield chunk([choice(index, {"tool_calls": [call]})])
         elif isinstance(event, ToolCallArgumentsDelta):
             call = {"index": event.index, "function": {"arguments": event.delta}}
@@ -292,8 +362,9 @@ def error_frame(exc: BaseException) -> dict[str, Any]:
     return to_api_error(exc).openai_body()
 
 
-async def chat_sse(state: ServerState, plan: ChatPlan, streams: list[Any], admission: Admission,
-                   workers_ai_trailer: bool = False) -> AsyncIterator[str]:
+async def chat_sse(
+    state: ServerState, plan: ChatPlan, streams: list[Any], admission: Admission, workers_ai_trailer: bool = False
+) -> AsyncIterator[str]:
     """SSE frames of a streaming chat answer (OpenAI; or Workers AI with its `{"response": "", usage}` trailer)."""
     try:
         async for obj in chat_chunks(state, plan, streams):
@@ -315,12 +386,20 @@ async def chat_sse(state: ServerState, plan: ChatPlan, streams: list[Any], admis
 def usage_brief(usage: dict[str, Any] | None) -> dict[str, Any]:
     """Workers AI's usage object: prompt/completion/total tokens."""
     usage = usage or {}
-    return {"prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
-            "total_tokens": usage.get("total_tokens", 0)}
+    return {
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+    }
 
 
-async def handle_chat(request: Request, body: dict[str, Any] | bytes, *, workers_ai: bool = False,
-                      default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Response:
+async def handle_chat(
+    request: Request,
+    body: dict[str, Any] | bytes,
+    *,
+    workers_ai: bool = False,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> Response:
     """Validate, run and answer one chat request (shared by /v1/chat/completions and the Workers AI routes)."""
     state = get_state(request)
     req = parse_body(ChatCompletionRequest, body)
@@ -329,8 +408,10 @@ async def handle_chat(request: Request, body: dict[str, Any] | bytes, *, workers
         streams = start_chat(state, plan)
         if req.stream:
             admission.keep()
-            return sse_response(chat_sse(state, plan, streams, admission, workers_ai_trailer=workers_ai),
-                                on_close=functools.partial(release_all, admission, streams))
+            return sse_response(
+                chat_sse(state, plan, streams, admission, workers_ai_trailer=workers_ai),
+                on_close=functools.partial(release_all, admission, streams),
+            )
         result = await run_until_disconnect(request, chat_completion(state, plan, streams))
     return JSONResponse(result)
 

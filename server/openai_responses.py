@@ -26,13 +26,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-
-from engine.harmony.messages import normalize_tools
-from engine.harmony.render import HarmonyEncoding
-from engine.harmony.responses_convert import conversation_from_responses
-from engine.sampling_params import SamplingParams
-from server.errors import APIError, bad_request, no_lora, to_api_error
-from server.generation import (
+from gptoss.engine.harmony.messages import normalize_tools
+from gptoss.engine.harmony.render import HarmonyEncoding
+from gptoss.engine.harmony.responses_convert import conversation_from_responses
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.errors import APIError, bad_request, no_lora, to_api_error
+from gptoss.server.generation import (
     Admission,
     ContentDelta,
     Event,
@@ -48,7 +47,7 @@ from server.generation import (
     release_all,
     run_until_disconnect,
 )
-from server.openai_chat import (
+from gptoss.server.openai_chat import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     forced_call_prefill,
@@ -58,9 +57,9 @@ from server.openai_chat import (
     today,
     tool_choice_mode,
 )
-from server.protocol_openai import ResponsesRequest, parse_body
-from server.sse import DONE, sse_data, sse_event, sse_response
-from server.state import ServerState, get_state, read_body
+from gptoss.server.protocol_openai import ResponsesRequest, parse_body
+from gptoss.server.sse import DONE, sse_data, sse_event, sse_response
+from gptoss.server.state import ServerState, get_state, read_body
 
 router = APIRouter()
 
@@ -91,8 +90,9 @@ def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
     return list(req.input)
 
 
-def prepare_responses(state: ServerState, req: ResponsesRequest, *,
-                      default_max_tokens: int = DEFAULT_MAX_TOKENS) -> ResponsesPlan:
+def prepare_responses(
+    state: ServerState, req: ResponsesRequest, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> ResponsesPlan:
     model = state.check_model(req.model)
     if req.lora is not None:
         raise no_lora()
@@ -100,17 +100,25 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, *,
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
         if stored is None:
-            raise bad_request(f"Previous response with id '{req.previous_response_id}' not found",
-                              param="previous_response_id", code="previous_response_not_found")
+            raise bad_request(
+                f"Previous response with id '{req.previous_response_id}' not found",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
         items = stored["items"] + items
     tools = req.tools or []
     specs = normalize_tools(tools)
     mode, name = tool_choice_mode(req.tool_choice, [t.name for t in specs])
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
-    conversation = conversation_from_responses(items, instructions=req.instructions,
-                                               tools=tools if mode != "none" else None, reasoning=reasoning,
-                                               text=text, current_date=today())
+    conversation = conversation_from_responses(
+        items,
+        instructions=req.instructions,
+        tools=tools if mode != "none" else None,
+        reasoning=reasoning,
+        text=text,
+        current_date=today(),
+    )
     effort = conversation.messages[0].content.reasoning_effort  # type: ignore[union-attr]
     response_format = text.get("format") if text else None
     spec = structured_spec(state, response_format, tools, req.tool_choice, response_format_param="text.format")
@@ -121,10 +129,28 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, *,
     kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
     if req.top_logprobs is not None:
         kwargs["logprobs"] = req.top_logprobs
-    flat_tools = [{"type": "function", "name": t.name, "description": t.description or None,
-                   "parameters": t.parameters, "strict": False} for t in specs]
-    return ResponsesPlan(model, prompt, prefill, harmony_sampling_params(state, **kwargs), req.stop_list, req,
-                         items, flat_tools, effort or "medium", spec)
+    flat_tools = [
+        {
+            "type": "function",
+            "name": t.name,
+            "description": t.description or None,
+            "parameters": t.parameters,
+            "strict": False,
+        }
+        for t in specs
+    ]
+    return ResponsesPlan(
+        model,
+        prompt,
+        prefill,
+        harmony_sampling_params(state, **kwargs),
+        req.stop_list,
+        req,
+        items,
+        flat_tools,
+        effort or "medium",
+        spec,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,18 +182,30 @@ class ResponseBuilder:
             text_format = req.text.format.model_dump(by_alias=True, exclude_none=True)
         tool_choice = req.tool_choice if req.tool_choice is not None else "auto"
         return {
-            "id": self.plan.response_id, "object": "response", "created_at": self.plan.created_at,
-            "status": status, "model": self.plan.model, "output": list(self.output),
-            "instructions": req.instructions, "tools": self.plan.tools, "tool_choice": tool_choice,
+            "id": self.plan.response_id,
+            "object": "response",
+            "created_at": self.plan.created_at,
+            "status": status,
+            "model": self.plan.model,
+            "output": list(self.output),
+            "instructions": req.instructions,
+            "tools": self.plan.tools,
+            "tool_choice": tool_choice,
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
-            "temperature": self.plan.params.temperature, "top_p": self.plan.params.top_p,
+            "temperature": self.plan.params.temperature,
+            "top_p": self.plan.params.top_p,
             "max_output_tokens": req.max_output_tokens or req.max_tokens,
             "previous_response_id": req.previous_response_id,
             "reasoning": {"effort": self.plan.effort, "summary": req.reasoning.summary if req.reasoning else None},
-            "text": {"format": text_format}, "truncation": "disabled", "store": req.store,
-            "metadata": req.metadata or {}, "incomplete_details": incomplete, "error": None,
+            "text": {"format": text_format},
+            "truncation": "disabled",
+            "store": req.store,
+            "metadata": req.metadata or {},
+            "incomplete_details": incomplete,
+            "error": None,
             "usage": self.usage.responses() if self.usage is not None and status != "in_progress" else None,
-            "user": req.user, "background": False,
+            "user": req.user,
+            "background": False,
         }
 
     @property
@@ -182,44 +220,85 @@ class ResponseBuilder:
         return event
 
     def start(self) -> list[dict[str, Any]]:
-        return [self._event("response.created", response=self.response("in_progress")),
-                self._event("response.in_progress", response=self.response("in_progress"))]
+        return [
+            self._event("response.created", response=self.response("in_progress")),
+            self._event("response.in_progress", response=self.response("in_progress")),
+        ]
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         if isinstance(event, ReasoningDelta):
             if self._open is None or self._open["type"] != "reasoning":
                 out += self._close()
-                out += self._open_item({"id": _id("rs"), "type": "reasoning", "summary": [], "content": [],
-                                        "status": "in_progress"}, part={"type": "reasoning_text", "text": ""})
+                out += self._open_item(
+                    {"id": _id("rs"), "type": "reasoning", "summary": [], "content": [], "status": "in_progress"},
+                    part={"type": "reasoning_text", "text": ""},
+                )
             self._text += event.text
-            out.append(self._event("response.reasoning_text.delta", item_id=self._open["id"],  # type: ignore[index]
-                                   output_index=len(self.output), content_index=0, delta=event.text))
+            out.append(
+                self._event(
+                    "response.reasoning_text.delta",
+                    item_id=self._open["id"],  # type: ignore[index]
+                    output_index=len(self.output),
+                    content_index=0,
+                    delta=event.text,
+                )
+            )
         elif isinstance(event, ContentDelta):
             if self._open is None or self._open["type"] != "message":
                 out += self._close()
-                out += self._open_item({"id": _id("msg"), "type": "message", "role": "assistant", "content": [],
-                                        "status": "in_progress"},
-                                       part={"type": "output_text", "text": "", "annotations": []})
+                out += self._open_item(
+                    {"id": _id("msg"), "type": "message", "role": "assistant", "content": [], "status": "in_progress"},
+                    part={"type": "output_text", "text": "", "annotations": []},
+                )
             self._text += event.text
             logprobs = self._logprob_entries(event.logprobs)
             self._logprobs += logprobs
-            out.append(self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
-                                   output_index=len(self.output), content_index=0, delta=event.text,
-                                   logprobs=logprobs))
+            out.append(
+                self._event(
+                    "response.output_text.delta",
+                    item_id=self._open["id"],  # type: ignore[index]
+                    output_index=len(self.output),
+                    content_index=0,
+                    delta=event.text,
+                    logprobs=logprobs,
+                )
+            )
         elif isinstance(event, ToolCallStarted):
             out += self._close()
-            out += self._open_item({"id": _id("fc"), "type": "function_call", "call_id": event.call_id,
-                                    "name": event.name, "arguments": "", "status": "in_progress"})
+            out += self._open_item(
+                {
+                    "id": _id("fc"),
+                    "type": "function_call",
+                    "call_id": event.call_id,
+                    "name": event.name,
+                    "arguments": "",
+                    "status": "in_progress",
+                }
+            )
         elif isinstance(event, ToolCallArgumentsDelta) and self._open is not None:
             self._text += event.delta
-            out.append(self._event("response.function_call_arguments.delta", item_id=self._open["id"],
-                                   output_index=len(self.output), delta=event.delta))
+            out.append(
+                self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=self._open["id"],
+                    output_index=len(self.output),
+                    delta=event.delta,
+                )
+            )
         elif isinstance(event, ToolCallDone):
             if self._open is None or self._open["type"] != "function_call":  # (no start seen: open it now)
                 out += self._close()
-                out += self._open_item({"id": _id("fc"), "type": "function_call", "call_id": event.call_id,
-                                        "name": event.name, "arguments": "", "status": "in_progress"})
+                out += self._open_item(
+                    {
+                        "id": _id("fc"),
+                        "type": "function_call",
+                        "call_id": event.call_id,
+                        "name": event.name,
+                        "arguments": "",
+                        "status": "in_progress",
+                    }
+                )
             self._text = event.arguments
             out += self._close()
         elif isinstance(event, Finished):
@@ -243,9 +322,13 @@ class ResponseBuilder:
             data = encoding.token_bytes(token_id)
             return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data), "logprob": logprob}
 
-        return [{**entry(lp.token_id, lp.logprob),
-                 "top_logprobs": [entry(t, v) for t, v in sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]]}
-                for lp in logprobs]
+        return [
+            {
+                **entry(lp.token_id, lp.logprob),
+                "top_logprobs": [entry(t, v) for t, v in sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]],
+            }
+            for lp in logprobs
+        ]
 
     def _open_item(self, item: dict[str, Any], part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         self._open = item
@@ -253,8 +336,11 @@ class ResponseBuilder:
         index = len(self.output)
         out = [self._event("response.output_item.added", output_index=index, item=dict(item))]
         if part is not None:
-            out.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
-                                   content_index=0, part=part))
+            out.append(
+                self._event(
+                    "response.content_part.added", item_id=item["id"], output_index=index, content_index=0, part=part
+                )
+            )
         return out
 
     def _close(self) -> list[dict[str, Any]]:
@@ -267,22 +353,50 @@ class ResponseBuilder:
         out = []
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self._text}
-            out.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=self._text))
-            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                   content_index=0, part=part))
+            out.append(
+                self._event(
+                    "response.reasoning_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=self._text,
+                )
+            )
+            out.append(
+                self._event(
+                    "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+                )
+            )
             item = {**item, "content": [part], "status": item_status}
         elif item["type"] == "message":
             part = {"type": "output_text", "text": self._text, "annotations": [], "logprobs": self._logprobs}
-            out.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
-                                   content_index=0, text=self._text, logprobs=self._logprobs))
+            out.append(
+                self._event(
+                    "response.output_text.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    text=self._text,
+                    logprobs=self._logprobs,
+                )
+            )
             self._logprobs = []
-            out.append(self._event("response.content_part.done", item_id=item["id"], output_index=index,
-                                   content_index=0, part=part))
+            out.append(
+                self._event(
+                    "response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part
+                )
+            )
             item = {**item, "content": [part], "status": item_status}
         else:
-            out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
-                                   output_index=index, arguments=self._text, name=item["name"]))
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    item_id=item["id"],
+                    output_index=index,
+                    arguments=self._text,
+                    name=item["name"],
+                )
+            )
             item = {**item, "arguments": self._text, "status": item_status}
         self.output.append(item)
         out.append(self._event("response.output_item.done", output_index=index, item=item))
@@ -292,14 +406,19 @@ class ResponseBuilder:
 
 def store_response(state: ServerState, plan: ResponsesPlan, response: dict[str, Any]) -> None:
     if plan.request.store:
-        state.responses.put(plan.response_id, {"response": response,
-                                               "items": plan.input_items + response["output"]})
+        state.responses.put(plan.response_id, {"response": response, "items": plan.input_items + response["output"]})
 
 
 def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
-    return generate_harmony(state, plan.prompt_token_ids, plan.params, prefill_token_ids=plan.prefill_token_ids,
-                            stop=plan.stop, request_id=plan.response_id,
-                            logits_mask_fn=mask_fn(state, plan.structured_spec))
+    return generate_harmony(
+        state,
+        plan.prompt_token_ids,
+        plan.params,
+        prefill_token_ids=plan.prefill_token_ids,
+        stop=plan.stop,
+        request_id=plan.response_id,
+        logits_mask_fn=mask_fn(state, plan.structured_spec),
+    )
 
 
 async def run_response(state: ServerState, plan: ResponsesPlan, stream: Any) -> dict[str, Any]:
@@ -335,8 +454,9 @@ async def response_events(state: ServerState, plan: ResponsesPlan, stream: Any) 
         yield event
 
 
-async def responses_sse(state: ServerState, plan: ResponsesPlan, stream: Any, admission: Admission,
-                        workers_ai_trailer: bool = False) -> AsyncIterator[str]:
+async def responses_sse(
+    state: ServerState, plan: ResponsesPlan, stream: Any, admission: Admission, workers_ai_trailer: bool = False
+) -> AsyncIterator[str]:
     usage: dict[str, Any] | None = None
     try:
         async for event in response_events(state, plan, stream):
@@ -347,9 +467,16 @@ async def responses_sse(state: ServerState, plan: ResponsesPlan, stream: Any, ad
         admission.release()
     if workers_ai_trailer:
         usage = usage or {}
-        yield sse_data({"response": "", "usage": {
-            "prompt_tokens": usage.get("input_tokens", 0), "completion_tokens": usage.get("output_tokens", 0),
-            "total_tokens": usage.get("total_tokens", 0)}})
+        yield sse_data(
+            {
+                "response": "",
+                "usage": {
+                    "prompt_tokens": usage.get("input_tokens", 0),
+                    "completion_tokens": usage.get("output_tokens", 0),
+                    "total_tokens": usage.get("total_tokens", 0),
+                },
+            }
+        )
         yield DONE
 
 
@@ -362,8 +489,10 @@ async def handle_responses(request: Request, body: dict[str, Any] | bytes, *, wo
         stream = start_responses(state, plan)
         if req.stream:
             admission.keep()
-            return sse_response(responses_sse(state, plan, stream, admission, workers_ai_trailer=workers_ai),
-                                on_close=functools.partial(release_all, admission, [stream]))
+            return sse_response(
+                responses_sse(state, plan, stream, admission, workers_ai_trailer=workers_ai),
+                on_close=functools.partial(release_all, admission, [stream]),
+            )
         result = await run_until_disconnect(request, run_response(state, plan, stream))
     return JSONResponse(result)
 

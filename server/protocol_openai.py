@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
+from gptoss.server.errors import bad_request, from_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from server.errors import bad_request, from_validation_error
 
 API_MAX_SEED = 9_999_999_999
 MAX_N = 16
@@ -85,8 +84,10 @@ class ChatResponseFormat(APIModel):
     @model_validator(mode="after")
     def _need_schema(self) -> ChatResponseFormat:
         if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
-            raise bad_request("response_format.json_schema.schema is required when type is json_schema",
-                              param="response_format.json_schema.schema")
+            raise bad_request(
+                "response_format.json_schema.schema is required when type is json_schema",
+                param="response_format.json_schema.schema",
+            )
         return self
 
 
@@ -123,8 +124,9 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
         if isinstance(self.tool_choice, str) and self.tool_choice not in ("auto", "none", "required"):
-            raise bad_request("tool_choice must be auto, none, required or {type: function, function: {name}}",
-                              param="tool_choice")
+            raise bad_request(
+                "tool_choice must be auto, none, required or {type: function, function: {name}}", param="tool_choice"
+            )
         return self
 
     @property
@@ -179,8 +181,7 @@ class ResponsesRequest(SamplingFields):
         if not self.input and not (isinstance(self.input, list) and self.previous_response_id is not None):
             raise bad_request("input must not be empty", param="input")
         if isinstance(self.tool_choice, str) and self.tool_choice not in ("auto", "none", "required"):
-            raise bad_request("tool_choice must be auto, none, required or {type: function, name}",
-                              param="tool_choice")
+            raise bad_request("tool_choice must be auto, none, required or {type: function, name}", param="tool_choice")
         return self
 
 

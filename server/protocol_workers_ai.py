@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gptoss.server.protocol_openai import APIModel, ChatResponseFormat, ReasoningConfig, SamplingFields
 from pydantic import Field
-
-from server.protocol_openai import APIModel, ChatResponseFormat, ReasoningConfig, SamplingFields
 
 MAX_BATCH_REQUESTS = 256
 

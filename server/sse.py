@@ -27,8 +27,13 @@ def sse_event(obj: dict[str, Any]) -> str:
     return f"event: {obj['type']}\ndata: {dumps(obj)}\n\n"
 
 
-def sse_response(frames: AsyncIterator[str],
-                 on_close: Callable[[], Awaitable[None]] | None = None) -> StreamingResponse:
+def sse_response(
+    frames: AsyncIterator[str], on_close: Callable[[], Awaitable[None]] | None = None
+) -> StreamingResponse:
     """A text/event-stream response; `on_close` also runs after the stream (idempotent cleanup)."""
-    return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS,
-                             background=BackgroundTask(on_close) if on_close is not None else None)
+    return StreamingResponse(
+        frames,
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(on_close) if on_close is not None else None,
+    )

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from fastapi import Request
+from gptoss.engine.harmony.render import HarmonyEncoding
+from gptoss.server.errors import model_not_found, too_large
+from gptoss.server.metrics import ServerMetrics
 from tokenizers import Tokenizer
-
-from engine.harmony.render import HarmonyEncoding
-from server.errors import model_not_found, too_large
-from server.metrics import ServerMetrics
 
 WORKERS_AI_MODEL_NAME = "@cf/openai/gpt-oss-120b"
 

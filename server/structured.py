@@ -36,7 +36,7 @@ class StructuredOutputs:
         try:
             if "logits_mask_fn" not in inspect.signature(engine.add_request).parameters:
                 return None
-            import engine.structured_output
+            import gptoss.engine.structured_output  # noqa: F401  (llguidance may be missing)
         except (ImportError, TypeError, ValueError):
             logger.warning("structured outputs unavailable: response formats are prompt-only")
             return None
@@ -53,20 +53,28 @@ class StructuredOutputs:
     def compiler(self) -> Any:
         with self._lock:
             if self._compiler is None:
-                from engine.structured_output import StructuredOutputCompiler
+                from gptoss.engine.structured_output import StructuredOutputCompiler
 
                 self._compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
             return self._compiler
 
     @staticmethod
-    def spec(response_format: dict[str, Any] | None, tools: list[dict[str, Any]] | None, tool_choice: Any,
-             *, response_format_param: str = "response_format") -> Any:
+    def spec(
+        response_format: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None,
+        tool_choice: Any,
+        *,
+        response_format_param: str = "response_format",
+    ) -> Any:
         """The request's spec, or None when nothing is constrained (raises StructuredOutputError -> 400)."""
-        from engine.structured_output import StructuredOutputSpec
+        from gptoss.engine.structured_output import StructuredOutputSpec
 
-        return StructuredOutputSpec.from_request(response_format=response_format, tools=tools,
-                                                 tool_choice=tool_choice,
-                                                 response_format_param=response_format_param)
+        return StructuredOutputSpec.from_request(
+            response_format=response_format,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format_param=response_format_param,
+        )
 
     def mask_fn(self, spec: Any) -> Callable[[list[int]], Any]:
         """A fresh matcher for one request; it is the engine's `logits_mask_fn` itself (`state(output_token_ids)

@@ -34,11 +34,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-
-from engine.sampling_params import SamplingParams
-from server.completions import RawDelta, RawResult, encode_raw, final_result, generate_raw
-from server.errors import bad_request, no_lora, to_api_error
-from server.generation import (
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.completions import RawDelta, RawResult, encode_raw, final_result, generate_raw
+from gptoss.server.errors import bad_request, no_lora, to_api_error
+from gptoss.server.generation import (
     Admission,
     ContentDelta,
     Finished,
@@ -47,7 +46,7 @@ from server.generation import (
     release_all,
     run_until_disconnect,
 )
-from server.openai_chat import (
+from gptoss.server.openai_chat import (
     DEFAULT_TEMPERATURE,
     ChatPlan,
     chat_completion,
@@ -57,11 +56,11 @@ from server.openai_chat import (
     start_chat,
     usage_brief,
 )
-from server.openai_responses import handle_responses, prepare_responses, run_response, start_responses
-from server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
-from server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
-from server.sse import DONE, sse_data, sse_response
-from server.state import ServerState, get_state, read_body
+from gptoss.server.openai_responses import handle_responses, prepare_responses, run_response, start_responses
+from gptoss.server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
+from gptoss.server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
+from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.state import ServerState, get_state, read_body
 
 router = APIRouter()
 FORMAT_KEYS = ("prompt", "messages", "input")
@@ -82,8 +81,12 @@ def normalize_response_format(body: dict[str, Any]) -> dict[str, Any]:
     """Workers AI sends `{"type": "json_schema", "json_schema": <the schema itself>}`; OpenAI wraps the schema
     as `{"name", "schema"}`. Accept both (a `json_schema` without a `schema` key is the schema)."""
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict) \
-            and "schema" not in fmt["json_schema"]:
+    if (
+        isinstance(fmt, dict)
+        and fmt.get("type") == "json_schema"
+        and isinstance(fmt.get("json_schema"), dict)
+        and "schema" not in fmt["json_schema"]
+    ):
         body = {**body, "response_format": {**fmt, "json_schema": {"name": "response", "schema": fmt["json_schema"]}}}
     return body
 
@@ -98,8 +101,7 @@ def body_format(body: dict[str, Any]) -> str:
     if len(present) != 1:
         if not present:
             raise bad_request("the body needs one of prompt, messages, input or requests", param="prompt")
-        raise bad_request(f"the body has more than one of {', '.join(present)}; send exactly one",
-                          param=present[1])
+        raise bad_request(f"the body has more than one of {', '.join(present)}; send exactly one", param=present[1])
     if body.get("lora") is not None:
         raise no_lora()
     return present[0]
@@ -125,8 +127,11 @@ def _arguments_object(arguments: str) -> Any:
 
 
 def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) -> dict[str, Any]:
-    return {"response": content, "usage": usage_brief(usage),
-            "tool_calls": [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in tool_calls]}
+    return {
+        "response": content,
+        "usage": usage_brief(usage),
+        "tool_calls": [{"name": c.name, "arguments": _arguments_object(c.arguments)} for c in tool_calls],
+    }
 
 
 def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], SamplingParams]:
@@ -261,8 +266,9 @@ async def run_model(request: Request, model: str) -> Response:
                 plan = prepare_chat(state, prompt_as_chat(req))
                 streams = start_chat(state, plan)
             admission.keep()
-            return sse_response(prompt_sse(streams, admission),
-                                on_close=functools.partial(release_all, admission, streams))
+            return sse_response(
+                prompt_sse(streams, admission), on_close=functools.partial(release_all, admission, streams)
+            )
     with Admission(state):
         result = await run_until_disconnect(request, run_one(state, body))
     return JSONResponse(envelope(result))
@@ -273,8 +279,13 @@ async def run_model(request: Request, model: str) -> Response:
 
 def enqueue(state: ServerState, items: list[dict[str, Any]], model: str) -> dict[str, Any]:
     request_id = str(uuid.uuid4())
-    entry: dict[str, Any] = {"status": "queued", "request_id": request_id, "model": model, "result": None,
-                             "created": time.time()}
+    entry: dict[str, Any] = {
+        "status": "queued",
+        "request_id": request_id,
+        "model": model,
+        "result": None,
+        "created": time.time(),
+    }
     state.batches.put(request_id, entry)
 
     async def work() -> None:

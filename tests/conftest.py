@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,6 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # torch missing: the tests that need it fail on their own imports
     pass
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 
 def find_shared_dir() -> Path | None:
@@ -48,8 +45,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random gpt-oss checkpoint in the real HF layout (MXFP4 experts), made once."""
-    from engine.checkpoint import make_random_checkpoint
-    from engine.config import preset
+    from gptoss.engine.model.config import preset
+    from gptoss.engine.model.random_checkpoint import make_random_checkpoint
 
     out_dir = tmp_path_factory.mktemp("tiny-checkpoint")
     # Small shards, so the index and multi-shard streaming paths run in every test session.

@@ -43,5 +43,3 @@ def scripted(scripted_server: LiveServer) -> LiveServer:
 def auth_server() -> LiveServer:
     """A scripted server that requires `Authorization: Bearer test-key`."""
     return scripted_server_for("auth", api_key=API_KEY)
-
-

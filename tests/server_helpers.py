@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.sampling_params import SamplingParams
-from engine.sequence import EngineOverloadedError, RequestFailedError, RequestOutput, TokenLogprob
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+from gptoss.engine.errors import EngineOverloadedError, RequestFailedError
+from gptoss.engine.outputs import RequestOutput, TokenLogprob
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 API_KEY = "test-key"
 
@@ -101,8 +102,9 @@ class ScriptedEngine:
         self.mask_violations: list[int] = []
         self.fail_after: int | None = None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    logits_mask_fn: Any = None) -> Any:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, logits_mask_fn: Any = None
+    ) -> Any:
         if self.overloaded:
             raise EngineOverloadedError("scripted overload")
         self.requests.append((request_id, list(prompt_token_ids), params))
@@ -114,8 +116,9 @@ class ScriptedEngine:
         other = (token_id + 1) % self.tokenizer.get_vocab_size()
         return TokenLogprob(token_id, -0.5, 1, {token_id: -0.5, other: -1.5})
 
-    async def _run(self, request_id: str, prompt: list[int], params: SamplingParams,
-                   script: list[int], logits_mask_fn: Any = None) -> Any:
+    async def _run(
+        self, request_id: str, prompt: list[int], params: SamplingParams, script: list[int], logits_mask_fn: Any = None
+    ) -> Any:
         tokens: list[int] = []
         finished = False
         prompt_logprobs = None
@@ -146,9 +149,18 @@ class ScriptedEngine:
                 finished = reason is not None
                 text = self.tokenizer.decode([token_id], skip_special_tokens=params.skip_special_tokens)
                 logprobs = [self._logprob(token_id)] if params.logprobs is not None else None
-                yield RequestOutput(request_id, prompt, list(tokens), "", finished, reason,
-                                    new_token_ids=[token_id], text_delta=text, new_logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs)
+                yield RequestOutput(
+                    request_id,
+                    prompt,
+                    list(tokens),
+                    "",
+                    finished,
+                    reason,
+                    new_token_ids=[token_id],
+                    text_delta=text,
+                    new_logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
+                )
                 if finished:
                     return
         finally:
@@ -182,12 +194,13 @@ _cache: dict[str, LiveServer] = {}
 
 def live_server_for(checkpoint: Path) -> LiveServer:
     if "live" not in _cache:
-        from engine.async_engine import AsyncEngine
-        from engine.engine_args import EngineArgs
-        from server.app import create_app
+        from gptoss.engine.async_engine import AsyncEngine
+        from gptoss.engine.engine_args import EngineArgs
+        from gptoss.server.app import create_app
 
-        engine = AsyncEngine(EngineArgs(model=str(checkpoint), num_blocks=128, max_num_seqs=8,
-                                        max_num_batched_tokens=256))
+        engine = AsyncEngine(
+            EngineArgs(model=str(checkpoint), num_blocks=128, max_num_seqs=8, max_num_batched_tokens=256)
+        )
         tokenizer = load_tokenizer(checkpoint)
         _cache["live"] = serve(create_app(engine, tokenizer), engine, tokenizer)
     return _cache["live"]
@@ -202,7 +215,7 @@ class UnconstrainedScriptedEngine(ScriptedEngine):
 
 def scripted_server_for(name: str = "scripted", engine_cls: type = ScriptedEngine, **app_kwargs: Any) -> LiveServer:
     if name not in _cache:
-        from server.app import create_app
+        from gptoss.server.app import create_app
 
         tokenizer = build_tiny_tokenizer()
         engine = engine_cls(tokenizer)
@@ -216,10 +229,18 @@ def stop_server(name: str) -> None:
         server.stop()
 
 
-HARMONY_ANSWER = ("<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>"
-                  "Hi there<|return|>")
-HARMONY_TOOL_CALL = ("<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
-                     'to=functions.get_weather <|constrain|>json<|message|>{"location": "Paris"}<|call|>')
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather in a location",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}
+HARMONY_ANSWER = (
+    "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Hi there<|return|>"
+)
+HARMONY_TOOL_CALL = (
+    "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary "
+    'to=functions.get_weather <|constrain|>json<|message|>{"location": "Paris"}<|call|>'
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a location",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+    },
+}

@@ -8,12 +8,11 @@ import threading
 import time
 
 import pytest
-
-from engine.async_engine import AsyncEngine, RequestFailedError
-from engine.engine_args import EngineArgs
-from engine.llm import InvalidRequestError, LLMEngine
-from engine.sampling_params import SamplingParams
-from engine.sequence import EngineDeadError, EngineOverloadedError, PromptTooLongError
+from gptoss.engine.async_engine import AsyncEngine, RequestFailedError
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, PromptTooLongError
+from gptoss.engine.llm_engine import LLMEngine
+from gptoss.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,12 @@ import torch
 _USE_INTERPRETER = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 if _USE_INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
-import kernels.attention as attention  # noqa: E402
+import gptoss.kernels.attention as attention  # noqa: E402
 
 if attention._is_interpreted(attention._prefill_kernel) != _USE_INTERPRETER:
     attention = importlib.reload(attention)
 
-from kernels.reference import paged_attention_reference, write_kv_reference  # noqa: E402
+from gptoss.kernels.reference import paged_attention_reference, write_kv_reference  # noqa: E402
 
 DEVICE = "cpu" if _USE_INTERPRETER else "cuda"
 # ||out - ref|| / ||ref||. Interpreter: bf16 inputs are upcast exactly, only the bf16 output rounding remains.
@@ -263,12 +263,11 @@ def test_decode_split_edges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # ------------------------------------------------------------------------------------- Hopper compilation
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
-from kernels import attention as A
+from gptoss.kernels import attention as A
 
 def build(kernel, pointers, constants, num_warps, num_stages):
     signature, attrs = {}, {}
@@ -317,7 +316,6 @@ def test_kernels_compile_for_hopper() -> None:
     needed). Runs in a child process without TRITON_INTERPRET, which this process has set."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -327,7 +325,7 @@ def test_kernels_compile_for_hopper() -> None:
 
 
 def test_bench_attention_tiny_smoke(tmp_path) -> None:
-    from benchmarks import bench_attention
+    from gptoss.benchmarks import bench_attention
 
     results = bench_attention.main(["--tiny", "--batches", "2", "--contexts", "40", "--prefill", "16",
                                     "--out", str(tmp_path)])  # fmt: skip

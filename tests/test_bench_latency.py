@@ -6,16 +6,35 @@ import json
 from pathlib import Path
 
 import pytest
+from gptoss.scripts import bench_latency
 
-from scripts import bench_latency
 
-
-def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_latency_on_tiny_checkpoint(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "latency.json"
-    code = bench_latency.main(["--model", str(tiny_checkpoint), "--batch-sizes", "1,3", "--input-lens", "8",
-                               "--output-lens", "3", "--iters", "1", "--warmup", "0", "--profile", "--quiet",
-                               "--result-json", str(out), "--device", "cpu"])
+    code = bench_latency.main(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--batch-sizes",
+            "1,3",
+            "--input-lens",
+            "8",
+            "--output-lens",
+            "3",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--profile",
+            "--quiet",
+            "--result-json",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
@@ -24,8 +43,9 @@ def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
         for key in bench_latency.COLUMNS[3:]:
             assert row[key] > 0, key
         # The roofline floor is what the step's bytes take at the measured bandwidth.
-        assert row["roofline ms/step"] == pytest.approx(row["step GB"] * 1e9 / report["copy_bandwidth_bytes_per_s"]
-                                                        * 1e3, rel=1e-6)
+        assert row["roofline ms/step"] == pytest.approx(
+            row["step GB"] * 1e9 / report["copy_bandwidth_bytes_per_s"] * 1e3, rel=1e-6
+        )
     assert report["bandwidth_measured"] and report["copy_bandwidth_bytes_per_s"] > 1e8
     assert report["roofline_first_row"]["total"] > 0
     assert "aten::" in report["profile"]
@@ -35,13 +55,31 @@ def test_bench_latency_on_tiny_checkpoint(tmp_path: Path, tiny_checkpoint: Path,
 
 def test_preset_with_random_weights(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
-    code = bench_latency.main(["--random-weights", "--preset", "tiny", "--batch-sizes", "2", "--input-lens", "4",
-                               "--output-lens", "2", "--iters", "1", "--warmup", "0", "--quiet", "--bandwidth-gbs",
-                               "10",
-                               "--result-json", str(out), "--device", "cpu"])
+    code = bench_latency.main(
+        [
+            "--random-weights",
+            "--preset",
+            "tiny",
+            "--batch-sizes",
+            "2",
+            "--input-lens",
+            "4",
+            "--output-lens",
+            "2",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--quiet",
+            "--bandwidth-gbs",
+            "10",
+            "--result-json",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["copy_bandwidth_bytes_per_s"] == 10e9 and not report["bandwidth_measured"]
     assert report["model"].startswith("preset:tiny")
-
-

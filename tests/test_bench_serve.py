@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-
-from scripts import bench_serve
-from scripts.bench_serve import RequestInput, RequestResult, make_requests, percentile, summarize
+from gptoss.scripts import bench_serve
+from gptoss.scripts.bench_serve import RequestInput, RequestResult, make_requests, percentile, summarize
 
 TOKEN_DELAY_S = 0.01
 METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -61,8 +60,10 @@ def test_random_prompts_lengths() -> None:
     assert len({len(r.prompt) for r in varied}) > 5
     chat = make_requests(2, 8, 4, 0.0, seed=1, chat=True)
     assert all(isinstance(r.prompt, str) and len(r.prompt.split()) == 8 for r in chat)
-    assert make_requests(3, 8, 4, 0.0, seed=2, chat=False)[0].prompt == make_requests(3, 8, 4, 0.0, seed=2,
-                                                                                       chat=False)[0].prompt
+    assert (
+        make_requests(3, 8, 4, 0.0, seed=2, chat=False)[0].prompt
+        == make_requests(3, 8, 4, 0.0, seed=2, chat=False)[0].prompt
+    )
 
 
 # ---- a fake OpenAI server that streams one chunk per token, TOKEN_DELAY_S apart --------------------------
@@ -139,9 +140,27 @@ def check_metrics(run: dict, num_prompts: int, output_len: int) -> None:
 @pytest.mark.parametrize("endpoint", ["/v1/completions", "/v1/chat/completions"])
 def test_sweep_against_fake_server(tmp_path: Path, fake_server: str, endpoint: str) -> None:
     result_json, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = bench_args("--base-url", fake_server, "--endpoint", endpoint, "--num-prompts", "8", "--input-len", "16",
-                      "--output-len", "6", "--concurrency", "1,4", "--num-warmups", "1", "--result-json",
-                      str(result_json), "--plot", str(plot), "--quiet")
+    args = bench_args(
+        "--base-url",
+        fake_server,
+        "--endpoint",
+        endpoint,
+        "--num-prompts",
+        "8",
+        "--input-len",
+        "16",
+        "--output-len",
+        "6",
+        "--concurrency",
+        "1,4",
+        "--num-warmups",
+        "1",
+        "--result-json",
+        str(result_json),
+        "--plot",
+        str(plot),
+        "--quiet",
+    )
     assert args.handler(args) == 0
     report = json.loads(result_json.read_text())
     assert report["config"]["model"] == "fake-model"
@@ -159,35 +178,63 @@ def test_sweep_against_fake_server(tmp_path: Path, fake_server: str, endpoint: s
 
 
 def test_poisson_rate_and_http_errors(fake_server: str) -> None:
-    args = bench_args("--base-url", fake_server, "--num-prompts", "6", "--input-len", "4", "--output-len", "3",
-                      "--request-rate", "50", "--num-warmups", "0", "--quiet")
+    args = bench_args(
+        "--base-url",
+        fake_server,
+        "--num-prompts",
+        "6",
+        "--input-len",
+        "4",
+        "--output-len",
+        "3",
+        "--request-rate",
+        "50",
+        "--num-warmups",
+        "0",
+        "--quiet",
+    )
     report = asyncio.run(bench_serve.sweep(args, fake_server, None))
     check_metrics(report["runs"][0], 6, 3)
     assert report["runs"][0]["request_rate"] == 50.0
-    missing = bench_args("--base-url", fake_server, "--num-prompts", "2", "--num-warmups", "0", "--quiet",
-                         "--served-model-name", "x")
+    missing = bench_args(
+        "--base-url", fake_server, "--num-prompts", "2", "--num-warmups", "0", "--quiet", "--served-model-name", "x"
+    )
     report = asyncio.run(bench_serve.sweep(missing, fake_server + "/nothing-here", None))
     assert report["runs"][0]["failed"] == 2 and "HTTP 404" in report["runs"][0]["errors"][0]
 
 
 def has_server_app() -> bool:
     try:
-        return importlib.util.find_spec("server.app") is not None
+        return importlib.util.find_spec("gptoss.server.app") is not None
     except ModuleNotFoundError:  # no `server` package at all
         return False
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not has_server_app(), reason="server.app is not there yet")
+@pytest.mark.skipif(not has_server_app(), reason="gptoss.server.app is not there yet")
 def test_live_tiny_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from engine.tokenizer import load_tokenizer
+    from gptoss.engine.tokenizer import load_tokenizer
 
-    with bench_serve.LocalServer(tiny_checkpoint, engine_args={"max_num_seqs": 8},
-                                 env={"OMP_NUM_THREADS": "1"}) as server:
+    with bench_serve.LocalServer(
+        tiny_checkpoint, engine_args={"max_num_seqs": 8}, env={"OMP_NUM_THREADS": "1"}
+    ) as server:
         for endpoint in ("/v1/completions", "/v1/chat/completions"):
-            args = bench_args("--base-url", server.base_url, "--endpoint", endpoint, "--num-prompts", "4",
-                              "--input-len", "12", "--output-len", "4", "--concurrency", "4", "--ignore-eos",
-                              "--quiet")
+            args = bench_args(
+                "--base-url",
+                server.base_url,
+                "--endpoint",
+                endpoint,
+                "--num-prompts",
+                "4",
+                "--input-len",
+                "12",
+                "--output-len",
+                "4",
+                "--concurrency",
+                "4",
+                "--ignore-eos",
+                "--quiet",
+            )
             report = asyncio.run(bench_serve.sweep(args, server.base_url, load_tokenizer(tiny_checkpoint)))
             run = report["runs"][0]
             assert run["completed"] == 4, (run["errors"], server.log_tail())

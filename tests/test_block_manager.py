@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.sequence import Sequence
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from engine.block_manager import FULL, SLIDING, BlockManager
-from engine.sequence import Sequence
 
 BS = 4
 
@@ -179,10 +178,9 @@ def test_double_free_is_caught():
 @pytest.mark.parametrize("gb", [0.05, 1.0, 60.0])
 def test_kv_budget_split_fits_and_favours_full_attention(gb):
     import torch
-
-    from engine.config import preset
-    from engine.engine_args import EngineArgs, split_kv_budget
-    from engine.kv_cache import kv_bytes_per_block
+    from gptoss.engine.engine_args import EngineArgs, split_kv_budget
+    from gptoss.engine.model.config import preset
+    from gptoss.engine.worker.kv_cache import kv_bytes_per_block
 
     config = preset("gpt-oss-120b")
     args = EngineArgs(model="unused")

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine.config import FULL, SLIDING, ModelConfig
-from engine.cuda_graphs import DecodeGraphRunner, capture_sizes
-from engine.engine_args import EngineArgs
-from engine.forward_batch import ForwardBatch
-from engine.kv_cache import allocate_kv_caches
-from engine.llm import LLM
-from engine.loader import load_weights
-from engine.model import GptOssModel
-from engine.sampling_params import SamplingParams
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.llm import LLM
+from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
+from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.loader import load_weights
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
+from gptoss.engine.worker.kv_cache import allocate_kv_caches
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = {FULL: 48, SLIDING: 40}
@@ -33,8 +32,6 @@ SIZES = [1, 2, 4, 8, 16]
 SEQ_LENS = [1, 12, 13, 16, 17, 25, 28, 29, 32, 33, 44, 45, 48, 49, 60]
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
 
 
 def load_model(checkpoint: Path, dtype: torch.dtype, device: str) -> GptOssModel:
@@ -158,8 +155,8 @@ def test_padded_decode_matches_unpadded_and_writes_only_real_slots(cpu_model):
 def test_attention_decode_with_a_larger_max_seq_len_hint_is_unchanged(monkeypatch, window, batch_invariant):
     """Captured graphs pass max_model_len as the attention's max_seq_len hint: a bigger split grid whose extra
     programs must exit, each sequence still splitting by its own length (so results are bit-identical)."""
-    from kernels import attention
-    from kernels.reference import paged_attention_reference
+    from gptoss.kernels import attention
+    from gptoss.kernels.reference import paged_attention_reference
 
     monkeypatch.setattr(attention, "DECODE_MIN_SPLIT_KEYS", 64)  # several splits at test lengths
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,7 +198,7 @@ def test_fits_only_decode_batches_up_to_the_largest_bucket(cpu_model):
 
 
 def test_engine_args_and_flag():
-    from scripts.engine_flags import add_engine_arguments, engine_args_from_cli
+    from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
     assert EngineArgs(model="x").use_cuda_graphs(torch.device("cuda"))
     assert not EngineArgs(model="x", enforce_eager=True).use_cuda_graphs(torch.device("cuda"))
@@ -226,7 +223,7 @@ def test_engine_decode_steps_through_the_graph_runner(tiny_checkpoint, caplog):
     """The model runner sends pure-decode steps that fit a bucket to the graph runner (here replaying
     eagerly on CPU) and the rest to the eager path; greedy outputs and logprobs match a plain eager engine."""
     kwargs = {"num_blocks": 64, "max_num_seqs": 6, "max_num_batched_tokens": 48, "max_cuda_graph_batch_size": 4}
-    with caplog.at_level(logging.INFO, logger="engine.model_runner"):
+    with caplog.at_level(logging.INFO, logger="gptoss.engine.worker.model_runner"):
         eager = LLM(tiny_checkpoint, **kwargs)
     text = caplog.text
     assert "weights: " in text and "KV cache: " in text

@@ -6,11 +6,10 @@ import random
 from pathlib import Path
 
 import pytest
+from gptoss.engine.detokenizer import IncrementalDetokenizer, token_bytes
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 from tokenizers import Tokenizer
-
-from engine.detokenizer import IncrementalDetokenizer, token_bytes
-from engine.sampling_params import SamplingParams
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
@@ -131,9 +130,7 @@ def test_non_ascii_stop_split_mid_character(real_tokenizer: Tokenizer) -> None:
     text = "答案是四十二。🙂停止这里的文字"
     ids = real_tokenizer.encode(text, add_special_tokens=False).ids
     for stop, include in (("🙂停", False), ("🙂停", True), ("。", False)):
-        detok = IncrementalDetokenizer(
-            real_tokenizer, SamplingParams(stop=[stop], include_stop_str_in_output=include)
-        )
+        detok = IncrementalDetokenizer(real_tokenizer, SamplingParams(stop=[stop], include_stop_str_in_output=include))
         joined = "".join(stream(detok, ids))
         cut = text.index(stop) + (len(stop) if include else 0)
         assert joined == text[:cut]

@@ -11,13 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from scripts import generate
-from scripts.generate import GenerateDefaults, ResultsFile, generate_jsonl, read_jobs
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
+from gptoss.scripts import generate
+from gptoss.scripts.generate import GenerateDefaults, ResultsFile, generate_jsonl, read_jobs
 
 
 def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
@@ -33,14 +28,14 @@ def read_results(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def encoding(tiny_checkpoint: Path):
-    from engine.harmony import HarmonyEncoding
+    from gptoss.engine.harmony import HarmonyEncoding
 
     return HarmonyEncoding.from_file(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
 def llm16(tiny_checkpoint: Path):
-    from engine.llm import LLM
+    from gptoss.engine.llm import LLM
 
     return LLM(tiny_checkpoint, max_num_seqs=16)
 
@@ -61,23 +56,29 @@ def mixed_requests(num: int) -> list[dict]:
 
 
 def test_bad_lines_are_reported_with_line_numbers_and_skipped(tmp_path: Path, encoding) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", [
-        {"id": "ok1", "prompt": "hello"},
-        "{not json",
-        {"id": "unknown", "prompt": "x", "colour": "red"},
-        {"id": "temp", "prompt": "x", "temperature": -0.5},
-        {"id": "topp", "prompt": "x", "top_p": 1.5},
-        {"id": "maxtok", "prompt": "x", "max_tokens": 0},
-        {"id": "two", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
-        {"id": "role", "messages": [{"role": "wizard", "content": "y"}]},
-        {"id": "ok1", "prompt": "duplicate"},
-        "[1, 2]",
-        {"id": "rawmsg", "messages": [{"role": "user", "content": "y"}], "raw": True},
-        {"prompt": "no id: the line number is the id", "logprobs": True, "top_logprobs": 3},
-    ])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "ok1", "prompt": "hello"},
+            "{not json",
+            {"id": "unknown", "prompt": "x", "colour": "red"},
+            {"id": "temp", "prompt": "x", "temperature": -0.5},
+            {"id": "topp", "prompt": "x", "top_p": 1.5},
+            {"id": "maxtok", "prompt": "x", "max_tokens": 0},
+            {"id": "two", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+            {"id": "role", "messages": [{"role": "wizard", "content": "y"}]},
+            {"id": "ok1", "prompt": "duplicate"},
+            "[1, 2]",
+            {"id": "rawmsg", "messages": [{"role": "user", "content": "y"}], "raw": True},
+            {"prompt": "no id: the line number is the id", "logprobs": True, "top_logprobs": 3},
+        ],
+    )
     reported = []
-    jobs = read_jobs(path, lambda obj, n, rid: generate.build_generate_job(obj, n, rid, encoding,
-                                                                           GenerateDefaults()), reported.append)
+    jobs = read_jobs(
+        path,
+        lambda obj, n, rid: generate.build_generate_job(obj, n, rid, encoding, GenerateDefaults()),
+        reported.append,
+    )
     assert [job.id for job in jobs] == ["ok1", "12"]
     assert jobs[1].params.logprobs == 3
     messages = {bad.line_no: bad.message for bad in reported}
@@ -119,8 +120,9 @@ def test_results_in_input_order_with_every_field(tmp_path: Path, encoding, llm16
     for row, result in zip(rows, results, strict=True):
         assert set(result) >= {"id", "text", "reasoning", "tool_calls", "finish_reason", "usage"}
         assert result["usage"]["completion_tokens"] <= row["max_tokens"]
-        assert result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"][
-            "completion_tokens"]
+        assert (
+            result["usage"]["total_tokens"] == result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+        )
         assert result["finish_reason"] in ("stop", "length", "tool_calls")
         if row.get("raw"):
             assert result["reasoning"] is None
@@ -129,22 +131,45 @@ def test_results_in_input_order_with_every_field(tmp_path: Path, encoding, llm16
     assert results[2]["metadata"] == {"k": 1}
     # Re-running finds everything done and leaves the file as it was.
     before = out.read_bytes()
-    again = generate_jsonl(path, out, lambda: pytest.fail("nothing to run: no model needed"), encoding,
-                           GenerateDefaults(seed=7), max_in_flight=40)
+    again = generate_jsonl(
+        path,
+        out,
+        lambda: pytest.fail("nothing to run: no model needed"),
+        encoding,
+        GenerateDefaults(seed=7),
+        max_in_flight=40,
+    )
     assert (again.num_already_done, again.num_run) == (10, 0)
     assert out.read_bytes() == before
 
 
 def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
-    rows = [{"id": f"k{i}", "prompt": f"Hello number {i}", "raw": True, "max_tokens": 8, "ignore_eos": True}
-            for i in range(24)]
+    rows = [
+        {"id": f"k{i}", "prompt": f"Hello number {i}", "raw": True, "max_tokens": 8, "ignore_eos": True}
+        for i in range(24)
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scripts.generate", str(path), str(out), "--model", str(tiny_checkpoint),
-         "--max-num-seqs", "1", "--seed", "3", "--no-progress"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "gptoss.scripts.generate",
+            str(path),
+            str(out),
+            "--model",
+            str(tiny_checkpoint),
+            "--max-num-seqs",
+            "1",
+            "--seed",
+            "3",
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -171,7 +196,7 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
 
 
 def test_same_results_at_batch_1_and_16(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
-    from engine.llm import LLM
+    from gptoss.engine.llm import LLM
 
     rows = mixed_requests(6)
     path = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -184,8 +209,9 @@ def test_same_results_at_batch_1_and_16(tmp_path: Path, tiny_checkpoint: Path, e
     tokens = [r["token_ids"] for r in read_results(tmp_path / "b1.jsonl")]
     assert len({tuple(t) for t in tokens}) > 1  # sampled (temperature 1), not all the same
     # A different run seed changes the samples.
-    generate_jsonl(path, tmp_path / "other.jsonl", llm16, encoding, GenerateDefaults(seed=12), max_in_flight=40,
-                   include_raw=True)
+    generate_jsonl(
+        path, tmp_path / "other.jsonl", llm16, encoding, GenerateDefaults(seed=12), max_in_flight=40, include_raw=True
+    )
     assert (tmp_path / "other.jsonl").read_bytes() != outputs[0]
 
 
@@ -194,15 +220,29 @@ def test_cli_registration(tmp_path: Path) -> None:
 
     parser = argparse.ArgumentParser(prog="gptoss")
     generate.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["generate", "in.jsonl", "out.jsonl", "--model", "m", "--max-num-seqs", "4",
-                              "--seed", "1", "--temperature", "0"])
+    args = parser.parse_args(
+        [
+            "generate",
+            "in.jsonl",
+            "out.jsonl",
+            "--model",
+            "m",
+            "--max-num-seqs",
+            "4",
+            "--seed",
+            "1",
+            "--temperature",
+            "0",
+        ]
+    )
     assert args.handler is generate.run_generate
     assert args.max_num_seqs == 4 and args.temperature == 0.0 and args.seed == 1
 
 
 def test_ctrl_c_keeps_finished_lines_and_frees_the_engine(tmp_path: Path, encoding, llm16, monkeypatch) -> None:
-    rows = [{"id": f"c{i}", "prompt": f"Hi {i}", "raw": True, "max_tokens": 1 + i, "ignore_eos": True}
-            for i in range(6)]
+    rows = [
+        {"id": f"c{i}", "prompt": f"Hi {i}", "raw": True, "max_tokens": 1 + i, "ignore_eos": True} for i in range(6)
+    ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
     engine = llm16.engine

@@ -5,25 +5,38 @@ from __future__ import annotations
 import random
 
 import pytest
+from gptoss.engine.harmony import HarmonyEncoding, Message, ToolCall, message_kind
+from gptoss.engine.tokenizer import build_tiny_tokenizer
 from test_harmony_render import load_oracle, load_real_encoding, to_oracle_message
-
-from engine.harmony import HarmonyEncoding, Message, ToolCall, message_kind
-from engine.tokenizer import build_tiny_tokenizer
 
 # ---------------------------------------------------------------- completions to parse
 
 COMPLETIONS: list[tuple[str, list[Message]]] = [
     ("final-only", [Message.assistant("Paris is the capital of France.")]),
-    ("analysis-final", [Message.assistant("User asks: \"What is 2 + 2?\" Simple.", "analysis"),
-                        Message.assistant("2 + 2 = 4.")]),
-    ("analysis-toolcall", [Message.assistant("Need to use function get_weather.", "analysis"),
-                           Message.tool_call("get_weather", '{"location":"San Francisco"}')]),
-    ("preamble-two-calls", [Message.assistant("Plan it.", "analysis"),
-                            Message.assistant("**Action plan**:\n1. Look\n2. Answer", "commentary"),
-                            Message.tool_call("search", '{"query": "café 日本語"}')]),
+    (
+        "analysis-final",
+        [Message.assistant('User asks: "What is 2 + 2?" Simple.', "analysis"), Message.assistant("2 + 2 = 4.")],
+    ),
+    (
+        "analysis-toolcall",
+        [
+            Message.assistant("Need to use function get_weather.", "analysis"),
+            Message.tool_call("get_weather", '{"location":"San Francisco"}'),
+        ],
+    ),
+    (
+        "preamble-two-calls",
+        [
+            Message.assistant("Plan it.", "analysis"),
+            Message.assistant("**Action plan**:\n1. Look\n2. Answer", "commentary"),
+            Message.tool_call("search", '{"query": "café 日本語"}'),
+        ],
+    ),
     ("call-on-analysis", [Message.tool_call("get_weather", "{}", channel="analysis")]),
-    ("unicode", [Message.assistant("Думаю… 🤔 العربية", "analysis"),
-                 Message.assistant("答えは 42 です 🙂🇫🇷 — naïve café")]),
+    (
+        "unicode",
+        [Message.assistant("Думаю… 🤔 العربية", "analysis"), Message.assistant("答えは 42 です 🙂🇫🇷 — naïve café")],
+    ),
     ("empty-analysis", [Message.assistant("", "analysis"), Message.assistant("ok")]),
     ("whitespace", [Message.assistant("  \n\n  spaced\tout  \n", "analysis"), Message.assistant("\n")]),
 ]
@@ -34,7 +47,7 @@ MODEL_TEXTS = [
     'to=functions.get_weather <|constrain|>json<|message|>{"location":"SF"}<|call|>',
     '<|channel|>commentary to=functions.get_weather json<|message|>{"location":"Tokyo"}<|call|>',
     '<|channel|>analysis to=functions.lookup <|constrain|>json<|message|>{"id": 7}<|call|>',
-    ' to=functions.f<|channel|>commentary<|constrain|>json<|message|>{}<|call|>',
+    " to=functions.f<|channel|>commentary<|constrain|>json<|message|>{}<|call|>",
     '<|channel|>commentary to=functions.f<|constrain|>json<|message|>{"a": [1, 2]}<|call|>',
     "<|channel|>analysis<|message|>Thinking.<|end|><|start|>assistant<|channel|>commentary<|message|>"
     "Checking now.<|end|><|start|>assistant to=functions.g<|channel|>commentary <|constrain|>json"
@@ -49,8 +62,8 @@ def _completion_tokens(oh, oracle, messages: list[Message]) -> list[int]:
     for message in messages:
         ids += oracle.render(to_oracle_message(oh, oracle, message))
     prefix = [ids[0], *oracle.encode("assistant")]
-    assert ids[:len(prefix)] == prefix
-    ids = ids[len(prefix):]
+    assert ids[: len(prefix)] == prefix
+    ids = ids[len(prefix) :]
     if messages[-1].channel == "final" and messages[-1].recipient is None:
         ids[-1] = oracle.encode("<|return|>", allowed_special="all")[0]
     return ids
@@ -115,8 +128,9 @@ def test_cut_anywhere_matches_openai_harmony_or_flags_truncation(shared_dir):
     oh, oracle = load_oracle(shared_dir)
     encoding = load_real_encoding(shared_dir)
     cases = _oracle_cases(oh, oracle)
-    for tokens, cut in [(t, c) for t in (cases[CASE_IDS.index("preamble-two-calls")], cases[-2])
-                        for c in range(1, len(t) + 1)]:
+    for tokens, cut in [
+        (t, c) for t in (cases[CASE_IDS.index("preamble-two-calls")], cases[-2]) for c in range(1, len(t) + 1)
+    ]:
         prefix = tokens[:cut]
         result = encoding.parse_completion(prefix)
         try:
@@ -129,12 +143,22 @@ def test_cut_anywhere_matches_openai_harmony_or_flags_truncation(shared_dir):
         assert result.truncated == (not ends_cleanly)
 
 
-FUZZ_HEADERS = ["<|channel|>analysis", "<|channel|>final", "<|channel|>commentary",
-                "<|channel|>commentary to=functions.f <|constrain|>json", " to=functions.f<|channel|>commentary json",
-                "<|channel|>analysis to=functions.g", "<|channel|>commentary to=functions.f<|constrain|>json",
-                " to=functions.f<|channel|>commentary <|constrain|>json", "<|channel|>final json x",
-                "<|channel|>thoughts", "", " to=functions.f json", "<|channel|>"]
-FUZZ_CONTENT = ["hello", " world", "日本語", "🙂", "\n\n", "{\"a\": 1}", "<|constrain|>", " to=x", "é"]
+FUZZ_HEADERS = [
+    "<|channel|>analysis",
+    "<|channel|>final",
+    "<|channel|>commentary",
+    "<|channel|>commentary to=functions.f <|constrain|>json",
+    " to=functions.f<|channel|>commentary json",
+    "<|channel|>analysis to=functions.g",
+    "<|channel|>commentary to=functions.f<|constrain|>json",
+    " to=functions.f<|channel|>commentary <|constrain|>json",
+    "<|channel|>final json x",
+    "<|channel|>thoughts",
+    "",
+    " to=functions.f json",
+    "<|channel|>",
+]
+FUZZ_CONTENT = ["hello", " world", "日本語", "🙂", "\n\n", '{"a": 1}', "<|constrain|>", " to=x", "é"]
 FUZZ_ENDS = ["<|end|>", "<|return|>", "<|call|>", "<|start|>", ""]
 
 
@@ -177,12 +201,15 @@ def test_fuzz_clean_parses_agree_with_openai_harmony(shared_dir):
     assert clean > 100
 
 
-@pytest.mark.parametrize("text", [
-    "I must refuse<|end|><|start|>assistant<|channel|>final<|message|>Sorry.<|return|>",
-    "<|channel|>analysis I must refuse<|end|><|start|>assistant<|channel|>final<|message|>No.<|return|>",
-    '... Let\'s use the tool.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json'
-    '<|message|>{"location": "Tokyo"}<|call|>',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "I must refuse<|end|><|start|>assistant<|channel|>final<|message|>Sorry.<|return|>",
+        "<|channel|>analysis I must refuse<|end|><|start|>assistant<|channel|>final<|message|>No.<|return|>",
+        "... Let's use the tool.<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary json"
+        '<|message|>{"location": "Tokyo"}<|call|>',
+    ],
+)
 def test_missing_message_token_like_non_strict_oracle(shared_dir, text):
     oh, oracle = load_oracle(shared_dir)
     encoding = load_real_encoding(shared_dir)
@@ -193,11 +220,15 @@ def test_missing_message_token_like_non_strict_oracle(shared_dir, text):
     assert result.malformed
 
 
-@pytest.mark.parametrize("tokens", [
-    [9552, 9552],                       # " \xf0\x9f" twice: invalid UTF-8
-    [9552, 9552, 1311],
-    [9552, 1311, 9552],
-], ids=["invalid", "invalid-then-text", "interleaved"])
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        [9552, 9552],  # " \xf0\x9f" twice: invalid UTF-8
+        [9552, 9552, 1311],
+        [9552, 1311, 9552],
+    ],
+    ids=["invalid", "invalid-then-text", "interleaved"],
+)
 def test_invalid_utf8_deltas_match_openai_harmony(shared_dir, tokens):
     oh, oracle = load_oracle(shared_dir)
     encoding = load_real_encoding(shared_dir)
@@ -225,6 +256,7 @@ def test_split_characters_stream_whole(shared_dir):
 
 # ---------------------------------------------------------------- tiny tokenizer (always runs)
 
+
 @pytest.fixture(scope="module")
 def tiny() -> HarmonyEncoding:
     return HarmonyEncoding(build_tiny_tokenizer())
@@ -249,8 +281,8 @@ def _tiny_completion(enc: HarmonyEncoding, messages: list[Message]) -> list[int]
     for message in messages:
         ids += enc.render_message(message)
     prefix = [enc.start_id, *enc.encode_text("assistant")]
-    assert ids[:len(prefix)] == prefix
-    ids = ids[len(prefix):]
+    assert ids[: len(prefix)] == prefix
+    ids = ids[len(prefix) :]
     if messages[-1].channel == "final":
         ids[-1] = enc.return_id
     return ids
@@ -264,9 +296,12 @@ def test_tiny_round_trip(tiny, messages):
 
 
 def test_result_views(tiny):
-    messages = [Message.assistant("think", "analysis"), Message.assistant("plan", "commentary"),
-                Message.tool_call("get_weather", '{"location":"Paris"}'),
-                Message.tool_call("lookup", "{}", channel="analysis")]
+    messages = [
+        Message.assistant("think", "analysis"),
+        Message.assistant("plan", "commentary"),
+        Message.tool_call("get_weather", '{"location":"Paris"}'),
+        Message.tool_call("lookup", "{}", channel="analysis"),
+    ]
     result = tiny.parse_completion(_tiny_completion(tiny, messages))
     assert result.reasoning_text == "think"
     assert result.commentary_text == "plan"
@@ -287,8 +322,10 @@ def test_message_kind():
 
 
 def test_streaming_deltas_concatenate_and_report_headers(tiny):
-    messages = [Message.assistant("Let me think step by step. 日本語 🙂", "analysis"),
-                Message.tool_call("get_weather", '{"location": "Paris", "unit": "celsius"}')]
+    messages = [
+        Message.assistant("Let me think step by step. 日本語 🙂", "analysis"),
+        Message.tool_call("get_weather", '{"location": "Paris", "unit": "celsius"}'),
+    ]
     parser = tiny.stream_parser()
     texts: dict[int, list[str]] = {}
     starts, dones = [], []
@@ -301,8 +338,10 @@ def test_streaming_deltas_concatenate_and_report_headers(tiny):
             assert (event.channel, event.recipient) == (parser.current_channel, parser.current_recipient)
         if event.message_done is not None:
             dones.append(event.message_done)
-    assert starts == [("reasoning", "analysis", None, None),
-                      ("tool_call", "commentary", "functions.get_weather", "<|constrain|>json")]
+    assert starts == [
+        ("reasoning", "analysis", None, None),
+        ("tool_call", "commentary", "functions.get_weather", "<|constrain|>json"),
+    ]
     assert dones == messages
     assert ["".join(texts[i]) for i in range(2)] == [m.text for m in messages]
     assert event.stop and parser.finish().message_done is None
@@ -334,8 +373,11 @@ def test_truncated_mid_character(tiny):
 
 
 def test_truncated_anywhere_never_raises(tiny):
-    messages = [Message.assistant("Think.", "analysis"), Message.assistant("Pre.", "commentary"),
-                Message.tool_call("f", '{"a": "ü"}')]
+    messages = [
+        Message.assistant("Think.", "analysis"),
+        Message.assistant("Pre.", "commentary"),
+        Message.tool_call("f", '{"a": "ü"}'),
+    ]
     tokens = _tiny_completion(tiny, messages)
     for cut in range(len(tokens) + 1):
         result = tiny.parse_completion(tokens[:cut])
@@ -352,19 +394,56 @@ def test_malformed_outputs_are_flagged_not_raised(tiny):
     cases = {
         "unknown-channel": _header(enc, "thoughts") + txt("hmm") + [enc.end_id],
         "missing-message": [enc.channel_id, *txt("final Hello there"), enc.return_id],
-        "start-inside-content": _header(enc, "analysis") + txt("a") + [enc.start_id] + txt("assistant")
-        + _header(enc, "final") + txt("b") + [enc.return_id],
-        "start-inside-header": [enc.channel_id, *txt("fin"), enc.start_id, *txt("assistant"),
-                                *_header(enc, "final"), *txt("b"), enc.return_id],
-        "stray-after-end": _header(enc, "analysis") + txt("a") + [enc.end_id] + txt("junk")
-        + [enc.start_id] + txt("assistant") + _header(enc, "final") + txt("b") + [enc.return_id],
-        "channel-without-start": _header(enc, "analysis") + txt("a") + [enc.end_id]
-        + _header(enc, "final") + txt("b") + [enc.return_id],
+        "start-inside-content": _header(enc, "analysis")
+        + txt("a")
+        + [enc.start_id]
+        + txt("assistant")
+        + _header(enc, "final")
+        + txt("b")
+        + [enc.return_id],
+        "start-inside-header": [
+            enc.channel_id,
+            *txt("fin"),
+            enc.start_id,
+            *txt("assistant"),
+            *_header(enc, "final"),
+            *txt("b"),
+            enc.return_id,
+        ],
+        "stray-after-end": _header(enc, "analysis")
+        + txt("a")
+        + [enc.end_id]
+        + txt("junk")
+        + [enc.start_id]
+        + txt("assistant")
+        + _header(enc, "final")
+        + txt("b")
+        + [enc.return_id],
+        "channel-without-start": _header(enc, "analysis")
+        + txt("a")
+        + [enc.end_id]
+        + _header(enc, "final")
+        + txt("b")
+        + [enc.return_id],
         "empty-channel": [enc.channel_id, enc.message_id, *txt("x"), enc.return_id],
-        "header-words-left": [enc.channel_id, *txt("commentary to=functions.f json extra"), enc.message_id,
-                              *txt("{}"), enc.call_id],
-        "unknown-role": [enc.channel_id, *txt("analysis"), enc.message_id, enc.end_id, enc.start_id,
-                         *txt("wizard"), *_header(enc, "final"), *txt("b"), enc.return_id],
+        "header-words-left": [
+            enc.channel_id,
+            *txt("commentary to=functions.f json extra"),
+            enc.message_id,
+            *txt("{}"),
+            enc.call_id,
+        ],
+        "unknown-role": [
+            enc.channel_id,
+            *txt("analysis"),
+            enc.message_id,
+            enc.end_id,
+            enc.start_id,
+            *txt("wizard"),
+            *_header(enc, "final"),
+            *txt("b"),
+            enc.return_id,
+        ],
     }
     for name, tokens in cases.items():
         result = enc.parse_completion(tokens)
@@ -383,11 +462,19 @@ def test_malformed_outputs_are_flagged_not_raised(tiny):
 def test_random_tokens_never_raise(tiny):
     rng = random.Random(0)
     vocab = tiny.tokenizer.get_vocab_size()
-    specials = [tiny.start_id, tiny.end_id, tiny.message_id, tiny.channel_id, tiny.return_id, tiny.call_id,
-                tiny.constrain_id]
+    specials = [
+        tiny.start_id,
+        tiny.end_id,
+        tiny.message_id,
+        tiny.channel_id,
+        tiny.return_id,
+        tiny.call_id,
+        tiny.constrain_id,
+    ]
     for _ in range(200):
-        tokens = [rng.choice(specials) if rng.random() < 0.3 else rng.randrange(vocab + 5)
-                  for _ in range(rng.randint(0, 40))]
+        tokens = [
+            rng.choice(specials) if rng.random() < 0.3 else rng.randrange(vocab + 5) for _ in range(rng.randint(0, 40))
+        ]
         parser = tiny.stream_parser(role=rng.choice(["assistant", None]))
         for token in tokens:
             parser.process(token)
@@ -396,8 +483,8 @@ def test_random_tokens_never_raise(tiny):
 
 
 def test_lone_content_type_on_final_is_not_a_recipient() -> None:
-    from engine.harmony import HarmonyEncoding
-    from engine.tokenizer import build_tiny_tokenizer
+    from gptoss.engine.harmony import HarmonyEncoding
+    from gptoss.engine.tokenizer import build_tiny_tokenizer
 
     enc = HarmonyEncoding(build_tiny_tokenizer())
     for header in ("<|channel|>final <|constrain|>json", "<|channel|>final json"):

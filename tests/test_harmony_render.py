@@ -12,8 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-
-from engine.harmony import (
+from gptoss.engine.harmony import (
     DeveloperContent,
     HarmonyEncoding,
     Message,
@@ -24,9 +23,9 @@ from engine.harmony import (
     json_schema_to_typescript,
     render_chat_prompt,
 )
-from engine.harmony.render import messages_to_render
-from engine.harmony.schema_render import json_text, render_response_format_section
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+from gptoss.engine.harmony.render import messages_to_render
+from gptoss.engine.harmony.schema_render import json_text, render_response_format_section
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 # ---------------------------------------------------------------- oracle helpers (shared with other files)
 
@@ -56,7 +55,7 @@ def _oracle_developer_text(oh, oracle, content: DeveloperContent) -> str:
         plain = DeveloperContent(content.instructions, content.tools, None)
         ids = oracle.render(to_oracle_message(oh, oracle, Message("developer", plain)))
         text = oracle.decode(ids)
-        body = text[len("<|start|>developer<|message|>"):-len("<|end|>")]
+        body = text[len("<|start|>developer<|message|>") : -len("<|end|>")]
     section = render_response_format_section(content.response_format)
     return body + "\n\n" + section if body else section
 
@@ -65,15 +64,15 @@ def to_oracle_message(oh, oracle, message: Message):
     """Our Message -> an openai_harmony.Message."""
     content = message.content
     if isinstance(content, SystemContent):
-        efforts = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM,
-                   "high": oh.ReasoningEffort.HIGH}
+        efforts = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
         oracle_content = oh.SystemContent(
             model_identity=content.model_identity,
             reasoning_effort=efforts[content.reasoning_effort] if content.reasoning_effort else None,
             conversation_start_date=content.current_date,
             knowledge_cutoff=content.knowledge_cutoff,
-            channel_config=oh.ChannelConfig(valid_channels=list(content.valid_channels),
-                                            channel_required=content.channel_required),
+            channel_config=oh.ChannelConfig(
+                valid_channels=list(content.valid_channels), channel_required=content.channel_required
+            ),
         )
     elif isinstance(content, DeveloperContent):
         if content.response_format is not None:
@@ -81,13 +80,21 @@ def to_oracle_message(oh, oracle, message: Message):
         else:
             oracle_content = oh.DeveloperContent(instructions=content.instructions)
             if content.tools:
-                oracle_content = oracle_content.with_function_tools([
-                    oh.ToolDescription(name=t.name, description=t.description, parameters=t.parameters)
-                    for t in content.tools])
+                oracle_content = oracle_content.with_function_tools(
+                    [
+                        oh.ToolDescription(name=t.name, description=t.description, parameters=t.parameters)
+                        for t in content.tools
+                    ]
+                )
     else:
         oracle_content = oh.TextContent(text=content)
-    return oh.Message(author=oh.Author(role=oh.Role(message.role), name=message.name), content=[oracle_content],
-                      channel=message.channel, recipient=message.recipient, content_type=message.content_type)
+    return oh.Message(
+        author=oh.Author(role=oh.Role(message.role), name=message.name),
+        content=[oracle_content],
+        channel=message.channel,
+        recipient=message.recipient,
+        content_type=message.content_type,
+    )
 
 
 def oracle_prompt(oh, oracle, messages) -> list[int]:
@@ -104,110 +111,155 @@ def oracle_prompt(oh, oracle, messages) -> list[int]:
     ids = oracle.render_conversation_for_completion(conversation, oh.Role.ASSISTANT)
     if dummy is not None:
         cut = len(oracle.render(dummy))
-        ids = ids[:-2 - cut] + ids[-2:]
+        ids = ids[: -2 - cut] + ids[-2:]
     return ids
 
 
 # ---------------------------------------------------------------- conversations to compare
 
 TOOLS = [
-    ToolSpec("get_weather", "Get the current weather in a location", {
-        "type": "object",
-        "properties": {
-            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+    ToolSpec(
+        "get_weather",
+        "Get the current weather in a location",
+        {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+            },
+            "required": ["location"],
         },
-        "required": ["location"],
-    }),
+    ),
     ToolSpec("get_location", "Gets the location of the user."),
-    ToolSpec("search", "Search the web.\nReturns a list of results.\r\nUse sparingly.", {
-        "type": "object",
-        "properties": {
-            "query": {"type": "string", "title": "Query", "examples": ["weather", "news"]},
-            "max_results": {"type": "integer", "description": "How many", "default": 10},
-            "score": {"type": "number", "default": 0.5},
-            "safe": {"type": "boolean", "default": True},
-            "tags": {"type": "array", "items": {"type": "string"}, "description": "Tag filter"},
-            "anything": {"type": "array"},
-            "ids": {"type": ["integer", "string"]},
-            "maybe": {"type": "string", "nullable": True},
+    ToolSpec(
+        "search",
+        "Search the web.\nReturns a list of results.\r\nUse sparingly.",
+        {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "title": "Query", "examples": ["weather", "news"]},
+                "max_results": {"type": "integer", "description": "How many", "default": 10},
+                "score": {"type": "number", "default": 0.5},
+                "safe": {"type": "boolean", "default": True},
+                "tags": {"type": "array", "items": {"type": "string"}, "description": "Tag filter"},
+                "anything": {"type": "array"},
+                "ids": {"type": ["integer", "string"]},
+                "maybe": {"type": "string", "nullable": True},
+            },
+            "required": ["query"],
         },
-        "required": ["query"],
-    }),
-    ToolSpec("create_event", "Create a calendar event", {
-        "type": "object",
-        "description": "Event details",
-        "properties": {
-            "title": {"type": "string"},
-            "when": {
-                "type": "object",
-                "description": "Start and end",
-                "properties": {
-                    "start": {"type": "string", "description": "ISO time"},
-                    "end": {"type": "string"},
-                    "tz": {"type": "object", "properties": {"name": {"type": "string", "default": "UTC"}}},
+    ),
+    ToolSpec(
+        "create_event",
+        "Create a calendar event",
+        {
+            "type": "object",
+            "description": "Event details",
+            "properties": {
+                "title": {"type": "string"},
+                "when": {
+                    "type": "object",
+                    "description": "Start and end",
+                    "properties": {
+                        "start": {"type": "string", "description": "ISO time"},
+                        "end": {"type": "string"},
+                        "tz": {"type": "object", "properties": {"name": {"type": "string", "default": "UTC"}}},
+                    },
+                    "required": ["start"],
                 },
-                "required": ["start"],
+                "attendees": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"email": {"type": "string"}, "role": {"type": "string", "enum": ["req", "opt"]}},
+                        "required": ["email"],
+                    },
+                },
+                "priority": {"type": "string", "enum": ["low", "high"], "default": "low", "description": "Priority"},
             },
-            "attendees": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"email": {"type": "string"}, "role": {"type": "string", "enum": ["req", "opt"]}},
-                "required": ["email"],
-            }},
-            "priority": {"type": "string", "enum": ["low", "high"], "default": "low", "description": "Priority"},
+            "required": ["title", "when"],
         },
-        "required": ["title", "when"],
-    }),
-    ToolSpec("convert", "Convert units — café ünïcödé 日本語", {
-        "type": "object",
-        "properties": {
-            "value": {
-                "description": "The value",
-                "oneOf": [
-                    {"type": "number", "description": "The value"},
-                    {"type": "string", "description": "As text", "default": "0"},
-                    {"type": "object", "properties": {"v": {"type": "number"}}, "nullable": True},
-                ],
+    ),
+    ToolSpec(
+        "convert",
+        "Convert units — café ünïcödé 日本語",
+        {
+            "type": "object",
+            "properties": {
+                "value": {
+                    "description": "The value",
+                    "oneOf": [
+                        {"type": "number", "description": "The value"},
+                        {"type": "string", "description": "As text", "default": "0"},
+                        {"type": "object", "properties": {"v": {"type": "number"}}, "nullable": True},
+                    ],
+                },
+                "mode": {
+                    "oneOf": [{"type": "string", "enum": ["a", "b"], "default": "a"}, {"type": "null"}],
+                    "default": "x",
+                },
+                "ratio": {
+                    "oneOf": [{"type": "integer"}, {"type": "number", "description": "float"}],
+                    "description": "Ratio",
+                    "default": 1.5,
+                },
+                "extra": {},
+                "nothing": {"type": "null"},
             },
-            "mode": {
-                "oneOf": [{"type": "string", "enum": ["a", "b"], "default": "a"}, {"type": "null"}],
-                "default": "x",
-            },
-            "ratio": {"oneOf": [{"type": "integer"}, {"type": "number", "description": "float"}],
-                      "description": "Ratio", "default": 1.5},
-            "extra": {},
-            "nothing": {"type": "null"},
         },
-    }),
+    ),
     ToolSpec("no_props", "", {"type": "object", "properties": {}}),
-    ToolSpec("top_one_of", "Top-level oneOf", {
-        "oneOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "description": "A form"},
-                  {"type": "string", "default": "b"}],
-    }),
-    ToolSpec("weird", "Defaults of every kind", {
-        "type": "object",
-        "properties": {
-            "d1": {"type": "array", "items": {"type": "integer"}, "default": [1, 2.5, 1e-7, 1e21, "x"]},
-            "d2": {"type": "object", "default": {"k": "v\n\"q\"", "n": None}},
-            "d3": {"type": "string", "enum": ["p", "q"], "default": "p"},
-            "d4": {"type": "number", "default": 100000000000000000.0},
-            "d5": {"type": "number", "default": 0.00001},
-            "d6": {"type": "integer", "default": -3},
+    ToolSpec(
+        "top_one_of",
+        "Top-level oneOf",
+        {
+            "oneOf": [
+                {"type": "object", "properties": {"a": {"type": "string"}}, "description": "A form"},
+                {"type": "string", "default": "b"},
+            ],
         },
-        "required": ["d1", "d2", "d3"],
-    }),
+    ),
+    ToolSpec(
+        "weird",
+        "Defaults of every kind",
+        {
+            "type": "object",
+            "properties": {
+                "d1": {"type": "array", "items": {"type": "integer"}, "default": [1, 2.5, 1e-7, 1e21, "x"]},
+                "d2": {"type": "object", "default": {"k": 'v\n"q"', "n": None}},
+                "d3": {"type": "string", "enum": ["p", "q"], "default": "p"},
+                "d4": {"type": "number", "default": 100000000000000000.0},
+                "d5": {"type": "number", "default": 0.00001},
+                "d6": {"type": "integer", "default": -3},
+            },
+            "required": ["d1", "d2", "d3"],
+        },
+    ),
 ]
 
-RESPONSE_FORMAT = ResponseFormat("shopping_list", {
-    "type": "object",
-    "properties": {"items": {"type": "array", "description": "entries", "items": {"type": "string"}}},
-}, "A shopping list — épicerie")
+RESPONSE_FORMAT = ResponseFormat(
+    "shopping_list",
+    {
+        "type": "object",
+        "properties": {"items": {"type": "array", "description": "entries", "items": {"type": "string"}}},
+    },
+    "A shopping list — épicerie",
+)
 
 TEXTS = [
-    "What is 2 + 2?", "Hello, world!", "Tell me about café culture in Paris — naïvely.", "日本語で答えてください。",
-    "Привет, как дела?", "emoji 🙂🚀 and a flag 🇫🇷", "  leading and trailing spaces  ", "line one\nline two\n\n",
-    "code:\n```python\nprint('hi')\n```", "text with <|end|> and <|start|> spelled out", "tabs\tand\r\nCRLF",
-    "مرحبا بالعالم", "",
+    "What is 2 + 2?",
+    "Hello, world!",
+    "Tell me about café culture in Paris — naïvely.",
+    "日本語で答えてください。",
+    "Привет, как дела?",
+    "emoji 🙂🚀 and a flag 🇫🇷",
+    "  leading and trailing spaces  ",
+    "line one\nline two\n\n",
+    "code:\n```python\nprint('hi')\n```",
+    "text with <|end|> and <|start|> spelled out",
+    "tabs\tand\r\nCRLF",
+    "مرحبا بالعالم",
+    "",
 ]
 
 
@@ -232,7 +284,7 @@ def _turns(rng: random.Random, tools: list[ToolSpec]) -> list[Message]:
         messages.append(Message.assistant("Thinking about it.", channel="analysis"))
         if tools:
             messages.append(Message.tool_call(tools[0].name, "{}"))
-            messages.append(Message.tool_result(tools[0].name, "{\"x\": 1}"))
+            messages.append(Message.tool_result(tools[0].name, '{"x": 1}'))
     return messages
 
 
@@ -245,8 +297,14 @@ def generated_conversations(count: int = 48) -> list[tuple[str, list[Message]]]:
         tools = rng.sample(TOOLS, rng.randint(1, 4)) if i % 4 != 0 else []
         instructions = rng.choice([None, "Be brief.", "Always answer in French.\n\nUse metric units.", "Réponds."])
         response_format = RESPONSE_FORMAT if i % 7 == 3 else None
-        conv = build_conversation(_turns(rng, tools), instructions=instructions, tools=tools,
-                                  response_format=response_format, reasoning_effort=effort, current_date=date)
+        conv = build_conversation(
+            _turns(rng, tools),
+            instructions=instructions,
+            tools=tools,
+            response_format=response_format,
+            reasoning_effort=effort,
+            current_date=date,
+        )
         out.append((f"gen{i}-{effort}-{len(tools)}tools-{len(conv)}msgs", conv.messages))
     return out
 
@@ -256,48 +314,98 @@ def hand_written_conversations() -> list[tuple[str, list[Message]]]:
     return [
         ("user-only-default", [Message.system(), Message.user("Hi")]),
         ("no-system", [Message.user("Hi"), Message.assistant("Hello!")]),
-        ("system-no-effort-no-identity", [Message.system(SystemContent(model_identity=None, reasoning_effort=None,
-                                                                      knowledge_cutoff=None)), Message.user("x")]),
-        ("developer-only-instructions", [Message.system(), Message.developer(DeveloperContent("Use a friendly tone.")),
-                                         Message.user("Hey")]),
-        ("developer-tools-no-instructions", [Message.system(), Message.developer(DeveloperContent(None, [weather])),
-                                             Message.user("Weather in SF?")]),
-        ("response-format-only", [Message.system(), Message.developer(DeveloperContent(
-            None, [], ResponseFormat("r", {"type": "object"}))), Message.user("json please")]),
-        ("all-tools-every-schema-shape", [Message.system(), Message.developer(DeveloperContent("Hi", TOOLS)),
-                                          Message.user("go")]),
-        ("all-tools-and-response-format", [
-            Message.system(SystemContent(reasoning_effort="high")),
-            Message.developer(DeveloperContent(None, TOOLS, RESPONSE_FORMAT)), Message.user("go")]),
-        ("tool-round-trip", [
-            Message.system(SystemContent(reasoning_effort="low", current_date="2026-11-25")),
-            Message.developer(DeveloperContent("Be brief.", [weather])),
-            Message.user("Weather in Paris?"),
-            Message.assistant("User wants weather. Call tool.", channel="analysis"),
-            Message.tool_call("get_weather", '{"location":"Paris"}'),
-            Message.tool_result("get_weather", '{"temp":20}'),
-        ]),
-        ("drops-analysis-before-first-final", [
-            Message.system(), Message.user("2+2?"), Message.assistant("Simple.", "analysis"),
-            Message.assistant("4", "final"), Message.user("and 3+3?"), Message.assistant("Also simple.", "analysis"),
-            Message.assistant("6", "final"), Message.user("thanks"),
-        ]),
-        ("keeps-analysis-when-last-assistant-not-final", [
-            Message.system(), Message.developer(DeveloperContent(None, [weather])), Message.user("2+2?"),
-            Message.assistant("Simple.", "analysis"), Message.assistant("4", "final"), Message.user("weather?"),
-            Message.assistant("Need tool.", "analysis"), Message.tool_call("get_weather", "{}"),
-        ]),
-        ("tool-call-on-analysis-channel", [
-            Message.system(), Message.developer(DeveloperContent(None, [weather])), Message.user("w?"),
-            Message.tool_call("get_weather", '{"location":"Oslo"}', channel="analysis"),
-            Message.tool_result("get_weather", "sunny"),
-        ]),
-        ("bare-json-content-type-and-names", [
-            Message.system(), Message("user", "hi", name="alice"),
-            Message("assistant", '{"a":1}', channel="commentary", recipient="functions.f", content_type="json"),
-            Message("tool", "ok", channel="commentary", recipient="assistant", name="functions.f"),
-            Message("assistant", "to all", channel="final", recipient="all"),
-        ]),
+        (
+            "system-no-effort-no-identity",
+            [
+                Message.system(SystemContent(model_identity=None, reasoning_effort=None, knowledge_cutoff=None)),
+                Message.user("x"),
+            ],
+        ),
+        (
+            "developer-only-instructions",
+            [Message.system(), Message.developer(DeveloperContent("Use a friendly tone.")), Message.user("Hey")],
+        ),
+        (
+            "developer-tools-no-instructions",
+            [Message.system(), Message.developer(DeveloperContent(None, [weather])), Message.user("Weather in SF?")],
+        ),
+        (
+            "response-format-only",
+            [
+                Message.system(),
+                Message.developer(DeveloperContent(None, [], ResponseFormat("r", {"type": "object"}))),
+                Message.user("json please"),
+            ],
+        ),
+        (
+            "all-tools-every-schema-shape",
+            [Message.system(), Message.developer(DeveloperContent("Hi", TOOLS)), Message.user("go")],
+        ),
+        (
+            "all-tools-and-response-format",
+            [
+                Message.system(SystemContent(reasoning_effort="high")),
+                Message.developer(DeveloperContent(None, TOOLS, RESPONSE_FORMAT)),
+                Message.user("go"),
+            ],
+        ),
+        (
+            "tool-round-trip",
+            [
+                Message.system(SystemContent(reasoning_effort="low", current_date="2026-11-25")),
+                Message.developer(DeveloperContent("Be brief.", [weather])),
+                Message.user("Weather in Paris?"),
+                Message.assistant("User wants weather. Call tool.", channel="analysis"),
+                Message.tool_call("get_weather", '{"location":"Paris"}'),
+                Message.tool_result("get_weather", '{"temp":20}'),
+            ],
+        ),
+        (
+            "drops-analysis-before-first-final",
+            [
+                Message.system(),
+                Message.user("2+2?"),
+                Message.assistant("Simple.", "analysis"),
+                Message.assistant("4", "final"),
+                Message.user("and 3+3?"),
+                Message.assistant("Also simple.", "analysis"),
+                Message.assistant("6", "final"),
+                Message.user("thanks"),
+            ],
+        ),
+        (
+            "keeps-analysis-when-last-assistant-not-final",
+            [
+                Message.system(),
+                Message.developer(DeveloperContent(None, [weather])),
+                Message.user("2+2?"),
+                Message.assistant("Simple.", "analysis"),
+                Message.assistant("4", "final"),
+                Message.user("weather?"),
+                Message.assistant("Need tool.", "analysis"),
+                Message.tool_call("get_weather", "{}"),
+            ],
+        ),
+        (
+            "tool-call-on-analysis-channel",
+            [
+                Message.system(),
+                Message.developer(DeveloperContent(None, [weather])),
+                Message.user("w?"),
+                Message.tool_call("get_weather", '{"location":"Oslo"}', channel="analysis"),
+                Message.tool_result("get_weather", "sunny"),
+            ],
+        ),
+        (
+            "bare-json-content-type-and-names",
+            [
+                Message.system(),
+                Message("user", "hi", name="alice"),
+                Message("assistant", '{"a":1}', channel="commentary", recipient="functions.f", content_type="json"),
+                Message("tool", "ok", channel="commentary", recipient="assistant", name="functions.f"),
+                Message("assistant", "to all", channel="final", recipient="all"),
+            ],
+        ),
     ]
 
 
@@ -338,6 +446,7 @@ def test_special_token_text_is_encoded_as_text(shared_dir):
 
 # ---------------------------------------------------------------- schema rendering (no tokenizer needed)
 
+
 def test_schema_rendering_matches_the_format_guide():
     schema = {
         "type": "object",
@@ -358,17 +467,24 @@ def test_schema_nested_arrays_and_unknowns():
     assert json_schema_to_typescript({"type": "array"}) == "Array<any>"
     assert json_schema_to_typescript({"enum": ["a"]}) == "any"
     assert json_schema_to_typescript({"type": ["integer", "null"]}) == "number | null"
-    nested = json_schema_to_typescript({"type": "object", "properties": {"p": {
-        "type": "object", "properties": {"q": {"type": "boolean"}}, "required": ["q"]}}})
+    nested = json_schema_to_typescript(
+        {
+            "type": "object",
+            "properties": {"p": {"type": "object", "properties": {"q": {"type": "boolean"}}, "required": ["q"]}},
+        }
+    )
     assert nested == "{\np?: {\n    q: boolean,\n    },\n}"
 
 
 def test_json_text_is_serde_style():
-    assert json_text([1, 2.5, 1e-7, 1e21, 1e16, 0.00001, 1.0, -0.0, True, None, "é\n"]) == \
-        '[1,2.5,1e-7,1e21,1e16,0.00001,1.0,-0.0,true,null,"é\\n"]'
+    assert (
+        json_text([1, 2.5, 1e-7, 1e21, 1e16, 0.00001, 1.0, -0.0, True, None, "é\n"])
+        == '[1,2.5,1e-7,1e21,1e16,0.00001,1.0,-0.0,true,null,"é\\n"]'
+    )
 
 
 # ---------------------------------------------------------------- tiny tokenizer (always runs)
+
 
 @pytest.fixture(scope="module")
 def tiny() -> HarmonyEncoding:
@@ -376,12 +492,19 @@ def tiny() -> HarmonyEncoding:
 
 
 def test_tiny_render_structure(tiny):
-    conv = build_conversation([Message.user("Hello, world!")], instructions="Be brief.", tools=TOOLS[:1],
-                              reasoning_effort="high", current_date="2026-11-26")
+    conv = build_conversation(
+        [Message.user("Hello, world!")],
+        instructions="Be brief.",
+        tools=TOOLS[:1],
+        reasoning_effort="high",
+        current_date="2026-11-26",
+    )
     ids = render_chat_prompt(tiny, conv)
     text = tiny.decode(ids)
-    assert text.startswith("<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
-                           "Knowledge cutoff: 2024-06\nCurrent date: 2026-11-26\n\nReasoning: high\n\n")
+    assert text.startswith(
+        "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
+        "Knowledge cutoff: 2024-06\nCurrent date: 2026-11-26\n\nReasoning: high\n\n"
+    )
     assert "Calls to these tools must go to the commentary channel: 'functions'.<|end|>" in text
     assert "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Tools\n\n## functions\n\n" in text
     assert text.endswith("<|start|>user<|message|>Hello, world!<|end|><|start|>assistant")
@@ -391,8 +514,10 @@ def test_tiny_render_structure(tiny):
 
 def test_tiny_tool_call_rendering(tiny):
     ids = tiny.render_message(Message.tool_call("get_weather", '{"location":"Paris"}'))
-    assert tiny.decode(ids) == ('<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json'
-                                '<|message|>{"location":"Paris"}<|call|>')
+    assert tiny.decode(ids) == (
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+        '<|message|>{"location":"Paris"}<|call|>'
+    )
     assert tiny.constrain_id in ids and ids[-1] == tiny.call_id
     ids = tiny.render_message(Message.tool_result("get_weather", "20C"))
     assert tiny.decode(ids) == "<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>20C<|end|>"
@@ -405,8 +530,14 @@ def test_no_functions_line_without_tools(tiny):
 
 
 def test_drop_rule():
-    msgs = [Message.user("q"), Message.assistant("think", "analysis"), Message.assistant("a", "final"),
-            Message.user("q2"), Message.assistant("think2", "analysis"), Message.tool_call("f", "{}")]
+    msgs = [
+        Message.user("q"),
+        Message.assistant("think", "analysis"),
+        Message.assistant("a", "final"),
+        Message.user("q2"),
+        Message.assistant("think2", "analysis"),
+        Message.tool_call("f", "{}"),
+    ]
     assert messages_to_render(msgs) == msgs  # last assistant message is a call: keep everything
     msgs2 = [*msgs, Message.tool_result("f", "1"), Message.assistant("a2", "final")]
     kept = messages_to_render(msgs2)

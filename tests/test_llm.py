@@ -6,10 +6,9 @@ import random
 
 import pytest
 import torch
-
-from engine.llm import LLM, InvalidRequestError
-from engine.sampling_params import SamplingParams, SamplingParamsError
-from engine.sequence import PromptTooLongError
+from gptoss.engine.errors import InvalidRequestError, PromptTooLongError
+from gptoss.engine.llm import LLM
+from gptoss.engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +194,8 @@ def test_generate_feeds_a_bounded_waiting_queue(llm, monkeypatch):
 
 
 def test_grammar_constrains_generation(llm):
-    structured = pytest.importorskip("engine.structured_output")
-    from engine.llm import grammar_mask_fn
+    structured = pytest.importorskip("gptoss.engine.structured_output")
+    from gptoss.engine.llm_engine import grammar_mask_fn
 
     engine = llm.engine
     compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
@@ -220,17 +219,26 @@ def test_grammar_constrains_generation(llm):
 def test_grammar_rows_batched_like_per_row_masks(llm):
     """Grammar states as `logits_mask_fn` take the model runner's batched bitmask path; plain callables the
     per-row one. With seeded sampling both give the same tokens, in steps that mix them with free rows."""
-    structured = pytest.importorskip("engine.structured_output")
-    from engine.llm import grammar_mask_fn
+    structured = pytest.importorskip("gptoss.engine.structured_output")
+    from gptoss.engine.llm_engine import grammar_mask_fn
 
     engine = llm.engine
     compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
     specs = [
         structured.StructuredOutputSpec.from_request({"type": "json_object"}),
         structured.StructuredOutputSpec.from_request(
-            tools=[{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
-                "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}}],
-            tool_choice="required"),
+            tools=[
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "strict": True,
+                        "parameters": {"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]},
+                    },
+                }
+            ],
+            tool_choice="required",
+        ),
     ]
     allowed = torch.zeros(engine.vocab_size, dtype=torch.bool)
     allowed[100:200] = True
@@ -239,11 +247,13 @@ def test_grammar_rows_batched_like_per_row_masks(llm):
         for i, spec in enumerate(specs * 2):
             state = compiler.new_state(spec)
             mask_fn = grammar_mask_fn(state) if batched else (lambda ids, state=state: state(ids))
-            params = SamplingParams(max_tokens=16, temperature=1.0, seed=10 + i,
-                                    stop_token_ids=list(compiler.stop_token_ids))
+            params = SamplingParams(
+                max_tokens=16, temperature=1.0, seed=10 + i, stop_token_ids=list(compiler.stop_token_ids)
+            )
             engine.add_request(f"g{i}", [5, 6, 7 + i], params, logits_mask_fn=mask_fn)
-        engine.add_request("plain", [4, 5], SamplingParams(max_tokens=8, temperature=1.0, seed=1),
-                           logits_mask_fn=lambda ids: allowed)
+        engine.add_request(
+            "plain", [4, 5], SamplingParams(max_tokens=8, temperature=1.0, seed=1), logits_mask_fn=lambda ids: allowed
+        )
         engine.add_request("free", [4, 5, 6], SamplingParams(max_tokens=8, temperature=1.0, seed=2))
         finished = {}
         while engine.has_unfinished_requests():

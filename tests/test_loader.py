@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from gptoss.engine.model.config import FULL, SLIDING, ModelConfig, preset
+from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.loader import CheckpointError, load_weights, randomize_weights
+from gptoss.engine.model.random_checkpoint import make_random_checkpoint
+from gptoss.kernels.reference import mxfp4_dequantize
 from safetensors.torch import load_file, save_file
-
-from engine.checkpoint import make_random_checkpoint
-from engine.config import FULL, SLIDING, ModelConfig, preset
-from engine.loader import CheckpointError, load_weights, randomize_weights
-from engine.model import GptOssModel
-from kernels.reference import mxfp4_dequantize
 
 
 def test_checkpoint_has_hf_layout(tiny_checkpoint: Path) -> None:

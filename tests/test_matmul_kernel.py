@@ -20,9 +20,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-
-from engine import ops
-from kernels.matmul import (
+from gptoss.engine.model import ops
+from gptoss.kernels.matmul import (
     MatmulConfig,
     gpu_config,
     instr_n_for,
@@ -32,7 +31,6 @@ from kernels.matmul import (
     linear_reference,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
 # ||out - ref|| / ||ref|| against the fp32 reference before its final cast. Products of bf16 values are exact
 # in fp32, so the kernel and the reference differ by fp32 summation order (~1e-7) plus the one rounding to
@@ -42,8 +40,13 @@ DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
 REL_TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 5e-5, torch.bfloat16: 2.0**-8 + 1e-5}
 
 # The dense layers of gpt-oss-120b: (name, N, K).
-MODEL_SHAPES = [("q_proj", 4096, 2880), ("k_proj", 512, 2880), ("o_proj", 2880, 4096), ("router", 128, 2880),
-                ("lm_head", 201088, 2880)]
+MODEL_SHAPES = [
+    ("q_proj", 4096, 2880),
+    ("k_proj", 512, 2880),
+    ("o_proj", 2880, 4096),
+    ("router", 128, 2880),
+    ("lm_head", 201088, 2880),
+]
 
 
 def make_inputs(rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, seed: int = 0):
@@ -122,11 +125,17 @@ def test_empty_and_bad_inputs() -> None:
 # ------------------------------------------------------------------------------------------ invariance
 
 
-def _check_rows_invariant(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, batch_sizes: list[int],
-                          rows: list[int], config: MatmulConfig | None = None) -> None:
+def _check_rows_invariant(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    batch_sizes: list[int],
+    rows: list[int],
+    config: MatmulConfig | None = None,
+) -> None:
     """Each row in `rows` gives the same bits alone, inside every prefix batch of `batch_sizes` that holds it,
     and inside a batch padded with garbage rows (a CUDA-graph bucket)."""
-    alone = {r: linear(x[r:r + 1], weight, bias, config=config)[0] for r in rows}
+    alone = {r: linear(x[r : r + 1], weight, bias, config=config)[0] for r in rows}
     padding = torch.randn(37, x.shape[1], generator=torch.Generator().manual_seed(99)).mul(1e3).to(x)
     for size in batch_sizes:
         full = linear(x[:size], weight, bias, config=config)
@@ -155,8 +164,10 @@ def test_batch_invariance_across_tile_configs() -> None:
     if DEVICE == "cuda":
         configs = invariant_configs(100)
     else:
-        configs = [MatmulConfig(block_m=bm, block_n=bn, block_k=32, instr_n=bn, num_warps=4, num_stages=1)
-                   for bm, bn in [(16, 32), (32, 64), (64, 16)]]
+        configs = [
+            MatmulConfig(block_m=bm, block_n=bn, block_k=32, instr_n=bn, num_warps=4, num_stages=1)
+            for bm, bn in [(16, 32), (32, 64), (64, 16)]
+        ]
     outs = [linear(x, weight, b, config=config) for config in configs]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
@@ -185,8 +196,9 @@ def test_table_keeps_block_k_and_mma_width_per_layer() -> None:
             assert all(c.instr_n == instr_n_for(n) for c in configs)
             for c in configs:
                 assert c.num_warps == 4 * (c.block_m // 64) * (c.block_n // c.instr_n) <= 32
-                assert (c.block_m + c.block_n) * c.block_k * (4 if dtype == torch.float32 else 2) * c.num_stages \
-                    <= 200 * 1024
+                assert (c.block_m + c.block_n) * c.block_k * (
+                    4 if dtype == torch.float32 else 2
+                ) * c.num_stages <= 200 * 1024
     assert gpu_config(1, 201088).block_n == 128 and gpu_config(1, 4096).block_n == 32
 
 
@@ -211,10 +223,10 @@ def test_ops_linear_dispatch_on_cuda() -> None:
 
 def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
     """q/k/v/o, the router and the lm_head all go through ops.linear with the model's batch_invariant flag."""
-    from engine.config import preset
-    from engine.forward_batch import ForwardBatch
-    from engine.kv_cache import allocate_kv_caches
-    from engine.model import GptOssModel
+    from gptoss.engine.model.config import preset
+    from gptoss.engine.model.forward_batch import ForwardBatch
+    from gptoss.engine.model.gpt_oss import GptOssModel
+    from gptoss.engine.worker.kv_cache import allocate_kv_caches
 
     config = preset("tiny")
     model = GptOssModel.create(config, torch.float32, "cpu")
@@ -230,14 +242,22 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
 
     monkeypatch.setattr(ops, "linear", recording)
     caches = allocate_kv_caches(config, 4, 16, torch.float32, "cpu")
-    batch = ForwardBatch.shared_pool(torch.tensor([0, 3], dtype=torch.int32), torch.tensor([3], dtype=torch.int32),
-                                     torch.tensor([[0]], dtype=torch.int32), torch.arange(3))
+    batch = ForwardBatch.shared_pool(
+        torch.tensor([0, 3], dtype=torch.int32),
+        torch.tensor([3], dtype=torch.int32),
+        torch.tensor([[0]], dtype=torch.int32),
+        torch.arange(3),
+    )
     hidden = model.forward(torch.tensor([1, 2, 3]), torch.arange(3), batch, caches)
     model.compute_logits(hidden)
     h, d = config.hidden_size, config.head_dim
-    per_layer = [(config.num_attention_heads * d, h), (config.num_key_value_heads * d, h),
-                 (config.num_key_value_heads * d, h), (h, config.num_attention_heads * d),
-                 (config.num_local_experts, h)]
+    per_layer = [
+        (config.num_attention_heads * d, h),
+        (config.num_key_value_heads * d, h),
+        (config.num_key_value_heads * d, h),
+        (h, config.num_attention_heads * d),
+        (config.num_local_experts, h),
+    ]
     expected = [(shape, True, False, None) for _ in range(config.num_hidden_layers) for shape in per_layer]
     expected.append(((config.vocab_size, h), False, False, torch.float32))
     assert sorted(calls) == sorted(expected)
@@ -247,20 +267,21 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
 def test_model_decode_logits_bit_identical_alone_and_in_a_padded_batch(tiny_checkpoint: Path) -> None:
     """End to end on GPU (bf16): one decode step of 70 sequences plus 10 padding rows (crossing the first
     bucket of the tile table) against each of a few sequences alone: identical logits."""
-    from engine.config import ModelConfig
-    from engine.forward_batch import ForwardBatch
-    from engine.kv_cache import allocate_kv_caches
-    from engine.loader import load_weights
-    from engine.model import GptOssModel
+    from gptoss.engine.model.config import ModelConfig
+    from gptoss.engine.model.forward_batch import ForwardBatch
+    from gptoss.engine.model.gpt_oss import GptOssModel
+    from gptoss.engine.model.loader import load_weights
+    from gptoss.engine.worker.kv_cache import allocate_kv_caches
 
     config = ModelConfig.from_json(tiny_checkpoint)
     model = GptOssModel.create(config, torch.bfloat16, "cuda")
     load_weights(model, tiny_checkpoint, progress=False)
     block_size, blocks_per_seq, num_seqs, num_pad = 16, 3, 70, 10
     gen = torch.Generator().manual_seed(8)
-    caches = [(torch.randn(k.shape, generator=gen).to(k), torch.randn(v.shape, generator=gen).to(v))
-              for k, v in allocate_kv_caches(config, num_seqs * blocks_per_seq + 1, block_size, torch.bfloat16,
-                                             "cpu")]
+    caches = [
+        (torch.randn(k.shape, generator=gen).to(k), torch.randn(v.shape, generator=gen).to(v))
+        for k, v in allocate_kv_caches(config, num_seqs * blocks_per_seq + 1, block_size, torch.bfloat16, "cpu")
+    ]
     caches = [(k.cuda(), v.cuda()) for k, v in caches]
     seq_lens = torch.randint(1, blocks_per_seq * block_size, (num_seqs,), generator=gen)
     tables = 1 + torch.arange(num_seqs * blocks_per_seq).view(num_seqs, blocks_per_seq)  # block 0: padding
@@ -273,9 +294,14 @@ def test_model_decode_logits_bit_identical_alone_and_in_a_padded_batch(tiny_chec
         table = torch.cat([tables[rows], torch.zeros(pad, blocks_per_seq, dtype=torch.int64)])
         slot = torch.cat([slots[rows], torch.full((pad,), -1)])
         ids = torch.cat([input_ids[rows], torch.zeros(pad, dtype=torch.int64)])
-        batch = ForwardBatch.shared_pool(torch.arange(n + 1, dtype=torch.int32).cuda(), lens.int().cuda(),
-                                         table.int().cuda(), slot.cuda(), max_query_len=1,
-                                         max_seq_len=blocks_per_seq * block_size)
+        batch = ForwardBatch.shared_pool(
+            torch.arange(n + 1, dtype=torch.int32).cuda(),
+            lens.int().cuda(),
+            table.int().cuda(),
+            slot.cuda(),
+            max_query_len=1,
+            max_seq_len=blocks_per_seq * block_size,
+        )
         step_caches = [(k.clone(), v.clone()) for k, v in caches]
         hidden = model.forward(ids.cuda(), (lens - 1).cuda(), batch, step_caches)
         return model.compute_logits(hidden)[: len(rows)]
@@ -299,10 +325,12 @@ def _triton_dirs() -> list[tuple[str, str]]:
 
 
 def _ptxas_available(pythonpath: str) -> bool:
-    code = ("import os, shutil, triton; from triton.backends.nvidia.compiler import get_ptxas; "
-            "b = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas'); "
-            "assert os.path.exists(b) or shutil.which('ptxas')")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, str(REPO_ROOT)) if p)}
+    code = (
+        "import os, shutil, triton; from triton.backends.nvidia.compiler import get_ptxas; "
+        "b = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas'); "
+        "assert os.path.exists(b) or shutil.which('ptxas')"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p)}
     env.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
 
@@ -312,7 +340,7 @@ import re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
-from kernels import matmul
+from gptoss.kernels import matmul
 
 def build(n, k, cfg, dtype, out_dtype, has_bias):
     kernel = JITFunction(matmul._linear_kernel, do_not_specialize=["M"])
@@ -346,18 +374,22 @@ def test_table_compiles_for_sm90_with_one_mma_shape_per_layer(label: str, python
     if not _ptxas_available(pythonpath):
         pytest.skip(f"triton ({label}) has no NVIDIA backend / ptxas")
     cases = []
-    for layer, n, k, dtype, out_dtype, bias in [("lm_head", 201088, 2880, "bf16", "fp32", False),
-                                                ("q_proj", 4096, 2880, "bf16", "bf16", True),
-                                                ("k_proj", 512, 2880, "bf16", "bf16", True)]:
+    for layer, n, k, dtype, out_dtype, bias in [
+        ("lm_head", 201088, 2880, "bf16", "fp32", False),
+        ("q_proj", 4096, 2880, "bf16", "bf16", True),
+        ("k_proj", 512, 2880, "bf16", "bf16", True),
+    ]:
         for c in invariant_configs(n, torch.bfloat16):
-            cases.append((layer, n, k, dtype, out_dtype, bias, (c.block_m, c.block_n, c.block_k, c.num_warps,
-                                                                c.num_stages)))
+            cases.append(
+                (layer, n, k, dtype, out_dtype, bias, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+            )
     c = invariant_configs(4096, torch.float32)[-1]  # the fp32 (FMA) path compiles too
-    cases.append(("q_proj_fp32", 4096, 2880, "fp32", "fp32", True, (c.block_m, c.block_n, c.block_k,
-                                                                     c.num_warps, c.num_stages)))
+    cases.append(
+        ("q_proj_fp32", 4096, 2880, "fp32", "fp32", True, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
     code = _COMPILE_SCRIPT.replace("CASES", repr(cases))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -381,7 +413,7 @@ def test_table_compiles_for_sm90_with_one_mma_shape_per_layer(label: str, python
 
 def test_bench_matmul_tiny_smoke(tmp_path) -> None:
     """The benchmark runs end to end at a tiny size (interpreter on CPU) and writes its table and JSON."""
-    from benchmarks import bench_matmul
+    from gptoss.benchmarks import bench_matmul
 
     results = bench_matmul.main(["--tiny", "--out", str(tmp_path), "--rows", "1", "8"])
     assert (tmp_path / "bench_matmul.json").exists()

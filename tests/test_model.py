@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from engine.config import ModelConfig
-from engine.forward_batch import ForwardBatch
-from engine.kv_cache import allocate_kv_caches
-from engine.loader import load_weights
-from engine.model import GptOssModel
+from gptoss.engine.model.config import ModelConfig
+from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.loader import load_weights
+from gptoss.engine.worker.kv_cache import allocate_kv_caches
 
 BLOCK_SIZE = 8  # small, so short prompts cross several blocks
 NUM_BLOCKS = 64

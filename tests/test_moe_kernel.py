@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,8 +20,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
-
-from kernels.moe import (
+from gptoss.kernels.moe import (
     _FAST_CONFIGS,
     _INVARIANT_CONFIGS,
     MoeConfig,
@@ -30,9 +28,8 @@ from kernels.moe import (
     interpreting,
     moe_route,
 )
-from kernels.reference import moe_reference
+from gptoss.kernels.reference import moe_reference
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
 # ||out - ref|| / ||ref||. Interpreter: fp32 math, so fp32 is at rounding level (measured <= 3e-7) and bf16 is
 # dominated by storing act [P, I] and the output in bf16 (measured <= 6.7e-3; the interpreter truncates
@@ -43,8 +40,9 @@ REL_TOL = {torch.float32: 1e-5 if DEVICE == "cpu" else 1.5e-2, torch.bfloat16: 2
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 
-def make_moe_inputs(num_tokens: int, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
+def make_moe_inputs(
+    num_tokens: int, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random activations, router logits and MXFP4 experts (scales near 2^0 so values stay O(1))."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -61,8 +59,12 @@ def make_moe_inputs(num_tokens: int, num_experts: int, hidden: int, intermediate
     return {
         "x": randn(num_tokens, hidden),
         "router_logits": (torch.randn(num_tokens, num_experts, generator=gen) * 2).to(DEVICE),
-        "w1_blocks": w1_blocks, "w1_scales": w1_scales, "w1_bias": randn(num_experts, 2 * intermediate, scale=0.5),
-        "w2_blocks": w2_blocks, "w2_scales": w2_scales, "w2_bias": randn(num_experts, hidden, scale=0.5),
+        "w1_blocks": w1_blocks,
+        "w1_scales": w1_scales,
+        "w1_bias": randn(num_experts, 2 * intermediate, scale=0.5),
+        "w2_blocks": w2_blocks,
+        "w2_scales": w2_scales,
+        "w2_bias": randn(num_experts, hidden, scale=0.5),
     }
 
 
@@ -101,15 +103,17 @@ def test_route_groups_pairs_by_expert(num_tokens: int, num_experts: int, top_k: 
     assert sorted(r.sorted_pairs.tolist()) == list(range(num_tokens * top_k))
     # Tiles: exactly ceil(count / block_m) per expert, never crossing an expert, empty experts get none.
     tiles = [(e, s) for e, s in zip(r.tile_expert.tolist(), r.tile_row_start.tolist(), strict=False) if e >= 0]
-    expected = [(e, int(r.expert_offsets[e]) + i * block_m)
-                for e in range(num_experts) for i in range(-(-int(counts[e]) // block_m))]
+    expected = [
+        (e, int(r.expert_offsets[e]) + i * block_m)
+        for e in range(num_experts)
+        for i in range(-(-int(counts[e]) // block_m))
+    ]
     assert tiles == expected
-    assert all(e == -1 for e in r.tile_expert.tolist()[len(tiles):])
+    assert all(e == -1 for e in r.tile_expert.tolist()[len(tiles) :])
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", ROUTE_CASES)
-def test_fused_route_kernel_matches_torch_routing(num_tokens: int, num_experts: int, top_k: int,
-                                                  block_m: int) -> None:
+def test_fused_route_kernel_matches_torch_routing(num_tokens: int, num_experts: int, top_k: int, block_m: int) -> None:
     logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     fused = moe_route(logits, top_k, block_m, fused=True)
     plain = moe_route(logits, top_k, block_m, fused=False)
@@ -130,8 +134,9 @@ def test_fused_route_kernel_matches_torch_routing(num_tokens: int, num_experts: 
         (37, 4, 64, 96, 2, torch.float32),  # several row tiles per expert, token count not a block multiple
     ],
 )
-def test_fused_moe_matches_reference(num_tokens: int, num_experts: int, hidden: int, intermediate: int,
-                                     top_k: int, dtype: torch.dtype) -> None:
+def test_fused_moe_matches_reference(
+    num_tokens: int, num_experts: int, hidden: int, intermediate: int, top_k: int, dtype: torch.dtype
+) -> None:
     inputs = make_moe_inputs(num_tokens, num_experts, hidden, intermediate, dtype, seed=num_tokens + hidden)
     check_against_reference(inputs, top_k)
 
@@ -181,8 +186,11 @@ def test_batch_invariance_bit_identical() -> None:
     inputs = make_moe_inputs(max(batches), 8, 64, 96, torch.bfloat16, seed=11)
     alone = {}
     for token in (0, 5, 23):
-        single = {**inputs, "x": inputs["x"][token:token + 1],
-                  "router_logits": inputs["router_logits"][token:token + 1]}
+        single = {
+            **inputs,
+            "x": inputs["x"][token : token + 1],
+            "router_logits": inputs["router_logits"][token : token + 1],
+        }
         alone[token] = fused_moe(**single, top_k=4)[0]
     for batch in batches:
         batch_inputs = {**inputs, "x": inputs["x"][:batch], "router_logits": inputs["router_logits"][:batch]}
@@ -223,7 +231,6 @@ def compile_moe_for_hopper(configs: list[MoeConfig]) -> list[str]:
     code = _COMPILE_SCRIPT.replace("TILES", repr(tiles))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [line.split("=", 1)[1].strip() for line in proc.stdout.splitlines() if line.startswith("MMA=")]
@@ -234,7 +241,7 @@ import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
-from kernels import moe
+from gptoss.kernels import moe
 
 def build(fn, pointer_types, constants, num_warps, num_stages):
     kernel = JITFunction(fn)
@@ -272,8 +279,8 @@ build(moe._moe_route_kernel, route_types, route_constants, 8, 1)
 
 
 @pytest.mark.parametrize(
-    "table", [pytest.param(_INVARIANT_CONFIGS, id="invariant"),
-              pytest.param(_FAST_CONFIGS, id="fast", marks=pytest.mark.slow)]
+    "table",
+    [pytest.param(_INVARIANT_CONFIGS, id="invariant"), pytest.param(_FAST_CONFIGS, id="fast", marks=pytest.mark.slow)],
 )
 def test_kernels_compile_for_sm90(table: list[tuple[int, MoeConfig]]) -> None:
     if not _ptxas_available():
@@ -291,7 +298,7 @@ def test_kernels_compile_for_sm90(table: list[tuple[int, MoeConfig]]) -> None:
 
 def test_bench_moe_tiny_smoke(tmp_path) -> None:
     """The benchmark runs end to end at a tiny size (interpreter on CPU) and writes its table, JSON and PNG."""
-    from benchmarks import bench_moe
+    from gptoss.benchmarks import bench_moe
 
     results = bench_moe.main(["--tiny", "--out", str(tmp_path), "--tokens", "1", "5"])
     assert (tmp_path / "bench_moe.json").exists()

@@ -1,11 +1,10 @@
-"""engine/roofline.py: the bytes of one decode step against the hand count for gpt-oss-120b."""
+"""engine/model/roofline.py: the bytes of one decode step against the hand count for gpt-oss-120b."""
 
 from __future__ import annotations
 
 import pytest
-
-from engine.config import preset
-from engine.roofline import (
+from gptoss.engine.model.config import preset
+from gptoss.engine.model.roofline import (
     decode_ceiling,
     decode_step_bytes,
     expected_active_experts,

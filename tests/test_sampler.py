@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 
+import gptoss.engine.worker.sampler as sampler_module
 import pytest
 import torch
-
-import engine.sampler as sampler_module
-from engine.sampler import (
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.worker.sampler import (
     Sampler,
     SamplingBatch,
     compute_prompt_logprobs,
     seeded_uniform,
 )
-from engine.sampling_params import SamplingParams
 
 VOCAB = 512
 
@@ -133,18 +132,14 @@ def test_repetition_penalty_needs_prompt() -> None:
 
 def test_seeded_rows_are_batch_invariant() -> None:
     logits = random_logits(6, scale=1.0, seed=1)
-    seeded = [
-        SamplingParams(seed=s, top_k=k, top_p=p) for s, k, p in [(1, -1, 1.0), (2, 50, 1.0), (3, -1, 0.9)]
-    ]
+    seeded = [SamplingParams(seed=s, top_k=k, top_p=p) for s, k, p in [(1, -1, 1.0), (2, 50, 1.0), (3, -1, 0.9)]]
     outputs = [[5] * 4, [], [1, 2]]
     # Each seeded row alone.
     alone = [sample(logits[i : i + 1], [seeded[i]], [outputs[i]]).sampled_token_ids.item() for i in range(3)]
     # Batched with unseeded/greedy rows, in different orders and positions.
     fillers = [SamplingParams(), SamplingParams(temperature=0.0), SamplingParams(top_p=0.5, min_p=0.1)]
     for order in ([0, 1, 2, 3, 4, 5], [5, 2, 4, 0, 3, 1], [3, 4, 5, 2, 1, 0]):
-        rows = [
-            (logits[i], seeded[i], outputs[i]) if i < 3 else (logits[i], fillers[i - 3], [7]) for i in order
-        ]
+        rows = [(logits[i], seeded[i], outputs[i]) if i < 3 else (logits[i], fillers[i - 3], [7]) for i in order]
         batch_logits = torch.stack([r[0] for r in rows])
         out = sample(batch_logits, [r[1] for r in rows], [r[2] for r in rows]).sampled_token_ids
         for position, i in enumerate(order):
@@ -162,9 +157,7 @@ def test_seeds_and_steps_differ() -> None:
     def run(seed: int) -> list[int]:
         tokens: list[int] = []
         for _ in range(12):
-            tokens.append(
-                sample(logits, [SamplingParams(seed=seed)], [list(tokens)]).sampled_token_ids.item()
-            )
+            tokens.append(sample(logits, [SamplingParams(seed=seed)], [list(tokens)]).sampled_token_ids.item())
         return tokens
 
     first = run(1)
@@ -305,9 +298,7 @@ def test_filtering_subset_matches_rows_alone() -> None:
     batch = SamplingBatch.build(params, [[]] * 5, VOCAB, "cpu")
     processed = Sampler.process_logits(logits, batch)
     for i in (0, 1, 2, 4):
-        alone = Sampler.process_logits(
-            logits[i : i + 1], SamplingBatch.build([params[i]], [[]], VOCAB, "cpu")
-        )
+        alone = Sampler.process_logits(logits[i : i + 1], SamplingBatch.build([params[i]], [[]], VOCAB, "cpu"))
         torch.testing.assert_close(processed[i : i + 1], alone)
     assert torch.isfinite(processed[0]).sum() == 7
     assert torch.isfinite(processed[1]).all()

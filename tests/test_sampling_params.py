@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from gptoss.engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 def test_defaults_are_valid_and_engine_like() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from engine.block_manager import FULL, SLIDING, BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import EngineOverloadedError, PromptTooLongError, Sequence, SequenceStatus
+from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.scheduler import Scheduler
+from gptoss.engine.core.sequence import Sequence, SequenceStatus
+from gptoss.engine.errors import EngineOverloadedError, PromptTooLongError
+from gptoss.engine.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks=16, block_size=4, window=None, max_num_seqs=8, budget=16, max_model_len=64, **kw):
@@ -144,7 +144,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def roomy_llm(tiny_checkpoint):
-    from engine.llm import LLM
+    from gptoss.engine.llm import LLM
 
     return LLM(tiny_checkpoint, num_blocks=128, max_num_seqs=16, max_num_batched_tokens=64)
 
@@ -160,7 +160,7 @@ def test_greedy_batch_equals_alone(roomy_llm):
 
 
 def test_greedy_equal_under_preemption(tiny_checkpoint, roomy_llm):
-    from engine.llm import LLM
+    from gptoss.engine.llm import LLM
 
     prompts = _prompts(6, seed=1)
     # greedy and seeded requests: both must survive recomputation unchanged

@@ -7,14 +7,13 @@ import math
 from pathlib import Path
 
 import pytest
-
-from scripts import score
-from scripts.score import score_jsonl, split_tokens
+from gptoss.scripts import score
+from gptoss.scripts.score import score_jsonl, split_tokens
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint: Path):
-    from engine.llm import LLM
+    from gptoss.engine.llm import LLM
 
     return LLM(tiny_checkpoint, max_num_seqs=8)
 
@@ -31,7 +30,7 @@ def test_split_moves_trailing_space_to_the_continuation(llm) -> None:
 
 
 def test_scores_match_prompt_logprobs_and_greedy(tmp_path: Path, llm) -> None:
-    from engine.sampling_params import SamplingParams
+    from gptoss.engine.sampling_params import SamplingParams
 
     tok = llm.tokenizer
     context = tok.encode("Tell me a story about a dragon").ids

@@ -31,6 +31,7 @@ def client(server) -> OpenAI:
 
 # ---- real engine ----
 
+
 def test_chat_sync_real_engine(live_server):
     c = client(live_server)
     out = c.chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=6, temperature=0)
@@ -47,28 +48,42 @@ def test_chat_sync_real_engine(live_server):
 
 
 def test_chat_prompt_tokens_equal_harmony_render(live_server):
-    from engine.harmony import HarmonyEncoding, conversation_from_chat
-    from server.openai_chat import today
+    from gptoss.engine.harmony import HarmonyEncoding, conversation_from_chat
+    from gptoss.server.openai_chat import today
 
     encoding = HarmonyEncoding(live_server.tokenizer)
-    conversation = conversation_from_chat(MESSAGES, tools=[WEATHER_TOOL], reasoning_effort="high",
-                                          current_date=today())
+    conversation = conversation_from_chat(MESSAGES, tools=[WEATHER_TOOL], reasoning_effort="high", current_date=today())
     expected = encoding.render_chat_prompt(conversation)
     out = client(live_server).chat.completions.create(
-        model="@cf/openai/gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], reasoning_effort="high",
-        max_completion_tokens=2)
+        model="@cf/openai/gpt-oss-120b",
+        messages=MESSAGES,
+        tools=[WEATHER_TOOL],
+        reasoning_effort="high",
+        max_completion_tokens=2,
+    )
     assert out.usage.prompt_tokens == len(expected)
     assert out.model == "@cf/openai/gpt-oss-120b"
-    tokens = httpx.post(live_server.base_url + "/tokenize",
-                        json={"messages": MESSAGES, "tools": [WEATHER_TOOL], "reasoning_effort": "high"}).json()
+    tokens = httpx.post(
+        live_server.base_url + "/tokenize",
+        json={"messages": MESSAGES, "tools": [WEATHER_TOOL], "reasoning_effort": "high"},
+    ).json()
     assert tokens["tokens"] == expected
 
 
 def test_chat_stream_real_engine(live_server):
     c = client(live_server)
-    chunks = list(c.chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, max_tokens=5, stream=True,
-                                            stream_options={"include_usage": True}, seed=7, top_p=0.9,
-                                            extra_body={"top_k": 20}))
+    chunks = list(
+        c.chat.completions.create(
+            model="gpt-oss-120b",
+            messages=MESSAGES,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            seed=7,
+            top_p=0.9,
+            extra_body={"top_k": 20},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert len(finals) == 1
@@ -85,8 +100,16 @@ def test_chat_prefix_cache_hits_are_reported(live_server):
 
 def test_chat_n_logprobs_real_engine(live_server):
     out = client(live_server).chat.completions.create(
-        model="gpt-oss-120b", messages=MESSAGES, max_tokens=3, n=2, logprobs=True, top_logprobs=2,
-        presence_penalty=0.5, frequency_penalty=0.1, stop=["\n\n"])
+        model="gpt-oss-120b",
+        messages=MESSAGES,
+        max_tokens=3,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        presence_penalty=0.5,
+        frequency_penalty=0.1,
+        stop=["\n\n"],
+    )
     assert [c.index for c in out.choices] == [0, 1]
     for choice in out.choices:
         assert choice.logprobs is not None
@@ -94,10 +117,10 @@ def test_chat_n_logprobs_real_engine(live_server):
 
 # ---- scripted engine: real harmony structure ----
 
+
 def test_chat_reasoning_and_content(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES,
-                                                   reasoning_effort="low")
+    out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, reasoning_effort="low")
     message = out.choices[0].message
     assert message.content == "Hi there"
     assert message.model_extra["reasoning_content"] == "think" and message.model_extra["reasoning"] == "think"
@@ -125,9 +148,18 @@ def test_chat_tool_round_trip_renders_history(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     history = [
         *MESSAGES,
-        {"role": "assistant", "content": None, "reasoning_content": "Need weather.",
-         "tool_calls": [{"id": "call_1", "type": "function",
-                         "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "Need weather.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 20}'},
     ]
     out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=history, tools=[WEATHER_TOOL])
@@ -141,8 +173,11 @@ def test_chat_tool_round_trip_renders_history(scripted):
 
 def test_chat_stream_deltas(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    chunks = list(client(scripted).chat.completions.create(
-        model="gpt-oss-120b", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client(scripted).chat.completions.create(
+            model="gpt-oss-120b", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+        )
+    )
     reasoning = "".join(ch.choices[0].delta.model_extra.get("reasoning_content") or "" for ch in chunks if ch.choices)
     also = "".join(ch.choices[0].delta.model_extra.get("reasoning") or "" for ch in chunks if ch.choices)
     content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -153,8 +188,11 @@ def test_chat_stream_deltas(scripted):
 
 def test_chat_stream_tool_call_deltas(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
-    chunks = list(client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES,
-                                                           tools=[WEATHER_TOOL], stream=True))
+    chunks = list(
+        client(scripted).chat.completions.create(
+            model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], stream=True
+        )
+    )
     calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert calls[0].id and calls[0].function.name == "get_weather"
     assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"location": "Paris"}
@@ -170,8 +208,9 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 @pytest.mark.parametrize("tool_choice", ["required", NAMED])
 def test_chat_tool_choice_is_enforced_by_the_grammar(scripted, tool_choice):
     scripted.engine.script = encode(scripted.tokenizer, OSLO_CALL)
-    out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL],
-                                                   tool_choice=tool_choice)
+    out = client(scripted).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=tool_choice
+    )
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert prompt_text.endswith("<|start|>assistant")  # no prefill: the reasoning stays possible
     assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
@@ -180,15 +219,17 @@ def test_chat_tool_choice_is_enforced_by_the_grammar(scripted, tool_choice):
     assert out.choices[0].finish_reason == "tool_calls"
     # A final answer is not what the grammar allows here.
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL],
-                                             tool_choice=tool_choice)
+    client(scripted).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=tool_choice
+    )
     assert scripted.engine.mask_violations
 
 
 def test_chat_tool_choice_none_drops_tools(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL],
-                                             tool_choice="none")
+    client(scripted).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice="none"
+    )
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert "get_weather" not in prompt_text and scripted.engine.mask_violations == []
 
@@ -202,26 +243,38 @@ def unconstrained_server():
 def test_chat_tool_choice_prefill_without_grammar(unconstrained_server, tool_choice):
     server = unconstrained_server
     server.engine.script = encode(server.tokenizer, '{"location": "Oslo"}<|call|>')
-    out = client(server).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL],
-                                                 tool_choice=tool_choice)
+    out = client(server).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=tool_choice
+    )
     prompt_text = server.tokenizer.decode(server.engine.requests[-1][1], skip_special_tokens=False)
     if tool_choice == "required":
         assert prompt_text.endswith("<|start|>assistant to=functions.")
     else:
-        assert prompt_text.endswith("<|start|>assistant to=functions.get_weather<|channel|>commentary "
-                                    "<|constrain|>json<|message|>")
+        assert prompt_text.endswith(
+            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
+        )
         call = out.choices[0].message.tool_calls[0]
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"location": "Oslo"}
         assert out.choices[0].finish_reason == "tool_calls"
 
 
 def test_chat_tool_choice_required_real_engine(live_server):
-    strict_tool = {"type": "function", "function": {
-        "name": "get_weather", "strict": True,
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"],
-                       "additionalProperties": False}}}
-    out = client(live_server).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, tools=[strict_tool],
-                                                      tool_choice="required", max_tokens=40, seed=3)
+    strict_tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "strict": True,
+            "parameters": {
+                "type": "object",
+                "properties": {"location": {"type": "string"}},
+                "required": ["location"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    out = client(live_server).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, tools=[strict_tool], tool_choice="required", max_tokens=40, seed=3
+    )
     # Even the random model is led into a call of the one tool, arguments starting as the schema's JSON.
     calls = out.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_weather" and calls[0].function.arguments.lstrip().startswith("{")
@@ -231,8 +284,10 @@ def test_chat_response_format_json_schema(scripted):
     scripted.engine.script = encode(scripted.tokenizer, '<|channel|>final<|message|>{"a": 1}<|return|>')
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     out = client(scripted).chat.completions.create(
-        model="gpt-oss-120b", messages=MESSAGES,
-        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}})
+        model="gpt-oss-120b",
+        messages=MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema}},
+    )
     assert json.loads(out.choices[0].message.content) == {"a": 1}
     assert scripted.engine.mask_violations == []
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
@@ -241,8 +296,9 @@ def test_chat_response_format_json_schema(scripted):
 
 def test_chat_stop_string_and_logprobs(scripted):
     scripted.engine.script = encode(scripted.tokenizer, "<|channel|>final<|message|>one two three<|return|>")
-    out = client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, stop="three",
-                                                   logprobs=True, top_logprobs=2)
+    out = client(scripted).chat.completions.create(
+        model="gpt-oss-120b", messages=MESSAGES, stop="three", logprobs=True, top_logprobs=2
+    )
     choice = out.choices[0]
     assert choice.message.content == "one two " and choice.finish_reason == "stop"
     assert choice.logprobs.content[0].logprob == -0.5 and len(choice.logprobs.content[0].top_logprobs) == 2
@@ -251,11 +307,15 @@ def test_chat_stop_string_and_logprobs(scripted):
 
 def test_chat_stream_n_choices(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    chunks = list(client(scripted).chat.completions.create(model="gpt-oss-120b", messages=MESSAGES, n=3, seed=11,
-                                                           stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client(scripted).chat.completions.create(
+            model="gpt-oss-120b", messages=MESSAGES, n=3, seed=11, stream=True, stream_options={"include_usage": True}
+        )
+    )
     for index in range(3):
-        text = "".join(ch.choices[0].delta.content or "" for ch in chunks
-                       if ch.choices and ch.choices[0].index == index)
+        text = "".join(
+            ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == index
+        )
         assert text == "Hi there"
     assert chunks[-1].usage.completion_tokens == 3 * len(scripted.engine.script)
     seeds = sorted(params.seed for _, _, params in scripted.engine.requests[-3:])
@@ -269,6 +329,7 @@ def test_chat_length_finish(scripted):
 
 
 # ---- wire format: every frame parses with the openai package's own models ----
+
 
 def raw_chunks(server, body: dict) -> list:
     """The `data:` payloads of a streamed chat answer (dicts, and the final "[DONE]")."""
@@ -309,6 +370,8 @@ def test_chat_frames_validate_with_openai_types(scripted, script):
         head, rest = calls[0], calls[1:]
         assert head.index == 0 and head.id.startswith("call_") and head.type == "function"
         assert head.function.name == "get_weather"
-        assert rest and all(tc.index == 0 and tc.id is None and tc.type is None and tc.function.name is None
-                            and tc.function.arguments for tc in rest)
+        assert rest and all(
+            tc.index == 0 and tc.id is None and tc.type is None and tc.function.name is None and tc.function.arguments
+            for tc in rest
+        )
         assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"location": "Paris"}

@@ -38,25 +38,44 @@ CHAT_CASES = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ({"messages": [{"role": "user"}]}, 400, "messages[0].content"),
-    ({"messages": [*USER, {"role": "tool", "tool_call_id": "nope", "content": "x"}]}, 400,
-     "messages[1].tool_call_id"),
+    ({"messages": [*USER, {"role": "tool", "tool_call_id": "nope", "content": "x"}]}, 400, "messages[1].tool_call_id"),
     ({"messages": USER, "model": "gpt-5"}, 404, "model"),
     ({"messages": USER, "tools": {"a": 1}}, 400, "tools"),
-    ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, 400,
-     "tools[0].parameters"),
-    ({"messages": USER, "tools": [{"type": "function", "function": {"description": "no name"}}]}, 400,
-     "tools[0].name"),
-    ({"messages": USER, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400,
-     "tool_choice"),
+    (
+        {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+        400,
+        "tools[0].parameters",
+    ),
+    ({"messages": USER, "tools": [{"type": "function", "function": {"description": "no name"}}]}, 400, "tools[0].name"),
+    (
+        {"messages": USER, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+        400,
+        "tool_choice",
+    ),
     ({"messages": USER, "tool_choice": "sometimes"}, 400, "tool_choice"),
     ({"messages": USER, "response_format": {"type": "xml"}}, 400, "response_format.type"),
-    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
-     "response_format.json_schema.schema"),
+    (
+        {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        400,
+        "response_format.json_schema.schema",
+    ),
     ({"messages": USER, "reasoning_effort": "extreme"}, 400, "reasoning_effort"),
     ({"messages": USER, "reasoning": {"effort": "extreme"}}, 400, "reasoning.effort"),
-    ({"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "strict": True, "schema": {"type": "object", "properties": {"a": {"minimum": "low"}}}}}}, 400,
-     "response_format.json_schema.schema"),
+    (
+        {
+            "messages": USER,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "strict": True,
+                    "schema": {"type": "object", "properties": {"a": {"minimum": "low"}}},
+                },
+            },
+        },
+        400,
+        "response_format.json_schema.schema",
+    ),
     ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice"),
     ({"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
 ]
@@ -71,31 +90,37 @@ def test_chat_bad_input(scripted, body, status, param):
     assert error["param"] == param and error["message"]
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({}, "input"),
-    ({"input": ""}, "input"),
-    ({"input": 5}, "input"),
-    ({"input": [{"type": "telepathy"}]}, "input[0].type"),
-    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
-    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "hi", "reasoning": {"effort": "max"}}, "reasoning.effort"),
-    ({"input": "hi", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
-    ({"input": "hi", "temperature": -1}, "temperature"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": 5}, "input"),
+        ({"input": [{"type": "telepathy"}]}, "input[0].type"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "reasoning": {"effort": "max"}}, "reasoning.effort"),
+        ({"input": "hi", "tools": [{"type": "function", "parameters": {}}]}, "tools[0].name"),
+        ({"input": "hi", "temperature": -1}, "temperature"),
+    ],
+)
 def test_responses_bad_input(scripted, body, param):
     r = httpx.post(scripted.v1 + "/responses", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({}, "prompt"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "logprobs": 25}, "logprobs"),
-    ({"prompt": [1, 2, 99999]}, "prompt"),
-    ({"prompt": []}, "prompt"),
-    ({"prompt": LONG}, "prompt"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "logprobs": 25}, "logprobs"),
+        ({"prompt": [1, 2, 99999]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": LONG}, "prompt"),
+    ],
+)
 def test_completions_bad_input(scripted, body, param):
     r = httpx.post(scripted.v1 + "/completions", json=body)
     assert r.status_code == 400, r.text
@@ -120,21 +145,24 @@ def check_envelope(r, status: int, code: int, contains: str | None = None) -> No
         assert contains in body["errors"][0]["message"]
 
 
-@pytest.mark.parametrize(("body", "contains"), [
-    ({}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "hi", "temperature": 6}, "temperature"),
-    ({"prompt": "hi", "top_k": 100}, "top_k"),
-    ({"prompt": "hi", "seed": 0}, "seed"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "raw": "yes"}, "raw"),
-    ({"prompt": "hi", "messages": USER}, "messages"),
-    ({"messages": [{"role": "alien", "content": "x"}]}, "messages[0].role"),
-    ({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
-    ({"prompt": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
-    ({"requests": []}, "requests"),
-    ({"request_id": "no-such-id"}, "request_id"),
-])
+@pytest.mark.parametrize(
+    ("body", "contains"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "hi", "temperature": 6}, "temperature"),
+        ({"prompt": "hi", "top_k": 100}, "top_k"),
+        ({"prompt": "hi", "seed": 0}, "seed"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "raw": "yes"}, "raw"),
+        ({"prompt": "hi", "messages": USER}, "messages"),
+        ({"messages": [{"role": "alien", "content": "x"}]}, "messages[0].role"),
+        ({"input": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
+        ({"prompt": "hi", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
+        ({"requests": []}, "requests"),
+        ({"request_id": "no-such-id"}, "request_id"),
+    ],
+)
 def test_workers_ai_bad_input(scripted, body, contains):
     r = httpx.post(scripted.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json=body)
     check_envelope(r, 400, 5006, contains)
@@ -177,8 +205,12 @@ def small_server():
 def test_full_queue_is_429(small_server):
     small_server.engine.script = encode(small_server.tokenizer, HARMONY_ANSWER) * 20
     small_server.engine.delay = 0.02
-    with httpx.stream("POST", small_server.v1 + "/chat/completions",
-                      json={"messages": USER, "stream": True, "max_tokens": 400}, timeout=30) as first:
+    with httpx.stream(
+        "POST",
+        small_server.v1 + "/chat/completions",
+        json={"messages": USER, "stream": True, "max_tokens": 400},
+        timeout=30,
+    ) as first:
         assert first.status_code == 200
         r = httpx.post(small_server.v1 + "/chat/completions", json={"messages": USER})
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
@@ -205,10 +237,24 @@ def test_body_too_large_is_413(small_server):
 
 
 OUT_OF_RANGE = [  # every parameter of the api.md table, just outside its range
-    ("temperature", -0.1), ("temperature", 5.1), ("top_p", 0.0), ("top_p", 1.01), ("top_k", 0), ("top_k", 51),
-    ("seed", 0), ("seed", 10_000_000_000), ("repetition_penalty", -0.1), ("repetition_penalty", 2.1),
-    ("frequency_penalty", -2.1), ("frequency_penalty", 2.1), ("presence_penalty", -2.1), ("presence_penalty", 2.1),
-    ("max_tokens", 0), ("max_tokens", 1.5), ("stream", "yes"), ("raw", "yes"),
+    ("temperature", -0.1),
+    ("temperature", 5.1),
+    ("top_p", 0.0),
+    ("top_p", 1.01),
+    ("top_k", 0),
+    ("top_k", 51),
+    ("seed", 0),
+    ("seed", 10_000_000_000),
+    ("repetition_penalty", -0.1),
+    ("repetition_penalty", 2.1),
+    ("frequency_penalty", -2.1),
+    ("frequency_penalty", 2.1),
+    ("presence_penalty", -2.1),
+    ("presence_penalty", 2.1),
+    ("max_tokens", 0),
+    ("max_tokens", 1.5),
+    ("stream", "yes"),
+    ("raw", "yes"),
 ]
 WAI_BODIES = {"prompt": {"prompt": "hi"}, "messages": {"messages": USER}, "input": {"input": "hi"}}
 
@@ -232,20 +278,40 @@ def test_out_of_range_on_every_shape(scripted, field, value):
 
 def test_edges_of_the_ranges_are_accepted(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    edges = {"temperature": 5, "top_p": 0.001, "top_k": 50, "seed": 9_999_999_999, "repetition_penalty": 0,
-             "frequency_penalty": -2, "presence_penalty": 2, "max_tokens": 1}
+    edges = {
+        "temperature": 5,
+        "top_p": 0.001,
+        "top_k": 50,
+        "seed": 9_999_999_999,
+        "repetition_penalty": 0,
+        "frequency_penalty": -2,
+        "presence_penalty": 2,
+        "max_tokens": 1,
+    }
     for body in WAI_BODIES.values():
         r = httpx.post(scripted.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={**body, **edges})
         assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses", "/ai/run/@cf/openai/gpt-oss-120b",
-                                  "/client/v4/accounts/a/ai/v1/responses",
-                                  "/client/v4/accounts/a/ai/v1/chat/completions"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/chat/completions",
+        "/v1/responses",
+        "/ai/run/@cf/openai/gpt-oss-120b",
+        "/client/v4/accounts/a/ai/v1/responses",
+        "/client/v4/accounts/a/ai/v1/chat/completions",
+    ],
+)
 def test_wrong_content_type_bad_bytes_and_non_objects(scripted, path):
-    for kwargs in ({"data": {"messages": "hi"}}, {"content": b"\xff\xfe", "headers": {"content-type": "text/plain"}},
-                   {"content": b"<xml/>", "headers": {"content-type": "application/xml"}},
-                   {"content": b"[1, 2]"}, {"content": b"null"}, {"content": b'"text"'}):
+    for kwargs in (
+        {"data": {"messages": "hi"}},
+        {"content": b"\xff\xfe", "headers": {"content-type": "text/plain"}},
+        {"content": b"<xml/>", "headers": {"content-type": "application/xml"}},
+        {"content": b"[1, 2]"},
+        {"content": b"null"},
+        {"content": b'"text"'},
+    ):
         r = httpx.post(scripted.base_url + path, **kwargs)
         assert r.status_code == 400, r.text
         body = r.json()
@@ -255,16 +321,19 @@ def test_wrong_content_type_bad_bytes_and_non_objects(scripted, path):
             assert body["success"] is False and body["errors"][0]["code"] == 5006
 
 
-@pytest.mark.parametrize(("path", "body", "status"), [
-    ("/v1/responses", {"input": LONG}, 400),
-    ("/v1/responses", {"input": LONG, "stream": True}, 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "stream": True}, 400),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": LONG}]}, 413),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"input": LONG}, 413),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "stream": True}, 413),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "raw": True}, 413),
-    ("/client/v4/accounts/a/ai/v1/responses", {"input": LONG}, 413),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/responses", {"input": LONG}, 400),
+        ("/v1/responses", {"input": LONG, "stream": True}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}], "stream": True}, 400),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": LONG}]}, 413),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"input": LONG}, 413),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "stream": True}, 413),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": LONG, "raw": True}, 413),
+        ("/client/v4/accounts/a/ai/v1/responses", {"input": LONG}, 413),
+    ],
+)
 def test_prompt_longer_than_the_context(scripted, path, body, status):
     r = httpx.post(scripted.base_url + path, json=body)
     assert r.status_code == status, r.text
@@ -275,11 +344,21 @@ def test_prompt_longer_than_the_context(scripted, path, body, status):
 
 
 def test_edges_of_the_ranges_real_engine(live_server):
-    edges = {"temperature": 5, "top_p": 0.001, "top_k": 50, "seed": 9_999_999_999, "repetition_penalty": 0,
-             "frequency_penalty": -2, "presence_penalty": 2, "max_tokens": 2}
-    r = httpx.post(live_server.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "hi", **edges},
-                   timeout=120)
+    edges = {
+        "temperature": 5,
+        "top_p": 0.001,
+        "top_k": 50,
+        "seed": 9_999_999_999,
+        "repetition_penalty": 0,
+        "frequency_penalty": -2,
+        "presence_penalty": 2,
+        "max_tokens": 2,
+    }
+    r = httpx.post(
+        live_server.base_url + "/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "hi", **edges}, timeout=120
+    )
     assert r.status_code == 200, r.text
-    r = httpx.post(live_server.v1 + "/chat/completions", timeout=120,
-                   json={"messages": USER, **edges, "temperature": 0, "n": 2})
+    r = httpx.post(
+        live_server.v1 + "/chat/completions", timeout=120, json={"messages": USER, **edges, "temperature": 0, "n": 2}
+    )
     assert r.status_code == 200, r.text

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from pydantic import TypeAdapter
-
-from engine.harmony.render import HarmonyEncoding
-from engine.sequence import TokenLogprob
-from engine.tokenizer import build_tiny_tokenizer
-from server.generation import (
+from gptoss.engine.harmony.render import HarmonyEncoding
+from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.tokenizer import build_tiny_tokenizer
+from gptoss.server.generation import (
     Collected,
     ContentDelta,
     Finished,
@@ -23,6 +21,8 @@ from server.generation import (
     ToolCallStarted,
     Usage,
 )
+from pydantic import TypeAdapter
+
 from tests.server_helpers import HARMONY_ANSWER, HARMONY_TOOL_CALL
 
 
@@ -84,7 +84,7 @@ def test_tool_call_events(encoding):
 
 
 def test_recipient_before_channel_and_analysis_tool_call(encoding):
-    text = ('<|channel|>analysis to=functions.lookup json<|message|>{"q": 1}<|call|>')
+    text = '<|channel|>analysis to=functions.lookup json<|message|>{"q": 1}<|call|>'
     result = fold(run(encoding, text))
     assert [(c.name, c.arguments) for c in result.tool_calls] == [("lookup", '{"q": 1}')]
     assert result.finish_reason == "tool_calls"
@@ -119,8 +119,10 @@ def test_noise_gives_empty_answer(encoding):
 
 
 def test_stop_string_applies_to_content_only(encoding):
-    text = ("<|channel|>analysis<|message|>STOP in reasoning<|end|><|start|>assistant<|channel|>final<|message|>"
-            "one two STOP three<|return|>")
+    text = (
+        "<|channel|>analysis<|message|>STOP in reasoning<|end|><|start|>assistant<|channel|>final<|message|>"
+        "one two STOP three<|return|>"
+    )
     events = run(encoding, text, stop=["STOP"])
     result = fold(events)
     assert result.reasoning == "STOP in reasoning"
@@ -152,12 +154,13 @@ def test_usage_objects():
 
 # ---- Responses events, validated by the openai package's models ----
 
+
 def builder_events(encoding, text, finish="stop"):
-    from server.openai_responses import ResponseBuilder, ResponsesPlan
-    from server.protocol_openai import ResponsesRequest
+    from gptoss.server.openai_responses import ResponseBuilder, ResponsesPlan
+    from gptoss.server.protocol_openai import ResponsesRequest
 
     req = ResponsesRequest.model_validate_json('{"input": "hi"}')
-    from engine.sampling_params import SamplingParams
+    from gptoss.engine.sampling_params import SamplingParams
 
     plan = ResponsesPlan("gpt-oss-120b", [1, 2], [], SamplingParams(), [], req, [], [], "medium")
     builder = ResponseBuilder(plan)
@@ -185,9 +188,14 @@ def test_response_events_parse_with_openai_models(encoding, text):
         assert kinds == ["reasoning", "message"]
         assert final.output[1].content[0].text == "Hi there"
         assert final.output[0].content[0].text == "think"
-        for needed in ("response.reasoning_text.delta", "response.reasoning_text.done",
-                       "response.output_text.delta", "response.output_text.done",
-                       "response.content_part.added", "response.content_part.done"):
+        for needed in (
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.added",
+            "response.content_part.done",
+        ):
             assert needed in types
     else:
         assert kinds == ["reasoning", "function_call"]
@@ -209,16 +217,23 @@ def test_response_incomplete_on_length(encoding):
 
 # ---- metrics text ----
 
+
 def test_metrics_text_format():
-    from server.metrics import ServerMetrics
+    from gptoss.server.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     metrics.count_request("/v1/chat/completions", 200)
     metrics.ttft.observe(0.03)
     metrics.itl.observe(0.002)
     metrics.observe_tokens(5)
-    text = metrics.render({"num_running": 2, "kv_blocks_used": {"full_attention": 3, "sliding_attention": 1},
-                           "requests_finished_total": {"stop": 4}, "name": "ignored"})
+    text = metrics.render(
+        {
+            "num_running": 2,
+            "kv_blocks_used": {"full_attention": 3, "sliding_attention": 1},
+            "requests_finished_total": {"stop": 4},
+            "name": "ignored",
+        }
+    )
     assert 'gptoss_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in text
     assert 'gptoss_time_to_first_token_seconds_bucket{le="0.05"} 1' in text
     assert 'gptoss_time_to_first_token_seconds_bucket{le="+Inf"} 1' in text

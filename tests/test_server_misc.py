@@ -48,9 +48,10 @@ def test_tokenize_detokenize(scripted):
     assert detok["prompt"] == "Hello world"
     messages = [{"role": "user", "content": "hi"}]
     with_prompt = httpx.post(scripted.base_url + "/tokenize", json={"messages": messages}).json()
-    without = httpx.post(scripted.base_url + "/tokenize",
-                         json={"messages": messages, "add_generation_prompt": False}).json()
-    assert with_prompt["tokens"][:without["count"]] == without["tokens"]
+    without = httpx.post(
+        scripted.base_url + "/tokenize", json={"messages": messages, "add_generation_prompt": False}
+    ).json()
+    assert with_prompt["tokens"][: without["count"]] == without["tokens"]
     assert with_prompt["count"] == without["count"] + len(encode(scripted.tokenizer, "<|start|>assistant"))
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     client(scripted).chat.completions.create(model="gpt-oss-120b", messages=messages, reasoning_effort="high")
@@ -75,48 +76,65 @@ def test_auth(auth_server):
 def test_serve_arguments(monkeypatch):
     import argparse
 
-    from server.app import add_serve_arguments
+    from gptoss.server.app import add_serve_arguments
 
     monkeypatch.setenv("GPTOSS_API_KEY", "from-env")
     args = add_serve_arguments(argparse.ArgumentParser()).parse_args([])
-    assert (args.host, args.port, args.served_model_name, args.api_key) == ("127.0.0.1", 8000, "gpt-oss-120b",
-                                                                            "from-env")
+    assert (args.host, args.port, args.served_model_name, args.api_key) == (
+        "127.0.0.1",
+        8000,
+        "gpt-oss-120b",
+        "from-env",
+    )
 
 
 # ---- legacy completions on the real engine ----
+
 
 def test_completions_echo_logprobs_real_engine(live_server):
     c = client(live_server)
     prompt = "The capital of France is Paris"
     n_prompt = len(encode(live_server.tokenizer, prompt))
-    out = c.completions.create(model="gpt-oss-120b", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
-                               temperature=0)
+    out = c.completions.create(model="gpt-oss-120b", prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
     choice = out.choices[0]
     assert choice.text == prompt
     assert len(choice.logprobs.tokens) == n_prompt and choice.logprobs.token_logprobs[0] is None
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
     assert out.usage.prompt_tokens == n_prompt and out.usage.completion_tokens == 0
-    out = c.completions.create(model="gpt-oss-120b", prompt=[prompt, "Hello"], max_tokens=3, echo=True,
-                               logprobs=2, temperature=0)
+    out = c.completions.create(
+        model="gpt-oss-120b", prompt=[prompt, "Hello"], max_tokens=3, echo=True, logprobs=2, temperature=0
+    )
     assert len(out.choices) == 2 and out.choices[0].text.startswith(prompt)
     assert len(out.choices[0].logprobs.tokens) == n_prompt + 3
     assert len(out.choices[1].logprobs.top_logprobs[-1]) == 2
 
 
 def test_completions_stream_real_engine(live_server):
-    chunks = list(client(live_server).completions.create(model="gpt-oss-120b", prompt="Hello", max_tokens=4,
-                                                         stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client(live_server).completions.create(
+            model="gpt-oss-120b", prompt="Hello", max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage.completion_tokens == 4
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
 # ---- disconnects and metrics ----
 
+
 def test_disconnect_mid_stream_frees_blocks(live_server):
     base = live_server.base_url
-    with httpx.stream("POST", base + "/v1/chat/completions", timeout=60,
-                      json={"messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 1500,
-                            "stream": True, "temperature": 1.0}) as r:
+    with httpx.stream(
+        "POST",
+        base + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": 1500,
+            "stream": True,
+            "temperature": 1.0,
+        },
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         next(lines)  # the role chunk: the request is running
@@ -140,22 +158,26 @@ def test_disconnect_mid_stream_frees_blocks(live_server):
 
 
 def test_metrics_content(live_server):
-    client(live_server).chat.completions.create(model="gpt-oss-120b", max_tokens=3,
-                                                messages=[{"role": "user", "content": "hi"}])
+    client(live_server).chat.completions.create(
+        model="gpt-oss-120b", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+    )
     r = httpx.get(live_server.base_url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert metric(text, "gptoss_requests_total", '{endpoint="/v1/chat/completions",status="200"}') >= 1
     assert metric(text, "gptoss_time_to_first_token_seconds_count") >= 1
     assert metric(text, "gptoss_inter_token_latency_seconds_count") >= 1
-    for name in ("gptoss_engine_num_waiting", "gptoss_engine_prefix_hit_tokens_total",
-                 "gptoss_generation_tokens_per_second"):
+    for name in (
+        "gptoss_engine_num_waiting",
+        "gptoss_engine_prefix_hit_tokens_total",
+        "gptoss_generation_tokens_per_second",
+    ):
         assert metric(text, name) >= 0
     assert re.search(r'^gptoss_engine_kv_blocks_free\{group="[^"]+"\} \d+', text, re.M)
 
 
 def test_bounded_store_capacity_and_expiry(monkeypatch):
-    from server import state as state_module
+    from gptoss.server import state as state_module
 
     now = [100.0]
     monkeypatch.setattr(state_module.time, "monotonic", lambda: now[0])
@@ -171,22 +193,26 @@ def test_bounded_store_capacity_and_expiry(monkeypatch):
 def test_completions_ignore_eos_reaches_the_engine(scripted):
     scripted.engine.script = encode(scripted.tokenizer, "Hello there")
     for flag in (True, False):
-        httpx.post(scripted.v1 + "/completions", timeout=30,
-                   json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": flag}).raise_for_status()
+        httpx.post(
+            scripted.v1 + "/completions", timeout=30, json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": flag}
+        ).raise_for_status()
         assert scripted.engine.requests[-1][2].ignore_eos is flag
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
-    ("POST", "/v1/responses", {"input": "hi"}),
-    ("POST", "/v1/completions", {"prompt": "hi"}),
-    ("GET", "/v1/models", None),
-    ("POST", "/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
-    ("POST", "/client/v4/accounts/a/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi"}),
-    ("POST", "/client/v4/accounts/a/ai/v1/responses", {"input": "hi"}),
-    ("POST", "/client/v4/accounts/a/ai/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-])
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("POST", "/v1/responses", {"input": "hi"}),
+        ("POST", "/v1/completions", {"prompt": "hi"}),
+        ("GET", "/v1/models", None),
+        ("POST", "/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
+        ("POST", "/client/v4/accounts/a/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi"}),
+        ("POST", "/client/v4/accounts/a/ai/v1/responses", {"input": "hi"}),
+        ("POST", "/client/v4/accounts/a/ai/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
 def test_auth_refusals_in_each_shape(auth_server, method, path, body, headers):
     r = httpx.request(method, auth_server.base_url + path, json=body, headers=headers)
     assert r.status_code == 401, r.text
@@ -198,16 +224,19 @@ def test_auth_refusals_in_each_shape(auth_server, method, path, body, headers):
         assert r.json()["errors"][0]["code"] == 10000
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
-    ("/v1/responses", {"input": "hi", "stream": True}),
-    ("/v1/completions", {"prompt": "hi", "stream": True}),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True, "raw": True}),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
-    ("/ai/run/@cf/openai/gpt-oss-120b", {"input": "hi"}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("/v1/responses", {"input": "hi", "stream": True}),
+        ("/v1/completions", {"prompt": "hi", "stream": True}),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True}),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"prompt": "hi", "stream": True, "raw": True}),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+        ("/ai/run/@cf/openai/gpt-oss-120b", {"input": "hi"}),
+    ],
+)
 def test_disconnect_aborts_the_request(scripted, path, body):
     engine = scripted.engine
     engine.script, engine.delay = encode(scripted.tokenizer, HARMONY_ANSWER) * 40, 0.02
@@ -221,8 +250,11 @@ def test_disconnect_aborts_the_request(scripted, path, body):
         data = json.dumps({**body, "max_tokens": 1000}).encode()
         submitted = len(engine.requests)
         with socket.create_connection(("127.0.0.1", int(scripted.base_url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
             deadline = time.monotonic() + 10
             while len(engine.requests) == submitted:
                 assert time.monotonic() < deadline
@@ -242,8 +274,12 @@ def test_completions_frames_validate_with_openai_types(scripted):
     body = {"prompt": ["Hi", "Yo"], "max_tokens": 4, "n": 2, "logprobs": 1}
     Completion.model_validate(httpx.post(scripted.v1 + "/completions", json=body, timeout=30).json())
     frames = []
-    with httpx.stream("POST", scripted.v1 + "/completions", timeout=30,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with httpx.stream(
+        "POST",
+        scripted.v1 + "/completions",
+        timeout=30,
+        json={**body, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         frames = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert frames[-1] == "[DONE]"
     for frame in frames[:-1]:

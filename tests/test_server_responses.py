@@ -16,8 +16,12 @@ from tests.server_helpers import HARMONY_ANSWER, HARMONY_TOOL_CALL, encode
 pytest_plugins = ["tests.server_fixtures"]
 
 EVENTS = TypeAdapter(ResponseStreamEvent)
-TOOL = {"type": "function", "name": "get_weather", "description": "Get the weather",
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the weather",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+}
 
 
 def client(server) -> OpenAI:
@@ -41,8 +45,9 @@ def raw_events(server, body: dict) -> list[dict]:
 
 
 def test_responses_sync_real_engine(live_server):
-    out = client(live_server).responses.create(model="gpt-oss-120b", input="Hello", instructions="Be brief.",
-                                               max_output_tokens=5, reasoning={"effort": "low"})
+    out = client(live_server).responses.create(
+        model="gpt-oss-120b", input="Hello", instructions="Be brief.", max_output_tokens=5, reasoning={"effort": "low"}
+    )
     assert out.object == "response" and out.status in ("completed", "incomplete")
     assert out.usage.input_tokens > 0 and out.usage.output_tokens <= 5
     assert out.usage.output_tokens_details.reasoning_tokens >= 0
@@ -50,8 +55,9 @@ def test_responses_sync_real_engine(live_server):
 
 
 def test_responses_stream_real_engine(live_server):
-    events = list(client(live_server).responses.create(model="gpt-oss-120b", input="Hello", max_output_tokens=4,
-                                                       stream=True))
+    events = list(
+        client(live_server).responses.create(model="gpt-oss-120b", input="Hello", max_output_tokens=4, stream=True)
+    )
     assert events[0].type == "response.created" and events[1].type == "response.in_progress"
     assert events[-1].type in ("response.completed", "response.incomplete")
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -64,13 +70,20 @@ def test_responses_stream_events_validate(scripted):
         EVENTS.validate_python(event)
     types = [e["type"] for e in events]
     assert types == [
-        "response.created", "response.in_progress",
-        "response.output_item.added", "response.content_part.added",
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
         *["response.reasoning_text.delta"] * types.count("response.reasoning_text.delta"),
-        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
-        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
         *["response.output_text.delta"] * types.count("response.output_text.delta"),
-        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
         "response.completed",
     ]
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hi there"
@@ -80,8 +93,9 @@ def test_responses_stream_events_validate(scripted):
 
 def test_responses_client_parses_stream_with_tool_call(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
-    events = list(client(scripted).responses.create(model="gpt-oss-120b", input="Weather in Paris?",
-                                                    tools=[TOOL], stream=True))
+    events = list(
+        client(scripted).responses.create(model="gpt-oss-120b", input="Weather in Paris?", tools=[TOOL], stream=True)
+    )
     types = [e.type for e in events]
     assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types
     done = next(e for e in events if e.type == "response.function_call_arguments.done")
@@ -99,9 +113,12 @@ def test_responses_sync_items_and_previous_response(scripted):
     call = first.output[1]
     assert first.usage.output_tokens_details.reasoning_tokens >= 1
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    second = c.responses.create(model="gpt-oss-120b", previous_response_id=first.id, tools=[TOOL],
-                                input=[{"type": "function_call_output", "call_id": call.call_id,
-                                        "output": '{"temp": 20}'}])
+    second = c.responses.create(
+        model="gpt-oss-120b",
+        previous_response_id=first.id,
+        tools=[TOOL],
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 20}'}],
+    )
     assert second.output_text == "Hi there"
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert "Weather in Paris?" in prompt_text
@@ -114,13 +131,24 @@ def test_responses_input_items_text_format_and_named_tool(scripted):
     call = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location": "Rome"}<|call|>'
     scripted.engine.script = encode(scripted.tokenizer, call)
     out = client(scripted).responses.create(
-        model="gpt-oss-120b", tools=[TOOL], tool_choice={"type": "function", "name": "get_weather"},
-        input=[{"role": "developer", "content": "Use tools."},
-               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Rome?"}]},
-               {"type": "reasoning", "id": "rs_1", "summary": [],
-                "content": [{"type": "reasoning_text", "text": "earlier thought"}]}],
+        model="gpt-oss-120b",
+        tools=[TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        input=[
+            {"role": "developer", "content": "Use tools."},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Rome?"}]},
+            {
+                "type": "reasoning",
+                "id": "rs_1",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": "earlier thought"}],
+            },
+        ],
         text={"format": {"type": "json_schema", "name": "out", "schema": {"type": "object"}}},
-        temperature=0.2, top_p=0.5, max_output_tokens=60)
+        temperature=0.2,
+        top_p=0.5,
+        max_output_tokens=60,
+    )
     assert out.output[0].type == "function_call" and json.loads(out.output[0].arguments) == {"location": "Rome"}
     assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
     _, prompt, params = scripted.engine.requests[-1]
@@ -164,8 +192,9 @@ def without_ids(value):
     return value
 
 
-@pytest.mark.parametrize(("script", "max_output_tokens"), [(HARMONY_ANSWER, None), (HARMONY_TOOL_CALL, None),
-                                                           (HARMONY_ANSWER, 12)])
+@pytest.mark.parametrize(
+    ("script", "max_output_tokens"), [(HARMONY_ANSWER, None), (HARMONY_TOOL_CALL, None), (HARMONY_ANSWER, 12)]
+)
 def test_responses_stream_agrees_with_sync(scripted, script, max_output_tokens):
     from openai.types.responses import Response
 
@@ -200,16 +229,20 @@ def test_responses_stream_agrees_with_sync(scripted, script, max_output_tokens):
 
 def test_responses_previous_id_prompt_equals_explicit_history(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
-    first = httpx.post(scripted.v1 + "/responses", json={"input": "Weather?", "tools": [TOOL],
-                                                         "instructions": "Be nice."}).json()
+    first = httpx.post(
+        scripted.v1 + "/responses", json={"input": "Weather?", "tools": [TOOL], "instructions": "Be nice."}
+    ).json()
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     new = [{"type": "function_call_output", "call_id": first["output"][-1]["call_id"], "output": "20C"}]
-    chained = httpx.post(scripted.v1 + "/responses", json={"previous_response_id": first["id"], "input": new,
-                                                           "tools": [TOOL]}).json()
+    chained = httpx.post(
+        scripted.v1 + "/responses", json={"previous_response_id": first["id"], "input": new, "tools": [TOOL]}
+    ).json()
     chained_prompt = scripted.engine.requests[-1][1]
     assert chained["usage"]["input_tokens"] == len(chained_prompt)
-    httpx.post(scripted.v1 + "/responses", json={"input": [{"role": "user", "content": "Weather?"},
-                                                           *first["output"], *new], "tools": [TOOL]})
+    httpx.post(
+        scripted.v1 + "/responses",
+        json={"input": [{"role": "user", "content": "Weather?"}, *first["output"], *new], "tools": [TOOL]},
+    )
     assert scripted.engine.requests[-1][1] == chained_prompt  # instructions are not carried over (as OpenAI)
 
 
@@ -234,8 +267,12 @@ def test_noise_streams_validate_real_engine(live_server, seed):
     for event in events:
         EVENTS.validate_python(event)
     assert events[-1]["type"] in ("response.completed", "response.incomplete")
-    with httpx.stream("POST", live_server.v1 + "/chat/completions", timeout=60,
-                      json={"messages": [{"role": "user", "content": "Hello"}], "stream": True, **body}) as r:
+    with httpx.stream(
+        "POST",
+        live_server.v1 + "/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "Hello"}], "stream": True, **body},
+    ) as r:
         frames = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert frames[-1] == "[DONE]"
     for frame in frames[:-1]:

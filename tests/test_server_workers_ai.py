@@ -13,8 +13,11 @@ from tests.server_helpers import HARMONY_ANSWER, HARMONY_TOOL_CALL, WEATHER_TOOL
 pytest_plugins = ["tests.server_fixtures"]
 
 MODEL = "@cf/openai/gpt-oss-120b"
-FLAT_TOOL = {"name": "get_weather", "description": "Get the weather",
-             "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}
+FLAT_TOOL = {
+    "name": "get_weather",
+    "description": "Get the weather",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+}
 
 
 def run(server, body, *, model=MODEL, params=None, prefix=""):
@@ -40,6 +43,7 @@ def ok(r) -> dict:
 
 # ---- real engine ----
 
+
 def test_prompt_real_engine(live_server):
     result = ok(run(live_server, {"prompt": "Hello", "max_tokens": 4}))
     assert set(result) == {"response", "usage", "tool_calls"}
@@ -56,8 +60,17 @@ def test_raw_prompt_real_engine(live_server):
 def test_messages_and_input_real_engine(live_server):
     chat = ok(run(live_server, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}))
     assert chat["object"] == "chat.completion" and chat["model"] == MODEL
-    resp = ok(run(live_server, {"input": "Hi", "instructions": "Be brief", "max_tokens": 3,
-                                "reasoning": {"effort": "high", "summary": "auto"}}))
+    resp = ok(
+        run(
+            live_server,
+            {
+                "input": "Hi",
+                "instructions": "Be brief",
+                "max_tokens": 3,
+                "reasoning": {"effort": "high", "summary": "auto"},
+            },
+        )
+    )
     assert resp["object"] == "response" and resp["usage"]["output_tokens"] <= 3
     assert resp["reasoning"]["effort"] == "high"
 
@@ -72,6 +85,7 @@ def test_prompt_stream_real_engine(live_server):
 
 
 # ---- scripted engine ----
+
 
 def test_prompt_format_with_tool_call(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
@@ -133,13 +147,15 @@ def test_input_stream_frames(scripted):
 
 def test_batch_mixed_formats_with_a_bad_item(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    body = {"requests": [
-        {"prompt": "one", "external_reference": "a"},
-        {"messages": [{"role": "user", "content": "two"}], "external_reference": "b"},
-        {"input": "three"},
-        {"prompt": "bad", "temperature": 9, "external_reference": "d"},
-        {"nothing": True},
-    ]}
+    body = {
+        "requests": [
+            {"prompt": "one", "external_reference": "a"},
+            {"messages": [{"role": "user", "content": "two"}], "external_reference": "b"},
+            {"input": "three"},
+            {"prompt": "bad", "temperature": 9, "external_reference": "d"},
+            {"nothing": True},
+        ]
+    }
     results = ok(run(scripted, body))["results"]
     assert len(results) == 5
     assert results[0]["response"] == "Hi there" and results[0]["external_reference"] == "a"
@@ -153,8 +169,13 @@ def test_batch_mixed_formats_with_a_bad_item(scripted):
 def test_batch_queue_and_poll(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     scripted.engine.delay = 0.02
-    queued = ok(run(scripted, {"requests": [{"prompt": "a"}, {"prompt": "b", "external_reference": "x"}]},
-                    params={"queueRequest": "true"}))
+    queued = ok(
+        run(
+            scripted,
+            {"requests": [{"prompt": "a"}, {"prompt": "b", "external_reference": "x"}]},
+            params={"queueRequest": "true"},
+        )
+    )
     assert queued["status"] == "queued" and queued["model"] == MODEL
     request_id = queued["request_id"]
     statuses = set()
@@ -177,8 +198,9 @@ def test_account_aliases(scripted):
     base = scripted.base_url + "/client/v4/accounts/abc123/ai"
     result = ok(httpx.post(f"{base}/run/{MODEL}", json={"prompt": "hi"}))
     assert result["response"] == "Hi there"
-    chat = httpx.post(f"{base}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user",
-                                                                                           "content": "hi"}]})
+    chat = httpx.post(
+        f"{base}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"  # plain OpenAI object
     resp = httpx.post(f"{base}/v1/responses", json={"model": MODEL, "input": "hi"})
     assert resp.status_code == 200 and resp.json()["object"] == "response"
@@ -201,8 +223,9 @@ def test_served_name_in_path(scripted):
 def test_workers_ai_response_format_schema_shape(scripted):
     scripted.engine.script = encode(scripted.tokenizer, '<|channel|>final<|message|>{"a": 1}<|return|>')
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
-    result = ok(run(scripted, {"prompt": "json please", "response_format": {"type": "json_schema",
-                                                                          "json_schema": schema}}))
+    result = ok(
+        run(scripted, {"prompt": "json please", "response_format": {"type": "json_schema", "json_schema": schema}})
+    )
     assert json.loads(result["response"]) == {"a": 1}
     assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
@@ -214,15 +237,20 @@ def test_lora_is_405(scripted):
     assert r.status_code == 405 and r.json()["errors"][0]["code"] == 5005
 
 
-@pytest.mark.parametrize(("path", "body"), [
-    (f"/ai/run/{MODEL}", {"messages": [{"role": "user", "content": "hi"}], "lora": "a"}),
-    (f"/ai/run/{MODEL}", {"input": "hi", "lora": "a"}),
-    (f"/client/v4/accounts/abc/ai/run/{MODEL}", {"prompt": "hi", "lora": "a"}),
-    ("/client/v4/accounts/abc/ai/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                        "lora": "a"}),
-    ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a"}),
-    ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a", "stream": True}),
-])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (f"/ai/run/{MODEL}", {"messages": [{"role": "user", "content": "hi"}], "lora": "a"}),
+        (f"/ai/run/{MODEL}", {"input": "hi", "lora": "a"}),
+        (f"/client/v4/accounts/abc/ai/run/{MODEL}", {"prompt": "hi", "lora": "a"}),
+        (
+            "/client/v4/accounts/abc/ai/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "lora": "a"},
+        ),
+        ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a"}),
+        ("/client/v4/accounts/abc/ai/v1/responses", {"input": "hi", "lora": "a", "stream": True}),
+    ],
+)
 def test_lora_is_405_on_every_workers_ai_route(scripted, path, body):
     r = httpx.post(scripted.base_url + path, json=body)
     assert r.status_code == 405, r.text
@@ -230,15 +258,15 @@ def test_lora_is_405_on_every_workers_ai_route(scripted, path, body):
 
 
 def test_lora_is_refused_on_openai_routes(scripted):
-    r = httpx.post(scripted.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                            "lora": "a"})
+    r = httpx.post(
+        scripted.v1 + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "lora": "a"}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
     r = httpx.post(scripted.v1 + "/responses", json={"input": "hi", "lora": "a"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "lora"
 
 
-@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]},
-                                  {"input": "hi"}])
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}])
 def test_stream_must_be_a_boolean(scripted, body):
     r = run(scripted, {**body, "stream": "yes"})
     assert r.status_code == 400 and r.json()["errors"][0]["code"] == 5006
@@ -269,28 +297,30 @@ def test_results_and_frames_validate_with_openai_types(scripted):
 def test_prompt_usage_equals_the_rendered_prompt(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     result = ok(run(scripted, {"prompt": "hello there"}))
-    tokens = httpx.post(scripted.base_url + "/tokenize",
-                        json={"messages": [{"role": "user", "content": "hello there"}]}).json()["tokens"]
+    tokens = httpx.post(
+        scripted.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hello there"}]}
+    ).json()["tokens"]
     assert scripted.engine.requests[-1][1] == tokens and result["usage"]["prompt_tokens"] == len(tokens)
     frames = sse_frames(scripted, {"prompt": "hello there"})
     assert frames[-2]["usage"]["prompt_tokens"] == len(tokens)
 
 
-@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]},
-                                  {"input": "hi"}])
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "hi"}]}, {"input": "hi"}])
 def test_failed_stream_still_ends_with_trailer(scripted, body):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
     scripted.engine.fail_after = 12
     frames = sse_frames(scripted, body)
-    assert any("error" in f or f.get("type") == "response.failed" or f.get("success") is False
-               for f in frames[:-2])
+    assert any("error" in f or f.get("type") == "response.failed" or f.get("success") is False for f in frames[:-2])
     assert set(frames[-2]) == {"response", "usage"} and frames[-2]["response"] == "" and frames[-1] == "[DONE]"
 
 
 def test_batch_items_with_stream_run_whole(scripted):
     scripted.engine.script = encode(scripted.tokenizer, HARMONY_ANSWER)
-    items = [{"prompt": "a", "stream": True}, {"input": "b", "stream": True},
-             {"prompt": "c", "stream": "yes", "external_reference": "bad"}]
+    items = [
+        {"prompt": "a", "stream": True},
+        {"input": "b", "stream": True},
+        {"prompt": "c", "stream": "yes", "external_reference": "bad"},
+    ]
     results = ok(run(scripted, {"requests": items}))["results"]
     assert results[0]["response"] == "Hi there" and results[1]["object"] == "response"
     assert results[2]["success"] is False and "stream" in results[2]["errors"][0]["message"]

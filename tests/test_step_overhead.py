@@ -6,16 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.sequence import Sequence
+from gptoss.engine.detokenizer import IncrementalDetokenizer
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.tokenizer import build_tiny_tokenizer
+from gptoss.engine.worker.model_runner import HostBlockTables, _to_host_lists
+from gptoss.engine.worker.sampler import SamplingBatch, _token_counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from engine.block_manager import FULL, SLIDING, BlockManager
-from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import HostBlockTables, _to_host_lists
-from engine.sampler import SamplingBatch, _token_counts
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
-from engine.tokenizer import build_tiny_tokenizer
 
 BS = 4
 
@@ -192,7 +191,7 @@ def test_ids_beyond_the_tokenizer_decode_to_nothing():
 
 
 def test_benchmark_runs(tmp_path, capsys):
-    from benchmarks.bench_step_overhead import main
+    from gptoss.benchmarks.bench_step_overhead import main
 
     previous = torch.get_num_threads()
     try:

@@ -25,12 +25,11 @@ from typing import Any
 
 import jsonschema
 import pytest
-
-from engine.engine_args import EngineArgs
-from engine.llm import LLMEngine, grammar_mask_fn
-from engine.sampling_params import SamplingParams
-from engine.sequence import RequestOutput
-from engine.structured_output import FINAL_HEADER, StructuredOutputCompiler, StructuredOutputSpec
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.llm_engine import LLMEngine, grammar_mask_fn
+from gptoss.engine.outputs import RequestOutput
+from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.structured_output import FINAL_HEADER, StructuredOutputCompiler, StructuredOutputSpec
 
 pytest_plugins = ["tests.server_fixtures"]
 
@@ -38,43 +37,64 @@ pytest_plugins = ["tests.server_fixtures"]
 SCHEMAS: dict[str, dict[str, Any]] = {
     "flat_object": {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0,
-                                                                            "maximum": 120}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
         "required": ["name", "age"],
         "additionalProperties": False,
     },
     "nested_object": {
         "type": "object",
-        "properties": {"user": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "integer", "minimum": 1, "maximum": 999},
-                "address": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string", "maxLength": 6},
-                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"],
-                    "additionalProperties": False,
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "integer", "minimum": 1, "maximum": 999},
+                    "address": {
+                        "type": "object",
+                        "properties": {
+                            "city": {"type": "string", "maxLength": 6},
+                            "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+                        },
+                        "required": ["city", "zip"],
+                        "additionalProperties": False,
+                    },
                 },
-            },
-            "required": ["id", "address"],
-            "additionalProperties": False,
-        }},
+                "required": ["id", "address"],
+                "additionalProperties": False,
+            }
+        },
         "required": ["user"],
         "additionalProperties": False,
     },
     "deep_nesting": {
         "type": "object",
-        "properties": {"a": {"type": "object", "properties": {"b": {"type": "object", "properties": {
-            "c": {"enum": ["x", "y"]}}, "required": ["c"], "additionalProperties": False}},
-            "required": ["b"], "additionalProperties": False}},
+        "properties": {
+            "a": {
+                "type": "object",
+                "properties": {
+                    "b": {
+                        "type": "object",
+                        "properties": {"c": {"enum": ["x", "y"]}},
+                        "required": ["c"],
+                        "additionalProperties": False,
+                    }
+                },
+                "required": ["b"],
+                "additionalProperties": False,
+            }
+        },
         "required": ["a"],
         "additionalProperties": False,
     },
     "optional_properties": {
         "type": "object",
-        "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}, "b": {"type": "boolean"},
-                       "c": {"type": "string", "maxLength": 4}},
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 9},
+            "b": {"type": "boolean"},
+            "c": {"type": "string", "maxLength": 4},
+        },
         "required": ["b"],
         "additionalProperties": False,
     },
@@ -83,25 +103,37 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"x": {"type": "boolean"}, "y": {"type": "null"}},
         "additionalProperties": False,
     },
-    "array_bounds": {"type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1,
-                     "maxItems": 4},
+    "array_bounds": {
+        "type": "array",
+        "items": {"type": "integer", "minimum": -5, "maximum": 5},
+        "minItems": 1,
+        "maxItems": 4,
+    },
     "array_of_enums": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 2, "maxItems": 3},
     "array_of_objects": {
         "type": "array",
         "items": {
             "type": "object",
-            "properties": {"k": {"type": "string", "maxLength": 3}, "n": {"type": "integer", "minimum": 0,
-                                                                          "maximum": 9}},
+            "properties": {
+                "k": {"type": "string", "maxLength": 3},
+                "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            },
             "required": ["k", "n"],
             "additionalProperties": False,
         },
         "maxItems": 3,
     },
-    "nested_arrays": {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0,
-                                                                             "maximum": 9}, "maxItems": 2},
-                      "maxItems": 2},
-    "tuple_prefix_items": {"type": "array", "prefixItems": [{"type": "string", "maxLength": 3}, {"type": "boolean"}],
-                           "items": False, "minItems": 2},
+    "nested_arrays": {
+        "type": "array",
+        "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 2},
+        "maxItems": 2,
+    },
+    "tuple_prefix_items": {
+        "type": "array",
+        "prefixItems": [{"type": "string", "maxLength": 3}, {"type": "boolean"}],
+        "items": False,
+        "minItems": 2,
+    },
     "string_enum": {
         "type": "object",
         "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}},
@@ -117,8 +149,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "integer_bounds": {
         "type": "object",
-        "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 130},
-                       "delta": {"type": "integer", "exclusiveMinimum": -6, "exclusiveMaximum": 6}},
+        "properties": {
+            "age": {"type": "integer", "minimum": 18, "maximum": 130},
+            "delta": {"type": "integer", "exclusiveMinimum": -6, "exclusiveMaximum": 6},
+        },
         "required": ["age", "delta"],
         "additionalProperties": False,
     },
@@ -128,16 +162,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "string_pattern": {"type": "string", "pattern": "^[a-z]{2,4}-[0-9]{2}$"},
     "email_like_pattern": {"type": "string", "pattern": "^[a-z]{1,5}@[a-z]{1,5}\\.(com|org)$"},
     "string_length": {"type": "string", "minLength": 3, "maxLength": 6},
-    "date_format": {"type": "object", "properties": {"day": {"type": "string", "format": "date"}},
-                    "required": ["day"], "additionalProperties": False},
-    "any_of_scalars": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "integer", "minimum": 0, "maximum": 99},
-                                 {"type": "null"}]},
+    "date_format": {
+        "type": "object",
+        "properties": {"day": {"type": "string", "format": "date"}},
+        "required": ["day"],
+        "additionalProperties": False,
+    },
+    "any_of_scalars": {
+        "anyOf": [
+            {"type": "string", "maxLength": 5},
+            {"type": "integer", "minimum": 0, "maximum": 99},
+            {"type": "null"},
+        ]
+    },
     "any_of_objects": {
         "anyOf": [
-            {"type": "object", "properties": {"cat": {"type": "string", "maxLength": 5}}, "required": ["cat"],
-             "additionalProperties": False},
-            {"type": "object", "properties": {"dog": {"type": "integer", "minimum": 0, "maximum": 9}},
-             "required": ["dog"], "additionalProperties": False},
+            {
+                "type": "object",
+                "properties": {"cat": {"type": "string", "maxLength": 5}},
+                "required": ["cat"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"dog": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["dog"],
+                "additionalProperties": False,
+            },
         ]
     },
     "one_of_disjoint": {"oneOf": [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 9}]},
@@ -148,18 +199,31 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
     "refs": {
-        "$defs": {"point": {"type": "object",
-                            "properties": {"x": {"type": "integer", "minimum": -9, "maximum": 9},
-                                           "y": {"type": "integer", "minimum": -9, "maximum": 9}},
-                            "required": ["x", "y"], "additionalProperties": False}},
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {
+                    "x": {"type": "integer", "minimum": -9, "maximum": 9},
+                    "y": {"type": "integer", "minimum": -9, "maximum": 9},
+                },
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
         "type": "object",
         "properties": {"from": {"$ref": "#/$defs/point"}, "to": {"$ref": "#/$defs/point"}},
         "required": ["from", "to"],
         "additionalProperties": False,
     },
-    "unicode_keys": {"type": "object", "properties": {"café": {"type": "string", "maxLength": 3},
-                                                      "日本": {"type": "integer", "minimum": 0, "maximum": 9}},
-                     "required": ["café", "日本"], "additionalProperties": False},
+    "unicode_keys": {
+        "type": "object",
+        "properties": {
+            "café": {"type": "string", "maxLength": 3},
+            "日本": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["café", "日本"],
+        "additionalProperties": False,
+    },
 }
 SEEDS = (7, 1234, 99991)
 # Above the longest reply any of SCHEMAS allows, so every run must stop. The worst is "array_of_objects": 31
@@ -168,8 +232,14 @@ SEEDS = (7, 1234, 99991)
 # Random runs stay far below (at most about 200 tokens over 40 seeds of each schema); a batch ends with its
 # longest run, so the bound costs no time.
 MAX_TOKENS = 1536
-STREAMING_SCHEMAS = ("nested_object", "array_of_objects", "any_of_objects", "string_pattern", "refs",
-                     "optional_properties")
+STREAMING_SCHEMAS = (
+    "nested_object",
+    "array_of_objects",
+    "any_of_objects",
+    "string_pattern",
+    "refs",
+    "optional_properties",
+)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -179,8 +249,9 @@ STREAMING_SCHEMAS = ("nested_object", "array_of_objects", "any_of_objects", "str
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint: Path) -> LLMEngine:
-    return LLMEngine(EngineArgs(model=str(tiny_checkpoint), num_blocks=2048, max_num_seqs=128,
-                                max_num_batched_tokens=4096))
+    return LLMEngine(
+        EngineArgs(model=str(tiny_checkpoint), num_blocks=2048, max_num_seqs=128, max_num_batched_tokens=4096)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +276,9 @@ def schema_spec(schema: dict[str, Any]) -> StructuredOutputSpec:
 
 def sampling(seed: int, compiler: StructuredOutputCompiler, max_tokens: int = MAX_TOKENS) -> SamplingParams:
     """Temperature 1 with a seed, ending at `<|return|>` / `<|call|>` (as the server's harmony requests do)."""
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed,
-                          stop_token_ids=list(compiler.stop_token_ids))
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=1.0, seed=seed, stop_token_ids=list(compiler.stop_token_ids)
+    )
 
 
 def run_to_completion(engine: LLMEngine) -> dict[str, RequestOutput]:
@@ -240,8 +312,12 @@ def test_every_schema_every_seed_is_valid_json(engine: LLMEngine, compiler: Stru
         jsonschema.Draft202012Validator.check_schema(schema)
         for seed in SEEDS:
             state = compiler.new_state(schema_spec(schema))
-            engine.add_request(f"{name}/{seed}", final_channel_prompt(engine.tokenizer, name),
-                               sampling(seed, compiler), logits_mask_fn=grammar_mask_fn(state))
+            engine.add_request(
+                f"{name}/{seed}",
+                final_channel_prompt(engine.tokenizer, name),
+                sampling(seed, compiler),
+                logits_mask_fn=grammar_mask_fn(state),
+            )
     outputs = run_to_completion(engine)
     problems = []
     for name, schema in SCHEMAS.items():
@@ -262,9 +338,12 @@ def test_json_object_mode(engine: LLMEngine, compiler: StructuredOutputCompiler)
     spec = StructuredOutputSpec.from_request({"type": "json_object"}, start_in_final=True)
     assert spec is not None
     for seed in range(1, 33):  # about one in five closes the object early (6 of these 32)
-        engine.add_request(f"json_object/{seed}", final_channel_prompt(engine.tokenizer, "object"),
-                           sampling(seed, compiler, max_tokens=64),
-                           logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)))
+        engine.add_request(
+            f"json_object/{seed}",
+            final_channel_prompt(engine.tokenizer, "object"),
+            sampling(seed, compiler, max_tokens=64),
+            logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)),
+        )
     outputs = run_to_completion(engine)
     stopped = [out for out in outputs.values() if out.finish_reason == "stop"]
     assert len(stopped) >= 2
@@ -283,8 +362,12 @@ def test_streaming_deltas_concatenate_to_valid_json(live_server: Any) -> None:
 
     async def stream_one(name: str, seed: int) -> tuple[str, str | None, int]:
         state = compiler.new_state(schema_spec(SCHEMAS[name]))
-        stream = async_engine.add_request(f"stream-{name}-{seed}", final_channel_prompt(live_server.tokenizer, name),
-                                          sampling(seed, compiler), logits_mask_fn=grammar_mask_fn(state))
+        stream = async_engine.add_request(
+            f"stream-{name}-{seed}",
+            final_channel_prompt(live_server.tokenizer, name),
+            sampling(seed, compiler),
+            logits_mask_fn=grammar_mask_fn(state),
+        )
         text, finish_reason, num_outputs = "", None, 0
         async for out in stream:
             text += out.text_delta
@@ -299,8 +382,10 @@ def test_streaming_deltas_concatenate_to_valid_json(live_server: Any) -> None:
 
     results = asyncio.run(stream_all())
     keys = [(name, seed) for name in STREAMING_SCHEMAS for seed in SEEDS[:2]]
-    problems = [check_reply(f"{name}/{seed}", SCHEMAS[name], text, reason)
-                for (name, seed), (text, reason, _) in zip(keys, results, strict=True)]
+    problems = [
+        check_reply(f"{name}/{seed}", SCHEMAS[name], text, reason)
+        for (name, seed), (text, reason, _) in zip(keys, results, strict=True)
+    ]
     assert [p for p in problems if p] == []
     assert all(num_outputs > 1 for _, _, num_outputs in results)  # streamed, not one final chunk
 
@@ -329,8 +414,9 @@ class AnswerAtOnce:
         self.channel_id = tokenizer.token_to_id("<|channel|>")
         vocab = tokenizer.get_vocab_size()
         texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(vocab)]
-        self.analysis_ids = [i for i, text in enumerate(texts)
-                             if text and ("analysis".startswith(text) or text.startswith("analysis"))]
+        self.analysis_ids = [
+            i for i, text in enumerate(texts) if text and ("analysis".startswith(text) or text.startswith("analysis"))
+        ]
 
     def __call__(self, output_token_ids: list[int]) -> Any:
         mask = self.state(output_token_ids)
@@ -345,8 +431,7 @@ def answer_at_once(live_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The live server's grammar masks, with the analysis channel ruled out (for this test only)."""
     structured = live_server.app.state.server.structured
     grammar_state = structured.mask_fn
-    monkeypatch.setattr(structured, "mask_fn",
-                        lambda spec: AnswerAtOnce(grammar_state(spec), live_server.tokenizer))
+    monkeypatch.setattr(structured, "mask_fn", lambda spec: AnswerAtOnce(grammar_state(spec), live_server.tokenizer))
 
 
 def live_request(live_server: Any, name: str, seed: int, **kwargs: Any) -> Any:
@@ -355,16 +440,22 @@ def live_request(live_server: Any, name: str, seed: int, **kwargs: Any) -> Any:
     client = OpenAI(base_url=live_server.v1, api_key="unused", max_retries=0, timeout=120)
     response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
     return client.chat.completions.create(
-        model="gpt-oss-120b", messages=LIVE_MESSAGES, response_format=response_format, temperature=1.0, seed=seed,
-        **{"n": LIVE_N, "max_tokens": LIVE_MAX_TOKENS, **kwargs})
+        model="gpt-oss-120b",
+        messages=LIVE_MESSAGES,
+        response_format=response_format,
+        temperature=1.0,
+        seed=seed,
+        **{"n": LIVE_N, "max_tokens": LIVE_MAX_TOKENS, **kwargs},
+    )
 
 
 @pytest.mark.usefixtures("answer_at_once")
 @pytest.mark.parametrize("name", LIVE_SCHEMAS)
 def test_live_server_response_format(live_server: Any, name: str) -> None:
     out = live_request(live_server, name, seed=5)
-    problems = [check_reply(name, SCHEMAS[name], choice.message.content or "", choice.finish_reason)
-                for choice in out.choices]
+    problems = [
+        check_reply(name, SCHEMAS[name], choice.message.content or "", choice.finish_reason) for choice in out.choices
+    ]
     assert [p for p in problems if p] == []
     assert all(not choice.message.model_dump().get("reasoning_content") for choice in out.choices)
 
@@ -380,8 +471,9 @@ def test_live_server_response_format_streaming(live_server: Any, name: str) -> N
             contents[choice.index] += choice.delta.content or ""
             reasons[choice.index] = choice.finish_reason or reasons[choice.index]
             num_chunks[choice.index] += 1
-    problems = [check_reply(name, SCHEMAS[name], content, reason)
-                for content, reason in zip(contents, reasons, strict=True)]
+    problems = [
+        check_reply(name, SCHEMAS[name], content, reason) for content, reason in zip(contents, reasons, strict=True)
+    ]
     assert [p for p in problems if p] == []
     assert min(num_chunks) > 3  # streamed in pieces
 

@@ -16,8 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-
-from engine.structured_output import (
+from gptoss.engine.structured_output import (
     BitmaskWorker,
     StructuredOutputCompiler,
     StructuredOutputError,
@@ -30,7 +29,7 @@ from engine.structured_output import (
     fill_token_bitmasks,
     unpack_token_bitmask,
 )
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 # The model's vocabulary is larger than the tiny tokenizer's: the padding ids must never be allowed.
 TINY_PADDING = 39
@@ -47,12 +46,15 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "user": {
                 "type": "object",
-                "properties": {"id": {"type": "integer"}, "address": {
-                    "type": "object",
-                    "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"],
-                    "additionalProperties": False,
-                }},
+                "properties": {
+                    "id": {"type": "integer"},
+                    "address": {
+                        "type": "object",
+                        "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        "required": ["city", "zip"],
+                        "additionalProperties": False,
+                    },
+                },
                 "required": ["id", "address"],
                 "additionalProperties": False,
             }
@@ -82,15 +84,19 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "number_bounds": {
         "type": "object",
-        "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1}, "t": {"type": "number",
-                                                                                 "exclusiveMinimum": -10}},
+        "properties": {
+            "p": {"type": "number", "minimum": 0, "maximum": 1},
+            "t": {"type": "number", "exclusiveMinimum": -10},
+        },
         "required": ["p", "t"],
         "additionalProperties": False,
     },
     "integer_bounds": {
         "type": "object",
-        "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 130},
-                       "delta": {"type": "integer", "minimum": -5, "maximum": 5}},
+        "properties": {
+            "age": {"type": "integer", "minimum": 18, "maximum": 130},
+            "delta": {"type": "integer", "minimum": -5, "maximum": 5},
+        },
         "required": ["age", "delta"],
         "additionalProperties": False,
     },
@@ -101,10 +107,18 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "any_of_scalars": {"anyOf": [{"type": "string", "maxLength": 5}, {"type": "integer"}, {"type": "null"}]},
     "any_of_objects": {
         "anyOf": [
-            {"type": "object", "properties": {"cat": {"type": "string"}}, "required": ["cat"],
-             "additionalProperties": False},
-            {"type": "object", "properties": {"dog": {"type": "integer"}}, "required": ["dog"],
-             "additionalProperties": False},
+            {
+                "type": "object",
+                "properties": {"cat": {"type": "string"}},
+                "required": ["cat"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"dog": {"type": "integer"}},
+                "required": ["dog"],
+                "additionalProperties": False,
+            },
         ]
     },
     "one_of_disjoint": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
@@ -125,31 +139,58 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "maxItems": 3,
     },
     "refs": {
-        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
-                            "required": ["x", "y"], "additionalProperties": False}},
+        "$defs": {
+            "point": {
+                "type": "object",
+                "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                "required": ["x", "y"],
+                "additionalProperties": False,
+            }
+        },
         "type": "object",
         "properties": {"from": {"$ref": "#/$defs/point"}, "to": {"$ref": "#/$defs/point"}},
         "required": ["from", "to"],
         "additionalProperties": False,
     },
     "recursive_tree": {
-        "$defs": {"node": {"type": "object", "properties": {
-            "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"},
-                                                        "maxItems": 2}},
-            "required": ["value"], "additionalProperties": False}},
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {
+                    "value": {"type": "integer"},
+                    "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2},
+                },
+                "required": ["value"],
+                "additionalProperties": False,
+            }
+        },
         "$ref": "#/$defs/node",
     },
-    "tuple_prefix_items": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "boolean"}],
-                           "items": False, "minItems": 2},
-    "nested_arrays": {"type": "array", "items": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
-                      "maxItems": 3},
-    "additional_properties_schema": {"type": "object", "additionalProperties": {"type": "integer"},
-                                     "maxProperties": 3},
+    "tuple_prefix_items": {
+        "type": "array",
+        "prefixItems": [{"type": "string"}, {"type": "boolean"}],
+        "items": False,
+        "minItems": 2,
+    },
+    "nested_arrays": {
+        "type": "array",
+        "items": {"type": "array", "items": {"type": "number"}, "maxItems": 3},
+        "maxItems": 3,
+    },
+    "additional_properties_schema": {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 3},
     "any_json": {},
-    "date_format": {"type": "object", "properties": {"day": {"type": "string", "format": "date"}},
-                    "required": ["day"], "additionalProperties": False},
-    "unicode_keys": {"type": "object", "properties": {"café": {"type": "string"}, "日本": {"type": "integer"}},
-                     "required": ["café", "日本"], "additionalProperties": False},
+    "date_format": {
+        "type": "object",
+        "properties": {"day": {"type": "string", "format": "date"}},
+        "required": ["day"],
+        "additionalProperties": False,
+    },
+    "unicode_keys": {
+        "type": "object",
+        "properties": {"café": {"type": "string"}, "日本": {"type": "integer"}},
+        "required": ["café", "日本"],
+        "additionalProperties": False,
+    },
 }
 
 REAL_SCHEMAS = ["nested_object", "integer_bounds", "any_of_objects", "array_of_objects", "string_pattern"]
@@ -317,9 +358,11 @@ def test_json_object_mode_real(real) -> None:
 
 WEATHER_PARAMETERS = {
     "type": "object",
-    "properties": {"location": {"type": "string"}, "unit": {"enum": ["c", "f"]}, "days": {"type": "integer",
-                                                                                         "minimum": 1,
-                                                                                         "maximum": 7}},
+    "properties": {
+        "location": {"type": "string"},
+        "unit": {"enum": ["c", "f"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
     "required": ["location", "days"],
     "additionalProperties": False,
 }
@@ -396,17 +439,17 @@ def test_strict_tool_real(real) -> None:
 # Replies as a real model writes them (tokenized whole, as the tokenizer does): the grammar must accept every
 # token, whatever the header order, JSON spacing, or tokenization across the grammar's literals.
 NATURAL_REPLIES = [
-    '<|channel|>analysis<|message|>The user wants JSON. Let me answer.<|end|><|start|>assistant'
+    "<|channel|>analysis<|message|>The user wants JSON. Let me answer.<|end|><|start|>assistant"
     '<|channel|>final<|message|>{"name": "Ann", "age": 30}<|return|>',
     '<|channel|>final<|message|>{\n  "name": "Ann",\n  "age": 30\n}<|return|>',
     '<|channel|>final<|message|>{"name":"Ann","age":-3}<|return|>',
     '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"location":"Paris","days":2}<|call|>',
-    ' to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>'
+    " to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
     '{"location": "Paris", "unit": "c", "days": 7}<|call|>',
     '<|channel|>commentary to=functions.search json<|message|>{"q": "x"}<|call|>',
-    '<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>Checking.'
+    "<|channel|>analysis<|message|>Need the tool.<|end|><|start|>assistant<|channel|>commentary<|message|>Checking."
     '<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary<|message|>{"location":"P","days":1}'
-    '<|call|>',
+    "<|call|>",
 ]
 
 
@@ -426,8 +469,7 @@ def test_natural_replies_accepted(request: pytest.FixtureRequest, which: str) ->
         assert state.is_terminated()
     # And what it must not write: properties out of the schema's order, a missing property, a wrong type.
     for bad in ('{"age": 30, "name": "Ann"}', '{"name": "Ann"}', '{"name": "Ann", "age": 3.5}'):
-        token_ids = driver.tokenizer.encode(f"<|channel|>final<|message|>{bad}<|return|>",
-                                            add_special_tokens=False).ids
+        token_ids = driver.tokenizer.encode(f"<|channel|>final<|message|>{bad}<|return|>", add_special_tokens=False).ids
         state = compiler.new_state(spec)
         assert not state.accept_tokens(token_ids)
 
@@ -506,8 +548,11 @@ def test_from_request_shapes() -> None:
     assert strict_tools.tools[1].schema is None
     # Responses / Workers AI tool shapes.
     flat = StructuredOutputSpec.from_request(
-        tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True},
-               {"type": "web_search"}, {"name": "g", "parameters": {}}],
+        tools=[
+            {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": True},
+            {"type": "web_search"},
+            {"name": "g", "parameters": {}},
+        ],
         tool_choice={"type": "function", "name": "g"},
     )
     assert flat is not None and [t.name for t in flat.tools] == ["g"] and not flat.allow_final
@@ -520,10 +565,16 @@ def test_from_request_shapes() -> None:
     [
         ({"response_format": {"type": "xml"}}, "response_format.type", "xml"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "required"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
-         "response_format.json_schema.schema", "JSON Schema object"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
-         "response_format.json_schema.schema", "false"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": 5}}},
+            "response_format.json_schema.schema",
+            "JSON Schema object",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
+            "response_format.json_schema.schema",
+            "false",
+        ),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
         ({"tool_choice": "required"}, "tool_choice", "function tool"),
         ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0].function.name", "name"),
@@ -572,8 +623,10 @@ def test_non_strict_schema_ignores_unsupported_keywords(tiny) -> None:
 
 def test_bad_tool_schema_names_the_tool(tiny) -> None:
     compiler, _ = tiny
-    tools = [TOOLS[0], {"type": "function", "function": {"name": "bad", "strict": True,
-                                                          "parameters": {"type": "object", "if": {}}}}]
+    tools = [
+        TOOLS[0],
+        {"type": "function", "function": {"name": "bad", "strict": True, "parameters": {"type": "object", "if": {}}}},
+    ]
     spec = StructuredOutputSpec.from_request(tools=tools)
     assert spec is not None
     with pytest.raises(StructuredOutputError) as info:
@@ -694,7 +747,7 @@ def test_batched_bitmasks_match_single_masks(tiny) -> None:
     bitmask = allocate_token_bitmask(len(states) + 2, compiler.vocab_size)
     fill_token_bitmasks(states, bitmask, llguidance.LLExecutor(2))
     assert torch.equal(unpack_token_bitmask(bitmask[: len(states)], compiler.vocab_size), expected)
-    assert (bitmask[len(states):] == -1).all()  # untouched rows
+    assert (bitmask[len(states) :] == -1).all()  # untouched rows
 
     worker = BitmaskWorker(compiler.vocab_size, max_rows=2, num_threads=2)  # grows past max_rows
     try:
@@ -707,8 +760,9 @@ def test_batched_bitmasks_match_single_masks(tiny) -> None:
         worker.shutdown()
     serial_worker = BitmaskWorker(compiler.vocab_size, max_rows=8, num_threads=1)  # no llguidance pool
     try:
-        assert torch.equal(unpack_token_bitmask(serial_worker.submit(states).result(timeout=30), compiler.vocab_size),
-                           expected)
+        assert torch.equal(
+            unpack_token_bitmask(serial_worker.submit(states).result(timeout=30), compiler.vocab_size), expected
+        )
     finally:
         serial_worker.shutdown()
 

@@ -5,7 +5,7 @@ checkpoint's `tokenizers` Tokenizer; special tokens are looked up by name.
 
 Typical server use::
 
-    from engine.harmony import HarmonyEncoding, conversation_from_chat, HarmonyInputError
+    from gptoss.engine.harmony import HarmonyEncoding, conversation_from_chat, HarmonyInputError
 
     enc = HarmonyEncoding.from_file(checkpoint_dir)           # or HarmonyEncoding(tokenizer)
     try:
@@ -68,8 +68,8 @@ Converters:
     Client system/developer messages become `# Instructions`; the harmony system message is always ours.
 """
 
-from engine.harmony.chat_convert import conversation_from_chat
-from engine.harmony.messages import (
+from gptoss.engine.harmony.chat_convert import conversation_from_chat
+from gptoss.engine.harmony.messages import (
     Conversation,
     DeveloperContent,
     HarmonyInputError,
@@ -80,10 +80,10 @@ from engine.harmony.messages import (
     ToolSpec,
     build_conversation,
 )
-from engine.harmony.parser import ParseResult, StreamEvent, StreamingParser, message_kind, parse_completion
-from engine.harmony.render import HarmonyEncoding, render_chat_prompt
-from engine.harmony.responses_convert import conversation_from_responses
-from engine.harmony.schema_render import json_schema_to_typescript
+from gptoss.engine.harmony.parser import ParseResult, StreamEvent, StreamingParser, message_kind, parse_completion
+from gptoss.engine.harmony.render import HarmonyEncoding, render_chat_prompt
+from gptoss.engine.harmony.responses_convert import conversation_from_responses
+from gptoss.engine.harmony.schema_render import json_schema_to_typescript
 
 __all__ = [
     "Conversation",

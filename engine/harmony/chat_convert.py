@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.harmony.messages import (
+from gptoss.engine.harmony.messages import (
     Conversation,
     HarmonyInputError,
     Message,
@@ -104,13 +104,16 @@ def chat_messages_to_harmony(messages: Any, param: str = "messages") -> tuple[li
             if name is None:
                 name = message.get("name")
             if not isinstance(name, str) or not name:
-                raise HarmonyInputError(f"{item}.tool_call_id {call_id!r} matches no earlier tool call",
-                                        f"{item}.tool_call_id")
-            out.append(Message.tool_result(name, content_text(message.get("content"), f"{item}.content",
-                                                                allow_none=True)))
+                raise HarmonyInputError(
+                    f"{item}.tool_call_id {call_id!r} matches no earlier tool call", f"{item}.tool_call_id"
+                )
+            out.append(
+                Message.tool_result(name, content_text(message.get("content"), f"{item}.content", allow_none=True))
+            )
         else:
             raise HarmonyInputError(
-                f"{item}.role must be one of system, developer, user, assistant, tool (got {role!r})", f"{item}.role")
+                f"{item}.role must be one of system, developer, user, assistant, tool (got {role!r})", f"{item}.role"
+            )
     return out, ("\n\n".join(instructions) if instructions else None)
 
 

@@ -108,8 +108,9 @@ class Message:
     @classmethod
     def tool_call(cls, name: str, arguments: str, channel: str = "commentary") -> Message:
         """An assistant call of function `name` (without the `functions.` prefix) with JSON `arguments`."""
-        return cls("assistant", arguments, channel=channel, recipient=f"functions.{name}",
-                   content_type=JSON_CALL_CONTENT_TYPE)
+        return cls(
+            "assistant", arguments, channel=channel, recipient=f"functions.{name}", content_type=JSON_CALL_CONTENT_TYPE
+        )
 
     @classmethod
     def tool_result(cls, name: str, output: str) -> Message:
@@ -153,6 +154,7 @@ def build_conversation(
 
 
 # ---- normalisation of API fields shared by the Chat Completions and Responses converters ----
+
 
 def normalize_effort(value: Any, param: str) -> ReasoningEffort:
     """`low|medium|high` (any case); None means medium; `minimal` maps to low (gpt-oss cannot disable it)."""
@@ -244,7 +246,8 @@ def content_text(content: Any, param: str, *, allow_none: bool = False) -> str:
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 pieces.append(part["refusal"])
             else:
-                raise HarmonyInputError(f"{param}[{j}]: content part type {kind!r} is not supported",
-                                        f"{param}[{j}].type")
+                raise HarmonyInputError(
+                    f"{param}[{j}]: content part type {kind!r} is not supported", f"{param}[{j}].type"
+                )
         return "\n".join(pieces)
     raise HarmonyInputError(f"{param} must be a string or an array of content parts", param)

@@ -25,10 +25,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from engine.harmony.messages import ROLES, VALID_CHANNELS, Message, ToolCall
+from gptoss.engine.harmony.messages import ROLES, VALID_CHANNELS, Message, ToolCall
 
 if TYPE_CHECKING:
-    from engine.harmony.render import HarmonyEncoding
+    from gptoss.engine.harmony.render import HarmonyEncoding
 
 CHANNEL_MARKER = "<|channel|>"
 CONSTRAIN_MARKER = "<|constrain|>"
@@ -53,8 +53,9 @@ def _is_whitespace(char: str) -> bool:
     return char.isspace() and char not in "\x1c\x1d\x1e\x1f"
 
 
-def parse_header(text: str, role: str | None, *, with_recipient: bool = True
-                 ) -> tuple[ParsedHeader, list[str], list[str]]:
+def parse_header(
+    text: str, role: str | None, *, with_recipient: bool = True
+) -> tuple[ParsedHeader, list[str], list[str]]:
     """Parse a decoded header (special tokens spelled out) -> (header, leftover words, issues).
 
     `role` is the known role (the first completion message) or None to read it from the header. Mirrors
@@ -66,7 +67,7 @@ def parse_header(text: str, role: str | None, *, with_recipient: bool = True
     channel = None
     idx = text.find(CHANNEL_MARKER)
     if idx >= 0:
-        after = text[idx + len(CHANNEL_MARKER):]
+        after = text[idx + len(CHANNEL_MARKER) :]
         end = next((i for i, c in enumerate(after) if _is_whitespace(c) or c == "<"), len(after))
         if end == 0:
             issues.append("channel marker without a channel name")
@@ -124,7 +125,7 @@ def parse_header(text: str, role: str | None, *, with_recipient: bool = True
             if to_index is not None:
                 recipient = words[to_index][3:]
                 content_type = words[to_index + 1] if to_index + 1 < len(words) else None
-                parts = words[:to_index] + words[to_index + 2:]
+                parts = words[:to_index] + words[to_index + 2 :]
             issues.append(f"unexpected words in message header: {' '.join(parts)!r}")
     return ParsedHeader(role, name, recipient, channel, content_type), parts, issues
 
@@ -147,7 +148,7 @@ def message_kind(channel: str | None, recipient: str | None) -> str:
 
 def tool_name(recipient: str) -> str:
     """`functions.get_weather` -> `get_weather`; other recipients (`browser.search`) are kept whole."""
-    return recipient[len("functions."):] if recipient.startswith("functions.") else recipient
+    return recipient[len("functions.") :] if recipient.startswith("functions.") else recipient
 
 
 @dataclass
@@ -164,8 +165,9 @@ class ParseResult:
         return bool(self.issues)
 
     def _texts(self, kind: str) -> str:
-        return "\n".join(m.text for m in self.messages
-                         if m.role == "assistant" and message_kind(m.channel, m.recipient) == kind)
+        return "\n".join(
+            m.text for m in self.messages if m.role == "assistant" and message_kind(m.channel, m.recipient) == kind
+        )
 
     @property
     def reasoning_text(self) -> str:
@@ -185,9 +187,11 @@ class ParseResult:
     @property
     def tool_calls(self) -> list[ToolCall]:
         """`[(name, arguments_json_text)]` in order; a truncated call's arguments may be incomplete JSON."""
-        return [ToolCall(tool_name(m.recipient), m.text) for m in self.messages
-                if m.role == "assistant" and m.recipient is not None
-                and message_kind(m.channel, m.recipient) == "tool_call"]
+        return [
+            ToolCall(tool_name(m.recipient), m.text)
+            for m in self.messages
+            if m.role == "assistant" and m.recipient is not None and message_kind(m.channel, m.recipient) == "tool_call"
+        ]
 
 
 @dataclass
@@ -349,8 +353,7 @@ class StreamingParser:
             self.issues += issues
             message = Message(header.role, " ".join(words), channel=header.channel, name=header.name)
             self.messages.append(message)
-            event = StreamEvent(channel=header.channel, kind=message_kind(header.channel, None),
-                                message_done=message)
+            event = StreamEvent(channel=header.channel, kind=message_kind(header.channel, None), message_done=message)
         if token_id in self._stop_ids:
             self.stop_token = token_id
             event.stop = True
@@ -366,12 +369,12 @@ class StreamingParser:
             text = self._pending.decode("utf-8")
             self._pending.clear()
         except UnicodeDecodeError as error:
-            text = self._pending[:error.start].decode("utf-8")
-            del self._pending[:error.start]
+            text = self._pending[: error.start].decode("utf-8")
+            del self._pending[: error.start]
             if error.reason != "unexpected end of data":
                 # An invalid sequence (not just an unfinished one): one U+FFFD for it, the rest waits.
                 text += "\ufffd"
-                del self._pending[:error.end - error.start]
+                del self._pending[: error.end - error.start]
         if text:
             self._content.append(text)
         return text
@@ -383,8 +386,14 @@ class StreamingParser:
             self._content.append(tail)
         header = self._header
         assert header is not None
-        message = Message(header.role, "".join(self._content), channel=header.channel,
-                          recipient=header.recipient, content_type=header.content_type, name=header.name)
+        message = Message(
+            header.role,
+            "".join(self._content),
+            channel=header.channel,
+            recipient=header.recipient,
+            content_type=header.content_type,
+            name=header.name,
+        )
         self.messages.append(message)
         event = self._event(text=tail, message_done=message)
         self._state = EXPECT_START
@@ -396,12 +405,16 @@ class StreamingParser:
         header = self._header
         if header is None:
             return StreamEvent(**kwargs)
-        return StreamEvent(channel=header.channel, recipient=header.recipient, content_type=header.content_type,
-                           kind=message_kind(header.channel, header.recipient), **kwargs)
+        return StreamEvent(
+            channel=header.channel,
+            recipient=header.recipient,
+            content_type=header.content_type,
+            kind=message_kind(header.channel, header.recipient),
+            **kwargs,
+        )
 
 
-def parse_completion(encoding: HarmonyEncoding, token_ids: list[int], role: str | None = "assistant"
-                     ) -> ParseResult:
+def parse_completion(encoding: HarmonyEncoding, token_ids: list[int], role: str | None = "assistant") -> ParseResult:
     """Parse a whole completion (the tokens after the prompt's `<|start|>assistant`); never raises."""
     parser = StreamingParser(encoding, role)
     for token_id in token_ids:

@@ -13,21 +13,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders
-
-from engine.detokenizer import byte_level_char_to_byte
-from engine.harmony.messages import (
+from gptoss.engine.detokenizer import byte_level_char_to_byte
+from gptoss.engine.harmony.messages import (
     JSON_CALL_CONTENT_TYPE,
     Conversation,
     DeveloperContent,
     Message,
     SystemContent,
 )
-from engine.harmony.schema_render import render_response_format_section, render_tools_section
-from engine.tokenizer import load_tokenizer, special_token_id
+from gptoss.engine.harmony.schema_render import render_response_format_section, render_tools_section
+from gptoss.engine.tokenizer import load_tokenizer, special_token_id
+from tokenizers import Tokenizer, decoders
 
 if TYPE_CHECKING:
-    from engine.harmony.parser import ParseResult, StreamingParser
+    from gptoss.engine.harmony.parser import ParseResult, StreamingParser
 
 CONSTRAIN = "<|constrain|>"
 
@@ -178,7 +177,7 @@ class HarmonyEncoding:
             ids += self.encode_text(message.channel)
         if message.content_type is not None:
             if message.content_type.startswith(CONSTRAIN):
-                rest = message.content_type[len(CONSTRAIN):]
+                rest = message.content_type[len(CONSTRAIN) :]
                 ids += [*self.encode_text(" "), self.constrain_id, *self.encode_text(rest)]
             else:
                 ids += self.encode_text(f" {message.content_type}")
@@ -203,8 +202,9 @@ class HarmonyEncoding:
             return render_developer_text(content)
         return content
 
-    def render_conversation(self, conversation: Conversation | list[Message],
-                            auto_drop_analysis: bool = True) -> list[int]:
+    def render_conversation(
+        self, conversation: Conversation | list[Message], auto_drop_analysis: bool = True
+    ) -> list[int]:
         """All messages, earlier reasoning dropped as openai-harmony does (see `messages_to_render`)."""
         messages = list(conversation)
         has_tools = _has_function_tools(messages)
@@ -213,9 +213,9 @@ class HarmonyEncoding:
             ids += self.render_message(message, has_tools)
         return ids
 
-    def render_conversation_for_completion(self, conversation: Conversation | list[Message],
-                                           next_role: str = "assistant",
-                                           auto_drop_analysis: bool = True) -> list[int]:
+    def render_conversation_for_completion(
+        self, conversation: Conversation | list[Message], next_role: str = "assistant", auto_drop_analysis: bool = True
+    ) -> list[int]:
         """The prompt: the conversation then `<|start|>{next_role}` for the model to continue."""
         ids = self.render_conversation(conversation, auto_drop_analysis)
         return [*ids, self.start_id, *self.encode_text(next_role)]
@@ -228,13 +228,13 @@ class HarmonyEncoding:
 
     def parse_completion(self, token_ids: list[int], role: str | None = "assistant") -> ParseResult:
         """Parse completion tokens (those after the prompt's `<|start|>assistant`); never raises."""
-        from engine.harmony.parser import parse_completion
+        from gptoss.engine.harmony.parser import parse_completion
 
         return parse_completion(self, token_ids, role)
 
     def stream_parser(self, role: str | None = "assistant") -> StreamingParser:
         """A parser to feed one completion token at a time (`process(token_id) -> StreamEvent`)."""
-        from engine.harmony.parser import StreamingParser
+        from gptoss.engine.harmony.parser import StreamingParser
 
         return StreamingParser(self, role)
 

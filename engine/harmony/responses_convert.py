@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.harmony.messages import (
+from gptoss.engine.harmony.messages import (
     Conversation,
     HarmonyInputError,
     Message,
@@ -43,8 +43,7 @@ def responses_text_format(text: Any, param: str = "text") -> ResponseFormat | No
     if kind in ("text", "json_object"):
         return None
     if kind != "json_schema":
-        raise HarmonyInputError(f"{param}.format.type must be text, json_object or json_schema",
-                                f"{param}.format.type")
+        raise HarmonyInputError(f"{param}.format.type must be text, json_object or json_schema", f"{param}.format.type")
     return json_schema_format(fmt.get("name"), fmt.get("schema"), fmt.get("description"), f"{param}.format")
 
 
@@ -82,7 +81,8 @@ def responses_input_to_harmony(input_: Any, param: str = "input") -> tuple[list[
                 out.append(Message.assistant(text, channel="final"))
             else:
                 raise HarmonyInputError(
-                    f"{where}.role must be one of system, developer, user, assistant (got {role!r})", f"{where}.role")
+                    f"{where}.role must be one of system, developer, user, assistant (got {role!r})", f"{where}.role"
+                )
         elif kind == "function_call":
             name = item.get("name")
             if not isinstance(name, str) or not name:
@@ -97,8 +97,9 @@ def responses_input_to_harmony(input_: Any, param: str = "input") -> tuple[list[
             if name is None:
                 name = item.get("name")
             if not isinstance(name, str) or not name:
-                raise HarmonyInputError(f"{where}.call_id {call_id!r} matches no earlier function_call",
-                                        f"{where}.call_id")
+                raise HarmonyInputError(
+                    f"{where}.call_id {call_id!r} matches no earlier function_call", f"{where}.call_id"
+                )
             output = item.get("output")
             if not isinstance(output, str):
                 output = content_text(output, f"{where}.output", allow_none=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.harmony.messages import ResponseFormat, ToolSpec
+from gptoss.engine.harmony.messages import ResponseFormat, ToolSpec
 
 
 def rust_lines(text: str) -> list[str]:

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.sequence import EngineOverloadedError, PromptTooLongError, Sequence, SequenceStatus
+from gptoss.engine.core.block_manager import BlockManager
+from gptoss.engine.core.sequence import Sequence, SequenceStatus
+from gptoss.engine.errors import EngineOverloadedError, PromptTooLongError
 
 
 @dataclass

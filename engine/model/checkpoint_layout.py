@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from engine.config import ModelConfig
-from kernels.reference import MXFP4_BLOCK
+from gptoss.engine.model.config import ModelConfig
+from gptoss.kernels.reference import MXFP4_BLOCK
 
 
 @dataclass(frozen=True)

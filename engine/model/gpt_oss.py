@@ -2,7 +2,7 @@
 
 Module and parameter names follow the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...)
 so the loader maps tensors by name. MXFP4 experts stay packed (uint8 blocks and e8m0 scales); the MoE op
-dequantises them on the fly. Heavy ops go through `engine.ops`, which picks Triton on CUDA and the torch
+dequantises them on the fly. Heavy ops go through `gptoss.engine.model.ops`, which picks Triton on CUDA and the torch
 references elsewhere.
 
 Multi-GPU: every layer takes `rank` and `world_size`. Attention splits its heads over ranks (column-parallel
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from gptoss.engine.model import ops
+from gptoss.engine.model.config import ModelConfig
+from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.worker.kv_cache import KVCache
+from gptoss.kernels.reference import MXFP4_BLOCK, apply_rope, rms_norm, rope_cos_sin, yarn_inv_freq
 from torch import nn
-
-from engine import ops
-from engine.config import ModelConfig
-from engine.forward_batch import ForwardBatch
-from engine.kv_cache import KVCache
-from kernels.reference import MXFP4_BLOCK, apply_rope, rms_norm, rope_cos_sin, yarn_inv_freq
 
 
 class RMSNorm(nn.Module):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from engine.config import PRESETS, ModelConfig, preset
+from gptoss.engine.model.config import PRESETS, ModelConfig, preset
 
 MXFP4_BLOCK = 32  # weights per e8m0 scale
 
@@ -187,7 +187,7 @@ def format_breakdown(step: DecodeStepBytes, bandwidth_bytes_per_s: float | None 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.roofline --preset gpt-oss-120b --batch 1 --context 4096 --bandwidth-gbs 3350`."""
+    """`python -m gptoss.engine.model.roofline --preset gpt-oss-120b --batch 1 --context 4096 --bandwidth-gbs 3350`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="gpt-oss-120b", choices=sorted(PRESETS))
     parser.add_argument("--config", default=None, help="a checkpoint folder or config.json (overrides --preset)")

@@ -1,11 +1,8 @@
-"""One request's state inside the engine, and what the engine hands back for it.
+"""One request's state inside the engine.
 
 `Sequence` is the scheduler's and block manager's unit: its token ids (prompt then output), how many of them
 already have KV in the cache (`num_computed_tokens`), and one block table per KV block group
-("full_attention", "sliding_attention"). `RequestOutput` is what `LLM.generate` returns and what
-`AsyncEngine.add_request` yields (one per step, with deltas). The engine's exception types live here too:
-`PromptTooLongError`, `InvalidRequestError` (HTTP 400), `EngineOverloadedError` (429/503), `EngineDeadError`
-(503), `RequestFailedError` (a request failed inside the engine: 500).
+("full_attention", "sliding_attention"). What the engine hands back is in `engine/outputs.py`.
 """
 
 from __future__ import annotations
@@ -14,10 +11,10 @@ import enum
 import functools
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from gptoss.engine.outputs import TokenLogprob
 
 _seq_counter = itertools.count()
 
@@ -26,36 +23,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class PromptTooLongError(ValueError):
-    """The prompt cannot be served: longer than the model's context or than the whole KV cache (HTTP 400)."""
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine cannot run: empty prompt, token id outside the vocabulary, id in use... (HTTP 400)."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many requests are waiting already (HTTP 429/503); retry later."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine could not complete this request (its model step raised); other requests are unaffected."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped (shut down or crashed); no request can be served."""
-
-
-@dataclass
-class TokenLogprob:
-    """The log-probability of one chosen token, and the top alternatives at that position."""
-
-    token_id: int
-    logprob: float
-    rank: int | None = None
-    top_logprobs: dict[int, float] = field(default_factory=dict)
 
 
 class Sequence:
@@ -147,40 +114,3 @@ class Sequence:
             f"Sequence({self.request_id!r}, status={self.status.value}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens})"
         )
-
-
-@dataclass
-class RequestOutput:
-    """A request's result (`LLM.generate`), or one step's update of it (`AsyncEngine.add_request`).
-
-    Cumulative fields: `prompt_token_ids`, `token_ids` (all output tokens so far), `text` (all output text
-    so far), `logprobs` (per output token so far, when asked), `num_output_tokens`.
-    Delta fields (streaming): `new_token_ids`, `text_delta`, `new_logprobs`: what this update adds.
-    `finish_reason` is None until finished, then "stop" (EOS / stop token / stop string), "length"
-    (max_tokens or the context), "abort", or "error" (then `error` says why). `stop_reason` is the stop
-    token id or stop string that matched, if any. `num_cached_tokens`: prompt tokens served from the prefix
-    cache. `prompt_logprobs`: per prompt token (None for the first), when asked (`LLM.score`).
-    """
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    new_token_ids: list[int] = field(default_factory=list)
-    text_delta: str = ""
-    new_logprobs: list[TokenLogprob] | None = None
-    num_cached_tokens: int = 0
-    error: str | None = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids)

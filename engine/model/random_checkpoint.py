@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from gptoss.engine.model.checkpoint_layout import checkpoint_tensor_specs, random_tensor
+from gptoss.engine.model.config import ModelConfig, preset
+from gptoss.engine.model.loader import INDEX_FILE
+from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_id
 from safetensors.torch import save_file
-
-from engine.checkpoint_layout import checkpoint_tensor_specs, random_tensor
-from engine.config import ModelConfig, preset
-from engine.loader import INDEX_FILE
-from engine.tokenizer import build_tiny_tokenizer, load_tokenizer, special_token_id
 
 DEFAULT_SHARD_BYTES = 4 << 30
 # Bump when the tiny preset or the random draw changes, so stale cached checkpoints are not reused.

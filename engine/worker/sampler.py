@@ -44,8 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from engine.sampling_params import SamplingParams
+from gptoss.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 # repetition_penalty 0 (allowed by the API) divides by zero; use its limit instead.
@@ -125,15 +124,11 @@ class SamplingBatch:
             greedy = _to_device(torch.tensor(greedy_list, dtype=torch.bool), device)
             # top_k / top_p: only non-greedy rows (filtering never changes an argmax).
             filter_rows_list = [
-                i
-                for i, p in enumerate(params)
-                if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
+                i for i, p in enumerate(params) if not greedy_list[i] and (0 < p.top_k < vocab_size or p.top_p < 1.0)
             ]
             if filter_rows_list:
                 filter_rows = _to_device(torch.tensor(filter_rows_list, dtype=torch.int64), device)
-                ks = [
-                    params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list
-                ]
+                ks = [params[i].top_k if 0 < params[i].top_k < vocab_size else vocab_size for i in filter_rows_list]
                 ps = [params[i].top_p for i in filter_rows_list]
                 if any(k < vocab_size for k in ks):
                     top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
@@ -150,9 +145,7 @@ class SamplingBatch:
 
         seen_token_mask = output_token_counts = None
         rep_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
-        freq_rows = [
-            i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        ]
+        freq_rows = [i for i, p in enumerate(params) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
         if rep_rows or freq_rows:
             counted_rows = set(rep_rows) | set(freq_rows)
             output_token_counts = _token_counts(
@@ -372,9 +365,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         num_rows = logits.shape[0]
         # One uniform in (0, 1] per row; seeded rows get theirs from (seed, step) alone.
-        uniform = 1.0 - torch.rand(
-            num_rows, dtype=torch.float64, device=logits.device, generator=self.generator
-        )
+        uniform = 1.0 - torch.rand(num_rows, dtype=torch.float64, device=logits.device, generator=self.generator)
         if batch.seeded_rows is not None:
             assert batch.seeded_uniforms is not None
             uniform.index_copy_(0, batch.seeded_rows, batch.seeded_uniforms)
@@ -413,9 +404,7 @@ def compute_prompt_logprobs(
     """
     num_positions = logits.shape[0]
     if next_token_ids.shape != (num_positions,):
-        raise ValueError(
-            f"next_token_ids {tuple(next_token_ids.shape)} do not match logits {tuple(logits.shape)}"
-        )
+        raise ValueError(f"next_token_ids {tuple(next_token_ids.shape)} do not match logits {tuple(logits.shape)}")
     next_token_ids = next_token_ids.to(device=logits.device, dtype=torch.int64)
     token_logprobs = torch.empty(num_positions, dtype=torch.float32, device=logits.device)
     top_ids = top_values = None
@@ -426,9 +415,7 @@ def compute_prompt_logprobs(
         end = min(start + chunk_size, num_positions)
         chunk = logits[start:end].float()
         log_normaliser = torch.logsumexp(chunk, dim=-1)
-        token_logprobs[start:end] = (
-            chunk.gather(1, next_token_ids[start:end].unsqueeze(1)).squeeze(1) - log_normaliser
-        )
+        token_logprobs[start:end] = chunk.gather(1, next_token_ids[start:end].unsqueeze(1)).squeeze(1) - log_normaliser
         if top_ids is not None and top_values is not None:
             values, ids = chunk.topk(num_top_logprobs, dim=-1)
             top_ids[start:end] = ids

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from engine.config import FULL, SLIDING
+from gptoss.engine.model.config import FULL, SLIDING
 
 
 @dataclass

@@ -30,11 +30,10 @@ import math
 import time
 
 import torch
-
-from engine.config import FULL, SLIDING
-from engine.forward_batch import ForwardBatch
-from engine.kv_cache import KVCache
-from engine.model import GptOssModel
+from gptoss.engine.model.config import FULL, SLIDING
+from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.worker.kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 

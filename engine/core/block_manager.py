@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 
-from engine.sequence import Sequence
+from gptoss.engine.core.sequence import Sequence
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from gptoss.engine.model.checkpoint_layout import TensorSpec, checkpoint_tensor_specs, random_tensor
+from gptoss.engine.model.gpt_oss import GptOssModel
 from safetensors import safe_open
 from tqdm import tqdm
-
-from engine.checkpoint_layout import TensorSpec, checkpoint_tensor_specs, random_tensor
-from engine.model import GptOssModel
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

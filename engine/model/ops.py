@@ -6,8 +6,7 @@ The Triton modules are imported lazily so a CPU-only install never compiles anyt
 from __future__ import annotations
 
 import torch
-
-from kernels import reference
+from gptoss.kernels import reference
 
 
 def linear(
@@ -24,7 +23,7 @@ def linear(
     on K only (it accumulates in fp32 and rounds once, to out_dtype). Otherwise, and on CPU, torch.
     """
     if x.is_cuda and batch_invariant:
-        from kernels.matmul import linear as triton_linear
+        from gptoss.kernels.matmul import linear as triton_linear
 
         return triton_linear(x, weight, bias, out_dtype=out_dtype)
     out = torch.nn.functional.linear(x, weight, bias)
@@ -36,7 +35,7 @@ def write_kv(
 ) -> None:
     """Store `[T, Hkv, D]` keys/values into the paged caches at `slot_mapping` `[T]`."""
     if key.is_cuda:
-        from kernels.attention import write_kv as triton_write_kv
+        from gptoss.kernels.attention import write_kv as triton_write_kv
 
         triton_write_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
@@ -59,7 +58,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of `[T, Hq, D]` queries over the paged cache; see kernels.reference.paged_attention_reference."""
     if query.is_cuda:
-        from kernels.attention import paged_attention as triton_paged_attention
+        from gptoss.kernels.attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(
             query,
@@ -97,7 +96,7 @@ def moe(
     """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference."""
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
     if x.is_cuda:
-        from kernels.moe import fused_moe
+        from gptoss.kernels.moe import fused_moe
 
         return fused_moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, batch_invariant=batch_invariant)
     return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

@@ -14,20 +14,20 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-
-from engine.config import FULL, SLIDING, ModelConfig
-from engine.cuda_graphs import DecodeGraphRunner, capture_sizes
-from engine.engine_args import EngineArgs, num_kv_blocks
-from engine.forward_batch import ForwardBatch
-from engine.kv_cache import allocate_kv_caches
-from engine.loader import load_weights, randomize_weights
-from engine.model import GptOssModel
-from engine.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
-from engine.scheduler import ScheduledSequence, SchedulerOutput
-from engine.sequence import Sequence, TokenLogprob
+from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
+from gptoss.engine.core.sequence import Sequence
+from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
+from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.loader import load_weights, randomize_weights
+from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
+from gptoss.engine.worker.kv_cache import allocate_kv_caches
+from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
 try:
-    from engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
+    from gptoss.engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
 except ImportError:  # llguidance missing (e.g. a bare GPU image): no request can carry a grammar state then
     BitmaskWorker = StructuredOutputState = unpack_token_bitmask = None  # type: ignore[assignment,misc]
 

@@ -7,8 +7,7 @@ head_dim]`. Layers of one type share a block pool (same block ids), so `num_bloc
 from __future__ import annotations
 
 import torch
-
-from engine.config import ModelConfig
+from gptoss.engine.model.config import ModelConfig
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,0 +1,1 @@
+"""The gpt-oss model: its config, checkpoint layout and loading, and the torch modules."""
