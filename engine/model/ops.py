@@ -1,4 +1,5 @@
-"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch references else.
+"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch elsewhere
+(`kernels/cpu.py`: the references of `kernels/reference.py` rearranged for speed).
 
 The Triton modules are imported lazily so a CPU-only install never compiles anything.
 """
@@ -6,7 +7,7 @@ The Triton modules are imported lazily so a CPU-only install never compiles anyt
 from __future__ import annotations
 
 import torch
-from gptoss.kernels import reference
+from gptoss.kernels import cpu
 
 
 def linear(
@@ -39,7 +40,7 @@ def write_kv(
 
         triton_write_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
-        reference.write_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        cpu.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
@@ -74,8 +75,8 @@ def paged_attention(
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
-    return reference.paged_attention_reference(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+    return cpu.paged_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window, max_query_len
     )
 
 
@@ -99,4 +100,4 @@ def moe(
         from gptoss.kernels.moe import fused_moe
 
         return fused_moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, batch_invariant=batch_invariant)
-    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

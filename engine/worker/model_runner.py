@@ -25,6 +25,7 @@ from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
 from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from gptoss.kernels.cpu import set_expert_cache_budget
 
 try:
     from gptoss.engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
@@ -203,6 +204,8 @@ class ModelRunner:
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
         self.model.batch_invariant = args.batch_invariant
+        if self.device.type == "cpu":
+            set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
         # A model with one layer type has one pool; the other type's key is never read.
         self.kv_caches = allocate_kv_caches(
@@ -386,7 +389,8 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             k = seq.sampling_params.logprobs or 0
             top = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids and top_values else {}
-            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprobs[i], top_logprobs=top)
+            logprob = logprobs[i] if logprobs is not None else float("nan")  # nan: not asked for, not reported
+            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprob, top_logprobs=top)
 
     @staticmethod
     def _allowed_token_mask(
