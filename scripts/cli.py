@@ -10,18 +10,60 @@ gptoss bench serve | latency         load-test a server; the engine alone agains
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from gptoss.engine.model.config import PRESETS, preset
 from gptoss.scripts import bench_latency, bench_serve, generate, score
-from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
+from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli, progress_enabled
+from gptoss.scripts.errors import USAGE, describe
+
+# Nothing here imports torch: `gptoss --help` stays fast. Each command imports what it runs.
 
 Handler = Callable[[argparse.Namespace], int]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every flag's default after its help, unless there is none to show (None, a
+    switch that is off) or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+            return help_text
+        return super()._get_help_string(action) or help_text
+
+
+class Parser(argparse.ArgumentParser):
+    """`argparse` with the formatter above, and usage mistakes reported in one line (exit status 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _make_checkpoint(args: argparse.Namespace) -> int:
+    from gptoss.engine.model.loader import INDEX_FILE
+    from gptoss.scripts.engine_flags import check_tokenizer_path
+    from gptoss.scripts.errors import UsageError
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: is a file; give a folder to write the checkpoint into")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise UsageError(f"{out}: folder exists and is not empty; choose another or add --overwrite")
+        # The new index must not sit beside shards of an older checkpoint.
+        for stale in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+            stale.unlink(missing_ok=True)
+    if args.tokenizer is not None:
+        check_tokenizer_path(args.tokenizer, "--tokenizer")
     from gptoss.engine.model.random_checkpoint import make_random_checkpoint
 
     config = preset(args.preset)
@@ -41,13 +83,17 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
         )
         if getattr(args, name) is not None
     }
-    config = config.replace(**overrides)
+    try:
+        config = config.replace(**overrides)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     out = make_random_checkpoint(
         args.out,
         config,
         seed=args.seed,
         tokenizer_path=args.tokenizer,
         max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+        progress=progress_enabled(args),
     )
     print(f"wrote a random {args.preset} checkpoint to {out}")
     return 0
@@ -60,9 +106,11 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
         description="Random weights in exactly the HF layout: config.json, index + shards, "
         "generation_config.json, tokenizer.json. Any preset, or custom sizes.",
     )
-    parser.add_argument("out", type=Path, help="output folder")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out", type=Path, help="output folder (new or empty, unless --overwrite)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model shape")
+    parser.add_argument("--seed", type=int, default=0, help="of the random weights")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (also off when not a terminal)")
     parser.add_argument(
         "--tokenizer",
         type=Path,
@@ -90,7 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
     from gptoss.engine.async_engine import AsyncEngine
     from gptoss.server.app import run_server
 
-    engine_args = engine_args_from_cli(args, load_progress=True)
+    engine_args = engine_args_from_cli(args)
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     engine = AsyncEngine(engine_args)
     run_server(args, engine=engine)
@@ -107,11 +155,14 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     )
     add_engine_arguments(parser)
     add_serve_arguments(parser)
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no loading progress bar (also off when not a terminal)"
+    )
     parser.set_defaults(handler=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptoss", description="Local inference engine for gpt-oss-120b / 20b.")
+    parser = Parser(prog="gptoss", description="Local inference engine for gpt-oss-120b / 20b.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve(subparsers)
     _add_make_checkpoint(subparsers)
@@ -121,14 +172,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench_subparsers = bench.add_subparsers(dest="bench_command", required=True)
     bench_serve.register(bench_subparsers)
     bench_latency.register(bench_subparsers)
+    _add_debug_flag(parser, top=True)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """`--debug` on every (sub)command: before or after the command name."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,  # a subcommand's must not reset the top-level one
+        help="show the full traceback of an error instead of one line",
+    )
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in dict.fromkeys(action.choices.values()):
+                _add_debug_flag(subparser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug or os.environ.get("GPTOSS_DEBUG"):
+            raise
+        message, code = describe(exc)
+        command = " ".join(part for part in ("gptoss", args.command, getattr(args, "bench_command", None)) if part)
+        print(f"{command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def test_percentile_matches_numpy() -> None:
     values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
     for p in (0, 50, 90, 99, 100):
         assert percentile(values, p) == pytest.approx(float(np.percentile(values, p)))
-    assert percentile([], 50) == 0.0
+    assert percentile([], 50) is None
 
 
 def test_random_prompts_lengths() -> None:
