@@ -3,7 +3,6 @@ no traceback unless --debug; `--help` fast, complete and written for users."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
