@@ -242,3 +242,17 @@ def test_live_tiny_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
             assert run["mean_ttft_ms"] > 0 and run["mean_e2el_ms"] >= run["mean_ttft_ms"]
             if endpoint == "/v1/completions":  # token-id prompts: exact input lengths
                 assert run["total_input_tokens"] == 4 * 12
+
+
+def test_no_text_is_na_not_zero() -> None:
+    """A level where no text arrived has no TPOT / ITL: n/a in the report, null in the JSON."""
+    from gptoss.scripts.bench_serve import format_run
+
+    results = [RequestResult(True, ttft=0.1, latency=0.1, itl=[], prompt_tokens=10, output_tokens=1)]
+    metrics = summarize(results, duration=1.0, inputs=[RequestInput([1] * 10, 10, 4)])
+    metrics.update(concurrency=1, request_rate="inf")
+    assert metrics["mean_tpot_ms"] is None and metrics["p99_itl_ms"] is None
+    text = format_run(metrics)
+    tpot = next(line for line in text.splitlines() if line.startswith("TPOT"))
+    assert "n/a" in tpot and "0.00" not in tpot
+    assert "n/a" not in next(line for line in text.splitlines() if line.startswith("TTFT"))

@@ -177,3 +177,18 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "gptoss.scripts.cli", "--help"], capture_output=True, check=True)
     assert time.perf_counter() - start < 5  # under 1 s on an idle machine; generous for a loaded CI runner
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
+    from gptoss.scripts import engine_flags
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert engine_flags.default_num_threads()[0] == engine_flags.MAX_DEFAULT_THREADS  # idle: capped
+    monkeypatch.setattr(os, "getloadavg", lambda: (14.5, 0.0, 0.0))
+    assert engine_flags.default_num_threads()[0] == 1  # 1.5 cores free
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 0.0, 0.0))
+    assert engine_flags.default_num_threads()[0] == 1  # overloaded: never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_flags.default_num_threads() == (3, "from $OMP_NUM_THREADS")
