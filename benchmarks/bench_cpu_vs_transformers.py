@@ -5,7 +5,8 @@ the CPU with the same torch thread count (`--num-threads`, 1 by default: steady 
 The engine runs `LLM.generate` (continuous batching, paged KV cache, prefix caching off); `transformers` runs
 `GptOssForCausalLM.generate` with the MXFP4 experts dequantised at load (`Mxfp4Config(dequantize=True)`, what
 it does on a CPU). Each row is the fastest of `--iters` timed runs after one warm-up run of each, the two
-alternating (so a load change on a shared machine hits both alike):
+alternating (so a load change on a shared machine hits both alike); `--clock cpu` times the process's CPU
+time instead of the wall clock (with one thread the same on an idle machine, far steadier on a busy one):
 
     output tokens/s = batch * output_len / seconds (prefill included, as a user waits for it)
 
@@ -66,16 +67,22 @@ def hf_generate(model: Any, prompts: list[list[int]], output_len: int) -> list[l
     return out[:, input_ids.shape[1] :].tolist()
 
 
-def best_seconds(fns: dict[str, Any], iters: int) -> tuple[dict[str, float], dict[str, Any]]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_seconds(fns: dict[str, Any], iters: int, clock: str = "wall") -> tuple[dict[str, float], dict[str, Any]]:
     """The fastest of `iters` timed runs of each function, after one warm-up run of each (whose result is
-    returned). Runs alternate between the functions, so a load change on a shared machine hits both alike."""
+    returned). Runs alternate between the functions, so a load change on a shared machine hits both alike.
+    `clock`: "wall", or "cpu" (this process's CPU time: with one thread, the wall time of an idle machine, and
+    much steadier on a loaded one)."""
+    now = CLOCKS[clock]
     results = {name: fn() for name, fn in fns.items()}
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(iters):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], now() - start)
     return best, results
 
 
@@ -123,6 +130,7 @@ def run(args: argparse.Namespace, checkpoint: Path) -> list[dict[str, Any]]:
                 "transformers": lambda p=prompts: hf_generate(hf, p, args.output_len),
             },
             args.iters,
+            args.clock,
         )
         ours_s, hf_s = seconds["engine"], seconds["transformers"]
         ours, theirs = tokens_out["engine"], tokens_out["transformers"]
@@ -159,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=32, help="new tokens per sequence")
     parser.add_argument("--iters", type=int, default=5, help="timed runs per row and side (the fastest counts)")
     parser.add_argument("--num-threads", type=int, default=1, help="torch threads for both")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (steadier on a busy machine)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = parser.parse_args(argv)
     if importlib_missing("transformers"):
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or make_checkpoint(args, Path(tmp) / "ckpt")
-        print(f"checkpoint {checkpoint}, fp32, cpu, {args.num_threads} torch thread(s)", flush=True)
+        print(f"checkpoint {checkpoint}, fp32, cpu, {args.num_threads} torch thread(s), {args.clock} clock", flush=True)
         rows = run(args, checkpoint)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

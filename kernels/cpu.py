@@ -64,11 +64,15 @@ class ExpertCache:
         return self.lookup((blocks, scales), (expert, deinterleave), make)
 
     def get_all(self, blocks: torch.Tensor, scales: torch.Tensor, deinterleave: bool = False) -> torch.Tensor:
-        """Every expert's weights stacked, `[E, rows, cols]` fp32 (see `get`)."""
+        """Every expert's weights `[E, rows, cols]` as one right-hand side of a matmul over all experts:
+        `[cols, E * rows]` with `deinterleave` (w1: x `[T, cols]` @ it = every expert's gate/up, side by side),
+        else `[E * cols, rows]` (w2: activations of every expert side by side @ it = their sum)."""
 
         def make() -> torch.Tensor:
-            weight = mxfp4_dequantize(blocks, scales)
-            return _deinterleave(weight, dim=1) if deinterleave else weight
+            weight = mxfp4_dequantize(blocks, scales)  # [E, rows, cols]
+            if deinterleave:
+                return _deinterleave(weight, dim=1).flatten(0, 1).t().contiguous()
+            return weight.transpose(1, 2).flatten(0, 1).contiguous()
 
         return self.lookup((blocks, scales), ("all", deinterleave), make)
 
@@ -133,16 +137,18 @@ def moe(
         up = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1)
         return up.mul_(gate * torch.sigmoid(swiglu_alpha * gate))
 
-    if _dense_is_cheaper(num_tokens, num_experts, top_k, hidden, w2_blocks.shape[2] * 32):
-        # Every expert on every token, in two batched matmuls: fewer ops than a loop over experts when the
-        # experts are small and most are routed to anyway (tiny models, small batches).
-        w1 = cache.get_all(w1_blocks, w1_scales, deinterleave=True)  # [E, 2I, H]
-        w2 = cache.get_all(w2_blocks, w2_scales)  # [E, H, I]
-        h = torch.baddbmm(w1_bias32[:, None, :], x32.expand(num_experts, -1, -1), w1.transpose(1, 2))
-        y = torch.baddbmm(w2_bias32[:, None, :], swiglu_halves(h), w2.transpose(1, 2))  # [E, T, H]
+    intermediate = w2_blocks.shape[2] * 32
+    if _dense_is_cheaper(num_tokens, num_experts, top_k, hidden, intermediate):
+        # Every expert on every token, in two plain matmuls over the experts side by side: far fewer ops than
+        # a loop over experts when the experts are small and most are routed to anyway (tiny models, small
+        # batches). Unrouted experts get weight 0, folded into the activations before the down projection.
+        w1 = cache.get_all(w1_blocks, w1_scales, deinterleave=True)  # [H, E * 2I]
+        w2 = cache.get_all(w2_blocks, w2_scales)  # [E * I, H]
         routing = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
         routing.scatter_(1, expert_ids.long(), expert_weights)
-        return torch.einsum("te,eth->th", routing, y).to(x.dtype)
+        h = torch.addmm(w1_bias32.view(-1), x32, w1).view(num_tokens, num_experts, 2 * intermediate)
+        act = swiglu_halves(h).mul_(routing.unsqueeze(-1))  # [T, E, I]
+        return torch.addmm(routing @ w2_bias32, act.reshape(num_tokens, -1), w2).to(x.dtype)
 
     def expert_mlp(expert: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         w1 = cache.get(w1_blocks, w1_scales, expert, deinterleave=True)
