@@ -135,18 +135,59 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gptoss.scripts.errors import UsageError
+    from gptoss.server.flags import port_problem
+
+    problem = port_problem(args.host, args.port)  # before minutes of loading, not after
+    if problem is not None:
+        raise UsageError(f"--host/--port: {problem}; stop what uses it or choose another --port")
+    model_given = bool(args.model)
+    engine_args = engine_args_from_cli(args)
+    args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     from gptoss.engine.async_engine import AsyncEngine
     from gptoss.server.app import run_server
 
-    engine_args = engine_args_from_cli(args)
-    args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     engine = AsyncEngine(engine_args)
+    print(serve_banner(args, engine, model_given), file=sys.stderr, flush=True)
     run_server(args, engine=engine)
     return 0
 
 
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 / 100 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def serve_banner(args: argparse.Namespace, engine: Any, model_given: bool) -> str:
+    """What `gptoss serve` is about to serve: model, device, dtype, memory, batch, URL."""
+    llm_engine = engine.engine
+    runner = llm_engine.runner
+    if args.random_weights and not model_given:
+        source = f"preset {args.preset}, random weights drawn on the device (no checkpoint)"
+    elif model_given:
+        source = f"checkpoint {args.model}"
+    else:
+        source = f"tiny random checkpoint {args.model} (answers are noise; --model PATH serves a real one)"
+    config = llm_engine.config
+    kv_dtype = str(runner.kv_caches[0][0].dtype).removeprefix("torch.") if runner.kv_caches else "-"
+    host = args.host
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{args.port}"
+    where = " (every interface)" if host in ("0.0.0.0", "::") else ""
+    return "\n".join(
+        [
+            f"gptoss serve: {source}",
+            f"  model      {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_local_experts} experts (top {config.num_experts_per_tok}), vocab {config.vocab_size}",
+            f"  device     {runner.device}, dtype {str(runner.dtype).removeprefix('torch.')}",
+            f"  memory     weights {_gib(runner.weight_bytes)}, KV cache {_gib(runner.kv_cache_bytes)} ({kv_dtype})",
+            f"  batch      max {llm_engine.args.max_num_seqs} sequences, max {llm_engine.max_model_len} tokens each",
+            f"  listening  {url}{where} as model {args.served_model_name!r}; "
+            f"API key {'required' if args.api_key else 'not required'}",
+        ]
+    )
+
+
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
-    from gptoss.server.app import add_serve_arguments
+    from gptoss.server.flags import add_serve_arguments
 
     parser = subparsers.add_parser(
         "serve",

@@ -3,6 +3,7 @@ no traceback unless --debug; `--help` fast, complete and written for users."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -192,3 +193,73 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch) -> None:
     assert engine_flags.default_num_threads()[0] == 1  # overloaded: never 0
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert engine_flags.default_num_threads() == (3, "from $OMP_NUM_THREADS")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_checks_the_port_before_loading(capsys, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        start = time.perf_counter()
+        code, err = run_cli(capsys, "serve", "--model", "/no/such/model", "--port", str(port))
+    assert code == 2
+    assert_one_line(err, f"127.0.0.1:{port}", "another --port")
+    assert time.perf_counter() - start < 5  # nothing was loaded (the model path is not even looked at)
+
+
+def test_serve_banner(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss.scripts.cli", "serve", "--model", str(tiny_checkpoint), "--port", str(port),
+         "--num-threads", "1", "--log-level", "warning"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.strip().startswith("listening") or not line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    banner = "".join(lines)
+    assert f"gptoss serve: checkpoint {tiny_checkpoint}" in banner
+    assert "cpu, dtype float32" in banner
+    assert "weights" in banner and "KV cache" in banner and "max 256 sequences" in banner
+    assert f"http://127.0.0.1:{port}" in banner and "API key not required" in banner
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                found += all_parsers(sub)
+    return found
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    for parser in all_parsers(cli.build_parser()):
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction) or action.dest == "help":
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest}: no help"
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in parser._get_formatter()._get_help_string(action), (parser.prog, action.dest)
+        assert "run_engine" not in text and "ResultsFile" not in text, parser.prog
+    serve = next(p for p in all_parsers(cli.build_parser()) if p.prog.endswith(" serve") and "bench" not in p.prog)
+    assert "float16" in serve.format_help()

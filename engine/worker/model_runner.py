@@ -237,10 +237,17 @@ class ModelRunner:
             use_graphs=use_graphs,
         )
 
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+
     def _log_memory(self) -> None:
         """What the weights and the KV cache take, and how many tokens the cache holds."""
-        weight_bytes = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
-        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        weight_bytes, kv_bytes = self.weight_bytes, self.kv_cache_bytes
         # The full-attention pool bounds the tokens in cache; the sliding pool holds only the windows.
         capacity_group = FULL if FULL in self.num_blocks else SLIDING
         logger.info("weights: %.2f GiB on %s", weight_bytes / 2**30, self.device)
