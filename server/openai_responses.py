@@ -43,7 +43,7 @@ from gptoss.server.events import (
     Usage,
 )
 from gptoss.server.logprobs import logprob_entries
-from gptoss.server.protocol_openai import ResponsesRequest, parse_body
+from gptoss.server.protocol_openai import OPENAI_RANGES, ResponsesRequest, check_ranges, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
@@ -454,7 +454,7 @@ async def responses_sse(
 async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one Responses request."""
     state = get_state(request)
-    req = parse_body(ResponsesRequest, body)
+    req = check_ranges(parse_body(ResponsesRequest, body), OPENAI_RANGES)
     plan = prepare_responses(state, req)
     return await respond(
         request,
