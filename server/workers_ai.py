@@ -275,8 +275,10 @@ async def run_batch(state: ServerState, items: list[dict[str, Any]]) -> dict[str
     return {"results": list(await asyncio.gather(*[one(item) for item in items]))}
 
 
-def _batch_items(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return parse_body(BatchRequest, body).requests
+def _batch_items(body: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """The batch's items, each naming the path's model as a direct call does (answers echo it)."""
+    items = parse_body(BatchRequest, body).requests
+    return [{**item, "model": model} if isinstance(item, dict) else item for item in items]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,10 +309,10 @@ async def run_model(request: Request, model: str) -> Response:
     if kind == "poll":
         return JSONResponse(envelope(poll(state, parse_body(PollRequest, body).request_id)))
     if queue:
-        items = _batch_items(body) if kind == "batch" else [body]
+        items = _batch_items(body, model) if kind == "batch" else [body]
         return JSONResponse(envelope(enqueue(state, items, model)))
     if kind == "batch":
-        items = _batch_items(body)
+        items = _batch_items(body, model)
         with Admission(state):
             result = await run_until_disconnect(request, run_batch(state, items))
         return JSONResponse(envelope(result))
