@@ -53,6 +53,7 @@ import triton.language as tl
 
 MXFP4_BLOCK = 32  # fp4 values sharing one e8m0 scale
 ROUTE_BLOCK_T = 32  # tokens per routing program; up to this many tokens routing is one launch
+ROUTE_NUM_WARPS = 8  # 4 warps spill the [32, 128] top-k tile on sm_90
 MMA_TOKENS = 16  # tokens per MMA (the wgmma N width): fixed, so bits never depend on the batch
 COMBINE_BLOCK_T = 2  # tokens per combine program on GPU
 TARGET_CTAS = 264  # split-K aims at >= 2 CTAs per SM of a 132-SM H100/H200 (a constant: not device-dependent)
@@ -78,24 +79,29 @@ def _e2m1_times_scale(
         p = packed.to(tl.uint32)
         lo = ((p & 0x7) << 22) | ((p & 0x8) << 28)
         hi = ((p & 0x70) << 18) | ((p & 0x80) << 24)
-        values = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+        values = tl.reshape(tl.join(lo.to(tl.uint32), hi.to(tl.uint32)), (BLOCK_N, BLOCK_K)).to(
+            tl.float32, bitcast=True
+        )
         s = scale_bits.to(tl.uint32)
         s_low = tl.minimum(s, 128)
-        factor = ((s_low + 126) << 23).to(tl.float32, bitcast=True)  # 2^(s_low - 1)
+        factor = ((s_low + 126) << 23).to(tl.uint32).to(tl.float32, bitcast=True)  # 2^(s_low - 1)
         w = tl.reshape(values, (BLOCK_N, GROUPS, 32)) * factor[:, :, None]
         if WIDE_SCALES:
-            w = w * ((s - s_low + 127) << 23).to(tl.float32, bitcast=True)[:, :, None]
+            w = w * ((s - s_low + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)[:, :, None]
     else:
         p = packed.to(tl.uint16)
         lo = ((p & 0x7) << 6) | ((p & 0x8) << 12)
         hi = ((p & 0x70) << 2) | ((p & 0x80) << 8)
-        values = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.bfloat16, bitcast=True)
+        # (triton 3.6 widens uint16 op int-literal results to 32 bits: narrow before the bitcast)
+        values = tl.reshape(tl.join(lo.to(tl.uint16), hi.to(tl.uint16)), (BLOCK_N, BLOCK_K)).to(
+            tl.bfloat16, bitcast=True
+        )
         s = scale_bits.to(tl.uint16)
         s_low = tl.minimum(s, 128)
-        factor = ((s_low + 126) << 7).to(tl.bfloat16, bitcast=True)
+        factor = ((s_low + 126) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         w = tl.reshape(values, (BLOCK_N, GROUPS, 32)) * factor[:, :, None]
         if WIDE_SCALES:
-            w = w * ((s - s_low + 127) << 7).to(tl.bfloat16, bitcast=True)[:, :, None]
+            w = w * ((s - s_low + 127) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)[:, :, None]
     return tl.reshape(w, (BLOCK_N, BLOCK_K))
 
 
@@ -417,15 +423,15 @@ def _write_tiles(
     BLOCK_M: tl.constexpr,
 ):
     """Row tiles from the per-expert pair counts [BLOCK_E]: slot s belongs to the expert whose tile range
-    [tile_begin, tile_end) holds s; slots past the last tile get expert -1. Chunks of 64 slots bound registers."""
+    [tile_begin, tile_end) holds s; slots past the last tile get expert -1. Chunks of 16 slots bound registers."""
     offs_e = tl.arange(0, BLOCK_E)
     ends = tl.cumsum(counts, 0)
     starts = ends - counts
     tiles = (counts + BLOCK_M - 1) // BLOCK_M
     tile_end = tl.cumsum(tiles, 0)
     tile_begin = tile_end - tiles
-    for s0 in range(0, num_slots, 64):
-        offs_s = s0 + tl.arange(0, 64)
+    for s0 in range(0, num_slots, 16):
+        offs_s = s0 + tl.arange(0, 16)
         slot_expert = tl.sum((tile_end[None, :] <= offs_s[:, None]).to(tl.int32), axis=1)
         valid = slot_expert < E
         one_hot = slot_expert[:, None] == offs_e[None, :]
@@ -451,15 +457,15 @@ def _scatter_block_pairs(
 ):
     """Write routing block `block`'s pair ids at their expert-sorted rows: base[e] (the first row of expert e
     for this block) + the pair's rank among the block's pairs of its expert by pair id (a stable order).
-    `scratch` [BLOCK_E] turns base into a gather. The rank is counted in chunks of 32 pairs, not sorted:
+    `scratch` [BLOCK_E] turns base into a gather. The rank is counted in chunks of 16 pairs, not sorted:
     a bounded register tile, and cheap in the interpreter."""
     pair_expert, p_mask = _block_pair_experts(expert_ids_ptr, block, num_pairs, E, PAIRS, BLOCK_P)
     tl.store(scratch_ptr + tl.arange(0, BLOCK_E), base)
     tl.debug_barrier()  # the scratch row is read back below by other threads of this program
     offs_p = tl.arange(0, BLOCK_P)
     rank = tl.zeros((BLOCK_P,), dtype=tl.int32)
-    for q0 in tl.static_range(0, BLOCK_P, 32):
-        offs_q = q0 + tl.arange(0, 32)
+    for q0 in tl.static_range(0, BLOCK_P, 16):
+        offs_q = q0 + tl.arange(0, 16)
         q_expert = tl.load(
             expert_ids_ptr + block * PAIRS + offs_q,
             mask=(offs_q < PAIRS) & (block * PAIRS + offs_q < num_pairs),
@@ -576,14 +582,33 @@ def _route_group_kernel(
 
 
 _KERNEL_FNS = (_moe_matmul_kernel, _moe_combine_kernel, _route_topk_kernel, _route_group_kernel)
+# Device functions the kernels call, by their module-level names. A compiled kernel needs them as
+# JITFunctions, the interpreter as plain functions: `_kernels` binds the names for the current mode.
+_HELPER_FNS = {
+    fn.__name__: fn
+    for fn in (
+        _e2m1_times_scale,
+        _load_tokens,
+        _swiglu_store,
+        _partial_store,
+        _route_topk,
+        _block_pair_experts,
+        _write_tiles,
+        _scatter_block_pairs,
+    )
+}
 _JITTED: dict[bool, tuple] = {}
+_JITTED_HELPERS: dict[bool, dict] = {}
 
 
 def _kernels() -> tuple:
-    """(matmul, combine, route_topk, route_group) for the current mode; `triton.jit` picks interpreter or not."""
+    """(matmul, combine, route_topk, route_group) for the current mode; `triton.jit` picks interpreter or not.
+    Also binds the helper names to the same mode's versions (so call this before compiling a kernel)."""
     mode = interpreting()
     if mode not in _JITTED:
+        _JITTED_HELPERS[mode] = {name: triton.jit(fn) for name, fn in _HELPER_FNS.items()}
         _JITTED[mode] = tuple(triton.jit(fn) for fn in _KERNEL_FNS)
+    globals().update(_HELPER_FNS if mode else _JITTED_HELPERS[mode])
     return _JITTED[mode]
 
 
@@ -671,7 +696,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int) -> MoeRouti
         BLOCK_KK=triton.next_power_of_2(top_k),
         BLOCK_P=block_p,
         GROUP=group_here,
-        num_warps=4,
+        num_warps=ROUTE_NUM_WARPS,
     )
     if not group_here:
         group_kernel[(num_blocks,)](
@@ -690,7 +715,7 @@ def moe_route(router_logits: torch.Tensor, top_k: int, block_m: int) -> MoeRouti
             BLOCK_E=block_e,
             PAIRS=ROUTE_BLOCK_T * top_k,
             BLOCK_P=block_p,
-            num_warps=4,
+            num_warps=ROUTE_NUM_WARPS,
         )
     return MoeRouting(expert_ids, expert_weights, sorted_pairs, expert_offsets, tile_expert, tile_row_start, block_m)
 
@@ -814,8 +839,8 @@ class MoeConfig:
 # Keyed on the token count only; every entry issues the same wgmma m64n16k16 per weight tile and K step.
 _CONFIGS: list[tuple[int, MoeConfig]] = [
     (64, MoeConfig(subtiles=1)),  # decode: 16-token tiles, the most CTAs for a few experts
-    (512, MoeConfig(subtiles=2)),
-    (1 << 62, MoeConfig(subtiles=4)),  # prefill: each dequantised weight tile feeds 64 tokens
+    # Beyond: two sub-tiles share each dequantised weight tile (four spill on sm_90 with triton 3.9).
+    (1 << 62, MoeConfig(subtiles=2)),
 ]
 
 
@@ -973,3 +998,103 @@ def fused_moe(
 def moe_launches(num_tokens: int) -> int:
     """Kernel launches of one `fused_moe` call (routing, two matmuls, combine): for the launch budget."""
     return route_launches(num_tokens) + 3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch specs (benchmarks/static_report.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def launch_specs(model, scenario) -> list:
+    """The MoE's launches per layer in `scenario` (kernels.launch_spec types), at the batch's expected
+    expert spread: d = E (1 - (1 - k/E)^T) distinct experts, max(d, P / block_m) row tiles."""
+    from gptoss.kernels.launch_spec import LaunchSpec
+
+    _kernels()  # binds the helper names for compilation
+    tokens, layers = scenario.tokens, model.layers
+    hidden, inter, experts, top_k = model.hidden, model.intermediate, model.experts, model.top_k
+    config = pick_config(tokens)
+    pairs = tokens * top_k
+    distinct = experts * (1 - (1 - top_k / experts) ** tokens)
+    tiles = max(round(distinct), triton.cdiv(pairs, config.block_m))
+    block_e = triton.next_power_of_2(experts)
+    index = {"tile_expert_ptr": "*i32", "tile_row_start_ptr": "*i32", "expert_offsets_ptr": "*i32"}
+    route_ptrs = {
+        "logits_ptr": "*bf16",
+        "expert_ids_ptr": "*i32",
+        "expert_weights_ptr": "*fp32",
+        "hist_ptr": "*i32",
+        "sorted_pairs_ptr": "*i32",
+        "scratch_ptr": "*i32",
+        **index,
+    }
+    num_blocks = triton.cdiv(tokens, ROUTE_BLOCK_T)
+    block_p = triton.next_power_of_2(ROUTE_BLOCK_T * top_k)
+    specs = [
+        LaunchSpec(
+            name="moe.route_topk" + (" (+group)" if num_blocks == 1 else ""),
+            kernel=_JITTED[False][2],
+            pointers=route_ptrs,
+            constants={"E": experts, "TOP_K": top_k, "BLOCK_M": config.block_m, "BLOCK_T": ROUTE_BLOCK_T,
+                       "BLOCK_E": block_e, "BLOCK_KK": triton.next_power_of_2(top_k), "BLOCK_P": block_p,
+                       "GROUP": num_blocks == 1},
+            num_warps=ROUTE_NUM_WARPS, num_stages=1, ctas=num_blocks, bytes_per_cta=ROUTE_BLOCK_T * experts * 2,
+            total_bytes=tokens * experts * 2, launches_per_step=layers, aligned=("stride_lt",),
+        )
+    ]  # fmt: skip
+    if num_blocks > 1:
+        specs.append(
+            LaunchSpec(
+                name="moe.route_group",
+                kernel=_JITTED[False][3],
+                pointers={k: v for k, v in route_ptrs.items() if k not in ("logits_ptr", "expert_weights_ptr")},
+                constants={"E": experts, "BLOCK_M": config.block_m, "BLOCK_E": block_e,
+                           "PAIRS": ROUTE_BLOCK_T * top_k, "BLOCK_P": block_p},
+                num_warps=ROUTE_NUM_WARPS, num_stages=1, ctas=num_blocks, bytes_per_cta=num_blocks * block_e * 4,
+                total_bytes=num_blocks * num_blocks * block_e * 4, launches_per_step=layers,
+            )
+        )  # fmt: skip
+    matmul_ptrs = {
+        "w_ptr": "*u8", "s_ptr": "*u8", "bias_ptr": "*fp32", "sorted_pair_ptr": "*i32", **index,
+        "swiglu_limit": "fp32", "swiglu_alpha": "fp32",
+    }  # fmt: skip
+    aligned = ("stride_am", "stride_we", "stride_wt", "stride_se", "stride_st", "stride_be", "stride_os", "stride_om")
+    common = {"TOP_K": top_k, "FP32_MATH": False, "WIDE_SCALES": False, "SUBTILES": config.subtiles,
+              "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}  # fmt: skip
+    loop_bytes = BLOCK_N * BLOCK_K // 2 + BLOCK_N * BLOCK_K // 32
+    matmuls = (("moe.matmul1 (gate_up+SwiGLU)", 2 * inter, hidden, True), ("moe.matmul2 (down)", hidden, inter, False))
+    for name, n, k, swiglu in matmuls:
+        split = 1 if swiglu else split_k_for(k, n, top_k)
+        weight_bytes_per_expert = n * k // 2 + n * k // 32
+        act_bytes = config.block_m * k * 2
+        out_bytes = pairs * n * (2 if swiglu else 4 * split)
+        specs.append(
+            LaunchSpec(
+                name=name,
+                kernel=_JITTED[False][0],
+                pointers={**matmul_ptrs, "a_ptr": "*bf16", "out_ptr": "*bf16" if swiglu else "*fp32"},
+                constants={**common, "K": k, "GATHER_A": swiglu, "SWIGLU": swiglu, "SPLIT_K": split},
+                num_warps=config.num_warps, num_stages=config.num_stages,
+                ctas=triton.cdiv(n, BLOCK_N) * tiles * split,
+                bytes_per_cta=(BLOCK_N * k // 2 + BLOCK_N * k // 32 + act_bytes) / split,
+                total_bytes=distinct * weight_bytes_per_expert + pairs * k * 2 + out_bytes,
+                launches_per_step=layers, aligned=aligned,
+                loop_weight_bytes=loop_bytes, loop_weight_elements=BLOCK_N * BLOCK_K,
+            )
+        )  # fmt: skip
+    specs.append(
+        LaunchSpec(
+            name="moe.combine",
+            kernel=_JITTED[False][1],
+            pointers={"part_ptr": "*fp32", "expert_ids_ptr": "*i32", "expert_weights_ptr": "*fp32",
+                      "bias_ptr": "*fp32", "out_ptr": "*bf16"},
+            constants={"TOP_K": top_k, "SPLIT_K": split_k_for(inter, hidden, top_k), "BLOCK_T": COMBINE_BLOCK_T,
+                       "BLOCK_H": 1024 // COMBINE_BLOCK_T},
+            num_warps=4, num_stages=1,
+            ctas=triton.cdiv(tokens, COMBINE_BLOCK_T) * triton.cdiv(hidden, 1024 // COMBINE_BLOCK_T),
+            bytes_per_cta=COMBINE_BLOCK_T * top_k * 2 * (1024 // COMBINE_BLOCK_T) * 4,
+            total_bytes=pairs * hidden * 4 * split_k_for(inter, hidden, top_k) + tokens * hidden * 2,
+            launches_per_step=layers, aligned=("stride_ps", "stride_pm", "stride_be", "stride_om", "H"),
+        )
+    )  # fmt: skip
+    return specs

@@ -268,8 +268,8 @@ def test_split_k_depends_on_the_model_only() -> None:
 
 
 def test_batch_invariance_bit_identical() -> None:
-    """A token's output is the same bits alone or inside a batch, across the table's buckets (64/65 and
-    512/513: 1, 2, 4 token sub-tiles per CTA) and the routing block (32/33)."""
+    """A token's output is the same bits alone or inside a batch, across the table's bucket (64/65: 1 -> 2
+    token sub-tiles per CTA) and the routing block (32/33)."""
     batches = [33, 65] if DEVICE == "cpu" else [33, 65, 513, 2049]
     inputs = make_moe_inputs(max(batches), 8, 64, 64, torch.bfloat16, seed=11)
     w1 = pack_mxfp4(inputs["w1_blocks"], inputs["w1_scales"], inputs["w1_bias"])
@@ -285,7 +285,7 @@ def test_batch_invariance_bit_identical() -> None:
 
 @pytest.mark.slow
 def test_batch_invariance_across_prefill_buckets() -> None:
-    """The same across 512/513 (2 -> 4 sub-tiles) under the interpreter (slow there: ~600 tokens)."""
+    """The same across 512/513 under the interpreter (slow there: ~600 tokens)."""
     if DEVICE != "cpu":
         pytest.skip("covered by test_batch_invariance_bit_identical on GPU")
     inputs = make_moe_inputs(513, 8, 64, 64, torch.bfloat16, seed=12)
