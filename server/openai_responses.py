@@ -298,7 +298,7 @@ class ResponseBuilder:
                     }
                 )
             self._text = event.arguments
-            out += self._close()
+            out += self._close(None if event.complete else "incomplete")
         elif isinstance(event, Finished):
             self.finish_reason = event.finish_reason
             self.usage = event.usage
@@ -329,13 +329,15 @@ class ResponseBuilder:
             )
         return out
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, item_status: str | None = None) -> list[dict[str, Any]]:
+        """Finish the open item; its status is `item_status` when given (a call cut short is "incomplete"
+        before the Finished event says "length"), else from the finish reason."""
         item = self._open
         if item is None:
             return []
         self._open = None
         index = len(self.output)
-        item_status = "incomplete" if self.finish_reason == "length" else "completed"
+        item_status = item_status or ("incomplete" if self.finish_reason == "length" else "completed")
         out = []
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self._text}
