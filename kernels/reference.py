@@ -45,8 +45,8 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`[..., hidden]` normalised in fp32, scaled by `weight`, cast back to x's dtype (as transformers does)."""
-    # One fused op (torch >= 2.4) instead of seven: x * rsqrt(mean(x^2) + eps) * weight, all in fp32.
-    x32 = torch.nn.functional.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps)
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.to(torch.float32) * x32).to(x.dtype)
 
 
