@@ -256,3 +256,19 @@ def test_no_text_is_na_not_zero() -> None:
     tpot = next(line for line in text.splitlines() if line.startswith("TPOT"))
     assert "n/a" in tpot and "0.00" not in tpot
     assert "n/a" not in next(line for line in text.splitlines() if line.startswith("TTFT"))
+
+
+def test_a_progress_bar_per_level_on_a_terminal(fake_server: str, monkeypatch, capsys) -> None:
+    """Each concurrency level shows a bar of finished requests when stderr is a terminal, none otherwise."""
+    import sys
+
+    argv = ["--base-url", fake_server, "--num-prompts", "4", "--input-len", "8", "--output-len", "3"]
+    argv += ["--concurrency", "1,2", "--num-warmups", "0", "--quiet"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    args = bench_args(*argv)
+    assert args.handler(args) == 0
+    err = capsys.readouterr().err
+    assert "concurrency 1:" in err and "concurrency 2:" in err and "/4 [" in err
+    args = bench_args(*argv, "--no-progress")
+    assert args.handler(args) == 0
+    assert "concurrency 1" not in capsys.readouterr().err
