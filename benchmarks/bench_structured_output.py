@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from gptoss.engine.structured_output import (
+from gptoss.engine.structured_output.grammar import (
     StructuredOutputCompiler,
-    StructuredOutputSpec,
     StructuredOutputState,
     allocate_token_bitmask,
     apply_token_bitmask_,
     fill_token_bitmasks,
 )
+from gptoss.engine.structured_output.spec import StructuredOutputSpec
 from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "o200k_harmony.tokenizer.json"

@@ -116,6 +116,7 @@ class AsyncEngine:
         self._dead_reason: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        self.engine.warm_up_grammar_compiler()
 
     @classmethod
     def from_llm_engine(cls, engine: LLMEngine) -> AsyncEngine:
@@ -132,8 +133,9 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns the async iterator of its outputs. Raises at once (see module docstring).
 
-        `logits_mask_fn` (optional, structured output): called on the engine thread before each sampled
-        token with the output token ids so far; returns a bool tensor [vocab] of allowed tokens, or None.
+        Structured output is `sampling_params.structured_output` (an invalid schema raises here). `logits_mask_fn`
+        (optional, a further constraint): called on the engine thread before each sampled token with the
+        output token ids so far; returns a bool tensor [vocab] of allowed tokens, or None.
         """
         if not self.is_alive():
             raise EngineDeadError(self._dead_reason or "the engine is shut down")

@@ -30,6 +30,9 @@ Semantics (what the sampler does with each field, engine/worker/sampler.py):
   tokens. Logprobs are those of the model's raw distribution (log_softmax of the logits before any
   processing), as OpenAI reports them.
 - `prompt_logprobs`: None = none; k = each prompt token's logprob plus the top k at every position.
+- `structured_output`: a `StructuredOutputSpec` (engine/structured_output/spec.py: JSON mode, JSON Schema,
+  strict tools, a required tool call) constrains every sampled token to its grammar over the harmony reply;
+  the engine compiles it when the request is added (an invalid schema raises `StructuredOutputError` then).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss.engine.errors import RequestError
+from gptoss.engine.structured_output.spec import StructuredOutputSpec
 
 # Temperatures below this are treated as greedy (dividing by them would overflow the logits' range).
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -83,6 +87,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         # Accept a single stop string / tuples as the OpenAI API does; store lists.
@@ -126,6 +131,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise SamplingParamsError(name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}")
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise SamplingParamsError("structured_output", "must be a StructuredOutputSpec or None")
 
     def validate_api_ranges(self) -> None:
         """Check the public API ranges (shared/docs/api.md), stricter than `validate()`."""

@@ -1,4 +1,4 @@
-"""Structured outputs (engine/structured_output.py): a random "model" decodes under the grammar and every reply
+"""Structured outputs (engine/structured_output/): a random "model" decodes under the grammar and every reply
 must be well-formed harmony whose final message (or tool call) is JSON valid against its schema.
 
 The random driver samples at temperature 1 from random logits restricted to the allowed tokens, and feeds the
@@ -16,11 +16,9 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from gptoss.engine.structured_output import (
+from gptoss.engine.structured_output.grammar import (
     BitmaskWorker,
     StructuredOutputCompiler,
-    StructuredOutputError,
-    StructuredOutputSpec,
     StructuredOutputState,
     _unpack_bytes_torch,
     allocate_token_bitmask,
@@ -29,6 +27,7 @@ from gptoss.engine.structured_output import (
     fill_token_bitmasks,
     unpack_token_bitmask,
 )
+from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec
 from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 # The model's vocabulary is larger than the tiny tokenizer's: the padding ids must never be allowed.
