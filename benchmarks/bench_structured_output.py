@@ -28,7 +28,7 @@ from gptoss.engine.structured_output.grammar import (
     StructuredOutputCompiler,
     StructuredOutputState,
     allocate_token_bitmask,
-    apply_token_bitmask_,
+    allowed_token_mask_for_batch,
     fill_token_bitmasks,
 )
 from gptoss.engine.structured_output.spec import StructuredOutputSpec
@@ -210,7 +210,11 @@ def main() -> None:
                 timings[mode].append(time.perf_counter() - start)
                 if mode == "parallel":
                     start = time.perf_counter()
-                    apply_token_bitmask_(logits, bitmask.to(device, non_blocking=True), row_ids)
+                    # What the model runner and the sampler do with a step's bitmask.
+                    allowed = allowed_token_mask_for_batch(
+                        bitmask.to(device, non_blocking=True), row_ids, batch_size, vocab_size
+                    )
+                    logits.masked_fill_(~allowed, float("-inf"))
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     timings["apply"].append(time.perf_counter() - start)

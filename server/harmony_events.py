@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+from gptoss.engine.detokenizer import find_stop, stop_prefix_len
 from gptoss.engine.harmony.parser import tool_name
 from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.engine.outputs import RequestOutput, TokenLogprob
@@ -87,19 +88,12 @@ class HarmonyEventStream:
             logprobs, self._held_logprobs = self._held_logprobs, []
             return [ContentDelta(text, logprobs)]
         pending = self._held + text
-        hits = [(pending.find(s), s) for s in self.stop_strings if s in pending]
-        if hits:
-            cut = min(i for i, _ in hits)
+        match = find_stop(pending, self.stop_strings)
+        if match is not None:
             self.stopped = True
             self._held = ""
-            return self._emit(pending[:cut])
-        # Hold back the longest tail of `pending` that could still grow into a stop string.
-        keep = 0
-        for s in self.stop_strings:
-            for length in range(min(len(s) - 1, len(pending)), 0, -1):
-                if pending.endswith(s[:length]):
-                    keep = max(keep, length)
-                    break
+            return self._emit(pending[: match[0]])
+        keep = stop_prefix_len(pending, self.stop_strings)
         self._held = pending[len(pending) - keep :] if keep else ""
         return self._emit(pending[: len(pending) - keep])
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.scheduler import Scheduler
 from gptoss.engine.core.sequence import Sequence, SequenceStatus
 from gptoss.engine.errors import EngineOverloadedError, PromptTooLongError
+from gptoss.engine.model.config import FULL, SLIDING
 from gptoss.engine.sampling_params import SamplingParams
 
 

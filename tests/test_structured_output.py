@@ -23,7 +23,6 @@ from gptoss.engine.structured_output.grammar import (
     _unpack_bytes_torch,
     allocate_token_bitmask,
     allowed_token_mask_for_batch,
-    apply_token_bitmask_,
     fill_token_bitmasks,
     unpack_token_bitmask,
 )
@@ -766,26 +765,18 @@ def test_batched_bitmasks_match_single_masks(tiny) -> None:
         serial_worker.shutdown()
 
 
-def test_apply_bitmask_to_some_rows(tiny) -> None:
+def test_batch_mask_from_bitmask_rows(tiny) -> None:
     compiler, driver = tiny
     states = _states_in_various_places(compiler, driver)[:3]
     vocab_size = compiler.vocab_size
     bitmask = allocate_token_bitmask(len(states), vocab_size)
     fill_token_bitmasks(states, bitmask)
     rows = torch.tensor([4, 0, 2])
-    logits = torch.randn(5, vocab_size)
-    expected = logits.clone()
-    for state, row in zip(states, rows.tolist(), strict=True):
-        expected[row][~state.allowed_token_mask()] = float("-inf")
-    apply_token_bitmask_(logits, bitmask, rows)
-    assert torch.equal(logits, expected)
     mask = allowed_token_mask_for_batch(bitmask, rows, 5, vocab_size)
     assert mask[[1, 3]].all()
     assert torch.equal(mask[rows], unpack_token_bitmask(bitmask, vocab_size))
-    # Without rows: bitmask row i constrains logits row i.
-    logits = torch.zeros(3, vocab_size)
-    apply_token_bitmask_(logits, bitmask)
-    assert torch.equal(torch.isfinite(logits), unpack_token_bitmask(bitmask, vocab_size))
+    for state, row in zip(states, rows.tolist(), strict=True):
+        assert torch.equal(mask[row], state.allowed_token_mask())
 
 
 def test_unpack_bit_order() -> None:

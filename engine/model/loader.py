@@ -123,7 +123,3 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
-
-
-def model_weight_bytes(model: GptOssModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

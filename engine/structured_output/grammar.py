@@ -349,17 +349,6 @@ def _unpack_bytes_torch(as_bytes: torch.Tensor, vocab_size: int) -> torch.Tensor
     return bits.view(as_bytes.shape[0], -1)[:, :vocab_size].bool()
 
 
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """Set disallowed logits to -inf, in place: logits `[N, V]`, bitmask int32 `[R, W]` on logits' device, rows
-    `[R]` int64 (which logits row each bitmask row constrains; None: row i for i < R). Other rows are untouched.
-    """
-    allowed = unpack_token_bitmask(bitmask, logits.shape[-1])
-    if rows is None:
-        logits[: allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
-    else:
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
-
-
 def allowed_token_mask_for_batch(
     bitmask: torch.Tensor, rows: torch.Tensor, num_rows: int, vocab_size: int
 ) -> torch.Tensor:

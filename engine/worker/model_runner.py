@@ -399,15 +399,16 @@ class ModelRunner:
         """
         if not any(seq.grammar is not None or seq.logits_mask_fn is not None for seq in seqs):
             return None
-        mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         if grammar is not None:
-            from gptoss.engine.structured_output.grammar import unpack_token_bitmask
+            from gptoss.engine.structured_output.grammar import allowed_token_mask_for_batch
 
             rows, future = grammar
             # From pinned memory: the copy is async; the buffer is not refilled before the next-but-one step.
             bitmask = future.result().to(logits.device, non_blocking=True)
             row_index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
-            mask[row_index] = unpack_token_bitmask(bitmask, logits.shape[1])
+            mask = allowed_token_mask_for_batch(bitmask, row_index, logits.shape[0], logits.shape[1])
+        else:
+            mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         for i, seq in enumerate(seqs):
             if seq.logits_mask_fn is None:
                 continue
