@@ -83,7 +83,7 @@ class LLMEngine:
             self.block_manager,
             args.max_num_seqs,
             args.max_num_batched_tokens,
-            min(args.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings),
+            self.runner.context_len,
             args.max_num_waiting,
         )
         # The longest sequence served (context and KV cache both bound it); reaching it finishes "length".

@@ -208,7 +208,9 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         # Grammar bitmasks (structured outputs) are filled on a worker thread; made on the first such request.
         self._bitmask_worker: BitmaskWorker | None = None
-        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        # The model's context: no step holds a longer sequence (the KV cache may bound sequences further, see
+        # Scheduler.max_model_len, but the runner exists before the block pools do).
+        self.context_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self._log_memory()
         # Pure-decode steps replay CUDA graphs (on CUDA unless --enforce-eager); everything else runs eagerly.
         self.graph_runner: DecodeGraphRunner | None = None
@@ -223,7 +225,7 @@ class ModelRunner:
             self.kv_caches,
             list(self.num_blocks),
             capture_sizes(self.args.cuda_graph_max_batch),
-            self.max_model_len,
+            self.context_len,
             self.block_size,
             use_graphs=use_graphs,
         )
