@@ -195,6 +195,7 @@ def test_generate_feeds_a_bounded_waiting_queue(llm, monkeypatch):
 
 
 def test_grammar_constrains_generation(llm):
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
     engine = llm.engine
     compiler = engine.grammar_compiler
     spec = StructuredOutputSpec(final_schema=canonical_json({"type": "object"}))
@@ -212,6 +213,7 @@ def test_grammar_constrains_generation(llm):
 
 
 def test_invalid_structured_output_is_refused_at_add(llm):
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
     engine = llm.engine
     bad = StructuredOutputSpec(final_schema=canonical_json({"type": "foo"}), strict=False)
     with pytest.raises(StructuredOutputError) as info:
@@ -226,6 +228,7 @@ def test_grammar_rows_batched_like_per_row_masks(llm):
     """A request's `structured_output` takes the model runner's batched bitmask path; the same grammar state as
     a plain `logits_mask_fn` the per-row one. With seeded sampling both give the same tokens, in steps that mix
     them with free rows."""
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
     engine = llm.engine
     compiler = engine.grammar_compiler
     specs = [
