@@ -112,6 +112,7 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
         for name, tensor in _iter_checkpoint(shards):
             params[name].copy_(tensor, non_blocking=False)
             bar.update(tensor.numel() * tensor.element_size())
+    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -123,3 +124,8 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
+    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
+
+
+def model_weight_bytes(model: GptOssModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
