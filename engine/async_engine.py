@@ -107,6 +107,7 @@ class AsyncEngine:
             raise ValueError("give exactly one of args or engine")
         self.engine = engine if engine is not None else LLMEngine(args)  # type: ignore[arg-type]
         self.max_num_waiting = self.engine.args.max_num_waiting
+        self.engine.warm_up_grammar_compiler()  # the server's first constrained request should not wait for it
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -116,7 +117,6 @@ class AsyncEngine:
         self._dead_reason: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
-        self.engine.warm_up_grammar_compiler()
 
     @classmethod
     def from_llm_engine(cls, engine: LLMEngine) -> AsyncEngine:

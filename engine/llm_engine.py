@@ -91,13 +91,26 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._pending_text: dict[int, str] = {}
+        self._grammar_compiler: StructuredOutputCompiler | None = None  # see grammar_compiler
+        self._grammar_lock = threading.Lock()
         self._admitted: set[int] = set()
         self.metrics = EngineMetrics()
         self.vocab_size = self.config.vocab_size
-        self._grammar_compiler: StructuredOutputCompiler | None = None
-        self._grammar_lock = threading.Lock()
 
-    # ---- structured outputs ----------------------------------------------------------------------
+    # ---- requests ---------------------------------------------------------------------------------
+
+    def validate_request(self, prompt_token_ids: SequenceABC[int], sampling_params: Any) -> None:
+        """The checks `add_request` makes (reads only immutable state: safe from any thread)."""
+        if not isinstance(sampling_params, SamplingParams):
+            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
+        if len(prompt_token_ids) == 0:
+            raise InvalidRequestError("prompt is empty: at least one token is needed")
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
+        self.scheduler.check_prompt(len(prompt_token_ids))
+        if sampling_params.structured_output is not None:
+            self.grammar_compiler.compile(sampling_params.structured_output)  # cached: a bad schema raises here
 
     @property
     def grammar_compiler(self) -> StructuredOutputCompiler:
@@ -123,21 +136,6 @@ class LLMEngine:
                 logger.warning("structured outputs unavailable until %s is installed", exc.name)
 
         threading.Thread(target=build, name="grammar-compiler-warmup", daemon=True).start()
-
-    # ---- requests ---------------------------------------------------------------------------------
-
-    def validate_request(self, prompt_token_ids: SequenceABC[int], sampling_params: Any) -> None:
-        """The checks `add_request` makes (reads only immutable state: safe from any thread)."""
-        if not isinstance(sampling_params, SamplingParams):
-            raise InvalidRequestError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
-        if len(prompt_token_ids) == 0:
-            raise InvalidRequestError("prompt is empty: at least one token is needed")
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
-        self.scheduler.check_prompt(len(prompt_token_ids))
-        if sampling_params.structured_output is not None:
-            self.grammar_compiler.compile(sampling_params.structured_output)  # cached: a bad schema raises here
 
     def add_request(
         self,

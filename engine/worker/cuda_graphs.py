@@ -8,7 +8,7 @@ in bounds and writes nothing:
 - input_ids/positions keep whatever they held (any token id and any position below the model's maximum is
   valid; padding rows' outputs are thrown away).
 The attention launcher sizes its decode split grid from the `max_seq_len` hint, which a captured graph
-freezes: the graphs get the model's context length, an upper bound; each sequence's split count is computed on
+freezes: the graphs get the engine's max_model_len, an upper bound; each sequence's split count is computed on
 the device from its own seq_len and the programs beyond it exit (kernels/attention.py `_decode_split_kernel`).
 The MoE grid is a host-known upper bound of the token count (kernels/moe.py), so a whole step is capturable.
 
