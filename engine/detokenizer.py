@@ -97,13 +97,23 @@ def find_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
 
 def stop_prefix_len(text: str, stops: Iterable[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some stop string: what a stream must
-    hold back until the next text says whether a stop string begins there."""
+    hold back until the next text says whether a stop string begins there.
+
+    Only lengths whose prefix ends with `text`'s last character are compared (found with `str.rfind`): a few
+    C-level comparisons per stop string rather than one per possible length.
+    """
     longest = 0
+    last = text[-1:]
     for stop_str in stops:
-        for length in range(min(len(stop_str) - 1, len(text)), longest, -1):
-            if text.endswith(stop_str[:length]):
-                longest = length
+        end = min(len(stop_str) - 1, len(text))  # candidate prefix lengths: longest + 1 .. end
+        while end > longest:
+            end = stop_str.rfind(last, 0, end) + 1  # the longest candidate length whose prefix ends with `last`
+            if end <= longest:
                 break
+            if text.endswith(stop_str[:end]):
+                longest = end
+                break
+            end -= 1
     return longest
 
 
