@@ -233,7 +233,7 @@ def _add_misc_routes(app: FastAPI) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The server's flags (the engine's are added by scripts/engine_flags.py)."""
+    """The server's flags (the engine's are added by engine/cli.py)."""
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
     group.add_argument("--port", type=int, default=8000)
