@@ -47,8 +47,8 @@ from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
     generate_harmony,
-    harmony_sampling,
     harmony_sampling_params,
+    prepare_harmony,
     resolve_tools,
     respond,
     today,
@@ -98,23 +98,24 @@ def chat_prompt_ids(
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
-    _, mode = resolve_tools(tools, req.tool_choice)
+    _, mode, _ = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort
     if req.reasoning_effort is None and req.reasoning is not None:  # so that an error names the field sent
         effort = normalize_effort(req.reasoning.effort, "reasoning.effort")
-    prompt = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, effort, response_format)
-    kwargs = harmony_sampling(
+    rendered = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, effort, response_format)
+    prepared = prepare_harmony(
         state,
+        rendered,
         req,
-        prompt_len=len(prompt),
-        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-        prompt_param="messages",
         tools=tools,
         tool_choice=req.tool_choice,
         response_format=response_format,
         response_format_param="response_format",
+        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        prompt_param="messages",
     )
+    kwargs = prepared.sampling
     if req.logprobs:
         kwargs["logprobs"] = req.top_logprobs or 0
     params = []
@@ -123,7 +124,15 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
             kwargs = {**kwargs, "seed": kwargs["seed"] + 1}
         params.append(harmony_sampling_params(state, **kwargs))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatPlan(model, prompt, params, req.stop_list, bool(req.logprobs), req.top_logprobs or 0, include_usage)
+    return ChatPlan(
+        model,
+        prepared.prompt_token_ids,
+        params,
+        req.stop_list,
+        bool(req.logprobs),
+        req.top_logprobs or 0,
+        include_usage,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

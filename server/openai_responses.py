@@ -48,8 +48,8 @@ from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
     generate_harmony,
-    harmony_sampling,
     harmony_sampling_params,
+    prepare_harmony,
     resolve_tools,
     respond,
     today,
@@ -97,7 +97,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
             )
         items = stored["items"] + items
     tools = req.tools or []
-    specs, mode = resolve_tools(tools, req.tool_choice)
+    specs, mode, _ = resolve_tools(tools, req.tool_choice)
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(
@@ -109,18 +109,18 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         current_date=today(),
     )
     effort = conversation.messages[0].content.reasoning_effort  # type: ignore[union-attr]
-    prompt = state.encoding.render_chat_prompt(conversation)
-    kwargs = harmony_sampling(
+    prepared = prepare_harmony(
         state,
+        state.encoding.render_chat_prompt(conversation),
         req,
-        prompt_len=len(prompt),
-        max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-        prompt_param="input",
         tools=tools,
         tool_choice=req.tool_choice,
         response_format=text.get("format") if text else None,
         response_format_param="text.format",
+        max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        prompt_param="input",
     )
+    kwargs = prepared.sampling
     if req.top_logprobs is not None:
         kwargs["logprobs"] = req.top_logprobs
     flat_tools = [
@@ -135,7 +135,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
     ]
     return ResponsesPlan(
         model,
-        prompt,
+        prepared.prompt_token_ids,
         harmony_sampling_params(state, **kwargs),
         req.stop_list,
         req,

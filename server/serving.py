@@ -5,7 +5,7 @@ into a prompt and `SamplingParams` with the helpers here, and the events they ge
 What they share lives here:
 - request preparation: the model name and `lora` check, `tool_choice`, the sampling fields with the server's
   defaults, the structured-output spec (JSON mode / schema, strict tools, a forced tool call: enforced by the
-  engine's grammar), the prompt-length check (`harmony_sampling` does the steps a harmony request goes
+  engine's grammar), the prompt-length check (`prepare_harmony` does the steps a harmony request goes
   through once its prompt is rendered), raw-text tokenization;
 - generation: `generate_harmony` (events of server/events.py, folded by server/harmony_events.py) and
   `generate_raw` (`RawDelta`s then a `RawResult`), both submitted to the engine at once
@@ -24,6 +24,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -104,16 +105,16 @@ def sampling_kwargs(req: SamplingFields, max_tokens: int, default_temperature: f
     return kwargs
 
 
-def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> str:
-    """auto / none / required / named. Accepts Chat Completions' `{type: function, function: {name}}` and
-    Responses' `{type: function, name}`; a named function must exist. (The call itself is forced by the
-    request's grammar: `structured_spec`.)"""
+def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
+    """(mode, function name), mode one of auto / none / required / named. Accepts Chat Completions'
+    `{type: function, function: {name}}` and Responses' `{type: function, name}`; a named function must exist.
+    (The call itself is forced by the request's grammar: `structured_spec`.)"""
     if tool_choice is None or tool_choice in ("auto", "none"):
-        return tool_choice or "auto"
+        return tool_choice or "auto", None
     if tool_choice == "required":
         if not tool_names:
             raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
-        return "required"
+        return "required", None
     usage = "tool_choice must be auto, none, required or a function ({type: function, name})"
     if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function":
         raise bad_request(usage, param="tool_choice")
@@ -123,7 +124,7 @@ def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> str:
         raise bad_request(usage, param="tool_choice")
     if name not in tool_names:
         raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
-    return "named"
+    return "named", name
 
 
 def structured_spec(
@@ -139,29 +140,42 @@ def structured_spec(
     )
 
 
-def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[ToolSpec], str]:
-    """(the tools normalized, the tool_choice mode) of a request (see `tool_choice_mode`)."""
+def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[ToolSpec], str, str | None]:
+    """(the tools normalized, tool_choice mode, named function) of a request (see `tool_choice_mode`)."""
     specs = normalize_tools(tools)
-    return specs, tool_choice_mode(tool_choice, [t.name for t in specs])
+    mode, name = tool_choice_mode(tool_choice, [t.name for t in specs])
+    return specs, mode, name
 
 
-def harmony_sampling(
+@dataclass
+class HarmonyPrompt:
+    """A harmony request ready to submit: its prompt, its structured-output spec (None: unconstrained) and
+    its SamplingParams keyword arguments (the spec among them, as `structured_output`)."""
+
+    prompt_token_ids: list[int]
+    structured_spec: StructuredOutputSpec | None
+    sampling: dict[str, Any]
+
+
+def prepare_harmony(
     state: ServerState,
+    rendered: list[int],
     req: SamplingFields,
     *,
-    prompt_len: int,
-    max_tokens: int,
-    prompt_param: str,
     tools: list[dict[str, Any]],
     tool_choice: Any,
     response_format: dict[str, Any] | None,
     response_format_param: str,
-) -> dict[str, Any]:
-    """The SamplingParams keyword arguments of a harmony request once its prompt is rendered: the prompt-length
-    check, its sampling fields with the server's defaults, and its structured output (`structured_spec`)."""
+    max_tokens: int,
+    prompt_param: str,
+) -> HarmonyPrompt:
+    """The steps every harmony request takes once its prompt is rendered: its structured-output spec (JSON
+    mode / schema, strict tools, a required or named tool call: enforced by the engine's grammar), the
+    prompt-length check and its sampling fields."""
     spec = structured_spec(response_format, tools, tool_choice, response_format_param)
-    max_tokens = check_prompt_length(state, prompt_len, max_tokens, prompt_param)
-    return {**sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE), "structured_output": spec}
+    max_tokens = check_prompt_length(state, len(rendered), max_tokens, prompt_param)
+    sampling = {**sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE), "structured_output": spec}
+    return HarmonyPrompt(rendered, spec, sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------
