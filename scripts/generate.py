@@ -17,7 +17,7 @@ parameters: `max_tokens` (alias `max_completion_tokens`, `max_output_tokens`), `
 otherwise end every completion), `logprobs` (true or a count of alternatives) and `top_logprobs`.
 `tool_choice` is "auto" (the default), "none" (the tools are not shown to the model), "required" or a named
 function (`{"type": "function", "name": ...}` or `{"type": "function", "function": {"name": ...}}`): these two
-are enforced while sampling, so the completion is a call to one of the tools (needs llguidance).
+are enforced while sampling (a grammar, llguidance), so the completion is a call to one of the tools.
 Unknown fields, invalid JSON, duplicate ids and out-of-range values are reported on stderr with their line
 number and the line is skipped; the run goes on.
 
@@ -114,7 +114,6 @@ class Job:
     params: Any  # SamplingParams
     harmony: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # echoed into the result (metadata), or kept for it
-    structured_spec: Any = None  # a StructuredOutputSpec the sampling must follow (a forced tool call)
 
 
 # ---- reading JSONL ---------------------------------------------------------------------------------------
@@ -298,17 +297,16 @@ def build_generate_job(
     if not prompt_ids:
         raise BadLine(line_no, "the prompt renders to no tokens")
     params = _sampling_params(obj, line_no, request_id, defaults, encoding.stop_token_ids)
+    if tool_choice not in (None, "auto", "none"):
+        params = dataclasses.replace(params, structured_output=_tool_choice_spec(tools, tool_choice, line_no))
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
-    spec = _tool_choice_spec(tools, tool_choice, line_no) if tool_choice not in (None, "auto", "none") else None
-    return Job(0, line_no, request_id, prompt_ids, params, harmony=not raw, extra=extra, structured_spec=spec)
+    return Job(0, line_no, request_id, prompt_ids, params, harmony=not raw, extra=extra)
 
 
 def _tool_choice_spec(tools: Any, tool_choice: Any, line_no: int) -> Any:
-    """The grammar spec forcing a call ("required" or a named function); BadLine when llguidance is missing."""
-    try:
-        from gptoss.engine.structured_output import StructuredOutputError, StructuredOutputSpec
-    except ImportError:
-        raise BadLine(line_no, "tool_choice: forcing a tool call needs llguidance (pip install llguidance)") from None
+    """The grammar spec forcing a call ("required" or a named function), which the engine samples under."""
+    from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec
+
     try:
         return StructuredOutputSpec.from_request(tools=tools, tool_choice=tool_choice)
     except StructuredOutputError as exc:
@@ -443,14 +441,12 @@ def run_engine(
     max_in_flight: int,
     progress: Any = None,
     count_tokens: Callable[[Any], int] = lambda out: len(out.new_token_ids),
-    logits_mask_fn: Callable[[Job], Any] | None = None,
 ) -> None:
     """Feed `jobs` to an `LLMEngine` (at most `max_in_flight` queued or running) and step it until all finish.
 
     `on_finished(job, request_output)` runs as each request finishes, in completion order. Requests the
     engine refuses (too long a prompt...) finish at once with `finish_reason="error"` and the reason. On any
-    exception (Ctrl-C included) the requests in flight are aborted before it propagates. `logits_mask_fn(job)`
-    gives a job's sampling constraint (None: none).
+    exception (Ctrl-C included) the requests in flight are aborted before it propagates.
     """
     from gptoss.engine.outputs import RequestOutput
 
@@ -468,8 +464,7 @@ def run_engine(
                     break
                 request_id = f"{job.index}:{job.id}"
                 try:
-                    mask = logits_mask_fn(job) if logits_mask_fn is not None else None
-                    engine.add_request(request_id, job.prompt_token_ids, job.params, logits_mask_fn=mask)
+                    engine.add_request(request_id, job.prompt_token_ids, job.params)
                 except ValueError as exc:  # PromptTooLongError, InvalidRequestError: this request only
                     on_finished(
                         job, RequestOutput(request_id, job.prompt_token_ids, [], "", True, "error", error=str(exc))
@@ -591,14 +586,7 @@ def generate_jsonl(
                 summary.num_finished += 1
 
             try:
-                run_engine(
-                    llm.engine,
-                    pending,
-                    on_finished,
-                    max_in_flight=max_in_flight,
-                    progress=bar,
-                    logits_mask_fn=_grammar_masks(llm.engine, pending),
-                )
+                run_engine(llm.engine, pending, on_finished, max_in_flight=max_in_flight, progress=bar)
             finally:
                 if bar is not None:
                     bar.close()
@@ -608,17 +596,6 @@ def generate_jsonl(
         return summary
     results.finalize([job.id for job in jobs])
     return summary
-
-
-def _grammar_masks(engine: Any, jobs: list[Job]) -> Callable[[Job], Any] | None:
-    """A job -> its grammar matcher (the engine's `logits_mask_fn`), with one compiler made only when some job
-    is constrained."""
-    if not any(job.structured_spec is not None for job in jobs):
-        return None
-    from gptoss.engine.structured_output import StructuredOutputCompiler
-
-    compiler = StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
-    return lambda job: compiler.new_state(job.structured_spec) if job.structured_spec is not None else None
 
 
 def run_generate(args: argparse.Namespace) -> int:
