@@ -289,10 +289,10 @@ class _AttentionPlan:
     prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
-# The last step's plan per window: every layer of a type shares its block tables and lengths, so the plan is
-# made once per step, not once per layer. Entries hold the tensors they were made from (so an id is never
-# reused while its entry lives) and their version counters.
-_PLAN_MEMO: dict[int | None, tuple[tuple[torch.Tensor, ...], tuple[int, ...], _AttentionPlan]] = {}
+# The last plan per window and block size: every layer of a type reads the same block tables and lengths, so
+# the plan is made once per step, not once per layer. It is reused only for equal contents (three small
+# compares), as the tensors may be buffers rewritten in place between steps (the decode graph runner's).
+_PLAN_MEMO: dict[tuple[int | None, int], tuple[tuple[torch.Tensor, ...], _AttentionPlan]] = {}
 
 
 def _attention_plan(
@@ -303,10 +303,11 @@ def _attention_plan(
     sliding_window: int | None,
 ) -> _AttentionPlan:
     sources = (block_tables, seq_lens, query_start_loc)
-    versions = (*(_version(t) for t in sources), block_size)
-    memo = _PLAN_MEMO.get(sliding_window)
-    if memo is not None and all(a is b for a, b in zip(memo[0], sources, strict=True)) and memo[1] == versions:
-        return memo[2]
+    memo = _PLAN_MEMO.get((sliding_window, block_size))
+    if memo is not None and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(memo[0], sources, strict=True)
+    ):
+        return memo[1]
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     by_span: dict[int, list[int]] = {}
@@ -331,5 +332,5 @@ def _attention_plan(
         sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in prefill])
         prefill_plan = (rows, torch.tensor(prefill), torch.cumsum(sizes, 0).to(query_start_loc.dtype))
     plan = _AttentionPlan(groups, prefill_plan)
-    _PLAN_MEMO[sliding_window] = (sources, versions, plan)
+    _PLAN_MEMO[(sliding_window, block_size)] = (tuple(t.clone() for t in sources), plan)
     return plan
