@@ -126,6 +126,3 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
         params[spec.name].copy_(random_tensor(spec, generator, device))
     model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
 
-
-def model_weight_bytes(model: GptOssModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
