@@ -152,7 +152,3 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
     model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
-
-
-def model_weight_bytes(model: GptOssModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
