@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +33,7 @@ Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w1 (ha
 class ExpertCache:
     """Dequantised fp32 experts of MoE layers, least recently used first out once `budget_bytes` would be
     exceeded. One entry is one expert of one layer: w1 `[2I, H]` (gate rows, then up rows: a contiguous
-    SwiGLU), its bias, w2 `[H, I]` and its bias.
+    SwiGLU), its bias, w2 `[H, I]` (divided by the SwiGLU's alpha) and its bias.
 
     A layer is known by its packed tensors, by weak reference and version counter (`layer`, once per MoE call):
     its entries serve only those very tensors (a new model's weights at a freed model's address never get a
@@ -47,7 +47,7 @@ class ExpertCache:
         self.hits = 0
         self.misses = 0
         self._layers: dict[int, tuple[tuple[weakref.ref, ...], int]] = {}  # id -> (sources, their versions)
-        self._entries: OrderedDict[tuple[int, int], Expert] = OrderedDict()  # (layer id, expert) -> tensors
+        self._entries: OrderedDict[tuple[int, Hashable], Expert] = OrderedDict()  # (layer id, expert) -> tensors
 
     def layer(self, sources: tuple[torch.Tensor, ...]) -> int:
         """The key of the MoE layer whose packed tensors (and biases) are `sources`; stale entries dropped."""
@@ -62,7 +62,7 @@ class ExpertCache:
         self._layers[key] = (tuple(weakref.ref(t) for t in sources), version)
         return key
 
-    def expert(self, layer: int, expert: int, make: Callable[[], Expert]) -> Expert:
+    def expert(self, layer: int, expert: Hashable, make: Callable[[], Expert]) -> Expert:
         """Expert `expert` of `layer` (a `layer` key), made and kept (within budget) when missing."""
         key = (layer, expert)
         value = self._entries.get(key)
@@ -145,7 +145,9 @@ def moe(
     def dequantize(expert: int) -> Expert:
         w1 = _deinterleave(mxfp4_dequantize(w1_blocks[expert], w1_scales[expert]), dim=0)
         b1 = _deinterleave(w1_bias[expert].to(torch.float32), dim=0)
-        return w1, b1, mxfp4_dequantize(w2_blocks[expert], w2_scales[expert]), w2_bias[expert].to(torch.float32)
+        # The SwiGLU's 1 / alpha (see below) is folded into w2 once, rather than applied to every activation.
+        w2 = mxfp4_dequantize(w2_blocks[expert], w2_scales[expert]) / swiglu_alpha
+        return w1, b1, w2, w2_bias[expert].to(torch.float32)
 
     flat_experts = expert_ids.flatten()
     # Token-slot pairs grouped by expert: one sort, then contiguous runs.
@@ -156,10 +158,11 @@ def moe(
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
         end = start + count
-        w1, b1, w2, b2 = cache.expert(layer, expert, lambda e=expert: dequantize(e))
+        w1, b1, w2, b2 = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
         gate, up = torch.nn.functional.linear(rows[start:end], w1, b1).chunk(2, dim=-1)
-        gate = gate.clamp_(max=swiglu_limit)
-        act = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1).mul_(gate * torch.sigmoid(swiglu_alpha * gate))
+        # (up + 1) * gate * sigmoid(alpha * gate) = (up + 1) * silu(alpha * gate) / alpha, the / alpha in w2.
+        silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
+        act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
         torch.nn.functional.linear(act, w2, b2, out=out_sorted[start:end])
         start = end
     # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum.
