@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
+from gptoss.engine.model.ops import KERNEL_BACKENDS
 from gptoss.engine.worker.kv_cache import kv_bytes_per_block
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
@@ -53,6 +54,7 @@ class EngineArgs:
     max_num_waiting: int = 4096  # beyond this, new requests get EngineOverloadedError
     enable_prefix_caching: bool = True
     batch_invariant: bool = True  # results independent of batch composition (slower kernels on CUDA)
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "triton" (also CPU: interpreter), "torch"
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False
@@ -82,6 +84,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         for name in ("dtype", "kv_cache_dtype"):
             value = getattr(self, name)
             if value != "auto" and value not in _DTYPES:

@@ -165,6 +165,28 @@ def write_kv_reference(
     v_cache[blocks, :, offsets] = value[keep].to(v_cache.dtype)
 
 
+def rope_write_kv_reference(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of a fused projection `[T, (Hq + 2 Hkv) * D]` at `positions` `[T]` (tables
+    `[max_positions, D/2]`, cast to qkv's dtype first as transformers does); keys and values stored at
+    `slot_mapping`. Returns the rotated queries `[T, Hq, D]`."""
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    heads = qkv.view(qkv.shape[0], num_q_heads + 2 * num_kv_heads, head_dim)
+    cos, sin = cos_table[positions].to(qkv.dtype), sin_table[positions].to(qkv.dtype)
+    query = apply_rope(heads[:, :num_q_heads], cos, sin)
+    key = apply_rope(heads[:, num_q_heads : num_q_heads + num_kv_heads], cos, sin)
+    write_kv_reference(key, heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
+    return query
+
+
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first `seq_len` positions of one sequence from a paged cache: `[seq_len, Hkv, D]`."""
     block_size = cache.shape[2]

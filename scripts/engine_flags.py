@@ -11,6 +11,7 @@ import dataclasses
 
 from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.model.config import PRESETS
+from gptoss.engine.model.ops import KERNEL_BACKENDS
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,6 +58,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
         help="bit-identical results whatever the batch (default on)",
+    )
+    group.add_argument(
+        "--kernel-backend",
+        default=defaults.kernel_backend,
+        choices=KERNEL_BACKENDS,
+        help="auto: Triton kernels on CUDA, torch references on CPU; triton: Triton everywhere (on CPU through "
+        "the Triton interpreter, slow: for checking the kernels); torch: the references everywhere",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

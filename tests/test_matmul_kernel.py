@@ -222,7 +222,8 @@ def test_ops_linear_dispatch_on_cuda() -> None:
 
 
 def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
-    """q/k/v/o, the router and the lm_head all go through ops.linear with the model's batch_invariant flag."""
+    """q/k/v (fused), o, the router and the lm_head all go through ops.linear with the model's batch_invariant
+    flag."""
     from gptoss.engine.model.config import preset
     from gptoss.engine.model.forward_batch import ForwardBatch
     from gptoss.engine.model.gpt_oss import GptOssModel
@@ -236,9 +237,9 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
     calls = []
     real = ops.linear
 
-    def recording(x, weight, bias, batch_invariant=True, out_dtype=None):
+    def recording(x, weight, bias, batch_invariant=True, out_dtype=None, *, backend="auto"):
         calls.append((tuple(weight.shape), bias is not None, batch_invariant, out_dtype))
-        return real(x, weight, bias, batch_invariant, out_dtype)
+        return real(x, weight, bias, batch_invariant, out_dtype, backend=backend)
 
     monkeypatch.setattr(ops, "linear", recording)
     caches = allocate_kv_caches(config, 4, 16, torch.float32, "cpu")
@@ -252,9 +253,7 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
     model.compute_logits(hidden)
     h, d = config.hidden_size, config.head_dim
     per_layer = [
-        (config.num_attention_heads * d, h),
-        (config.num_key_value_heads * d, h),
-        (config.num_key_value_heads * d, h),
+        ((config.num_attention_heads + 2 * config.num_key_value_heads) * d, h),  # the fused q/k/v projection
         (h, config.num_attention_heads * d),
         (config.num_local_experts, h),
     ]

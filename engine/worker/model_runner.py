@@ -17,6 +17,7 @@ import torch
 from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
@@ -203,6 +204,9 @@ class ModelRunner:
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
         self.model.batch_invariant = args.batch_invariant
+        self.model.kernel_backend = args.kernel_backend
+        if args.kernel_backend == "triton" and self.device.type != "cuda":
+            ops.enable_triton_interpreter()
         self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
         # A model with one layer type has one pool; the other type's key is never read.
         self.kv_caches = allocate_kv_caches(
