@@ -362,4 +362,5 @@ def test_bench_attention_tiny_smoke(tmp_path) -> None:
     assert {r["impl"] for r in results["decode"]} == {"triton", "triton_fast", "torch_sdpa_nosink"}
     assert {r["layer"] for r in results["prefill"]} == {"full", "sliding"}
     assert all(r["ms"] > 0 for r in results["decode"] + results["prefill"])
+    assert all(r["copies"] == 2 for r in results["decode"])  # the rotation over cache copies runs
     assert (tmp_path / "bench_attention.json").exists()
