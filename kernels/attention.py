@@ -12,7 +12,8 @@ Semantics are `kernels.reference.paged_attention_reference`: sequence s owns que
 logit that joins the softmax denominator only (it is not scaled and has no value row).
 
 Kernels:
-- `_write_kv_kernel`: one program per new token scatters its `[Hkv, D]` keys and values to its slot.
+- `_rope_write_kv_kernel`: one program per new token takes its row of the fused q/k/v projection, rotates
+  its q and k heads (YaRN RoPE), stores q and scatters k and v to the token's cache slot.
 - `_prefill_kernel`: one program per (query tile of one sequence, KV head). A tile is `BLOCK_Q` consecutive
   query positions x the `GROUP` query heads of the KV head (`BLOCK_M = BLOCK_Q * GROUP` rows of one `tl.dot`).
   Programs find their sequence by binary search over `query_start_loc` (no host sync), and loop only over the
@@ -86,98 +87,6 @@ def _is_interpreted(kernel: object) -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# KV write
-# ----------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _write_kv_kernel(
-    key_ptr,  # [T, Hkv, D]
-    value_ptr,  # [T, Hkv, D]
-    k_cache_ptr,  # [num_blocks, Hkv, block_size, D]
-    v_cache_ptr,
-    slot_mapping_ptr,  # [T] int64, < 0: skip
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_kcb,
-    stride_kch,
-    stride_kcs,
-    stride_vcb,
-    stride_vch,
-    stride_vcs,
-    NUM_KV_HEADS: tl.constexpr,
-    HEADS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
-    heads = tl.arange(0, HEADS_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
-    k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store new keys/values `[T, Hkv, D]` into the paged caches `[num_blocks, Hkv, block_size, D]` in place.
-
-    `slot_mapping` `[T]` (int32/int64): slot = block_id * block_size + offset; negative slots are skipped.
-    """
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if value.shape != key.shape or k_cache.shape != v_cache.shape:
-        raise ValueError(f"shape mismatch: key {tuple(key.shape)} value {tuple(value.shape)}")
-    if k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim:
-        raise ValueError(f"cache {tuple(k_cache.shape)} does not match key {tuple(key.shape)}")
-    if slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [{num_tokens}]")
-    if num_tokens == 0:
-        return
-    for t in (key, value, k_cache, v_cache):
-        if t.stride(-1) != 1:
-            raise ValueError("the last dim of key, value and the caches must be contiguous")
-    _write_kv_kernel[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
-        HEADS_PAD=_next_pow2(num_kv_heads),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=_next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[2],
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 A decode step of N sequences (one new token each) runs as the graph captured for the smallest bucket B >= N.
 The step's metadata is copied into the first N rows of static buffers and rows N..B-1 are padding that reads
 in bounds and writes nothing:
-- slot_mapping -1 (write_kv skips the token), seq_len 1 with block-table column 0 set to block 0 (the
+- slot_mapping -1 (the KV write skips the token), seq_len 1 with block-table column 0 set to block 0 (the
   attention reads key 0 of block 0, a valid block whatever it holds), query_start_loc one query per row;
 - input_ids/positions keep whatever they held (any token id and any position below the model's maximum is
   valid; padding rows' outputs are thrown away).
