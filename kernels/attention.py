@@ -69,6 +69,10 @@ PREFILL_BLOCK_M = 128
 PREFILL_NUM_WARPS = 8
 DECODE_NUM_WARPS = 4
 NUM_STAGES = 3
+# The decode split kernel is persistent: at most this many programs per SM (each loops over work items), so
+# a grid sized for max_model_len (CUDA graphs) at batch 256 is 528 programs, not 131k mostly-idle CTAs.
+# sm_90 (triton 3.9): ~100 registers x 128 threads and 20 KiB of shared memory a program -> 4 resident a SM.
+DECODE_PROGRAMS_PER_SM = 4
 # RoPE + KV write: one token a program, [Hq + Hkv -> 128, 32] halves (gpt-oss) = 32 fp32 values a thread.
 ROPE_NUM_WARPS = 4
 # The combine holds a [64 splits, 64 dims] fp32 tile: 4 warps -> 32 values a thread.
@@ -476,6 +480,9 @@ def _decode_split_kernel(
     stride_ps,
     stride_ph,
     stride_pn,
+    num_kv_heads,
+    grid_splits,  # split slots per (sequence, KV head): a bound from the longest possible sequence
+    num_items,  # num_seqs * num_kv_heads * grid_splits
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -489,23 +496,47 @@ def _decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    if CHECK_Q_LEN:
-        if tl.load(query_start_loc_ptr + seq + 1) - q_begin != 1:  # the prefill kernel owns this sequence
-            return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    key_lo = 0
-    if HAS_WINDOW:
-        key_lo = tl.maximum(seq_len - window, 0)
-    num_splits, per_split = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
-    if split >= num_splits:
-        return
-    split_lo = key_lo + split * per_split
-    split_hi = tl.minimum(split_lo + per_split, seq_len)
+    """Persistent: program p takes the work items p, p + P, p + 2P, ... (item = (sequence, KV head, split slot)),
+    so a grid bounded by the longest possible sequence (CUDA graphs: max_model_len) costs a few scalar loads
+    per unused slot instead of a CTA launch. What an item computes does not depend on which program runs it."""
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        split = item % grid_splits
+        kv_head = (item // grid_splits) % num_kv_heads
+        seq = item // (grid_splits * num_kv_heads)
+        q_begin = tl.load(query_start_loc_ptr + seq)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        key_lo = 0
+        if HAS_WINDOW:
+            key_lo = tl.maximum(seq_len - window, 0)
+        num_splits, per_split = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
+        active = split < num_splits
+        if CHECK_Q_LEN:  # sequences with q_len != 1 belong to the prefill kernel
+            active = active & (tl.load(query_start_loc_ptr + seq + 1) - q_begin == 1)
+        if active:
+            _decode_split_item(
+                part_acc_ptr, part_max_ptr, part_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                scale_log2e, window, stride_qt, stride_qh,
+                stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
+                stride_bt, stride_ps, stride_ph, stride_pn,
+                seq, kv_head, split, q_begin, seq_len, key_lo + split * per_split, per_split,
+                GROUP, BLOCK_G, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, HAS_WINDOW, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
 
+
+@triton.jit
+def _decode_split_item(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+    scale_log2e, window, stride_qt, stride_qh,
+    stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
+    stride_bt, stride_ps, stride_ph, stride_pn,
+    seq, kv_head, split, q_begin, seq_len, split_lo, per_split,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One split of one (sequence, KV head): keys split_lo .. split_lo + per_split - 1 (clipped to the
+    sequence) for the GROUP query heads, as an unnormalised partial (acc, max, sum)."""
+    split_hi = tl.minimum(split_lo + per_split, seq_len)
     rows = tl.arange(0, BLOCK_G)
     head = kv_head * GROUP + rows
     row_ok = rows < GROUP
@@ -796,7 +827,8 @@ def launch_configs(
         "float_args": ["scale_log2e"],
         "constexprs": {"GROUP": group, "BLOCK_G": max(16, _next_pow2(group)), "BLOCK_SIZE": block_size,
                        "UPCAST": False, "DOT_PRECISION": precision, **split_constexprs},
-        "grid": (num_seqs, num_kv_heads, grid_splits),
+        "grid": (min(num_seqs * num_kv_heads * grid_splits, DECODE_PROGRAMS_PER_SM * num_sms),),
+        "work_items": num_seqs * num_kv_heads * grid_splits,
         "num_warps": DECODE_NUM_WARPS,
         "num_stages": NUM_STAGES,
     })  # fmt: skip
@@ -848,13 +880,15 @@ def _launch_decode(
                            dtype=torch.float32)  # fmt: skip
     part_max = torch.empty(num_seqs, num_q_heads, grid_splits, device=query.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    _decode_split_kernel[(num_seqs, num_kv_heads, grid_splits)](
+    num_items = num_seqs * num_kv_heads * grid_splits
+    _decode_split_kernel[(min(num_items, DECODE_PROGRAMS_PER_SM * _num_sms(query.device)),)](
         part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         scale_log2e, window,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), part_max.stride(0), part_max.stride(1), part_max.stride(2),
+        num_kv_heads, grid_splits, num_items,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MAX_SPLITS=max_splits, MIN_SPLIT_KEYS=min_split_keys,
         HAS_WINDOW=has_window, CHECK_Q_LEN=check_q_len, UPCAST=upcast, DOT_PRECISION=precision,

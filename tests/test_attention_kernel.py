@@ -221,6 +221,17 @@ def test_engine_hints_change_nothing() -> None:
     assert torch.equal(out, hinted)
 
 
+def test_graph_sized_split_grid_gives_the_same_bits() -> None:
+    """A decode launched with a far larger max_seq_len (what CUDA graphs pass: max_model_len) has many more
+    split slots than programs, so each persistent program loops over several work items: same bits."""
+    batch = Batch([1] * 5, [3, 70, 130, 15, 200], num_q_heads=6, num_kv_heads=2, head_dim=16, block_size=16,
+                  dtype=torch.float32, seed=12)  # fmt: skip
+    exact = attention.paged_attention(*batch.args(), max_query_len=1, max_seq_len=201)
+    graph_sized = attention.paged_attention(*batch.args(), max_query_len=1, max_seq_len=131072)
+    assert torch.equal(exact, graph_sized)
+    assert rel_err(exact, paged_attention_reference(*batch.args())) < REL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_not_batch_invariant_mode_matches_reference(window: int | None) -> None:
     batch = Batch([4, 1, 9, 1], [3, 20, 0, 40], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
@@ -317,15 +328,16 @@ def test_kernels_compile_for_hopper() -> None:
 
 
 def test_decode_fills_the_gpu_at_1k() -> None:
-    """A 1k context at batch 1 launches >= 128 split CTAs (132 SMs on an H100), the split count depends on the
-    context only, and the combine reduces over a fixed BLOCK_S."""
+    """A 1k context at batch 1 runs >= 128 split programs (132 SMs on an H100), the split count depends on the
+    context only, the combine reduces over a fixed BLOCK_S, and a grid bounded by a long max_model_len (CUDA
+    graphs) stays ~8 programs an SM, each looping over its work items."""
     by_name = {cfg["name"]: cfg for cfg in attention.launch_configs(1, 1024)}
-    grid = by_name["decode_split"]["grid"]
-    assert grid[0] * grid[1] * grid[2] >= 128
+    assert by_name["decode_split"]["grid"] == (128,) and by_name["decode_split"]["work_items"] == 128
     assert by_name["decode_combine"]["constexprs"]["BLOCK_S"] == attention.DECODE_MAX_SPLITS
-    long = {cfg["name"]: cfg for cfg in attention.launch_configs(1, 32768)}["decode_split"]["grid"]
-    assert long == (1, 8, attention.DECODE_MAX_SPLITS)
-    assert {cfg["name"]: cfg for cfg in attention.launch_configs(8, 1024)}["decode_split"]["grid"] == (8, 8, 16)
+    long = {cfg["name"]: cfg for cfg in attention.launch_configs(1, 32768)}["decode_split"]
+    assert long["work_items"] == 8 * attention.DECODE_MAX_SPLITS
+    graphs = {cfg["name"]: cfg for cfg in attention.launch_configs(256, 1024, max_seq_len=131072)}["decode_split"]
+    assert graphs["work_items"] == 256 * 8 * 64 and graphs["grid"] == (attention.DECODE_PROGRAMS_PER_SM * 132,)
 
 
 # --------------------------------------------------------------------------------------------- benchmark

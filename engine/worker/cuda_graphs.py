@@ -9,7 +9,9 @@ in bounds and writes nothing:
   valid; padding rows' outputs are thrown away).
 The attention launcher sizes its decode split grid from the `max_seq_len` hint, which a captured graph
 freezes: the graphs get the engine's max_model_len, an upper bound; each sequence's split count is computed on
-the device from its own seq_len and the programs beyond it exit (kernels/attention.py `_decode_split_kernel`).
+the device from its own seq_len and the split slots beyond it are skipped. The split kernel is persistent
+(kernels/attention.py `_decode_split_kernel`: a few programs per SM loop over the work items), so the unused
+slots of a graph sized for max_model_len cost a few scalar loads each, not a CTA launch.
 The MoE grid is a host-known upper bound of the token count (kernels/moe.py), so a whole step is capturable.
 
 Each graph computes `model.forward` of all B rows into one hidden-state buffer shared by all buckets
