@@ -27,6 +27,7 @@ from gptoss.kernels.matmul import (
     instr_n_for,
     interpreting,
     invariant_configs,
+    launch_configs,
     linear,
     linear_reference,
 )
@@ -405,6 +406,20 @@ def test_table_compiles_for_sm90_with_one_mma_shape_per_layer(label: str, python
     for layer, shapes in by_layer.items():
         assert len(shapes) == 1, (layer, shapes)
     assert by_layer["lm_head"] == {"versionMajor = 3, versionMinor = 0, instrShape = [16, 128, 16]"}
+
+
+def test_decode_launches_compile_without_spills() -> None:
+    """The engine's dense GEMMs of a batch-1 decode step (`matmul.launch_configs`: fused q/k/v N = 5120, o_proj,
+    router, lm_head) compile for sm_90 without spills; the q/k/v GEMM streams its weight with >= 132 CTAs."""
+    from kernel_compile import compile_launch_configs, have_ptxas
+
+    configs = {cfg["name"]: cfg for cfg in launch_configs(1)}
+    assert configs["qkv_proj"]["grid"][0] >= 132
+    if not have_ptxas():
+        pytest.skip("no ptxas to compile for sm_90")
+    compiled = compile_launch_configs("matmul", "launch_configs(1)")
+    assert [name for name, *_ in compiled] == ["qkv_proj", "o_proj", "router", "lm_head"]
+    assert all(spills == 0 and shared <= 227 * 1024 for _, shared, _, spills in compiled), compiled
 
 
 # ------------------------------------------------------------------------------------------ benchmark
