@@ -106,8 +106,9 @@ class EngineArgs:
         return model_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
 
     def use_cuda_graphs(self, device: torch.device) -> bool:
-        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU."""
-        return device.type == "cuda" and not self.enforce_eager
+        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU, nor with the torch
+        references (kernel_backend "torch": they sync with the host, which a graph capture cannot)."""
+        return device.type == "cuda" and not self.enforce_eager and self.kernel_backend != "torch"
 
     @property
     def cuda_graph_max_batch(self) -> int:
