@@ -73,8 +73,9 @@ NUM_STAGES = 3
 # a grid sized for max_model_len (CUDA graphs) at batch 256 is 528 programs, not 131k mostly-idle CTAs.
 # sm_90 (triton 3.9): ~100 registers x 128 threads and 20 KiB of shared memory a program -> 4 resident a SM.
 DECODE_PROGRAMS_PER_SM = 4
-# RoPE + KV write: one token a program, [Hq + Hkv -> 128, 32] halves (gpt-oss) = 32 fp32 values a thread.
-ROPE_NUM_WARPS = 4
+# RoPE + KV write: one token a program, [Hq + Hkv -> 128, 32] halves (gpt-oss): 8 warps, 16 fp32 values a thread
+# per half (4 warps spill 8 bytes under triton 3.6).
+ROPE_NUM_WARPS = 8
 # The combine holds a [64 splits, 64 dims] fp32 tile: 4 warps -> 32 values a thread.
 COMBINE_NUM_WARPS = 4
 
@@ -755,94 +756,108 @@ def _decode_plan(
     return tile_n, min_split_keys, max_splits, grid_splits
 
 
-def launch_configs(
-    num_seqs: int,
-    context_len: int,
-    query_len: int = 1,
-    *,
-    window: int | None = None,
-    num_q_heads: int = 64,
-    num_kv_heads: int = 8,
-    head_dim: int = 64,
-    block_size: int = 16,
-    max_seq_len: int | None = None,
-    dtype: str = "bf16",
-    num_sms: int = 132,
-) -> list[dict]:
-    """The launches of one attention layer for `num_seqs` sequences of `query_len` new tokens each at
-    `context_len` keys (gpt-oss-120b's shapes by default; `max_seq_len`: the split-grid bound, default the
-    context, max_model_len under CUDA graphs), batch-invariant mode, for the static report to compile.
+def launch_specs(model, scenario) -> list:
+    """The attention launches of one step in `scenario` at `model`'s shapes (kernels.launch_spec types), for
+    benchmarks/static_report.py: RoPE + KV write, then prefill, or the decode split and combine on full and on
+    sliding-window layers. Decode grids are sized by the exact context (eager); under CUDA graphs the split
+    kernel gets max_model_len as its bound and skips the extra work items (it is persistent)."""
+    from gptoss.kernels.launch_spec import LaunchSpec
 
-    Each entry: name, kernel (the @triton.jit function), pointers (pointer arguments' types; other scalar
-    arguments are i32 but for `float_args`), float_args, constexprs, grid, num_warps, num_stages.
-    """
-    act = "*" + dtype
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    meta = {"query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "sinks_ptr": "*fp32"}
-    head_dim_pad = _next_pow2(head_dim)
-    group = num_q_heads // num_kv_heads
-    has_window = window is not None
-    precision = "ieee" if dtype == "fp32" else "tf32"
-    configs = [
-        {
-            "name": "rope_write_kv",
-            "kernel": _rope_write_kv_kernel,
-            "pointers": {"q_out_ptr": act, "qkv_ptr": act, "positions_ptr": "*i64", "cos_ptr": "*fp32",
-                         "sin_ptr": "*fp32", "k_cache_ptr": act, "v_cache_ptr": act, "slot_mapping_ptr": "*i64"},
-            "float_args": [],
-            "constexprs": _rope_constexprs(num_q_heads, num_kv_heads, head_dim, block_size, torch_dtype, False),
-            "grid": (num_seqs * query_len,),
-            "num_warps": ROPE_NUM_WARPS,
-            "num_stages": 1,
-        }
-    ]  # fmt: skip
-    if query_len > 1:
-        block_m = max(PREFILL_BLOCK_M, _next_pow2(group))
-        configs.append({
-            "name": "prefill",
-            "kernel": _prefill_kernel,
-            "pointers": {"out_ptr": act, "q_ptr": act, "k_cache_ptr": act, "v_cache_ptr": act, **meta},
-            "float_args": ["scale_log2e"],
-            "constexprs": {"GROUP": group, "HEAD_DIM": head_dim, "HEAD_DIM_PAD": head_dim_pad,
-                           "BLOCK_SIZE": block_size, "BLOCK_M": block_m, "BLOCK_Q": block_m // group,
-                           "TILE_N": _tile_n(head_dim), "HAS_WINDOW": has_window, "SKIP_DECODE": True,
-                           "UPCAST": False, "DOT_PRECISION": precision},
-            "grid": (num_seqs * query_len // (block_m // group) + num_seqs, num_kv_heads),
-            "num_warps": PREFILL_NUM_WARPS,
-            "num_stages": NUM_STAGES,
-        })  # fmt: skip
-        return configs
-    longest = max_seq_len if max_seq_len is not None else context_len
-    tile_n, min_split_keys, max_splits, grid_splits = _decode_plan(
-        num_seqs, num_kv_heads, head_dim, longest, window, True, num_sms
+    tokens, d = scenario.tokens, model.head_dim
+    group, block_size = model.q_heads // model.kv_heads, 16
+    layer_kinds = (
+        ("full", None, model.layers - model.sliding_layers),
+        ("sliding", model.sliding_window, model.sliding_layers),
     )
-    split_constexprs = {"TILE_N": tile_n, "MAX_SPLITS": max_splits, "MIN_SPLIT_KEYS": min_split_keys,
-                        "HAS_WINDOW": has_window, "CHECK_Q_LEN": False, "HEAD_DIM": head_dim,
-                        "HEAD_DIM_PAD": head_dim_pad}  # fmt: skip
+    kv_ptrs = {
+        "k_cache_ptr": "*bf16",
+        "v_cache_ptr": "*bf16",
+        "block_tables_ptr": "*i32",
+        "query_start_loc_ptr": "*i32",
+        "seq_lens_ptr": "*i32",
+        "sinks_ptr": "*fp32",
+        "scale_log2e": "fp32",
+    }
+    cache_strides = ("stride_kcb", "stride_kch", "stride_kcs", "stride_vcb", "stride_vch", "stride_vcs")
+    qkv_row = (model.q_heads + 2 * model.kv_heads) * d
+    specs = [
+        LaunchSpec(
+            name="attn.rope_write_kv",
+            kernel=_rope_write_kv_kernel,
+            pointers={"q_out_ptr": "*bf16", "qkv_ptr": "*bf16", "positions_ptr": "*i64", "cos_ptr": "*fp32",
+                      "sin_ptr": "*fp32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+            constants=_rope_constexprs(model.q_heads, model.kv_heads, d, block_size, torch.bfloat16, False),
+            num_warps=ROPE_NUM_WARPS, num_stages=1, ctas=tokens,
+            bytes_per_cta=(qkv_row + model.q_heads * d + 2 * model.kv_heads * d) * 2 + d * 4,
+            total_bytes=tokens * ((qkv_row + model.q_heads * d + 2 * model.kv_heads * d) * 2 + d * 4),
+            launches_per_step=model.layers,
+            aligned=("stride_qkv", "stride_qt", "stride_qh", "stride_rope", *cache_strides),
+        )
+    ]  # fmt: skip
+    if not scenario.decode:
+        block_m = max(PREFILL_BLOCK_M, _next_pow2(group))
+        for kind, window, count in layer_kinds:
+            keys = tokens if window is None else min(tokens, window)
+            ctas = triton.cdiv(tokens, block_m // group) * model.kv_heads
+            specs.append(
+                LaunchSpec(
+                    name=f"attn.prefill ({kind})",
+                    kernel=_prefill_kernel,
+                    pointers={**kv_ptrs, "out_ptr": "*bf16", "q_ptr": "*bf16"},
+                    constants={"GROUP": group, "HEAD_DIM": d, "HEAD_DIM_PAD": _next_pow2(d), "BLOCK_SIZE": block_size,
+                               "BLOCK_M": block_m, "BLOCK_Q": block_m // group, "TILE_N": _tile_n(d),
+                               "HAS_WINDOW": window is not None, "SKIP_DECODE": True, "UPCAST": False,
+                               "DOT_PRECISION": "tf32"},
+                    num_warps=PREFILL_NUM_WARPS, num_stages=NUM_STAGES, ctas=ctas,
+                    # Each query tile reads the keys it sees (half the context on average when causal).
+                    bytes_per_cta=(keys if window else keys / 2) * d * 2 * 2,
+                    total_bytes=ctas * (keys if window else keys / 2) * d * 2 * 2 + 2 * tokens * model.q_heads * d * 2,
+                    launches_per_step=count,
+                    aligned=("stride_qt", "stride_qh", "stride_ot", "stride_oh", *cache_strides),
+                )
+            )  # fmt: skip
+        return specs
     parts = {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
-    configs.append({
-        "name": "decode_split",
-        "kernel": _decode_split_kernel,
-        "pointers": {**parts, "q_ptr": act, "k_cache_ptr": act, "v_cache_ptr": act, **meta},
-        "float_args": ["scale_log2e"],
-        "constexprs": {"GROUP": group, "BLOCK_G": max(16, _next_pow2(group)), "BLOCK_SIZE": block_size,
-                       "UPCAST": False, "DOT_PRECISION": precision, **split_constexprs},
-        "grid": (min(num_seqs * num_kv_heads * grid_splits, DECODE_PROGRAMS_PER_SM * num_sms),),
-        "work_items": num_seqs * num_kv_heads * grid_splits,
-        "num_warps": DECODE_NUM_WARPS,
-        "num_stages": NUM_STAGES,
-    })  # fmt: skip
-    configs.append({
-        "name": "decode_combine",
-        "kernel": _decode_combine_kernel,
-        "pointers": {"out_ptr": act, **parts, **meta},
-        "float_args": [],
-        "constexprs": {"BLOCK_S": _next_pow2(max_splits), "INTERPRETED": False, **split_constexprs},
-        "grid": (num_seqs, num_q_heads),
-        "num_warps": COMBINE_NUM_WARPS,
-        "num_stages": 1,
-    })  # fmt: skip
-    return configs
+    for kind, window, count in layer_kinds:
+        keys = scenario.context if window is None else min(scenario.context, window)
+        tile_n, min_split_keys, max_splits, grid_splits = _decode_plan(
+            tokens, model.kv_heads, d, scenario.context, window, True, 132
+        )
+        items = tokens * model.kv_heads * grid_splits
+        programs = min(items, DECODE_PROGRAMS_PER_SM * 132)
+        kv_bytes = tokens * model.kv_heads * keys * d * 2 * 2
+        partial_bytes = tokens * model.q_heads * grid_splits * (d + 2) * 4
+        split_constants = {"TILE_N": tile_n, "MAX_SPLITS": max_splits, "MIN_SPLIT_KEYS": min_split_keys,
+                           "HAS_WINDOW": window is not None, "CHECK_Q_LEN": False, "HEAD_DIM": d,
+                           "HEAD_DIM_PAD": _next_pow2(d)}  # fmt: skip
+        specs.append(
+            LaunchSpec(
+                name=f"attn.decode_split ({kind})",
+                kernel=_decode_split_kernel,
+                pointers={**kv_ptrs, **parts, "q_ptr": "*bf16"},
+                constants={"GROUP": group, "BLOCK_G": max(16, _next_pow2(group)), "BLOCK_SIZE": block_size,
+                           "UPCAST": False, "DOT_PRECISION": "tf32", **split_constants},
+                num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES, ctas=programs,
+                bytes_per_cta=(kv_bytes + partial_bytes) / programs, total_bytes=kv_bytes + partial_bytes,
+                launches_per_step=count,
+                aligned=("stride_qt", "stride_qh", "stride_ps", "stride_ph", *cache_strides),
+                notes={"work_items": str(items)},
+            )
+        )  # fmt: skip
+        specs.append(
+            LaunchSpec(
+                name=f"attn.decode_combine ({kind})",
+                kernel=_decode_combine_kernel,
+                pointers={"out_ptr": "*bf16", **parts, "sinks_ptr": "*fp32", "query_start_loc_ptr": "*i32",
+                          "seq_lens_ptr": "*i32"},
+                constants={"BLOCK_S": _next_pow2(max_splits), "INTERPRETED": False, **split_constants},
+                num_warps=COMBINE_NUM_WARPS, num_stages=1, ctas=tokens * model.q_heads,
+                bytes_per_cta=partial_bytes / (tokens * model.q_heads),
+                total_bytes=partial_bytes + tokens * model.q_heads * d * 2, launches_per_step=count,
+                aligned=("stride_ot", "stride_oh", "stride_ps", "stride_ph"),
+            )
+        )  # fmt: skip
+    return specs
 
 
 def _launch_decode(

@@ -192,43 +192,41 @@ def invariant_configs(n: int, dtype: torch.dtype = torch.bfloat16) -> list[Matmu
     return list(dict.fromkeys(gpu_config(rows, n, dtype) for rows in (1, 65, 257)))
 
 
-def launch_configs(
-    num_rows: int,
-    hidden: int = 2880,
-    num_q_heads: int = 64,
-    num_kv_heads: int = 8,
-    head_dim: int = 64,
-    num_experts: int = 128,
-    vocab_size: int = 201088,
-    dtype: str = "bf16",
-) -> list[dict]:
-    """The dense GEMMs of a step of `num_rows` tokens at gpt-oss-120b's shapes (by default): per layer the fused
-    q/k/v projection (N = (Hq + 2 Hkv) * D = 5120), o_proj and the router; per step the lm_head (fp32 out).
-    In the format of kernels.attention.launch_configs, for the static report to compile."""
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+def launch_specs(model, scenario) -> list:
+    """The dense GEMMs of one step (kernels.launch_spec types), for benchmarks/static_report.py: per layer the
+    fused q/k/v projection (N = (Hq + 2 Hkv) * D = 5120 at 120b), o_proj and the router; per step the lm_head
+    (fp32 logits; the engine computes them for the sampled rows only, one per sequence at decode)."""
+    from gptoss.kernels.launch_spec import LaunchSpec
+
+    h, d = model.hidden, model.head_dim
     layers = [
-        ("qkv_proj", (num_q_heads + 2 * num_kv_heads) * head_dim, hidden, True, dtype),
-        ("o_proj", hidden, num_q_heads * head_dim, True, dtype),
-        ("router", num_experts, hidden, True, dtype),
-        ("lm_head", vocab_size, hidden, False, "fp32"),
+        ("dense.qkv_proj", (model.q_heads + 2 * model.kv_heads) * d, h, True, model.layers),
+        ("dense.o_proj", h, model.q_heads * d, True, model.layers),
+        ("dense.router", model.experts, h, True, model.layers),
+        ("dense.lm_head", model.vocab, h, False, 1),
     ]
-    configs = []
-    for name, n, k, has_bias, out_dtype in layers:
-        c = gpu_config(num_rows, n, torch_dtype)
-        configs.append({
-            "name": name,
-            "kernel": _linear_kernel,
-            "pointers": {**dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr"), f"*{dtype}"), "out_ptr": f"*{out_dtype}"},
-            "float_args": [],
-            # Unit strides of contiguous tensors are specialised to 1 at launch.
-            "constexprs": {"stride_xk": 1, "stride_wk": 1, "stride_on": 1, "K": k, "HAS_BIAS": has_bias,
-                           "FP32_MATH": False, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                           "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k, "GROUP_M": c.group_m},
-            "grid": (triton.cdiv(num_rows, c.block_m) * triton.cdiv(n, c.block_n),),
-            "num_warps": c.num_warps,
-            "num_stages": c.num_stages,
-        })  # fmt: skip
-    return configs
+    specs = []
+    for name, n, k, bias, count in layers:
+        rows = scenario.tokens if scenario.decode or name != "dense.lm_head" else 1
+        c = gpu_config(rows, n)
+        ctas = triton.cdiv(rows, c.block_m) * triton.cdiv(n, c.block_n)
+        specs.append(
+            LaunchSpec(
+                name=name,
+                kernel=_linear_kernel,
+                pointers={**dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr"), "*bf16"),
+                          "out_ptr": "*bf16" if bias else "*fp32"},
+                # Unit strides of contiguous tensors are specialised to 1 at launch.
+                constants={"stride_xk": 1, "stride_wk": 1, "stride_on": 1, "K": k, "HAS_BIAS": bias,
+                           "FP32_MATH": False, "DOT_PRECISION": "tf32", "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
+                           "BLOCK_K": c.block_k, "GROUP_M": c.group_m},
+                num_warps=c.num_warps, num_stages=c.num_stages, ctas=ctas,
+                bytes_per_cta=c.block_n * k * 2 + c.block_m * k * 2,
+                total_bytes=n * k * 2 + rows * (k + n) * 2,
+                launches_per_step=count, aligned=("stride_xm", "stride_wn", "stride_om", "N"),
+            )
+        )  # fmt: skip
+    return specs
 
 
 # The interpreter runs one Python program per tile: few, big tiles are fastest there.

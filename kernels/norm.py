@@ -71,23 +71,25 @@ def num_warps_for(hidden: int) -> int:
     return 4 if hidden <= 4096 else 8
 
 
-def launch_configs(num_tokens: int, hidden: int = 2880, dtype: str = "bf16") -> list[dict]:
-    """What the engine launches for `num_tokens` rows of `hidden` (twice a layer, and the final norm), in the
-    format of kernels.attention.launch_configs, for the static report to compile."""
-    act = "*" + dtype
-    pointers = dict.fromkeys(("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"), act)
+def launch_specs(model, scenario) -> list:
+    """The fused add + RMSNorm launches of one step (kernels.launch_spec types), for
+    benchmarks/static_report.py: two per layer and the final norm, one program a token."""
+    from gptoss.kernels.launch_spec import LaunchSpec
+
+    tokens, hidden = scenario.tokens, model.hidden
+    row_bytes = hidden * 2 * 4 + hidden * 2  # x, residual in; out, residual out; the weight
     return [
-        {
-            "name": "add_rms_norm",
-            "kernel": _add_rms_norm_kernel,
-            "pointers": pointers,
-            "float_args": ["eps"],
-            "constexprs": {"HAS_RESIDUAL": True, "BLOCK_H": triton.next_power_of_2(hidden)},
-            "grid": (num_tokens,),
-            "num_warps": num_warps_for(hidden),
-            "num_stages": 1,
-        }
-    ]
+        LaunchSpec(
+            name="norm.add_rms_norm",
+            kernel=_add_rms_norm_kernel,
+            pointers={**dict.fromkeys(("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "residual_out_ptr"), "*bf16"),
+                      "eps": "fp32"},
+            constants={"HAS_RESIDUAL": True, "BLOCK_H": triton.next_power_of_2(hidden)},
+            num_warps=num_warps_for(hidden), num_stages=1, ctas=tokens, bytes_per_cta=row_bytes,
+            total_bytes=tokens * row_bytes, launches_per_step=2 * model.layers + 1,
+            aligned=("stride_x", "stride_r", "stride_o", "stride_ro", "H") if hidden % 16 == 0 else (),
+        )
+    ]  # fmt: skip
 
 
 def add_rms_norm(

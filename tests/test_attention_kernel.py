@@ -31,7 +31,6 @@ from gptoss.kernels.reference import (  # noqa: E402
     write_kv_reference,
     yarn_inv_freq,
 )
-from kernel_compile import compile_launch_configs, have_ptxas  # noqa: E402
 
 DEVICE = "cpu" if _USE_INTERPRETER else "cuda"
 # ||out - ref|| / ||ref||. Interpreter: bf16 inputs are upcast exactly, only the bf16 output rounding remains.
@@ -310,34 +309,21 @@ def test_decode_split_edges(monkeypatch: pytest.MonkeyPatch) -> None:
 # ------------------------------------------------------------------------------------- Hopper compilation
 
 
-@pytest.mark.skipif(not have_ptxas(), reason="no ptxas to compile for sm_90")
-def test_kernels_compile_for_hopper() -> None:
-    """Every launch the engine makes at gpt-oss-120b shapes (`attention.launch_configs`: decode at 1k and 32k,
-    full and sliding, batch 1 and 64; prefill 2048), bf16, goes through Triton's real code generation and
-    ptxas for sm_90 (no GPU needed), fits in shared memory and spills no register."""
-    calls = [
-        "launch_configs(1, 1024)",
-        "launch_configs(64, 32768, window=128)",
-        "launch_configs(1, 2048, 2048)",
-        "launch_configs(1, 2048, 2048, window=128)",
-    ]
-    compiled = compile_launch_configs("attention", " + ".join(calls))
-    names = [name for name, *_ in compiled]
-    assert names.count("decode_split") == 2 and names.count("prefill") == 2 and names.count("rope_write_kv") == 4
-    assert all(shared <= 227 * 1024 and spills == 0 for _, shared, _, spills in compiled), compiled
-
-
 def test_decode_fills_the_gpu_at_1k() -> None:
-    """A 1k context at batch 1 runs >= 128 split programs (132 SMs on an H100), the split count depends on the
-    context only, the combine reduces over a fixed BLOCK_S, and a grid bounded by a long max_model_len (CUDA
-    graphs) stays ~8 programs an SM, each looping over its work items."""
-    by_name = {cfg["name"]: cfg for cfg in attention.launch_configs(1, 1024)}
-    assert by_name["decode_split"]["grid"] == (128,) and by_name["decode_split"]["work_items"] == 128
-    assert by_name["decode_combine"]["constexprs"]["BLOCK_S"] == attention.DECODE_MAX_SPLITS
-    long = {cfg["name"]: cfg for cfg in attention.launch_configs(1, 32768)}["decode_split"]
-    assert long["work_items"] == 8 * attention.DECODE_MAX_SPLITS
-    graphs = {cfg["name"]: cfg for cfg in attention.launch_configs(256, 1024, max_seq_len=131072)}["decode_split"]
-    assert graphs["work_items"] == 256 * 8 * 64 and graphs["grid"] == (attention.DECODE_PROGRAMS_PER_SM * 132,)
+    """At gpt-oss-120b's shapes a 1k context at batch 1 runs >= 128 split programs (132 SMs), the combine
+    reduces over a fixed BLOCK_S, and a grid bounded by a long max_model_len (CUDA graphs) at batch 256 stays
+    DECODE_PROGRAMS_PER_SM programs an SM, each looping over its work items. (The launches compile for sm_90
+    without spills: tests/test_static_report.py.)"""
+    from gptoss.kernels.launch_spec import ModelShape, Scenario
+
+    specs = {spec.name: spec for spec in attention.launch_specs(ModelShape(), Scenario("d", 1, 1024, True))}
+    assert specs["attn.decode_split (full)"].ctas == 128
+    assert specs["attn.decode_split (sliding)"].ctas == 8 * 2  # 128 keys: 2 splits of 64
+    assert specs["attn.decode_combine (full)"].constants["BLOCK_S"] == attention.DECODE_MAX_SPLITS
+    long = {spec.name: spec for spec in attention.launch_specs(ModelShape(), Scenario("d", 1, 32768, True))}
+    assert long["attn.decode_split (full)"].ctas == 8 * attention.DECODE_MAX_SPLITS
+    *_, grid_splits = attention._decode_plan(256, 8, 64, 131072, None, True, 132)
+    assert grid_splits == attention.DECODE_MAX_SPLITS  # 256 x 8 x 64 work items over 4 x 132 programs
 
 
 # --------------------------------------------------------------------------------------------- benchmark

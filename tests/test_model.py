@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from gptoss.benchmarks.launch_count import count_step
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
 from gptoss.engine.model.loader import load_weights
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
-from torch.utils._python_dispatch import TorchDispatchMode
 
 BLOCK_SIZE = 8  # small, so short prompts cross several blocks
 NUM_BLOCKS = 64
@@ -142,8 +142,9 @@ def triton_model(tiny_checkpoint: Path) -> GptOssModel:
     """The tiny model in fp32 on CPU with every op on its Triton kernel (the interpreter)."""
     config = ModelConfig.from_json(tiny_checkpoint)
     model = GptOssModel.create(config, torch.float32, "cpu")
+    model.kernel_backend = "triton"  # before loading: the MoE weights are re-laid for the Triton kernel
     load_weights(model, tiny_checkpoint, progress=False)
-    model.kernel_backend = "triton"
+    assert model.model.layers[0].mlp.experts.packed is not None
     return model
 
 
@@ -169,81 +170,26 @@ def test_triton_path_logits_match_transformers(triton_model: GptOssModel, tiny_c
 # Launch budget of one decode step on the Triton path, per layer (issue #15): add+norm, q/k/v GEMM,
 # RoPE + KV write, attention split + combine, o_proj, add+norm, router GEMM, MoE route + 2 matmuls + combine.
 LAUNCHES_PER_LAYER = 12
-# Torch ops that launch nothing: allocations (an empty tensor is not a kernel).
-_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
-                "aten.new_empty.default"}  # fmt: skip
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts, per decoder layer, Triton kernel launches and the torch ops that would launch a kernel (every
-    op but views and allocations). Layers are told apart by forward hooks; torch ops the Triton interpreter
-    itself runs while it executes a kernel are not counted."""
-
-    def __init__(self, model: GptOssModel) -> None:
-        super().__init__()
-        self.layer: int | None = None
-        self.in_triton = False
-        self.per_layer: dict[int, list[str]] = {}
-        self.hooks = []
-        for index, layer in enumerate(model.model.layers):
-            self.hooks.append(layer.register_forward_pre_hook(lambda *_, i=index: self._enter(i)))
-            self.hooks.append(layer.register_forward_hook(lambda *_: self._enter(None)))
-
-    def _enter(self, layer: int | None) -> None:
-        self.layer = layer
-        if layer is not None:
-            self.per_layer[layer] = []
-
-    def record(self, name: str) -> None:
-        if self.layer is not None:
-            self.per_layer[self.layer].append(name)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.in_triton and not func.is_view and str(func) not in _ALLOCATIONS:
-            self.record(f"torch:{func}")
-        return func(*args, **(kwargs or {}))
-
-
-def decode_step_launches(model: GptOssModel, monkeypatch: pytest.MonkeyPatch) -> dict[int, list[str]]:
+def decode_step_launches(model: GptOssModel) -> dict[int, list[str]]:
     """Per layer, what one decode step of two sequences (after their prefill) launches."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     vocab = model.config.vocab_size
     runner = PagedRunner(model)
     runner.step({0: random_prompt(vocab, 5, seed=1), 1: random_prompt(vocab, 3, seed=2)})
-    counter = LaunchCounter(model)
-    real_run = InterpretedFunction.run
-
-    def counted_run(self, *args, **kwargs):
-        counter.record(f"triton:{self.fn.__name__}")
-        counter.in_triton = True
-        try:
-            return real_run(self, *args, **kwargs)
-        finally:
-            counter.in_triton = False
-
-    monkeypatch.setattr(InterpretedFunction, "run", counted_run)
-    try:
-        with counter:
-            runner.step({0: [7], 1: [9]})
-    finally:
-        for hook in counter.hooks:
-            hook.remove()
-        monkeypatch.undo()
-    assert len(counter.per_layer) == model.config.num_hidden_layers
-    return counter.per_layer
+    per_layer = count_step(model, lambda: runner.step({0: [7], 1: [9]}))
+    assert len(per_layer) == model.config.num_hidden_layers
+    return per_layer
 
 
 @needs_interpreter
-def test_decode_step_launch_budget(
-    model: GptOssModel, triton_model: GptOssModel, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_step_launch_budget(model: GptOssModel, triton_model: GptOssModel) -> None:
     """One decode step on the Triton path launches at most 12 kernels per layer, counting Triton launches and
-    non-view torch ops: nothing runs between the kernels but views. The counter itself is checked on the
-    torch path, whose unfused norms, RoPE and adds it must see."""
-    for layer, launches in decode_step_launches(triton_model, monkeypatch).items():
+    non-view torch ops (benchmarks/launch_count.py): nothing runs between the kernels but views. The counter
+    itself is checked on the torch path, whose unfused norms, RoPE and adds it must see."""
+    for layer, launches in decode_step_launches(triton_model).items():
         assert len(launches) <= LAUNCHES_PER_LAYER, (layer, launches)
         assert not [name for name in launches if name.startswith("torch:")], (layer, launches)
         assert launches.count("triton:_add_rms_norm_kernel") == 2, launches
-    torch_path = decode_step_launches(model, monkeypatch)
+    torch_path = decode_step_launches(model)
     assert min(len(launches) for launches in torch_path.values()) > 3 * LAUNCHES_PER_LAYER

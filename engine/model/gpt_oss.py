@@ -136,7 +136,14 @@ class Attention(nn.Module):
 
 
 class MXFP4Experts(nn.Module):
-    """The experts' packed weights, kept exactly as stored; biases in fp32 (they are added in fp32)."""
+    """The experts' packed weights, as stored in the checkpoint; biases in fp32 (they are added in fp32).
+
+    When the Triton MoE runs them (kernel_backend "auto" on CUDA, or "triton"), `pack_for_kernels` (called by
+    the loader once the weights are in) re-lays values and scales on the device into the MoE kernel's tiled
+    layout (kernels/moe.py `pack_mxfp4`) and keeps only that copy: the parameters then hold the packed bytes
+    (same count, other shapes) and `packed` the kernel's view. The torch path keeps the checkpoint layout (the
+    torch reference reads it).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -153,6 +160,24 @@ class MXFP4Experts(nn.Module):
         )
         self.down_proj_scales = nn.Parameter(torch.empty(e, h, i // MXFP4_BLOCK, dtype=u8), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
+        self.packed: tuple | None = None  # (w1, w2) kernels.moe.Mxfp4Weights once packed
+
+    def pack_for_kernels(self, backend: str) -> None:
+        """Re-lay the weights for the Triton MoE kernel (once, after loading; a no-op when `backend` runs the
+        torch reference on these tensors, or when done)."""
+        if self.packed is not None or not ops.use_triton(self.gate_up_proj_blocks, backend):
+            return
+        from gptoss.kernels.moe import pack_mxfp4
+
+        packed = []
+        for name in ("gate_up_proj", "down_proj"):
+            blocks, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
+            weights = pack_mxfp4(blocks, scales, getattr(self, f"{name}_bias"))
+            # Replace, so the checkpoint-layout copy is freed (65 GB at 120b: two copies would not fit).
+            setattr(self, f"{name}_blocks", nn.Parameter(weights.values, requires_grad=False))
+            setattr(self, f"{name}_scales", nn.Parameter(weights.scales, requires_grad=False))
+            packed.append(weights)
+        self.packed = tuple(packed)
 
 
 class MoE(nn.Module):
@@ -179,7 +204,7 @@ class MoE(nn.Module):
             self.top_k,
             self.swiglu_limit,
             self.swiglu_alpha,
-            batch_invariant=batch_invariant,
+            packed=experts.packed,
             backend=backend,
         )
 
@@ -242,7 +267,9 @@ class GptOssModel(nn.Module):
         self.model = Backbone(config, dtype, rank, world_size)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
         self.batch_invariant = True
-        self.kernel_backend = "auto"  # ops.KERNEL_BACKENDS; the runner sets EngineArgs.kernel_backend
+        # ops.KERNEL_BACKENDS; the runner sets EngineArgs.kernel_backend, before loading (the MoE weights' layout
+        # depends on it).
+        self.kernel_backend = "auto"
         self._rope_cos: torch.Tensor | None = None
         self._rope_sin: torch.Tensor | None = None
 
@@ -263,14 +290,23 @@ class GptOssModel(nn.Module):
         model.eval()
         return model
 
-    def fuse_weights(self) -> None:
-        """Build the fused weights (q/k/v) from the loaded parameters; the loaders call it once at the end."""
+    def finish_loading(self) -> None:
+        """Build the kernels' weight layouts from the loaded parameters (the loaders call it once at the end):
+        the fused q/k/v weight, and the MoE weights re-laid for the Triton kernel when `kernel_backend` runs it
+        (so set the backend before loading)."""
         for layer in self.model.layers:
             layer.self_attn.fuse_qkv()
+        self.pack_experts()
 
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    def pack_experts(self) -> None:
+        """Re-lay every layer's MXFP4 experts for the Triton MoE kernel (after loading; a no-op on the torch
+        path: CPU under kernel_backend "auto")."""
+        for layer in self.model.layers:
+            layer.mlp.experts.pack_for_kernels(self.kernel_backend)
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[max_positions, head_dim/2]`, computed once per device, in fp32 as transformers does."""

@@ -112,7 +112,7 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
         for name, tensor in _iter_checkpoint(shards):
             params[name].copy_(tensor, non_blocking=False)
             bar.update(tensor.numel() * tensor.element_size())
-    model.fuse_weights()
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -124,7 +124,7 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
-    model.fuse_weights()
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs
 
 
 def model_weight_bytes(model: GptOssModel) -> int:

@@ -198,15 +198,15 @@ class ModelRunner:
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         self.block_size = args.block_size
+        if args.kernel_backend == "triton" and self.device.type != "cuda":
+            ops.enable_triton_interpreter()
         self.model = GptOssModel.create(config, self.dtype, self.device)
+        self.model.batch_invariant = args.batch_invariant
+        self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
-        self.model.batch_invariant = args.batch_invariant
-        self.model.kernel_backend = args.kernel_backend
-        if args.kernel_backend == "triton" and self.device.type != "cuda":
-            ops.enable_triton_interpreter()
         self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
         # A model with one layer type has one pool; the other type's key is never read.
         self.kv_caches = allocate_kv_caches(
