@@ -32,16 +32,16 @@ def test_add_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool,
     residual = (torch.randn(rows, hidden, generator=gen) * 10).to(dtype) if with_residual else None
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     expected, expected_sum = add_rms_norm_reference(x, residual, weight, 1e-5)
-    to = (lambda t: t.to(DEVICE)) if DEVICE != "cpu" else (lambda t: t)
-    out, summed = add_rms_norm(to(x), to(residual) if residual is not None else None, to(weight), 1e-5)
+    x, weight = x.to(DEVICE), weight.to(DEVICE)
+    out, summed = add_rms_norm(x, residual.to(DEVICE) if residual is not None else None, weight, 1e-5)
     assert out.dtype == dtype and summed.dtype == dtype and out.shape == x.shape
     truncating = dtype == torch.bfloat16 and DEVICE == "cpu"
     if truncating:
-        torch.testing.assert_close(summed.float(), expected_sum.float(), rtol=2.0**-7, atol=0)
+        torch.testing.assert_close(summed.float().cpu(), expected_sum.float(), rtol=2.0**-7, atol=0)
     else:
         assert torch.equal(summed.cpu(), expected_sum)
     if not with_residual:
-        assert summed is x or DEVICE != "cpu"  # x itself, no copy
+        assert summed is x  # x itself, no copy
     rtol = 1e-6 if dtype == torch.float32 else 2.0**-6 if truncating else 2.0**-8
     torch.testing.assert_close(out.cpu().float(), expected.float(), rtol=rtol, atol=1e-6)
 
@@ -49,8 +49,8 @@ def test_add_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool,
 def test_strided_rows_and_empty() -> None:
     """Rows with a stride larger than hidden (a slice of a wider buffer), and zero rows."""
     gen = torch.Generator().manual_seed(3)
-    wide = torch.randn(5, 80, generator=gen)
-    x, residual, weight = wide[:, :48], wide[:, 16:64], torch.randn(48, generator=gen)
+    wide = torch.randn(5, 80, generator=gen).to(DEVICE)
+    x, residual, weight = wide[:, :48], wide[:, 16:64], torch.randn(48, generator=gen).to(DEVICE)
     out, summed = add_rms_norm(x, residual, weight, 1e-5)
     expected, expected_sum = add_rms_norm_reference(x, residual, weight, 1e-5)
     assert torch.equal(summed, expected_sum)
@@ -60,17 +60,18 @@ def test_strided_rows_and_empty() -> None:
 
 
 def test_rejects_mismatched_inputs() -> None:
-    x = torch.zeros(2, 8)
+    x = torch.zeros(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="weight"):
-        add_rms_norm(x, None, torch.zeros(7), 1e-5)
+        add_rms_norm(x, None, torch.zeros(7, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="residual"):
-        add_rms_norm(x, torch.zeros(2, 8, dtype=torch.float64), torch.zeros(8), 1e-5)
+        add_rms_norm(x, torch.zeros(2, 8, dtype=torch.float64, device=DEVICE), torch.zeros(8, device=DEVICE), 1e-5)
 
 
 def test_rows_are_batch_invariant() -> None:
     """A row's bits do not depend on how many rows share the launch."""
     gen = torch.Generator().manual_seed(4)
-    x, residual, weight = torch.randn(9, 2880, generator=gen), torch.randn(9, 2880, generator=gen), torch.randn(2880)
+    x, residual = torch.randn(9, 2880, generator=gen).to(DEVICE), torch.randn(9, 2880, generator=gen).to(DEVICE)
+    weight = torch.randn(2880, generator=gen).to(DEVICE)
     out, _ = add_rms_norm(x, residual, weight, 1e-5)
     for row in (0, 4, 8):
         alone, _ = add_rms_norm(x[row : row + 1], residual[row : row + 1], weight, 1e-5)
