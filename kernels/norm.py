@@ -1,7 +1,8 @@
 """RMSNorm fused with the residual add, in Triton: one launch where torch needs about ten.
 
-`add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)`: the pre-norm
-transformer's "add the sublayer output to the residual stream, then normalise for the next sublayer". The
+`add_rms_norm(x, residual, weight, eps)` returns `(rms_norm(x + residual), x + residual)` (its torch reference:
+`kernels.reference.add_rms_norm_reference`): the pre-norm transformer's "add the sublayer output to the
+residual stream, then normalise for the next sublayer". The
 sum is rounded to x's dtype before it is normalised and before it is stored as the new residual, exactly as
 `x = x + sublayer(...)` followed by `rms_norm(x)` does in torch (and transformers), so the fused path
 changes no bit of the residual stream and the normalised value differs from the unfused torch ops only by
@@ -22,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 from gptoss.kernels.moe import interpreting
-from gptoss.kernels.reference import rms_norm
 
 
 def _add_rms_norm_kernel(
@@ -119,11 +119,3 @@ def add_rms_norm(
         num_warps=num_warps_for(hidden),
     )  # fmt: skip
     return out, residual_out
-
-
-def add_rms_norm_reference(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-torch oracle of `add_rms_norm` (and the CPU path): the add in x's dtype, then `reference.rms_norm`."""
-    summed = x if residual is None else x + residual
-    return rms_norm(summed, weight, eps), summed

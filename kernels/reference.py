@@ -50,6 +50,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (weight.to(torch.float32) * x32).to(x.dtype)
 
 
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.norm.add_rms_norm (and the torch path): the add in x's dtype, then `rms_norm`."""
+    summed = x if residual is None else x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
 def yarn_inv_freq(
     head_dim: int,
     base: float,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gptoss.kernels.norm import add_rms_norm, add_rms_norm_reference
+from gptoss.kernels.norm import add_rms_norm
+from gptoss.kernels.reference import add_rms_norm_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -267,8 +267,8 @@ class GptOssModel(nn.Module):
         self.model = Backbone(config, dtype, rank, world_size)
         self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
         self.batch_invariant = True
-        # ops.KERNEL_BACKENDS; the runner sets EngineArgs.kernel_backend, before loading (the MoE weights' layout
-        # depends on it).
+        # "auto", "triton" or "torch" (ops.use_triton); the runner sets EngineArgs.kernel_backend before loading:
+        # the MoE weights' layout depends on it.
         self.kernel_backend = "auto"
         self._rope_cos: torch.Tensor | None = None
         self._rope_sin: torch.Tensor | None = None

@@ -1,9 +1,10 @@
-"""Picks the implementation of each heavy op: Triton kernels or the torch references.
+"""Picks the implementation of each heavy op: Triton kernels or the torch path (`kernels/cpu.py`, the references
+of `kernels/reference.py` rearranged for speed, and the references themselves).
 
-`backend` (EngineArgs.kernel_backend): "auto" runs Triton on CUDA tensors and the torch references elsewhere;
+`backend` (EngineArgs.kernel_backend): "auto" runs Triton on CUDA tensors and the torch path elsewhere;
 "triton" runs the Triton kernels wherever the tensors are, CPU tensors through the Triton interpreter
 (`TRITON_INTERPRET=1`, set before the kernels are imported: `enable_triton_interpreter`); "torch" runs the
-references everywhere. The Triton modules are imported lazily so a CPU-only install never compiles anything.
+torch path everywhere. The Triton modules are imported lazily so a CPU-only install never compiles anything.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import os
 import sys
 
 import torch
-from gptoss.kernels import reference
-
-KERNEL_BACKENDS = ("auto", "triton", "torch")
+from gptoss.kernels import cpu, reference
 
 
 def use_triton(tensor: torch.Tensor, backend: str) -> bool:
@@ -33,7 +32,7 @@ def use_triton(tensor: torch.Tensor, backend: str) -> bool:
                 "before the kernels are imported (ops.enable_triton_interpreter())"
             )
         return True
-    raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    raise ValueError(f"kernel_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
 
 
 def enable_triton_interpreter() -> None:
@@ -77,9 +76,7 @@ def add_rms_norm(
         from gptoss.kernels.norm import add_rms_norm as triton_add_rms_norm
 
         return triton_add_rms_norm(x, residual, weight, eps)
-    from gptoss.kernels.norm import add_rms_norm_reference
-
-    return add_rms_norm_reference(x, residual, weight, eps)
+    return reference.add_rms_norm_reference(x, residual, weight, eps)
 
 
 def rope_write_kv(
@@ -138,8 +135,8 @@ def paged_attention(
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
-    return reference.paged_attention_reference(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+    return cpu.paged_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window, max_query_len
     )
 
 
@@ -163,7 +160,8 @@ def moe(
 
     The Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
     `MXFP4Experts.pack_for_kernels` when the model's backend runs it; the blocks/scales arguments then hold the
-    same packed bytes). It is batch-invariant in every mode. The torch reference reads the checkpoint layout."""
+    same packed bytes). It is batch-invariant in every mode. The torch path, `kernels.cpu.moe` (the reference,
+    with cached dequantised experts), reads the checkpoint layout."""
     if use_triton(x, backend):
         if packed is None:
             raise RuntimeError("MoE weights are not packed for the Triton kernel: call GptOssModel.pack_experts()")
@@ -171,4 +169,4 @@ def moe(
 
         return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha)
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
-    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
