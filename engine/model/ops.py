@@ -98,7 +98,7 @@ def rope_write_kv(
         from gptoss.kernels.attention import rope_write_kv as triton_rope_write_kv
 
         return triton_rope_write_kv(*args)
-    return reference.rope_write_kv_reference(*args)
+    return reference.rope_write_kv_reference(*args, write=cpu.write_kv)
 
 
 def paged_attention(
