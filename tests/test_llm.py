@@ -294,8 +294,15 @@ def test_triton_kernel_backend_on_cpu_generates_what_the_torch_path_does(llm, ti
     assert got == [out.token_ids for out in llm.generate(prompts, params)]
 
 
-def test_kernel_backend_is_checked() -> None:
+def test_kernel_backend_is_checked(tiny_checkpoint) -> None:
+    import argparse
+
     from gptoss.engine.engine_args import EngineArgs
+    from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
     with pytest.raises(ValueError, match="kernel_backend"):
         EngineArgs(model="x", kernel_backend="cuda")
+    parser = add_engine_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", str(tiny_checkpoint), "--kernel-backend", "triton"])
+    assert engine_args_from_cli(args).kernel_backend == "triton"
+    assert engine_args_from_cli(parser.parse_args(["--model", str(tiny_checkpoint)])).kernel_backend == "auto"
