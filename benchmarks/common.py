@@ -73,7 +73,8 @@ def graph_time(fn: Callable[[], object], device: torch.device, warmup: int = 3, 
     for _ in range(warmup):  # compile and autotune outside the capture
         fn()
     synchronize(device)
-    return triton.testing.do_bench_cudagraph(fn, rep=max(20, iters), return_mode="median") / 1e3
+    # rep: milliseconds of replays to take the median over (at least `iters` of them in practice).
+    return triton.testing.do_bench_cudagraph(fn, rep=max(100, iters), return_mode="median") / 1e3
 
 
 def l2_bytes(device: torch.device) -> int:
