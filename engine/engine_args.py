@@ -52,7 +52,7 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's max_position_embeddings (and what the cache holds)
     max_num_waiting: int = 4096  # beyond this, new requests get EngineOverloadedError
     enable_prefix_caching: bool = True
-    batch_invariant: bool = True  # results independent of batch composition (slower kernels on CUDA)
+    batch_invariant: bool = True  # results independent of batch composition (fixed-shape tiles on CPU)
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False

@@ -56,7 +56,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
-        help="bit-identical results whatever the batch (default on)",
+        help="bit-identical results whatever the batch, on one device and thread count (default on)",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

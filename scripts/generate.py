@@ -32,8 +32,9 @@ rewritten (atomically, through a temporary file) in input order.
 
 Determinism: a request without its own `seed` gets one derived from the run's `--seed` (default 0) and its id,
 so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
-two runs give identical files whatever `--max-num-seqs` is, and a resumed run continues exactly. A different
-`--seed` gives different samples.
+two runs on the same machine and device (CPU with the same thread count, or the same GPU) give identical
+files, tokens and logprobs bit for bit, whatever `--max-num-seqs` and `--max-num-batched-tokens` are, and a
+resumed run continues exactly. A different `--seed` gives different samples.
 
 The continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) are shared with
 `gptoss score`.

@@ -195,19 +195,43 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
     assert all(r["usage"]["completion_tokens"] == 8 for r in results)
 
 
-def test_same_results_at_batch_1_and_16(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
+def invariance_requests(num: int) -> list[dict]:
+    """Sampled requests with logprobs whose prompts differ in length (a few tokens to a few hundred), so batches
+    mix prefill and decode rows and long prompts are prefilled in chunks."""
+    rows = []
+    for i in range(num):
+        row: dict = {"id": f"v{i}", "max_tokens": 2 + i % 5, "temperature": 1.0, "logprobs": 2}
+        text = " ".join(f"word{j * (i + 1) % 97}" for j in range(1 + (i * 37) % 70))
+        if i % 2:
+            row["messages"] = [{"role": "user", "content": text}]
+        else:
+            row.update(prompt=text, raw=True)
+        rows.append(row)
+    return rows
+
+
+def test_same_results_whatever_the_batch(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
+    """The README's and --help's claim: identical files (tokens and logprobs, bit for bit) at any
+    --max-num-seqs, here 1, 3 and 16, with chunked prefill (a 64-token step budget) in one of them."""
     from gptoss.engine.llm import LLM
 
-    rows = mixed_requests(6)
+    rows = invariance_requests(16)
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     outputs = []
-    for name, llm in (("b16", llm16), ("b1", LLM(tiny_checkpoint, max_num_seqs=1))):
+    llms = (
+        ("b16", llm16),
+        ("b3", LLM(tiny_checkpoint, max_num_seqs=3, max_num_batched_tokens=64)),
+        ("b1", LLM(tiny_checkpoint, max_num_seqs=1)),
+    )
+    for name, llm in llms:
         out = tmp_path / f"{name}.jsonl"
         generate_jsonl(path, out, llm, encoding, GenerateDefaults(seed=11), max_in_flight=40, include_raw=True)
         outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
-    tokens = [r["token_ids"] for r in read_results(tmp_path / "b1.jsonl")]
-    assert len({tuple(t) for t in tokens}) > 1  # sampled (temperature 1), not all the same
+    results = read_results(tmp_path / "b1.jsonl")
+    prompt_lengths = [r["usage"]["prompt_tokens"] for r in results]
+    assert min(prompt_lengths) < 16 and max(prompt_lengths) > 128  # one-tile prompts and chunked ones
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert len({tuple(r["token_ids"]) for r in results}) > 1  # sampled (temperature 1), not all the same
     # A different run seed changes the samples.
     generate_jsonl(
         path, tmp_path / "other.jsonl", llm16, encoding, GenerateDefaults(seed=12), max_in_flight=40, include_raw=True
