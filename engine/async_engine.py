@@ -164,6 +164,12 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 
+    def unhealthy_reason(self) -> str | None:
+        """None while the engine serves; else why not: its loop stopped, or its recent steps all failed."""
+        if not self.is_alive():
+            return self._dead_reason or "the engine is shut down"
+        return self.engine.unhealthy_reason()
+
     def metrics(self) -> MetricsSnapshot:
         """The snapshot taken after the latest step (cheap; no locking)."""
         return self._metrics

@@ -56,6 +56,7 @@ class EngineArgs:
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False
+    check_weights: bool = True  # refuse a checkpoint with NaN/inf weights (one pass over them at load)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA otherwise)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
 
