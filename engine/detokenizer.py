@@ -10,8 +10,10 @@
 Text is built from each token's bytes (the byte-level BPE alphabet mapped back to bytes) through an
 incremental UTF-8 decoder, so a character split across tokens (emoji, CJK) is emitted only once complete,
 and the concatenated deltas equal `tokenizer.decode(ids, skip_special_tokens=...)` of the same ids (up to a
-stop string). Cost per token is O(1) plus the stop-string checks; the token-bytes table is built once per
-tokenizer object (about 0.3 s for o200k) and cached.
+stop string). Cost per token is O(1) plus the stop-string checks, which look only at the new text and the
+last (longest stop - 1) characters before it: bounded by the number and length of the stop strings, which
+SamplingParams caps (16 of 256 characters). The token-bytes table is built once per tokenizer object (about
+0.3 s for o200k) and cached.
 
 Stop strings: the text up to the earliest stop string is returned and the request is finished; the stop
 string itself is included only with `include_stop_str_in_output`. While streaming, a suffix of the text that
@@ -182,11 +184,21 @@ class IncrementalDetokenizer:
         return best
 
     def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string.
+
+        Only lengths whose prefix ends with `text`'s last character are compared (found with `str.rfind`):
+        a few C-level comparisons per stop string rather than one per possible length.
+        """
         longest = 0
+        last = text[-1:]
         for stop_str in self.stop:
-            for length in range(min(len(stop_str) - 1, len(text)), longest, -1):
-                if text.endswith(stop_str[:length]):
-                    longest = length
+            end = min(len(stop_str) - 1, len(text))  # candidate prefix lengths: longest + 1 .. end
+            while end > longest:
+                end = stop_str.rfind(last, 0, end) + 1  # the longest candidate length whose prefix ends with `last`
+                if end <= longest:
                     break
+                if text.endswith(stop_str[:end]):
+                    longest = end
+                    break
+                end -= 1
         return longest
