@@ -24,7 +24,8 @@ Routes:
     POST /v1/completions           legacy Completions, raw text (server/completions.py)
     POST /ai/run/{model}           Workers AI run: prompt / messages / input / requests (server/workers_ai.py)
     POST /client/v4/accounts/{account_id}/ai/run/{model}, .../ai/v1/responses, .../ai/v1/chat/completions
-    GET /v1/models, /v1/models/{model}, GET /health (200 only while the engine loop is alive), GET /metrics
+    GET /v1/models, /v1/models/{model}, GET and HEAD /health (200 only while the engine loop is alive and
+    its recent steps did not all fail), GET /metrics
     (Prometheus text), POST /tokenize, /detokenize (vLLM-compatible), GET /version
 Errors come back in each API's own shape (server/errors.py).
 """
@@ -161,7 +162,15 @@ def create_app(
     state.structured = StructuredOutputs.create(engine, tokenizer)
     if state.structured is not None:
         state.structured.warm_up()
-    app = FastAPI(title="gpt-oss server", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: their Location would be built from the client's Host header.
+    app = FastAPI(
+        title="gpt-oss server",
+        version=VERSION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.server = state
     install_error_handlers(app)
     for module in (openai_chat, openai_responses, completions, workers_ai):
@@ -172,10 +181,13 @@ def create_app(
 
 
 def _add_misc_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> Response:
-        alive = bool(get_state(request).engine.is_alive())
-        return JSONResponse({"status": "ok" if alive else "engine not running"}, status_code=200 if alive else 503)
+        engine = get_state(request).engine
+        # AsyncEngine says why it cannot serve (loop stopped, every recent step failed); other clients: alive.
+        unhealthy = getattr(engine, "unhealthy_reason", lambda: None if engine.is_alive() else "engine not running")
+        reason = unhealthy()
+        return JSONResponse({"status": reason or "ok"}, status_code=503 if reason else 200)
 
     @app.get("/version")
     async def version() -> Response:

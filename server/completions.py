@@ -85,7 +85,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
         if any(not 0 <= t < vocab for t in ids):
             raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param=param)
         max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-        max_tokens = check_prompt_length(state, len(ids), max_tokens, param) if max_tokens else 0
+        explicit = "max_tokens" if req.max_tokens is not None else None
+        max_tokens = check_prompt_length(state, len(ids), max_tokens, param, explicit) if max_tokens else 0
         kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
         kwargs["stop"] = req.stop_list
         kwargs["ignore_eos"] = req.ignore_eos

@@ -47,6 +47,7 @@ from gptoss.server.protocol_openai import ChatCompletionRequest, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
     mask_fn,
@@ -99,7 +100,9 @@ def chat_prompt_ids(
     return state.encoding.render_conversation(conversation)
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_tokens: bool = False) -> ChatPlan:
+    """The plan of a chat request (renders and tokenizes its prompt: run it off the event loop).
+    `clamp_max_tokens`: a max_tokens beyond the context is clamped (Workers AI) rather than a 400 (OpenAI)."""
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
     _, mode, name = resolve_tools(tools, req.tool_choice)
@@ -119,6 +122,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
         response_format_param="response_format",
         max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
         prompt_param="messages",
+        max_tokens_param=None if clamp_max_tokens else explicit_max_tokens(req, "max_completion_tokens", "max_tokens"),
     )
     kwargs = prepared.sampling
     if req.logprobs:

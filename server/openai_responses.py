@@ -47,6 +47,7 @@ from gptoss.server.protocol_openai import ResponsesRequest, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
     mask_fn,
@@ -87,7 +88,9 @@ def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
     return list(req.input)
 
 
-def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPlan:
+def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_tokens: bool = False) -> ResponsesPlan:
+    """The plan of a Responses request (renders and tokenizes its prompt: run it off the event loop).
+    `clamp_max_tokens`: a max_output_tokens beyond the context is clamped (Workers AI) rather than a 400."""
     model = check_model(state, req.model, req.lora)
     items = input_items_of(req)
     if req.previous_response_id is not None:
@@ -123,6 +126,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         response_format_param="text.format",
         max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
         prompt_param="input",
+        max_tokens_param=None if clamp_max_tokens else explicit_max_tokens(req, "max_output_tokens", "max_tokens"),
     )
     kwargs = prepared.sampling
     if req.top_logprobs is not None:

@@ -52,12 +52,16 @@ class SamplingFields(APIModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
+    # Not applied by the sampler: refused when it would change anything, never silently ignored.
+    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise bad_request("stop strings must be non-empty", param="stop")
+        if self.logit_bias and any(self.logit_bias.values()):
+            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
         return self
 
     @property

@@ -66,8 +66,24 @@ def encode_raw(state: ServerState, text: str) -> list[int]:
     return state.tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def check_prompt_length(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> int:
-    """Raise a 400 when the prompt leaves no room to generate; return max_tokens clamped to the context."""
+def check_prompt_length(
+    state: ServerState, prompt_len: int, max_tokens: int, param: str, max_tokens_param: str | None = None
+) -> int:
+    """Raise a 400 when the prompt leaves no room to generate; return max_tokens clamped to the context.
+
+    `max_tokens_param`: the field the client set max_tokens with, on the OpenAI routes: there a prompt plus
+    max_tokens beyond the context is a 400 naming it, as OpenAI answers (a default max_tokens, and the Workers
+    AI route, are clamped).
+    """
+    if max_tokens_param is not None and prompt_len + max_tokens > state.max_model_len:
+        raise APIError(
+            400,
+            f"{max_tokens_param} is too large: the prompt is {prompt_len} tokens and this model's context is "
+            f"{state.max_model_len} tokens, so at most {max(0, state.max_model_len - prompt_len)} can be generated "
+            f"(got {max_tokens})",
+            param=max_tokens_param,
+            code="invalid_value",
+        )
     if prompt_len >= state.max_model_len:
         raise APIError(
             400,
@@ -78,6 +94,11 @@ def check_prompt_length(state: ServerState, prompt_len: int, max_tokens: int, pa
             wai_status=413,
         )
     return max(0, min(max_tokens, state.max_model_len - prompt_len))
+
+
+def explicit_max_tokens(req: Any, *names: str) -> str | None:
+    """The first of `names` the request set (its max_tokens field), None when it left them all out."""
+    return next((name for name in names if getattr(req, name, None) is not None), None)
 
 
 def harmony_sampling_params(state: ServerState, **kwargs: Any) -> SamplingParams:
@@ -191,15 +212,16 @@ def prepare_harmony(
     response_format_param: str,
     max_tokens: int,
     prompt_param: str,
+    max_tokens_param: str | None = None,
 ) -> HarmonyPrompt:
     """The steps every harmony request takes once its prompt is rendered: its structured-output spec (or the
     forced-call prefill), the prompt-length check and its sampling fields. `forced` is `resolve_tools`' mode
-    and name."""
+    and name; `max_tokens_param` see `check_prompt_length`."""
     spec = structured_spec(state, response_format, tools, tool_choice, response_format_param)
     mode, name = forced
     prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
     prompt = rendered + prefill
-    max_tokens = check_prompt_length(state, len(prompt), max_tokens, prompt_param)
+    max_tokens = check_prompt_length(state, len(prompt), max_tokens, prompt_param, max_tokens_param)
     return HarmonyPrompt(prompt, prefill, spec, sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE))
 
 

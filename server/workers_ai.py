@@ -167,7 +167,7 @@ async def run_prompt(state: ServerState, req: PromptRequest) -> dict[str, Any]:
         ids, params = prepare_raw(state, req)
         result = await final_result(generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}"))
         return {"response": result.text, "usage": usage_brief(result.usage.openai()), "tool_calls": []}
-    plan = prepare_chat(state, prompt_as_chat(req))
+    plan = prepare_chat(state, prompt_as_chat(req), clamp_max_tokens=True)
     streams = start_chat(state, plan)
     collected = await collect(streams[0])
     return prompt_result(collected.content, collected.tool_calls, collected.usage.openai())
@@ -196,7 +196,7 @@ def start_prompt(state: ServerState, req: PromptRequest) -> list[Any]:
     if req.raw:
         ids, params = prepare_raw(state, req)
         return [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
-    plan = prepare_chat(state, prompt_as_chat(req))
+    plan = prepare_chat(state, prompt_as_chat(req), clamp_max_tokens=True)
     return start_chat(state, plan)
 
 
@@ -248,10 +248,10 @@ async def run_one(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
     if kind == "prompt":
         return await run_prompt(state, parse_body(PromptRequest, body))
     if kind == "messages":
-        plan: ChatPlan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        plan: ChatPlan = prepare_chat(state, parse_body(ChatCompletionRequest, body), clamp_max_tokens=True)
         return await chat_completion(state, plan, start_chat(state, plan))
     if kind == "input":
-        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        rplan = prepare_responses(state, parse_body(ResponsesRequest, body), clamp_max_tokens=True)
         return await run_response(state, rplan, start_responses(state, rplan))
     raise bad_request(f"a {kind} body cannot be nested in a batch", param="requests")
 
@@ -289,8 +289,10 @@ def _json_body(raw: bytes) -> dict[str, Any]:
         raise bad_request("Request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Invalid JSON body: {exc}") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise bad_request("Invalid JSON body: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise bad_request(f"Invalid JSON body: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object")
     return body
@@ -325,12 +327,12 @@ async def stream_one(request: Request, kind: str, body: dict[str, Any]) -> Respo
     """A streamed body in any of the three formats (its frames end with the usage trailer and `[DONE]`)."""
     state = get_state(request)
     if kind == "messages":
-        plan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        plan = prepare_chat(state, parse_body(ChatCompletionRequest, body), clamp_max_tokens=True)
         return await respond(
             request, functools.partial(start_chat, state, plan), frames=functools.partial(chat_sse, state, plan)
         )
     if kind == "input":
-        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        rplan = prepare_responses(state, parse_body(ResponsesRequest, body), clamp_max_tokens=True)
         return await respond(
             request, lambda: [start_responses(state, rplan)], frames=functools.partial(responses_sse, state, rplan)
         )
