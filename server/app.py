@@ -46,7 +46,7 @@ from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
 from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
-from gptoss.server.serving import encode_raw
+from gptoss.server.serving import check_prompt_chars, encode_raw, off_loop
 from gptoss.server.state import ServerState, get_state, read_body
 from gptoss.server.structured import StructuredOutputs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -222,14 +222,22 @@ def _add_misc_routes(app: FastAPI) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         state = get_state(request)
-        req = parse_body(TokenizeRequest, await read_body(request))
+        req = await off_loop(state, parse_body, TokenizeRequest, await read_body(request))
         state.check_model(req.model)
         if req.messages is not None:
-            tokens = chat_prompt_ids(
-                state, req.messages, req.tools, req.reasoning_effort, add_generation_prompt=req.add_generation_prompt
+            check_prompt_chars(state, "messages", req.messages, req.tools)
+            tokens = await off_loop(
+                state,
+                chat_prompt_ids,
+                state,
+                req.messages,
+                req.tools,
+                req.reasoning_effort,
+                add_generation_prompt=req.add_generation_prompt,
             )
         else:
-            tokens = encode_raw(state, req.prompt or "")
+            check_prompt_chars(state, "prompt", req.prompt)
+            tokens = await off_loop(state, encode_raw, state, req.prompt or "")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
 
     @app.post("/detokenize")

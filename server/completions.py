@@ -31,9 +31,11 @@ from gptoss.server.protocol_openai import CompletionRequest, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
     check_prompt_length,
     encode_raw,
     generate_raw,
+    off_loop,
     respond,
     sampling_kwargs,
 )
@@ -75,6 +77,7 @@ def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
     model = check_model(state, req.model)
+    check_prompt_chars(state, "prompt", req.prompt)
     prompts = prompts_of(state, req.prompt)
     vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
     params = []
@@ -193,8 +196,8 @@ async def completion_sse(
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     state = get_state(request)
-    req = parse_body(CompletionRequest, await read_body(request))
-    plan = prepare_completion(state, req)
+    req = await off_loop(state, parse_body, CompletionRequest, await read_body(request))
+    plan = await off_loop(state, prepare_completion, state, req)
     return await respond(
         request,
         functools.partial(start_completion, state, plan),

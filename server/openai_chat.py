@@ -47,10 +47,12 @@ from gptoss.server.protocol_openai import ChatCompletionRequest, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
     explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
     mask_fn,
+    off_loop,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -75,6 +77,7 @@ class ChatPlan:
     top_logprobs: int
     include_usage: bool
     structured_spec: Any = None  # engine StructuredOutputSpec when the reply is constrained
+    mask_fns: list[Any] = field(default_factory=list)  # one compiled matcher per choice (constrained replies)
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -105,6 +108,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_token
     `clamp_max_tokens`: a max_tokens beyond the context is clamped (Workers AI) rather than a 400 (OpenAI)."""
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
+    check_prompt_chars(state, "messages", req.messages, tools)
     _, mode, name = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort
@@ -133,7 +137,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_token
             kwargs = {**kwargs, "seed": kwargs["seed"] + 1}
         params.append(harmony_sampling_params(state, **kwargs))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatPlan(
+    plan = ChatPlan(
         model,
         prepared.prompt_token_ids,
         prepared.prefill_token_ids,
@@ -144,6 +148,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_token
         include_usage,
         prepared.structured_spec,
     )
+    # Grammars compile here, with the rest of the preparation (off the event loop, bounded in time).
+    plan.mask_fns = [mask_fn(state, plan.structured_spec) for _ in params] if plan.structured_spec else []
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def start_chat(state: ServerState, plan: ChatPlan) -> list[Any]:
                 prefill_token_ids=plan.prefill_token_ids,
                 stop=plan.stop,
                 request_id=f"{plan.request_id}-{i}",
-                logits_mask_fn=mask_fn(state, plan.structured_spec),
+                logits_mask_fn=plan.mask_fns[i] if plan.mask_fns else None,
             )
             for i, params in enumerate(plan.params)
         ]
@@ -298,8 +305,8 @@ async def chat_sse(
 async def handle_chat(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one chat request."""
     state = get_state(request)
-    req = parse_body(ChatCompletionRequest, body)
-    plan = prepare_chat(state, req)
+    req = await off_loop(state, parse_body, ChatCompletionRequest, body)
+    plan = await off_loop(state, prepare_chat, state, req)
     return await respond(
         request,
         functools.partial(start_chat, state, plan),

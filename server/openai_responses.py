@@ -47,10 +47,12 @@ from gptoss.server.protocol_openai import ResponsesRequest, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
     explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
     mask_fn,
+    off_loop,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -78,6 +80,7 @@ class ResponsesPlan:
     tools: list[dict[str, Any]]
     effort: str
     structured_spec: Any = None
+    mask_fn: Any = None  # the compiled matcher of a constrained reply
     response_id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -92,6 +95,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
     """The plan of a Responses request (renders and tokenizes its prompt: run it off the event loop).
     `clamp_max_tokens`: a max_output_tokens beyond the context is clamped (Workers AI) rather than a 400."""
     model = check_model(state, req.model, req.lora)
+    check_prompt_chars(state, "input", req.input, req.instructions, req.tools)
     items = input_items_of(req)
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
@@ -152,6 +156,8 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
         flat_tools,
         effort or "medium",
         prepared.structured_spec,
+        # The grammar compiles here, with the rest of the preparation (off the event loop, bounded in time).
+        mask_fn(state, prepared.structured_spec),
     )
 
 
@@ -407,7 +413,7 @@ def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
         prefill_token_ids=plan.prefill_token_ids,
         stop=plan.stop,
         request_id=plan.response_id,
-        logits_mask_fn=mask_fn(state, plan.structured_spec),
+        logits_mask_fn=plan.mask_fn,
     )
 
 
@@ -458,8 +464,8 @@ async def responses_sse(
 async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one Responses request."""
     state = get_state(request)
-    req = parse_body(ResponsesRequest, body)
-    plan = prepare_responses(state, req)
+    req = await off_loop(state, parse_body, ResponsesRequest, body)
+    plan = await off_loop(state, prepare_responses, state, req)
     return await respond(
         request,
         lambda: [start_responses(state, plan)],

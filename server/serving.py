@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -40,6 +40,7 @@ from gptoss.server.protocol_openai import SamplingFields
 from gptoss.server.sse import sse_response
 from gptoss.server.state import ServerState, get_state
 
+T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 
@@ -64,6 +65,45 @@ def check_model(state: ServerState, model: str | None, lora: str | None = None) 
 def encode_raw(state: ServerState, text: str) -> list[int]:
     """Raw text -> token ids; special-token spellings in the text become the special tokens (raw prompts)."""
     return state.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+async def off_loop(state: ServerState, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the server's preparation pool: parsing a large body, rendering, tokenizing and
+    compiling grammars take seconds for big requests, and on the event loop they would stall /health and every
+    stream for that long."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.prepare_pool, functools.partial(fn, *args, **kwargs))
+
+
+def text_length(value: Any) -> int:
+    """Characters in every string of a JSON-like value (a request's prompt fields)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def check_prompt_chars(state: ServerState, param: str, *values: Any) -> None:
+    """Refuse a prompt whose text is longer than `max_prompt_chars` before tokenizing it (tokenizing a 31 MB
+    prompt took a CPU for a minute and left gigabytes resident, to answer a 400 in the end)."""
+    length = sum(text_length(value) for value in values)
+    limit = state.max_prompt_chars
+    if limit is not None and length > limit:
+        raise APIError(
+            400,
+            f"The prompt is {length} characters long; this server takes at most {limit} "
+            f"(its context is {state.max_model_len} tokens)",
+            param=param,
+            code="context_length_exceeded",
+            wai_code=3006,
+            wai_status=413,
+        )
 
 
 def check_prompt_length(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -69,15 +70,23 @@ class ServerState:
     response_store_size: int = 1024
     batch_store_size: int = 1024
     batch_ttl_s: float = 3600.0
+    # Text in one request's prompt fields (checked before tokenizing it; None: 8 characters per context token,
+    # more than any real text needs per token).
+    max_prompt_chars: int | None = None
+    prepare_workers: int = 4  # threads that parse, render, tokenize and compile grammars off the event loop
     encoding: HarmonyEncoding = field(init=False)
     structured: Any = None  # server.structured.StructuredOutputs, or None (prompt-only response formats)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     responses: BoundedStore[str, Any] = field(init=False)
     batches: BoundedStore[str, Any] = field(init=False)
+    prepare_pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoding = HarmonyEncoding(self.tokenizer)
+        if self.max_prompt_chars is None:
+            self.max_prompt_chars = 8 * self.max_model_len
+        self.prepare_pool = ThreadPoolExecutor(self.prepare_workers, thread_name_prefix="prepare")
         self.responses = BoundedStore(self.response_store_size)
         self.batches = BoundedStore(self.batch_store_size, self.batch_ttl_s)
 

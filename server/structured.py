@@ -12,6 +12,7 @@ the prompt alone for response formats and to prefilling the call header for a fo
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import logging
 import threading
@@ -24,11 +25,18 @@ logger = logging.getLogger("server")
 class StructuredOutputs:
     """Builds `logits_mask_fn`s for one tokenizer / vocabulary (the compiler is made on first use)."""
 
+    # A grammar that does not compile in this time is refused (400 naming its field); llguidance's limits
+    # (engine/structured_output.py) end the compile itself soon after.
+    COMPILE_TIMEOUT_S = 5.0
+
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        self.compile_timeout_s = self.COMPILE_TIMEOUT_S
         self._compiler: Any = None
         self._lock = threading.Lock()
+        # Compiles run here (llguidance releases the GIL): two at a time, so slow ones cannot pile up threads.
+        self._compile_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
 
     @classmethod
     def create(cls, engine: Any, tokenizer: Any) -> StructuredOutputs | None:
@@ -79,5 +87,15 @@ class StructuredOutputs:
     def mask_fn(self, spec: Any) -> Callable[[list[int]], Any]:
         """A fresh matcher for one request; it is the engine's `logits_mask_fn` itself (`state(output_token_ids)
         -> bool [vocab]`, engine thread only), which the model runner batches with the step's other grammar rows.
-        Raises StructuredOutputError (-> 400) for an invalid / unsupported schema."""
-        return self.compiler.new_state(spec)
+        Raises StructuredOutputError (-> 400) for an invalid / unsupported schema, or one that takes longer than
+        `compile_timeout_s` to compile. Blocks: call it off the event loop."""
+        from gptoss.engine.structured_output import StructuredOutputError
+
+        future = self._compile_pool.submit(lambda: self.compiler.new_state(spec))
+        try:
+            return future.result(timeout=self.compile_timeout_s)
+        except concurrent.futures.TimeoutError:
+            param = spec.final_param if spec.final_schema is not None or not spec.tools else spec.tools[0].param
+            raise StructuredOutputError(
+                param, f"the schema is too complex: its grammar did not compile within {self.compile_timeout_s:g} s"
+            ) from None
