@@ -13,7 +13,7 @@ API (what `gptoss serve` uses):
         takes `logits_mask_fn` and llguidance is installed (server/structured.py).
     add_serve_arguments(parser)     adds --host (127.0.0.1), --port (8000), --api-key (env GPTOSS_API_KEY),
                                     --served-model-name (gpt-oss-120b), --max-queue, --response-store-size,
-                                    --log-level
+                                    --max-connections, --header-timeout (server/connections.py), --log-level
     run_server(args, engine=None, tokenizer=None)
         builds the engine from `args` (every `EngineArgs` field found on `args`, e.g. args.model) unless
         given, the app, and runs uvicorn on args.host:args.port until interrupted; shuts the engine down.
@@ -42,6 +42,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gptoss.server import completions, openai_chat, openai_responses, workers_ai
+from gptoss.server.connections import DEFAULT_HEADER_TIMEOUT_S, install_repeat_filter, uvicorn_config
 from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
 from gptoss.server.openai_chat import chat_prompt_ids
@@ -225,7 +226,7 @@ def _add_misc_routes(app: FastAPI) -> None:
         req = await off_loop(state, parse_body, TokenizeRequest, await read_body(request))
         state.check_model(req.model)
         if req.messages is not None:
-            check_prompt_chars(state, "messages", req.messages, req.tools)
+            check_prompt_chars(state, messages=req.messages, tools=req.tools)
             tokens = await off_loop(
                 state,
                 chat_prompt_ids,
@@ -236,7 +237,7 @@ def _add_misc_routes(app: FastAPI) -> None:
                 add_generation_prompt=req.add_generation_prompt,
             )
         else:
-            check_prompt_chars(state, "prompt", req.prompt)
+            check_prompt_chars(state, prompt=req.prompt)
             tokens = await off_loop(state, encode_raw, state, req.prompt or "")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
 
@@ -284,6 +285,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default=1024,
         help="Responses kept for previous_response_id (oldest forgotten)",
     )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections before new ones get 503 (default 2048, fewer under a low descriptor limit)",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds a connection may take to send its request headers before it is closed (408)",
+    )
     group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -316,14 +329,18 @@ def run_server(args: argparse.Namespace, engine: Any = None, tokenizer: Any = No
         max_queue=getattr(args, "max_queue", 1024),
         response_store_size=getattr(args, "response_store_size", 1024),
     )
+    install_repeat_filter()
+    config = uvicorn_config(
+        app,
+        getattr(args, "host", "127.0.0.1"),
+        getattr(args, "port", 8000),
+        max_connections=getattr(args, "max_connections", None),
+        header_timeout_s=getattr(args, "header_timeout", DEFAULT_HEADER_TIMEOUT_S),
+        log_level=getattr(args, "log_level", "info"),
+        timeout_graceful_shutdown=5,
+    )
     try:
-        uvicorn.run(
-            app,
-            host=getattr(args, "host", "127.0.0.1"),
-            port=getattr(args, "port", 8000),
-            log_level=getattr(args, "log_level", "info"),
-            timeout_graceful_shutdown=5,
-        )
+        uvicorn.Server(config).run()
     finally:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is not None:

@@ -77,7 +77,7 @@ def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
     model = check_model(state, req.model)
-    check_prompt_chars(state, "prompt", req.prompt)
+    check_prompt_chars(state, prompt=req.prompt)
     prompts = prompts_of(state, req.prompt)
     vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
     params = []

@@ -108,7 +108,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_token
     `clamp_max_tokens`: a max_tokens beyond the context is clamped (Workers AI) rather than a 400 (OpenAI)."""
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
-    check_prompt_chars(state, "messages", req.messages, tools)
+    check_prompt_chars(state, messages=req.messages, tools=tools, response_format=req.response_format)
     _, mode, name = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort

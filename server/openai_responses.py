@@ -95,7 +95,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
     """The plan of a Responses request (renders and tokenizes its prompt: run it off the event loop).
     `clamp_max_tokens`: a max_output_tokens beyond the context is clamped (Workers AI) rather than a 400."""
     model = check_model(state, req.model, req.lora)
-    check_prompt_chars(state, "input", req.input, req.instructions, req.tools)
+    check_prompt_chars(state, input=req.input, instructions=req.instructions, tools=req.tools, text__format=req.text)
     items = input_items_of(req)
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)

@@ -86,20 +86,25 @@ def text_length(value: Any) -> int:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
+        elif hasattr(item, "model_dump"):  # a pydantic part of the request (response_format, text)
+            stack.append(item.model_dump())
     return total
 
 
-def check_prompt_chars(state: ServerState, param: str, *values: Any) -> None:
-    """Refuse a prompt whose text is longer than `max_prompt_chars` before tokenizing it (tokenizing a 31 MB
-    prompt took a CPU for a minute and left gigabytes resident, to answer a 400 in the end)."""
-    length = sum(text_length(value) for value in values)
+def check_prompt_chars(state: ServerState, **fields: Any) -> None:
+    """Refuse a request whose prompt fields (`fields`: name -> value; everything rendered into the prompt)
+    hold more than `max_prompt_chars` characters, before rendering or tokenizing them (tokenizing a 31 MB
+    prompt took a CPU for a minute and left gigabytes resident, to answer a 400 in the end). The error names
+    the largest field."""
+    lengths = {name.replace("__", "."): text_length(value) for name, value in fields.items()}
+    length = sum(lengths.values())
     limit = state.max_prompt_chars
     if limit is not None and length > limit:
         raise APIError(
             400,
             f"The prompt is {length} characters long; this server takes at most {limit} "
             f"(its context is {state.max_model_len} tokens)",
-            param=param,
+            param=max(lengths, key=lambda name: lengths[name]),
             code="context_length_exceeded",
             wai_code=3006,
             wai_status=413,

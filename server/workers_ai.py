@@ -156,7 +156,7 @@ def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) ->
 def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], SamplingParams]:
     """A `raw: true` prompt: the text as it is, no template; sampled like legacy completions."""
     check_model(state, req.model)
-    check_prompt_chars(state, "prompt", req.prompt)
+    check_prompt_chars(state, prompt=req.prompt)
     ids = encode_raw(state, req.prompt)
     max_tokens = check_prompt_length(state, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, "prompt")
     kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
