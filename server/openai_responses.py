@@ -48,10 +48,10 @@ from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
     check_prompt_chars,
+    compile_grammar,
     explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
-    mask_fn,
     off_loop,
     prepare_harmony,
     resolve_tools,
@@ -72,15 +72,12 @@ def _id(prefix: str) -> str:
 class ResponsesPlan:
     model: str
     prompt_token_ids: list[int]
-    prefill_token_ids: list[int]
     params: SamplingParams
     stop: list[str]
     request: ResponsesRequest
     input_items: list[dict[str, Any]]  # the conversation so far (stored ones first), as Responses items
     tools: list[dict[str, Any]]
     effort: str
-    structured_spec: Any = None
-    mask_fn: Any = None  # the compiled matcher of a constrained reply
     response_id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -107,7 +104,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
             )
         items = stored["items"] + items
     tools = req.tools or []
-    specs, mode, name = resolve_tools(tools, req.tool_choice)
+    specs, mode, _ = resolve_tools(tools, req.tool_choice)
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(
@@ -125,7 +122,6 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
         req,
         tools=tools,
         tool_choice=req.tool_choice,
-        forced=(mode, name),
         response_format=text.get("format") if text else None,
         response_format_param="text.format",
         max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
@@ -145,19 +141,17 @@ def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_token
         }
         for t in specs
     ]
+    # The grammar compiles here, with the rest of the preparation (off the event loop, bounded in time).
+    compile_grammar(state, prepared.structured_spec)
     return ResponsesPlan(
         model,
         prepared.prompt_token_ids,
-        prepared.prefill_token_ids,
         harmony_sampling_params(state, **kwargs),
         req.stop_list,
         req,
         items,
         flat_tools,
         effort or "medium",
-        prepared.structured_spec,
-        # The grammar compiles here, with the rest of the preparation (off the event loop, bounded in time).
-        mask_fn(state, prepared.structured_spec),
     )
 
 
@@ -410,10 +404,8 @@ def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
         state,
         plan.prompt_token_ids,
         plan.params,
-        prefill_token_ids=plan.prefill_token_ids,
         stop=plan.stop,
         request_id=plan.response_id,
-        logits_mask_fn=plan.mask_fn,
     )
 
 

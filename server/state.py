@@ -74,19 +74,22 @@ class ServerState:
     # more than any real text needs per token).
     max_prompt_chars: int | None = None
     prepare_workers: int = 4  # threads that parse, render, tokenize and compile grammars off the event loop
+    grammar_timeout_s: float = 5.0  # a grammar that does not compile in this time is a 400
     encoding: HarmonyEncoding = field(init=False)
-    structured: Any = None  # server.structured.StructuredOutputs, or None (prompt-only response formats)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     responses: BoundedStore[str, Any] = field(init=False)
     batches: BoundedStore[str, Any] = field(init=False)
     prepare_pool: ThreadPoolExecutor = field(init=False)
+    grammar_pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
         self.encoding = HarmonyEncoding(self.tokenizer)
         if self.max_prompt_chars is None:
             self.max_prompt_chars = 8 * self.max_model_len
         self.prepare_pool = ThreadPoolExecutor(self.prepare_workers, thread_name_prefix="prepare")
+        # Grammar compiles (llguidance releases the GIL): two at a time, so slow ones cannot pile up threads.
+        self.grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
         self.responses = BoundedStore(self.response_store_size)
         self.batches = BoundedStore(self.batch_store_size, self.batch_ttl_s)
 

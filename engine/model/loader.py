@@ -144,6 +144,7 @@ def load_weights(
                 f"non-finite values (NaN or infinity) in {len(bad)} tensors of {checkpoint_dir} "
                 "(a corrupt or mis-converted checkpoint):\n  " + "\n  ".join(bad)
             )
+    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -155,6 +156,7 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
+    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
 
 
 def model_weight_bytes(model: GptOssModel) -> int:
