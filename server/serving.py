@@ -67,7 +67,7 @@ def check_model(state: ServerState, model: str | None, lora: str | None = None) 
 
 def encode_raw(state: ServerState, text: str) -> list[int]:
     """Raw text -> token ids; special-token spellings in the text become the special tokens (raw prompts)."""
-    return state.tokenizer.encode(text, add_special_tokens=False).ids
+    return state.encoding.encode_raw(text)
 
 
 async def off_loop(state: ServerState, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

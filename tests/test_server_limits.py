@@ -312,3 +312,26 @@ def test_a_burst_of_one_log_message_is_one_line():
         "another message",
         "socket.accept() out of system resource (and 999 more like it in the last 0.3 s)",
     ]
+
+
+def test_large_texts_are_tokenized_in_worker_processes_with_the_same_ids():
+    """`tokenizers` holds the GIL while it encodes (a 1 MB prompt on a worker thread still stalled /health for
+    1-2 s), so large texts go to worker processes; the ids are exactly the in-process ones."""
+    from gptoss.engine.harmony.render import HarmonyEncoding
+    from gptoss.engine.tokenizer import build_tiny_tokenizer
+    from gptoss.server.tokenizer_pool import PooledHarmonyEncoding
+
+    tokenizer = build_tiny_tokenizer()
+    local, pooled = HarmonyEncoding(tokenizer), PooledHarmonyEncoding(tokenizer, min_pooled_chars=100)
+    try:
+        texts = [
+            "Hello, world! The quick brown fox. " * 40,
+            "special <|end|> spellings stay text here; 日本語 and emoji 🙂 " * 20,
+        ]
+        for text in texts:
+            assert pooled.encode_text(text) == local.encode_text(text)
+            assert pooled.encode_raw(text) == tokenizer.encode(text, add_special_tokens=False).ids
+        assert pooled._started == 1  # one worker process did all of it
+        assert pooled.encode_text("short") == local.encode_text("short")  # small texts stay in-process
+    finally:
+        pooled.shutdown()
