@@ -22,11 +22,11 @@ import time
 from typing import Any
 
 import h11
+from gptoss.server.flags import DEFAULT_HEADER_TIMEOUT_S
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger("server")
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_MAX_CONNECTIONS = 2048
 MAX_HEADER_BYTES = 64 << 10  # h11's limit on a request's header block
 _SHED_BODY = b'{"error": {"message": "Too many open connections; retry later", "code": 503}}'

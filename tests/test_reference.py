@@ -3,6 +3,7 @@ tiled ops (a row's bits do not depend on the rows that share its call)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -137,8 +138,17 @@ def test_linear_rows_are_independent_of_the_batch() -> None:
     assert reference.linear_fixed_shape(x[:0], weight, bias).shape == (0, 729)
 
 
-def test_moe_rows_are_independent_of_the_batch() -> None:
-    """Each token's MoE output has the same bits whatever other tokens (routed to its experts) share the step."""
+@pytest.mark.parametrize("implementation", ["reference", "cpu"])
+def test_moe_rows_are_independent_of_the_batch(implementation: str) -> None:
+    """Each token's MoE output has the same bits whatever other tokens (routed to its experts) share the step:
+    the reference and the CPU path (kernels/cpu.py, cached experts) alike."""
+    from gptoss.kernels import cpu
+
+    moe = (
+        reference.moe_reference
+        if implementation == "reference"
+        else functools.partial(cpu.moe, cache=cpu.ExpertCache())
+    )
     gen = torch.Generator().manual_seed(4)
     hidden, inter, experts = 64, 64, 4
     blocks = lambda *shape: torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)  # noqa: E731
@@ -153,7 +163,7 @@ def test_moe_rows_are_independent_of_the_batch() -> None:
     )
     x = torch.randn(37, hidden, generator=gen)
     router = torch.randn(37, experts, generator=gen)
-    whole = reference.moe_reference(x, router, *weights, top_k=2)
+    whole = moe(x, router, *weights, top_k=2)
     for m in (1, 2, 5, 17, 36):
         rows = torch.randperm(37, generator=gen)[:m]
-        assert torch.equal(reference.moe_reference(x[rows], router[rows], *weights, top_k=2), whole[rows])
+        assert torch.equal(moe(x[rows], router[rows], *weights, top_k=2), whole[rows])

@@ -277,3 +277,37 @@ def test_noise_streams_validate_real_engine(live_server, seed):
     assert frames[-1] == "[DONE]"
     for frame in frames[:-1]:
         ChatCompletionChunk.model_validate_json(frame)
+
+
+def test_function_call_cut_by_max_output_tokens_is_incomplete(scripted):
+    """A client trusting item status must not run a tool with arguments cut short."""
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    whole = len(scripted.engine.script)
+    body = {"model": "gpt-oss-120b", "input": "hi", "tools": [TOOL], "max_output_tokens": whole - 3}
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert sync["status"] == "incomplete"
+    calls = [item for item in sync["output"] if item["type"] == "function_call"]
+    assert calls and all(call["status"] == "incomplete" for call in calls)
+    events = raw_events(scripted, body)
+    done = [
+        e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+    ]
+    assert done and all(item["status"] == "incomplete" for item in done)
+    final_calls = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert final_calls and all(call["status"] == "incomplete" for call in final_calls)
+    # Not cut: completed.
+    body["max_output_tokens"] = None
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert [item["status"] for item in sync["output"] if item["type"] == "function_call"] == ["completed"]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_forced_tool_choice_always_calls_real_engine(live_server, tool_choice):
+    """Even the random model calls (never an empty message item instead), and only a declared function."""
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}  # not strict
+    for seed in (1, 2, 3):
+        body = {"input": "Weather?", "tools": [tool], "tool_choice": tool_choice, "seed": seed, "max_output_tokens": 64}
+        out = httpx.post(live_server.v1 + "/responses", json=body, timeout=120).json()
+        types = [item["type"] for item in out["output"]]
+        assert types == ["function_call"], out["output"]
+        assert out["output"][0]["name"] == "get_weather"

@@ -18,6 +18,7 @@ import torch
 from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
@@ -26,6 +27,7 @@ from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
 from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from gptoss.kernels.cpu import set_expert_cache_budget
 
 if TYPE_CHECKING:
     from gptoss.engine.structured_output.grammar import BitmaskWorker, StructuredOutputState
@@ -192,12 +194,18 @@ class ModelRunner:
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         self.block_size = args.block_size
+        if args.kernel_backend == "triton" and self.device.type != "cuda":
+            ops.enable_triton_interpreter()
         self.model = GptOssModel.create(config, self.dtype, self.device)
+        self.model.batch_invariant = args.batch_invariant
+        self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
             load_weights(self.model, args.model, progress=args.load_progress, check_finite=args.check_weights)
         self.model.batch_invariant = args.batch_invariant
+        if self.device.type == "cpu":
+            set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
         # A model with one layer type has one pool; the other type's key is never read.
         self.kv_caches = allocate_kv_caches(
@@ -231,10 +239,17 @@ class ModelRunner:
             use_graphs=use_graphs,
         )
 
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+
     def _log_memory(self) -> None:
         """What the weights and the KV cache take, and how many tokens the cache holds."""
-        weight_bytes = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
-        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        weight_bytes, kv_bytes = self.weight_bytes, self.kv_cache_bytes
         # The full-attention pool bounds the tokens in cache; the sliding pool holds only the windows.
         capacity_group = FULL if FULL in self.num_blocks else SLIDING
         logger.info("weights: %.2f GiB on %s", weight_bytes / 2**30, self.device)
@@ -393,7 +408,8 @@ class ModelRunner:
                 out.failed[seq.seq_id] = "the model produced non-finite logits (NaN or infinity) for this request"
             k = seq.sampling_params.logprobs or 0
             top = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids and top_values else {}
-            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprobs[i], top_logprobs=top)
+            logprob = logprobs[i] if logprobs is not None else float("nan")  # nan: not asked for, not reported
+            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprob, top_logprobs=top)
 
     @staticmethod
     def _allowed_token_mask(
