@@ -19,18 +19,27 @@ pairs and w1/w2 `Mxfp4Weights` (re-laid once at load by `pack_mxfp4`):
 4. combine (`_moe_combine_kernel`): out[t] = sum over slots j (in order) of weight[t, j] * (sum over splits s
    (in order) of partial[s, t*k + j] + b2[e_tj]).
 
-Weights (`pack_mxfp4`): each expert's [N, K] MXFP4 matrix is stored as tiles of BLOCK_N rows x BLOCK_K
-columns, each tile contiguous (BLOCK_N * BLOCK_K / 2 bytes of values, BLOCK_N * BLOCK_K / 32 scale bytes), the
-K tiles of one row block consecutive: a CTA's K step is one contiguous 4 KiB run of values and 256 B of
-scales, so each warp reads whole cache lines. The last K tile of a row block holds only the K % BLOCK_K
-remaining columns (no padding: the 120b experts' K = 2880 is not a multiple of 128).
+Weights (`pack_mxfp4`, re-laid once at load, on the device): each expert's [N, K] MXFP4 matrix is stored as
+tiles of BLOCK_N rows x BLOCK_K columns, each tile contiguous (4 KiB of values, 256 B of scales), the K tiles
+of one row block consecutive, the last one holding only the K % BLOCK_K remaining columns (no padding: the
+120b experts' K = 2880 is not a multiple of 128; that tail tile is peeled out of the main loop, so the loop's
+loads are unmasked 16-byte vectors). Inside a tile the order is the wgmma A fragment's (`_weight_tile`):
+memory row 32 h + 8 w + g is weight row 16 w + 8 h + g, and lane t's 16 bytes of a row are its 4 words, word v
+holding its 8 values of scale group v (columns 32 v + 8 j + 2 t + (0, 1), j = 0..3). So each thread's
+16-byte cp.async (two per K step) lands exactly the bytes its MMA fragment needs, a warp's copies cover 512
+contiguous bytes (whole cache lines), the read back from shared memory is the thread's own 16 bytes
+(LDS.128, no layout conversion), and every reshape / permute after it only renames registers. Scales: one
+32-bit word (the row's 4 groups) per memory row, streamed by cp.async through the same stages.
 
 e2m1 -> bf16 by bit operations: a nibble's 3 magnitude bits placed at bf16 bits 6..8 read as bf16 are exactly
 fp4 * 2^-126 (normal numbers for the exponent codes 1..3, the bf16 subnormal 2^-127 for the code 0.5), the
-sign bit goes to bit 15; one multiply by 2^(s - 1) then gives fp4 * 2^(s - 127) exactly. 2^(s - 1) fits bf16
-for s <= 128 (|w| <= 12); a checkpoint with larger scales gets a second exact multiply (`WIDE_SCALES`, chosen
-once at load). The interpreter path does the same with fp32 bit patterns (bit 22 / bit 31), which the
-interpreter can do arithmetic on.
+sign bit goes to bit 15; one multiply by 2^(s - 1) then gives fp4 * 2^(s - 127) exactly. The bits of each
+32-bit word are pre-placed at load (`_WORD_BIT_SOURCES`) so that a pair of values (one bf16x2 register)
+is `rotl(word, r) & mask`: 4 funnel shifts + 5 lop3 per 8 values, then one HMUL2 per pair by 2^(s - 1)
+(built two scales per 32-bit add). On CUDA this is inline PTX (`_decode_words_asm`); the interpreter and the
+fallback (`ASM_DECODE = False`) run the same bit operations in Triton (fp32 patterns in the interpreter,
+which cannot do bf16 arithmetic). 2^(s - 1) fits bf16 for s <= 128 (|w| <= 12); a checkpoint with larger
+scales gets a second exact multiply (`WIDE_SCALES`, chosen once at load).
 
 Batch invariance: every output element is a fixed sequence of `wgmma m64 n16 k16` steps (16 tokens per MMA
 at every batch size; big batches give a CTA several 16-token sub-tiles that reuse the dequantised weights)
