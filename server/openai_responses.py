@@ -43,13 +43,12 @@ from gptoss.server.events import (
     Usage,
 )
 from gptoss.server.logprobs import logprob_entries
-from gptoss.server.protocol_openai import ResponsesRequest, parse_body
+from gptoss.server.protocol_openai import OPENAI_RANGES, ResponsesRequest, check_ranges, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
     generate_harmony,
     harmony_sampling_params,
-    mask_fn,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -69,14 +68,12 @@ def _id(prefix: str) -> str:
 class ResponsesPlan:
     model: str
     prompt_token_ids: list[int]
-    prefill_token_ids: list[int]
     params: SamplingParams
     stop: list[str]
     request: ResponsesRequest
     input_items: list[dict[str, Any]]  # the conversation so far (stored ones first), as Responses items
     tools: list[dict[str, Any]]
     effort: str
-    structured_spec: Any = None
     response_id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -100,7 +97,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
             )
         items = stored["items"] + items
     tools = req.tools or []
-    specs, mode, name = resolve_tools(tools, req.tool_choice)
+    specs, mode, _ = resolve_tools(tools, req.tool_choice)
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(
@@ -118,7 +115,6 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         req,
         tools=tools,
         tool_choice=req.tool_choice,
-        forced=(mode, name),
         response_format=text.get("format") if text else None,
         response_format_param="text.format",
         max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
@@ -140,14 +136,12 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
     return ResponsesPlan(
         model,
         prepared.prompt_token_ids,
-        prepared.prefill_token_ids,
         harmony_sampling_params(state, **kwargs),
         req.stop_list,
         req,
         items,
         flat_tools,
         effort or "medium",
-        prepared.structured_spec,
     )
 
 
@@ -298,7 +292,7 @@ class ResponseBuilder:
                     }
                 )
             self._text = event.arguments
-            out += self._close()
+            out += self._close(None if event.complete else "incomplete")
         elif isinstance(event, Finished):
             self.finish_reason = event.finish_reason
             self.usage = event.usage
@@ -329,13 +323,15 @@ class ResponseBuilder:
             )
         return out
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, item_status: str | None = None) -> list[dict[str, Any]]:
+        """Finish the open item; its status is `item_status` when given (a call cut short is "incomplete"
+        before the Finished event says "length"), else from the finish reason."""
         item = self._open
         if item is None:
             return []
         self._open = None
         index = len(self.output)
-        item_status = "incomplete" if self.finish_reason == "length" else "completed"
+        item_status = item_status or ("incomplete" if self.finish_reason == "length" else "completed")
         out = []
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self._text}
@@ -400,10 +396,8 @@ def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
         state,
         plan.prompt_token_ids,
         plan.params,
-        prefill_token_ids=plan.prefill_token_ids,
         stop=plan.stop,
         request_id=plan.response_id,
-        logits_mask_fn=mask_fn(state, plan.structured_spec),
     )
 
 
@@ -454,7 +448,7 @@ async def responses_sse(
 async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one Responses request."""
     state = get_state(request)
-    req = parse_body(ResponsesRequest, body)
+    req = check_ranges(parse_body(ResponsesRequest, body), OPENAI_RANGES)
     plan = prepare_responses(state, req)
     return await respond(
         request,

@@ -153,7 +153,7 @@ def test_padded_decode_matches_unpadded_and_writes_only_real_slots(cpu_model):
 @pytest.mark.parametrize("window", [None, 12])
 @pytest.mark.parametrize("batch_invariant", [True, False])
 def test_attention_decode_with_a_larger_max_seq_len_hint_is_unchanged(monkeypatch, window, batch_invariant):
-    """Captured graphs pass max_model_len as the attention's max_seq_len hint: a bigger split grid whose extra
+    """Captured graphs pass the model's context as the attention's max_seq_len hint: a bigger split grid whose extra
     programs must exit, each sequence still splitting by its own length (so results are bit-identical)."""
     from gptoss.kernels import attention
     from gptoss.kernels.reference import paged_attention_reference
@@ -197,7 +197,7 @@ def test_fits_only_decode_batches_up_to_the_largest_bucket(cpu_model):
         DecodeGraphRunner(cpu_model, [], [FULL], [1], MAX_MODEL_LEN, BLOCK_SIZE, use_graphs=True)
 
 
-def test_engine_args_and_flag():
+def test_engine_args_and_flag(tiny_checkpoint):
     from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
     assert EngineArgs(model="x").use_cuda_graphs(torch.device("cuda"))
@@ -207,8 +207,9 @@ def test_engine_args_and_flag():
     with pytest.raises(ValueError):
         EngineArgs(model="x", max_cuda_graph_batch_size=0)
     parser = add_engine_arguments(argparse.ArgumentParser())
-    assert engine_args_from_cli(parser.parse_args(["--model", "m", "--enforce-eager"])).enforce_eager
-    assert not engine_args_from_cli(parser.parse_args(["--model", "m"])).enforce_eager
+    model = str(tiny_checkpoint)
+    assert engine_args_from_cli(parser.parse_args(["--model", model, "--enforce-eager"])).enforce_eager
+    assert not engine_args_from_cli(parser.parse_args(["--model", model])).enforce_eager
 
 
 def generate_tokens(llm: LLM, prompts: list[list[int]]) -> list:

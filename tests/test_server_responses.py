@@ -150,7 +150,7 @@ def test_responses_input_items_text_format_and_named_tool(scripted):
         max_output_tokens=60,
     )
     assert out.output[0].type == "function_call" and json.loads(out.output[0].arguments) == {"location": "Rome"}
-    assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
+    assert scripted.engine.grammars[-1] is not None and scripted.engine.mask_violations == []
     _, prompt, params = scripted.engine.requests[-1]
     text = scripted.tokenizer.decode(prompt, skip_special_tokens=False)
     assert "Use tools." in text and "# Response Formats" in text and "earlier thought" in text
@@ -277,3 +277,25 @@ def test_noise_streams_validate_real_engine(live_server, seed):
     assert frames[-1] == "[DONE]"
     for frame in frames[:-1]:
         ChatCompletionChunk.model_validate_json(frame)
+
+
+def test_function_call_cut_by_max_output_tokens_is_incomplete(scripted):
+    """A client trusting item status must not run a tool with arguments cut short."""
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    whole = len(scripted.engine.script)
+    body = {"model": "gpt-oss-120b", "input": "hi", "tools": [TOOL], "max_output_tokens": whole - 3}
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert sync["status"] == "incomplete"
+    calls = [item for item in sync["output"] if item["type"] == "function_call"]
+    assert calls and all(call["status"] == "incomplete" for call in calls)
+    events = raw_events(scripted, body)
+    done = [
+        e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+    ]
+    assert done and all(item["status"] == "incomplete" for item in done)
+    final_calls = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert final_calls and all(call["status"] == "incomplete" for call in final_calls)
+    # Not cut: completed.
+    body["max_output_tokens"] = None
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert [item["status"] for item in sync["output"] if item["type"] == "function_call"] == ["completed"]
