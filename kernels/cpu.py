@@ -3,11 +3,15 @@
 Where the references favour clarity, a CPU decode step paid for it in two places:
 - the MoE dequantised every routed expert's MXFP4 weights on every step (about half of a tiny model's step).
   Here dequantised experts are kept in a least-recently-used cache bounded by a byte budget
-  (`set_expert_cache_budget`, from `EngineArgs.cpu_expert_cache_gb`); tokens are grouped by expert with one
-  sort, and each token's k expert outputs are combined by one weighted sum (no `index_add_` per expert);
-- attention looped over sequences in Python, a dozen small ops each. A decode-only batch (one query per
-  sequence, the steady state of continuous batching) here is one gather of the keys/values each query sees
-  and two batched matmuls; batches with prefill rows still take the reference.
+  (`set_expert_cache_budget`, from `EngineArgs.cpu_expert_cache_gb`), w1's gate and up rows as two halves
+  (a contiguous SwiGLU); tokens are grouped by expert with one sort, and each token's k expert outputs are
+  combined by one weighted sum (no `index_add_` per expert);
+- attention looped over sequences in Python, a dozen small ops each. Decoding sequences (one query each, the
+  steady state of continuous batching) here go in batches of equal span: one gather of the keys/values each
+  query sees and two batched matmuls per batch; sequences with several queries still take the reference.
+
+Both stay batch-invariant as the references are (a token's result never depends on the rest of the step),
+which the engine's default mode promises.
 """
 
 from __future__ import annotations
@@ -82,19 +86,6 @@ class ExpertCache:
 
         return self.lookup((blocks, scales), (expert, deinterleave), make)
 
-    def get_all(self, blocks: torch.Tensor, scales: torch.Tensor, deinterleave: bool = False) -> torch.Tensor:
-        """Every expert's weights `[E, rows, cols]` as one right-hand side of a matmul over all experts:
-        `[cols, E * rows]` with `deinterleave` (w1: x `[T, cols]` @ it = every expert's gate/up, side by side),
-        else `[E * cols, rows]` (w2: activations of every expert side by side @ it = their sum)."""
-
-        def make() -> torch.Tensor:
-            weight = mxfp4_dequantize(blocks, scales)  # [E, rows, cols]
-            if deinterleave:
-                return _deinterleave(weight, dim=1).flatten(0, 1).t().contiguous()
-            return weight.transpose(1, 2).flatten(0, 1).contiguous()
-
-        return self.lookup((blocks, scales), ("all", deinterleave), make)
-
     def shrink_to(self, budget_bytes: int) -> None:
         """Drop least recently used entries until at most `budget_bytes` are held."""
         while self._entries and self.used_bytes > budget_bytes:
@@ -142,7 +133,6 @@ def moe(
     """`kernels.reference.moe_reference`, with cached dequantised experts and one combine (math in fp32)."""
     cache = EXPERT_CACHE if cache is None else cache
     num_tokens, hidden = x.shape
-    num_experts = w1_blocks.shape[0]
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     x32 = x.to(torch.float32)
     # w1's gate/up rows (and bias) are used as two halves, gate first, so the SwiGLU reads contiguous columns.
@@ -154,19 +144,6 @@ def moe(
         gate = gate.clamp_(max=swiglu_limit)
         up = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1)
         return up.mul_(gate * torch.sigmoid(swiglu_alpha * gate))
-
-    intermediate = w2_blocks.shape[2] * 32
-    if _dense_is_cheaper(num_experts, top_k, hidden, intermediate):
-        # Every expert on every token, in two plain matmuls over the experts side by side: far fewer ops than
-        # a loop over experts when the experts are small and most are routed to anyway (tiny models, small
-        # batches). Unrouted experts get weight 0, folded into the activations before the down projection.
-        w1 = cache.get_all(w1_blocks, w1_scales, deinterleave=True)  # [H, E * 2I]
-        w2 = cache.get_all(w2_blocks, w2_scales)  # [E * I, H]
-        routing = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
-        routing.scatter_(1, expert_ids.long(), expert_weights)
-        h = torch.addmm(w1_bias32.view(-1), x32, w1).view(num_tokens, num_experts, 2 * intermediate)
-        act = swiglu_halves(h).mul_(routing.unsqueeze(-1))  # [T, E, I]
-        return torch.addmm(routing @ w2_bias32, act.reshape(num_tokens, -1), w2).to(x.dtype)
 
     def expert_mlp(expert: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         w1 = cache.get(w1_blocks, w1_scales, expert, deinterleave=True)
@@ -190,22 +167,6 @@ def moe(
     per_slot[order] = out_sorted
     combined = torch.bmm(expert_weights.unsqueeze(1), per_slot.view(num_tokens, top_k, -1)).squeeze(1)
     return combined.to(x.dtype)
-
-
-# What one more small op costs on a CPU, in multiply-adds of the same time (about 40 us at ~25 GFLOP/s).
-_OP_OVERHEAD_FLOPS = 1_000_000
-# Ops of one expert in the loop (weights and bias lookups, two matmuls, the SwiGLU).
-_OPS_PER_EXPERT = 12
-
-
-def _dense_is_cheaper(num_experts: int, top_k: int, hidden: int, intermediate: int) -> bool:
-    """Whether running every expert on every token costs less than looping over the routed ones: per token,
-    the extra multiply-adds of the unrouted experts against the ops of one loop iteration per expert. A
-    property of the model's shape, not of the batch, so a token's result never depends on its batch: true
-    for small experts only (the tiny test models), never for gpt-oss-20b / 120b."""
-    flops_per_row = 6 * hidden * intermediate  # gate/up (2I x H) and down (H x I), 2 flops per multiply-add
-    extra = (num_experts - top_k) * flops_per_row
-    return extra < num_experts * _OPS_PER_EXPERT * _OP_OVERHEAD_FLOPS
 
 
 def write_kv(

@@ -20,9 +20,9 @@ def random_moe(tokens: int, hidden: int = 64, inter: int = 96, experts: int = 5,
     return x, router, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias
 
 
-@pytest.mark.parametrize(("tokens", "hidden"), [(1, 64), (40, 64), (1, 2048), (9, 2048)])  # dense; loop
-def test_moe_matches_reference(tokens: int, hidden: int) -> None:
-    args = random_moe(tokens, hidden=hidden, inter=64)
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_moe_matches_reference(tokens: int) -> None:
+    args = random_moe(tokens)
     cache = cpu.ExpertCache()
     expected = reference.moe_reference(*args, top_k=2)
     atol = 1e-5 * expected.abs().max().item()  # fp32 rounding of sums in another order (outputs reach ~1e3)
@@ -33,17 +33,10 @@ def test_moe_matches_reference(tokens: int, hidden: int) -> None:
     assert cache.misses == misses and cache.hits > 0
 
 
-def test_dense_only_for_small_experts() -> None:
-    assert cpu._dense_is_cheaper(6, 2, 96, 160)  # the tiny preset
-    assert cpu._dense_is_cheaper(5, 2, 64, 96)  # random_moe's default shape
-    assert not cpu._dense_is_cheaper(32, 4, 2880, 2880)  # gpt-oss-20b: always the loop over routed experts
-    assert not cpu._dense_is_cheaper(5, 2, 2048, 2048)
-
-
 def test_expert_cache_stays_within_budget_and_sees_weight_updates() -> None:
-    args = random_moe(20, hidden=2048, inter=64)  # the loop over routed experts
-    one_expert = 2 * 64 * 2048 * 4  # the gate_up weights of one expert, fp32
-    cache = cpu.ExpertCache(budget_bytes=one_expert + 2048 * 64 * 4)  # one gate_up + one down
+    args = random_moe(20)
+    one_expert = 2 * 96 * 64 * 4  # the gate_up weights of one expert, fp32
+    cache = cpu.ExpertCache(budget_bytes=one_expert + 64 * 96 * 4)  # one gate_up + one down
     cpu.moe(*args, top_k=2, cache=cache)
     assert 0 < cache.used_bytes <= cache.budget_bytes
     # Writing new weights in place (a reload) is never answered from the cache.

@@ -202,6 +202,7 @@ def test_engine_args_and_flag(tiny_checkpoint):
 
     assert EngineArgs(model="x").use_cuda_graphs(torch.device("cuda"))
     assert not EngineArgs(model="x", enforce_eager=True).use_cuda_graphs(torch.device("cuda"))
+    assert not EngineArgs(model="x", kernel_backend="torch").use_cuda_graphs(torch.device("cuda"))
     assert not EngineArgs(model="x").use_cuda_graphs(torch.device("cpu"))
     assert EngineArgs(model="x", max_num_seqs=48, max_cuda_graph_batch_size=32).cuda_graph_max_batch == 32
     with pytest.raises(ValueError):

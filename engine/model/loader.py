@@ -139,7 +139,7 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
         for name, tensor in _iter_checkpoint(shards):
             params[name].copy_(tensor, non_blocking=False)
             bar.update(tensor.numel() * tensor.element_size())
-    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -151,4 +151,4 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
         params[spec.name].copy_(random_tensor(spec, generator, device))
-    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs

@@ -18,6 +18,7 @@ import torch
 from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
@@ -192,12 +193,15 @@ class ModelRunner:
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         self.block_size = args.block_size
+        if args.kernel_backend == "triton" and self.device.type != "cuda":
+            ops.enable_triton_interpreter()
         self.model = GptOssModel.create(config, self.dtype, self.device)
+        self.model.batch_invariant = args.batch_invariant
+        self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
-        self.model.batch_invariant = args.batch_invariant
         if self.device.type == "cpu":
             set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
