@@ -81,6 +81,38 @@ def interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# Inline PTX of the GPU decode (tests/test_moe_kernel.py runs both through a small PTX emulator against the
+# pure-Triton bit operations). $8 / $4: the input word; $0.. the bf16 outputs, low half first.
+_DECODE_PTX = tl.constexpr("""{
+        .reg .b32 t, o;
+        and.b32 o, $8, 0x81C081C0;
+        mov.b32 {$0, $1}, o;
+        shf.l.wrap.b32 t, $8, $8, 12;
+        and.b32 o, t, 0x81C081C0;
+        mov.b32 {$2, $3}, o;
+        shf.l.wrap.b32 t, $8, $8, 6;
+        and.b32 o, t, 0x81C081C0;
+        mov.b32 {$4, $5}, o;
+        shf.l.wrap.b32 t, $8, $8, 10;
+        and.b32 t, t, 0x01000100;
+        shf.l.wrap.b32 o, $8, $8, 2;
+        and.b32 o, o, 0x80C080C0;
+        or.b32 o, o, t;
+        mov.b32 {$6, $7}, o;
+        }""")
+_SCALE_PTX = tl.constexpr("""{
+        .reg .b32 a, b;
+        and.b32 a, $4, 0x00FF00FF;
+        shl.b32 a, a, 7;
+        add.u32 a, a, 0x3F003F00;
+        mov.b32 {$0, $2}, a;
+        shr.u32 b, $4, 1;
+        and.b32 b, b, 0x7F807F80;
+        add.u32 b, b, 0x3F003F00;
+        mov.b32 {$1, $3}, b;
+        }""")
+
+
 def _rotl(x, r: tl.constexpr):
     """Rotate uint32 `x` left by `r` bits (one `shf.l.wrap` on the GPU)."""
     return (x << r) | (x >> (32 - r))
@@ -107,23 +139,7 @@ def _decode_words_bits(words, FP32_MATH: tl.constexpr):
 def _decode_words_asm(words):
     """`_decode_words_bits` as inline PTX (bf16): 4 `shf` + 5 `lop3` per word of 8 values."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, o;
-        and.b32 o, $8, 0x81C081C0;
-        mov.b32 {$0, $1}, o;
-        shf.l.wrap.b32 t, $8, $8, 12;
-        and.b32 o, t, 0x81C081C0;
-        mov.b32 {$2, $3}, o;
-        shf.l.wrap.b32 t, $8, $8, 6;
-        and.b32 o, t, 0x81C081C0;
-        mov.b32 {$4, $5}, o;
-        shf.l.wrap.b32 t, $8, $8, 10;
-        and.b32 t, t, 0x01000100;
-        shf.l.wrap.b32 o, $8, $8, 2;
-        and.b32 o, o, 0x80C080C0;
-        or.b32 o, o, t;
-        mov.b32 {$6, $7}, o;
-        }""",
+        asm=_DECODE_PTX,
         constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
         args=[words],
         dtype=(tl.bfloat16,) * 8,
@@ -136,17 +152,7 @@ def _scale_factors_asm(s_word):
     """A word of 4 e8m0 scales (s <= 128) -> the 4 factors 2^(s - 1) as bf16, two per 32-bit operation:
     (s + 126) << 7 is the bf16 pattern of 2^(s - 1) and stays below bit 15 of its half."""
     f0, f1, f2, f3 = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 a, b;
-        and.b32 a, $4, 0x00FF00FF;
-        shl.b32 a, a, 7;
-        add.u32 a, a, 0x3F003F00;
-        mov.b32 {$0, $2}, a;
-        shr.u32 b, $4, 1;
-        and.b32 b, b, 0x7F807F80;
-        add.u32 b, b, 0x3F003F00;
-        mov.b32 {$1, $3}, b;
-        }""",
+        asm=_SCALE_PTX,
         constraints="=h,=h,=h,=h,r",
         args=[s_word],
         dtype=(tl.bfloat16,) * 4,

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+from gptoss.kernels import moe
 from gptoss.kernels.moe import (
     _CONFIGS,
     BLOCK_K,
@@ -213,6 +214,67 @@ def test_asm_decode_register_order_is_the_logical_tile() -> None:
     assert torch.equal(tile, torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(BLOCK_N, BLOCK_K))
 
 
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Emulate the few PTX instructions the decode's inline asm uses on 32-bit values; `mov.b32 {a, b}, r`
+    splits r into its low (a) and high (b) 16 bits. Returns every register, operands `$n` included."""
+    regs = dict(inputs)
+    mask = 0xFFFFFFFF
+
+    def val(token: str) -> int:
+        return int(token, 0) if token[0].isdigit() else regs[token]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":
+            lo, hi = rest[rest.index("{") + 1 : rest.index("}")].replace(" ", "").split(",")
+            r = val(rest.rsplit(",", 1)[1].strip())
+            regs[lo], regs[hi] = r & 0xFFFF, r >> 16
+            continue
+        d, *args = [a.strip() for a in rest.split(",")]
+        a = [val(x) for x in args]
+        if op == "and.b32":
+            regs[d] = a[0] & a[1]
+        elif op == "or.b32":
+            regs[d] = a[0] | a[1]
+        elif op == "shl.b32":
+            regs[d] = (a[0] << a[1]) & mask
+        elif op == "shr.u32":
+            regs[d] = a[0] >> a[1]
+        elif op == "add.u32":
+            regs[d] = (a[0] + a[1]) & mask
+        elif op == "shf.l.wrap.b32":  # funnel shift of (hi = a[1] : lo = a[0]) left by n, the high word kept
+            n = a[2] & 31
+            regs[d] = (((a[1] << 32 | a[0]) << n) >> 32) & mask
+        else:
+            raise AssertionError(f"PTX instruction not emulated: {op}")
+    return regs
+
+
+def test_inline_ptx_decode_matches_the_bit_operations() -> None:
+    """The GPU's inline PTX (`_DECODE_PTX`, `_SCALE_PTX`) computes what the pure-Triton path and the packing
+    assume: outputs $0..$7 are pairs 0..3 (low half first) of `_decode_pairs`, and $0..$3 of the scale asm are
+    the bf16 patterns of 2^(s - 1) for bytes 0..3 of the scale word (s <= 128)."""
+    gen = torch.Generator().manual_seed(3)
+    words = [*torch.randint(0, 1 << 32, (64,), generator=gen, dtype=torch.int64).tolist(), 0, 0xFFFFFFFF]
+    for word in words:
+        regs = _run_ptx(moe._DECODE_PTX.value, {"$8": word})
+        pairs = _decode_pairs(torch.tensor([word]))[0]  # [4, 2] codes
+        for j in range(4):
+            for half in range(2):
+                bits = regs[f"${2 * j + half}"]
+                assert bits & ~0x81C0 == 0
+                assert ((bits >> 15) << 3 | (bits >> 6) & 7) == pairs[j, half].item(), (hex(word), j, half)
+    for scales in ([0, 1, 127, 128], [126, 3, 100, 64], [128, 128, 0, 0]):
+        word = scales[0] | scales[1] << 8 | scales[2] << 16 | scales[3] << 24
+        regs = _run_ptx(moe._SCALE_PTX.value, {"$4": word})
+        for i, s in enumerate(scales):
+            factor = torch.tensor([regs[f"${i}"]], dtype=torch.int16).view(torch.bfloat16).float().item()
+            assert factor == 2.0 ** (s - 1), (scales, i)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp32 dots are tf32 on the GPU: exact only in the interpreter")
 @pytest.mark.parametrize("hidden", [256, 320])  # two full K tiles; and a 64-column tail tile after them
 def test_decode_is_exact_for_every_code_and_scale(hidden: int) -> None:
@@ -224,8 +286,6 @@ def test_decode_is_exact_for_every_code_and_scale(hidden: int) -> None:
     scales = (torch.arange(64 * hidden // 32) % 251).to(torch.uint8).view(1, 64, hidden // 32)
     weights = mxfp4_dequantize(blocks, scales)[0]  # [64, hidden]
     w2 = pack_mxfp4(blocks.to(DEVICE), scales.to(DEVICE), torch.zeros(1, 64, device=DEVICE))
-    from gptoss.kernels import moe
-
     partials = torch.empty(1, 16, 64, device=DEVICE)
     routing = moe_route(torch.zeros(16, 1, device=DEVICE), 1, 16)
     matmul = moe._kernels()[0]
