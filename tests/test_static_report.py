@@ -115,15 +115,17 @@ from gptoss.kernels.launch_spec import ModelShape
 scenario = [s for s in static_report._scenarios() if s.name == "decode-1 ctx1k"][0]
 for spec in moe.launch_specs(ModelShape(), scenario):
     if spec.name.startswith("moe.matmul"):
-        for asm in (True, False):
-            c = static_report.compile_spec(dataclasses.replace(spec, constants={**spec.constants, "ASM_DECODE": asm}))
-            print("ROW|{}|{}|{}|{}".format(spec.name, asm, c.spills, c.loop_instructions), flush=True)
+        for asm, wide in ((True, False), (False, False), (True, True)):
+            constants = {**spec.constants, "ASM_DECODE": asm, "WIDE_SCALES": wide}
+            c = static_report.compile_spec(dataclasses.replace(spec, constants=constants))
+            print("ROW|{}|{}|{}|{}|{}".format(spec.name, asm, wide, c.spills, c.loop_instructions), flush=True)
 """
 
 
 def test_moe_decode_fallback_compiles_without_spills() -> None:
-    """The pure-Triton e2m1 decode (ASM_DECODE=False, the fallback to the inline PTX) compiles for sm_90 on the
-    installed triton without spills; the inline PTX one has the shorter main loop."""
+    """The pure-Triton e2m1 decode (ASM_DECODE=False, the fallback to the inline PTX) and the decode of a
+    checkpoint with scales > 128 (WIDE_SCALES) compile for sm_90 on the installed triton without spills; the
+    inline PTX one has the shorter main loop."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if not _has_nvidia_backend("", env):
         pytest.skip("triton has no NVIDIA backend / ptxas")
@@ -132,10 +134,10 @@ def test_moe_decode_fallback_compiles_without_spills() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [line.split("|")[1:] for line in proc.stdout.splitlines() if line.startswith("ROW|")]
-    assert len(rows) == 4, proc.stdout
+    assert len(rows) == 6, proc.stdout
     loops = {}
-    for name, asm, spills, loop in rows:
-        assert int(spills) == 0, f"{name} (ASM_DECODE={asm}) spills {spills} bytes"
-        loops[name, asm == "True"] = int(loop)
-    for name, _ in loops:
-        assert loops[name, True] <= loops[name, False], loops
+    for name, asm, wide, spills, loop in rows:
+        assert int(spills) == 0, f"{name} (ASM_DECODE={asm}, WIDE_SCALES={wide}) spills {spills} bytes"
+        loops[name, asm == "True", wide == "True"] = int(loop)
+    for name, _, _ in loops:
+        assert loops[name, True, False] <= loops[name, False, False], loops
