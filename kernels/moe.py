@@ -29,7 +29,9 @@ holding its 8 values of scale group v (columns 32 v + 8 j + 2 t + (0, 1), j = 0.
 16-byte cp.async (two per K step) lands exactly the bytes its MMA fragment needs, a warp's copies cover 512
 contiguous bytes (whole cache lines), the read back from shared memory is the thread's own 16 bytes
 (LDS.128, no layout conversion), and every reshape / permute after it only renames registers. Scales: one
-32-bit word (the row's 4 groups) per memory row, streamed by cp.async through the same stages.
+32-bit word (the row's 4 groups) per memory row, streamed by cp.async through the same stages. (With
+`num_stages=1` the same code loads the weights with LDG.128 straight into the fragment registers, no shared
+memory, but without prefetch; the default keeps the cp.async stages.)
 
 e2m1 -> bf16 by bit operations: a nibble's 3 magnitude bits placed at bf16 bits 6..8 read as bf16 are exactly
 fp4 * 2^-126 (normal numbers for the exponent codes 1..3, the bf16 subnormal 2^-127 for the code 0.5), the
