@@ -16,13 +16,20 @@ which the engine's default mode promises.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
-from gptoss.kernels.reference import mxfp4_dequantize, paged_attention_reference, route_topk, write_kv_reference
+from gptoss.kernels.reference import (
+    map_row_tiles,
+    mxfp4_dequantize,
+    paged_attention_reference,
+    route_topk,
+    write_kv_reference,
+)
 
 DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
 
@@ -149,6 +156,14 @@ def moe(
         w2 = mxfp4_dequantize(w2_blocks[expert], w2_scales[expert]) / swiglu_alpha
         return w1, b1, w2, w2_bias[expert].to(torch.float32)
 
+    def expert_mlp(weights: Expert, rows: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = weights
+        gate, up = torch.nn.functional.linear(rows, w1, b1).chunk(2, dim=-1)
+        # (up + 1) * gate * sigmoid(alpha * gate) = (up + 1) * silu(alpha * gate) / alpha, the / alpha in w2.
+        silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
+        act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
+        return torch.nn.functional.linear(act, w2, b2)
+
     flat_experts = expert_ids.flatten()
     # Token-slot pairs grouped by expert: one sort, then contiguous runs.
     order = torch.argsort(flat_experts, stable=True)
@@ -158,17 +173,15 @@ def moe(
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
         end = start + count
-        w1, b1, w2, b2 = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
-        gate, up = torch.nn.functional.linear(rows[start:end], w1, b1).chunk(2, dim=-1)
-        # (up + 1) * gate * sigmoid(alpha * gate) = (up + 1) * silu(alpha * gate) / alpha, the / alpha in w2.
-        silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
-        act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
-        torch.nn.functional.linear(act, w2, b2, out=out_sorted[start:end])
+        weights = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
+        # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
+        out_sorted[start:end] = map_row_tiles(functools.partial(expert_mlp, weights), rows[start:end])
         start = end
-    # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum.
+    # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
+    # order per token (elementwise: a batched matmul over the tokens would split its work by their number).
     per_slot = torch.empty_like(out_sorted)
     per_slot[order] = out_sorted
-    combined = torch.bmm(expert_weights.unsqueeze(1), per_slot.view(num_tokens, top_k, -1)).squeeze(1)
+    combined = (per_slot.view(num_tokens, top_k, -1) * expert_weights.unsqueeze(-1)).sum(dim=1)
     return combined.to(x.dtype)
 
 

@@ -134,7 +134,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
-        help="bit-identical results whatever the batch",
+        help="bit-identical results whatever the batch, on one device and thread count (default on)",
     )
     group.add_argument(
         "--kernel-backend",
@@ -145,6 +145,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    group.add_argument(
+        "--skip-weight-check",
+        dest="check_weights",
+        action="store_false",
+        help="do not check the loaded weights for NaN/infinity (saves one pass over them)",
+    )
     return parser
 
 
