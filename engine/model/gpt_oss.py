@@ -126,7 +126,7 @@ class Attention(nn.Module):
             batch_invariant=batch_invariant,
             backend=backend,
         )
-        attn = attn.view(num_tokens, -1)
+        attn = attn.reshape(num_tokens, -1)  # a view: every path returns contiguous [T, Hq, D]
         if self.world_size == 1:
             return ops.linear(attn, self.o_proj.weight, self.o_proj.bias, batch_invariant, backend=backend)
         out = ops.linear(attn, self.o_proj.weight, None, batch_invariant, backend=backend)
