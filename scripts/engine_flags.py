@@ -134,7 +134,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
-        help="bit-identical results whatever the batch, on one device and thread count (default on)",
+        help="bit-identical results whatever the batch, on one GPU or one CPU thread (default on)",
     )
     group.add_argument(
         "--kernel-backend",
