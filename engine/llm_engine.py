@@ -10,7 +10,9 @@
   - `abort_request(request_id) -> RequestOutput | None`: finishes it ("abort") and frees its blocks at once.
   - structured output: `add_request(..., logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)))` (the
     same keyword on `AsyncEngine.add_request`) constrains every sampled token to the grammar.
-  - `has_unfinished_requests()`, `metrics_snapshot()`.
+  - `has_unfinished_requests()`, `metrics_snapshot()`, `shutdown()` (stops tensor-parallel workers).
+With `tensor_parallel_size > 1` this process is rank 0: it schedules and samples, and the other ranks
+(spawned here, or started by torchrun) execute each step's plan (engine/worker/tp_worker.py).
 Each request has exactly one sequence (n > 1 is served by adding n requests; prefix caching shares the prompt).
 """
 
@@ -28,6 +30,7 @@ from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.scheduler import Scheduler, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.detokenizer import IncrementalDetokenizer
+from gptoss.engine.distributed.parallel_state import SINGLE
 from gptoss.engine.engine_args import EngineArgs, block_groups
 from gptoss.engine.errors import InvalidRequestError
 from gptoss.engine.metrics import EngineMetrics, MetricsSnapshot
@@ -36,6 +39,7 @@ from gptoss.engine.outputs import RequestOutput, TokenLogprob
 from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import load_tokenizer
 from gptoss.engine.worker.model_runner import ModelRunner, ModelRunnerOutput
+from gptoss.engine.worker.tp_worker import TensorParallelWorkers
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +78,10 @@ class LLMEngine:
         self.config = ModelConfig.from_json(args.model)
         self.tokenizer = load_tokenizer(args.tokenizer or args.model)
         self.eos_token_ids = eos_token_ids(args.model, self.config)
-        self.runner = ModelRunner(args, self.config)
+        self.workers: TensorParallelWorkers | None = None
+        if args.tensor_parallel_size > 1:
+            self.workers = TensorParallelWorkers(args)
+        self.runner = ModelRunner(args, self.config, self.workers.parallel if self.workers else SINGLE)
         groups = block_groups(self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, groups, args.enable_prefix_caching)
         for name, window in groups.items():
@@ -271,6 +278,12 @@ class LLMEngine:
             self._pending_text.pop(seq.seq_id, None)
             self._admitted.discard(seq.seq_id)
         return out
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one GPU); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     # ---- observability ----------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ both choose `InterpretedFunction` vs `JITFunction` inside `triton.jit(...)`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -469,35 +469,55 @@ def fused_moe(
     swiglu_alpha: float = 1.702,
     batch_invariant: bool = True,
     config: MoeConfig | None = None,
+    expert_start: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The gpt-oss MoE block in Triton; same contract as `kernels.reference.moe_reference`.
 
     x: `[T, H]` (bf16, fp16 or fp32); router_logits: `[T, E]`;
     w1: blocks `[E, 2I, H/32, 16]` uint8, scales `[E, 2I, H/32]` uint8, bias `[E, 2I]` (gate/up interleaved
     rows); w2: blocks `[E, H, I/32, 16]` uint8, scales `[E, H, I/32]` uint8, bias `[E, H]`.
-    Returns `[T, H]` in x's dtype. `batch_invariant=False` adds the k slots with fp32 atomics (slightly
-    faster, not bit-reproducible). `config` overrides the tile table (benchmarks, tests).
+    Returns `[T, H]` in `out_dtype` (default x's dtype). `batch_invariant=False` adds the k slots with fp32
+    atomics (slightly faster, not bit-reproducible). `config` overrides the tile table (benchmarks, tests).
+
+    Expert parallel: with weights for experts `expert_start .. expert_start + E' - 1` only (router_logits
+    still `[T, E]`), routing runs over all E experts as usual, then the tiles of other experts are dropped
+    (`tile_expert` -1, so their programs exit) and the local ones renumbered; slots routed elsewhere add 0.
     """
     if x.dim() != 2 or router_logits.dim() != 2 or router_logits.shape[0] != x.shape[0]:
         raise ValueError(f"x {tuple(x.shape)} and router_logits {tuple(router_logits.shape)} must be [T, H], [T, E]")
     num_tokens, hidden = x.shape
     num_experts = router_logits.shape[1]
+    local_experts = w1_blocks.shape[0]
+    if not (expert_start >= 0 and expert_start + local_experts <= num_experts):
+        raise ValueError(f"experts {expert_start}..{expert_start + local_experts - 1} not among {num_experts}")
     intermediate = w1_blocks.shape[1] // 2
     if hidden % MXFP4_BLOCK or intermediate % MXFP4_BLOCK:
         raise ValueError(f"hidden {hidden} and intermediate {intermediate} must be multiples of 32")
-    _check_mxfp4(w1_blocks, w1_scales, w1_bias, num_experts, 2 * intermediate, hidden, "w1")
-    _check_mxfp4(w2_blocks, w2_scales, w2_bias, num_experts, hidden, intermediate, "w2")
+    _check_mxfp4(w1_blocks, w1_scales, w1_bias, local_experts, 2 * intermediate, hidden, "w1")
+    _check_mxfp4(w2_blocks, w2_scales, w2_bias, local_experts, hidden, intermediate, "w2")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k {top_k} must be in 1..{num_experts}")
     if not x.is_cuda and not interpreting():
         raise RuntimeError("fused_moe needs CUDA tensors (or TRITON_INTERPRET=1); use moe_reference on CPU")
+    out_dtype = out_dtype or x.dtype
     if num_tokens == 0:
-        return x.new_empty(0, hidden)
+        return x.new_empty(0, hidden, dtype=out_dtype)
 
     matmul_kernel, combine_kernel, _ = _kernels()
     fp32_math = interpreting()
     config = config or pick_config(num_tokens, batch_invariant)
     routing = moe_route(router_logits, top_k, config.block_m)
+    expert_parallel = local_experts != num_experts
+    if expert_parallel:
+        tile_expert = routing.tile_expert
+        mine = (tile_expert >= expert_start) & (tile_expert < expert_start + local_experts)
+        routing = replace(
+            routing,
+            tile_expert=torch.where(mine, tile_expert - expert_start, -1).to(torch.int32),
+            # The kernel reads offsets[local + 1] as the end of local expert `local`'s rows.
+            expert_offsets=routing.expert_offsets[expert_start:],
+        )
     num_pairs = num_tokens * top_k
     num_slots = routing.tile_expert.numel()
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -545,7 +565,9 @@ def fused_moe(
     )
 
     if batch_invariant:
-        out_rows = torch.empty(num_pairs, hidden, dtype=torch.float32, device=x.device)
+        # Rows of slots routed to other ranks' experts are never written: they must read as 0 in the combine.
+        alloc = torch.zeros if expert_parallel else torch.empty
+        out_rows = alloc(num_pairs, hidden, dtype=torch.float32, device=x.device)
     else:
         out_rows = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     grid2 = (triton.cdiv(hidden, config.block_n), num_slots)
@@ -582,9 +604,9 @@ def fused_moe(
         **launch,
     )
     if not batch_invariant:
-        return out_rows.to(x.dtype)
+        return out_rows.to(out_dtype)
 
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=x.device)
     block_h = 1024 if hidden > 512 else triton.next_power_of_2(hidden)
     combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
         out_rows,

@@ -4,6 +4,8 @@ Shards are found through `model.safetensors.index.json` (or a single `model.safe
 checked first, so a bad checkpoint fails at once with one error naming every missing, unexpected or
 mis-shaped tensor. Then tensors stream one at a time from disk to the device: host memory holds one tensor,
 never the whole checkpoint (65 GB for 120b). MXFP4 expert tensors are copied as the uint8 bytes they are.
+With tensor parallelism each layer's `weight_loader` reads only its rank's slice (`safe_open(...).get_slice`),
+so a rank's host memory never holds a whole sharded tensor either.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from gptoss.engine.model.checkpoint_layout import TensorSpec, checkpoint_tensor_specs, random_tensor
 from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.parallel_layers import load_parameter
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -89,29 +93,34 @@ def validate_checkpoint(shards: dict[str, Path], specs: list[TensorSpec]) -> Non
         raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
 
 
-def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, Any]]:
+    """(name, safetensors slice) of every tensor, shard file by shard file; nothing is read until sliced."""
     by_file: dict[Path, list[str]] = {}
     for name, file in shards.items():
         by_file.setdefault(file, []).append(name)
     for file in sorted(by_file):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in by_file[file]:
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool = True) -> None:
-    """Copy every checkpoint tensor into the model's parameter of the same name, on the model's device."""
+    """Copy every checkpoint tensor (this rank's share of it) into the model's parameter of the same name."""
     shards = checkpoint_shards(checkpoint_dir)
     specs = checkpoint_tensor_specs(model.config)
     validate_checkpoint(shards, specs)
     params = dict(model.named_parameters())
-    total_bytes = sum(spec.num_bytes for spec in specs)
     with tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not progress, leave=False
+        total=model_weight_bytes(model),
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        disable=not progress,
+        leave=False,
     ) as bar:
-        for name, tensor in _iter_checkpoint(shards):
-            params[name].copy_(tensor, non_blocking=False)
-            bar.update(tensor.numel() * tensor.element_size())
+        for name, tensor_slice in _iter_checkpoint(shards):
+            load_parameter(model, name, tensor_slice)
+            bar.update(params[name].nbytes)
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -120,9 +129,9 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
-        params[spec.name].copy_(random_tensor(spec, generator, device))
+        # Every rank draws the full tensor from the same seed and keeps its share: all ranks agree.
+        load_parameter(model, spec.name, random_tensor(spec, generator, device))
 
 
 def model_weight_bytes(model: GptOssModel) -> int:

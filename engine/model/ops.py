@@ -92,11 +92,23 @@ def moe(
     swiglu_limit: float,
     swiglu_alpha: float,
     batch_invariant: bool = True,
+    expert_start: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference."""
+    """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference.
+
+    Expert parallel: the weights hold experts `expert_start ..` only (router_logits still cover all experts);
+    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype).
+    """
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
+    kwargs = {
+        "swiglu_limit": swiglu_limit,
+        "swiglu_alpha": swiglu_alpha,
+        "expert_start": expert_start,
+        "out_dtype": out_dtype,
+    }
     if x.is_cuda:
         from gptoss.kernels.moe import fused_moe
 
-        return fused_moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, batch_invariant=batch_invariant)
-    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+        return fused_moe(*args, batch_invariant=batch_invariant, **kwargs)
+    return reference.moe_reference(*args, **kwargs)

@@ -1,0 +1,123 @@
+"""The ranks of a tensor-parallel engine other than rank 0, and how they are started.
+
+Rank 0 (the process that schedules, samples and serves) broadcasts one `StepPlan` per step over the CPU group;
+every other rank runs it on its share of the model (`ModelRunner.run_step`) and waits for the next. A `None`
+plan ends the loop.
+
+Starting them:
+- one node: `TensorParallelWorkers(args, config)` in the rank-0 process spawns ranks 1..N-1 (torch
+  multiprocessing, spawn start method; rendezvous on a free localhost port), one GPU each (`cuda:RANK`);
+- several nodes: `torchrun` starts every rank; rank 0 runs the server as usual (`LLMEngine` joins the group
+  from the environment), the others run `run_worker_from_env` (what `gptoss serve` does on ranks > 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing.process
+import os
+
+import torch.multiprocessing as mp
+from gptoss.engine.distributed.parallel_state import (
+    ParallelContext,
+    broadcast_object,
+    destroy_parallel,
+    free_tcp_port,
+    init_parallel,
+    torchrun_env,
+)
+from gptoss.engine.engine_args import EngineArgs
+from gptoss.engine.model.config import ModelConfig
+from gptoss.engine.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# How long a clean shutdown waits for the workers before terminating them.
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def serve_steps(runner: ModelRunner) -> None:
+    """Run rank 0's step plans until it sends None (or a peer dies: the broadcast then raises)."""
+    while True:
+        step = broadcast_object(None, runner.parallel)
+        if step is None:
+            return
+        runner.run_step(step)  # type: ignore[arg-type]
+
+
+def run_worker(rank: int, world_size: int, local_rank: int, args: EngineArgs, init_method: str) -> None:
+    """One rank > 0: join the groups, load its share of the model and KV cache, execute plans until told to stop."""
+    parallel = init_parallel(rank, world_size, local_rank, args.resolve_device(), init_method)
+    try:
+        runner = ModelRunner(args, ModelConfig.from_json(args.model), parallel)
+        serve_steps(runner)
+    finally:
+        destroy_parallel(parallel)
+
+
+def run_worker_from_env(args: EngineArgs) -> None:
+    """A rank > 0 started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
+    env = torchrun_env()
+    if env is None:
+        raise RuntimeError("not started by torchrun: RANK and WORLD_SIZE are not set")
+    rank, world_size, local_rank = env
+    check_world_size(args, world_size)
+    run_worker(rank, world_size, local_rank, args, "env://")
+
+
+def check_world_size(args: EngineArgs, world_size: int) -> None:
+    if world_size != args.tensor_parallel_size:
+        raise ValueError(
+            f"the launcher started {world_size} processes but --tensor-parallel-size is {args.tensor_parallel_size}"
+        )
+
+
+class TensorParallelWorkers:
+    """Ranks 1..N-1 of this engine, and this process's `ParallelContext` (rank 0).
+
+    Spawned here unless the process was started by torchrun (then the other ranks already run on their nodes).
+    """
+
+    def __init__(self, args: EngineArgs) -> None:
+        world_size = args.tensor_parallel_size
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        env = torchrun_env()
+        if env is not None:
+            rank, launched, local_rank = env
+            check_world_size(args, launched)
+            if rank != 0:
+                raise RuntimeError(f"rank {rank} must run the worker loop (run_worker_from_env), not the engine")
+            self.parallel = init_parallel(0, world_size, local_rank, args.resolve_device(), "env://")
+            return
+        init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
+        context = mp.get_context("spawn")
+        for rank in range(1, world_size):
+            process = context.Process(
+                target=run_worker,
+                args=(rank, world_size, rank, args, init_method),
+                name=f"gptoss-tp-rank{rank}",
+                daemon=True,  # never outlive the server, whatever way it exits
+            )
+            process.start()
+            self.processes.append(process)
+        logger.info("tensor parallel: rank 0 in pid %d, ranks 1..%d spawned", os.getpid(), world_size - 1)
+        self.parallel: ParallelContext = init_parallel(0, world_size, 0, args.resolve_device(), init_method)
+
+    def dead_ranks(self) -> list[int]:
+        """Ranks whose process has exited (spawned workers only)."""
+        return [rank for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop (if all are alive), wait for them, then leave the process group."""
+        if not self.dead_ranks():
+            try:
+                broadcast_object(None, self.parallel)
+            except Exception:  # a peer died meanwhile: terminate below
+                logger.exception("could not tell the tensor-parallel workers to stop")
+        for process in self.processes:
+            process.join(SHUTDOWN_TIMEOUT_S)
+            if process.is_alive():
+                process.terminate()
+                process.join(SHUTDOWN_TIMEOUT_S)
+        destroy_parallel(self.parallel)
+        self.processes = []
