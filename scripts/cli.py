@@ -88,9 +88,13 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gptoss.engine.async_engine import AsyncEngine
+    from gptoss.engine.worker.tp_worker import is_torchrun_worker, run_worker_from_env
     from gptoss.server.app import run_server
 
     engine_args = engine_args_from_cli(args, load_progress=True)
+    if is_torchrun_worker():  # ranks > 0 of a torchrun launch execute rank 0's step plans; rank 0 serves
+        run_worker_from_env(engine_args)
+        return 0
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     engine = AsyncEngine(engine_args)
     run_server(args, engine=engine)

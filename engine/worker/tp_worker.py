@@ -65,6 +65,12 @@ def run_worker_from_env(args: EngineArgs) -> None:
     run_worker(rank, world_size, local_rank, args, "env://")
 
 
+def is_torchrun_worker() -> bool:
+    """True in a process that torchrun started as a rank other than 0."""
+    env = torchrun_env()
+    return env is not None and env[0] != 0
+
+
 def check_world_size(args: EngineArgs, world_size: int) -> None:
     if world_size != args.tensor_parallel_size:
         raise ValueError(
