@@ -114,8 +114,12 @@ class AsyncEngine:
         self._num_running = 0
         self._stopped = threading.Event()
         self._dead_reason: str | None = None
+        self._owns_engine = engine is None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        add_fatal_listener = getattr(self.engine, "add_fatal_listener", None)
+        if add_fatal_listener is not None:
+            add_fatal_listener(self._on_fatal)
 
     @classmethod
     def from_llm_engine(cls, engine: LLMEngine) -> AsyncEngine:
@@ -169,11 +173,25 @@ class AsyncEngine:
         return self._metrics
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the loop thread; unfinished streams raise EngineDeadError."""
+        """Stop the loop thread; unfinished streams raise EngineDeadError. An engine built here is shut down too
+        (its tensor-parallel workers stop) once the loop has exited."""
         self._stopped.set()
         self._inbox.put(("stop", None))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if self._owns_engine and not self._thread.is_alive():
+                self.engine.shutdown()
+
+    def _on_fatal(self, reason: str) -> None:
+        """The engine cannot step any more (a worker died or hung): fail every stream now, even if the loop
+        thread is stuck in a collective, and refuse new requests (`is_alive` turns False: /health 503)."""
+        self._dead_reason = reason
+        with self._streams_lock:
+            self._stopped.set()
+            streams = list(self._streams)
+        for request_id in streams:
+            self._deliver(request_id, EngineDeadError(reason), final=True)
+        self._inbox.put(("stop", None))
 
     # ---- the loop (engine thread) -----------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.detokenizer import IncrementalDetokenizer
 from gptoss.engine.distributed.parallel_state import SINGLE
 from gptoss.engine.engine_args import EngineArgs, block_groups
-from gptoss.engine.errors import InvalidRequestError
+from gptoss.engine.errors import EngineDeadError, InvalidRequestError
 from gptoss.engine.metrics import EngineMetrics, MetricsSnapshot
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.outputs import RequestOutput, TokenLogprob
@@ -79,8 +79,11 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(args.tokenizer or args.model)
         self.eos_token_ids = eos_token_ids(args.model, self.config)
         self.workers: TensorParallelWorkers | None = None
+        # Set when the engine can no longer step (a tensor-parallel worker died or hung); listeners are told once.
+        self.fatal_error: str | None = None
+        self._fatal_listeners: list[Callable[[str], None]] = []
         if args.tensor_parallel_size > 1:
-            self.workers = TensorParallelWorkers(args)
+            self.workers = TensorParallelWorkers(args, on_failure=self._fail)
         self.runner = ModelRunner(args, self.config, self.workers.parallel if self.workers else SINGLE)
         groups = block_groups(self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, groups, args.enable_prefix_caching)
@@ -169,6 +172,8 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.fatal_error is not None:
+            raise EngineDeadError(self.fatal_error)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -181,9 +186,11 @@ class LLMEngine:
         except Exception as exc:  # one bad step must not kill the engine: fail its requests, go on
             logger.exception("model step failed; failing the %d requests in it", len(plan.scheduled))
             self.metrics.step_errors_total += 1
+            # A collective fails when a peer died: say so rather than pass on the transport's message.
+            failure = self.workers.detect_failure() if self.workers is not None else None
             outputs = []
             for item in plan.scheduled:
-                item.seq.error = f"model step failed: {type(exc).__name__}: {exc}"
+                item.seq.error = failure or f"model step failed: {type(exc).__name__}: {exc}"
                 self._finish(item.seq, "error")
                 outputs.append(self._make_output(item.seq))
             return outputs
@@ -278,6 +285,20 @@ class LLMEngine:
             self._pending_text.pop(seq.seq_id, None)
             self._admitted.discard(seq.seq_id)
         return out
+
+    def add_fatal_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` (from another thread) when the engine becomes unable to step."""
+        self._fatal_listeners.append(listener)
+        if self.fatal_error is not None:
+            listener(self.fatal_error)
+
+    def _fail(self, reason: str) -> None:
+        self.fatal_error = reason
+        for listener in list(self._fatal_listeners):
+            try:
+                listener(reason)
+            except Exception:
+                logger.exception("fatal-error listener failed")
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one GPU); the engine cannot step afterwards."""

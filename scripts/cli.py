@@ -97,8 +97,34 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     engine = AsyncEngine(engine_args)
+    engine.engine.add_fatal_listener(lambda reason: _exit_soon(engine.engine, reason))
     run_server(args, engine=engine)
     return 0
+
+
+# After a fatal engine error the in-flight requests have already been failed; their error responses get this
+# long to go out before the process ends.
+FATAL_EXIT_GRACE_S = 2.0
+
+
+def _exit_soon(llm_engine: object, reason: str) -> None:
+    """A tensor-parallel worker died or hung: stop the other workers and exit non-zero (a supervisor restarts
+    the server). Not through uvicorn's shutdown: it re-raises SIGTERM, and a hung collective may never end."""
+    import os
+    import threading
+
+    print(f"gptoss serve: {reason}; exiting with status 1 in {FATAL_EXIT_GRACE_S:.0f} s", file=sys.stderr)
+
+    def exit_now() -> None:
+        workers = getattr(llm_engine, "workers", None)
+        if workers is not None:
+            workers.kill()
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(FATAL_EXIT_GRACE_S, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:

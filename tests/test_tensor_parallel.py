@@ -14,6 +14,8 @@ Spawning a process costs seconds on a small machine (torch import), so the check
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -140,8 +142,11 @@ def test_tp4_replicated_kv_heads_match_and_are_batch_invariant(replicated_kv_che
         assert rel_err(results["alone"][seq], expected) < 1e-4
 
 
-def test_llm_tp2_generates_what_world_size_1_generates(tiny_checkpoint: Path) -> None:
+def test_llm_tp2_generates_what_world_size_1_generates(tiny_checkpoint: Path, monkeypatch) -> None:
+    """Then a worker that stops (SIGSTOP: no heartbeat) is reported hung and the engine refuses to step."""
     from gptoss.engine import LLM, SamplingParams
+    from gptoss.engine.errors import EngineDeadError
+    from gptoss.engine.worker import tp_worker
 
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=2, prompt_logprobs=1)
     prompts = [[1, 2, 3, 4, 5], list(range(7, 27)), [3, 9]]
@@ -160,3 +165,20 @@ def test_llm_tp2_generates_what_world_size_1_generates(tiny_checkpoint: Path) ->
     finally:
         llm.engine.shutdown()
     assert all(p.exitcode == 0 for p in workers), "workers must stop cleanly when told to"
+
+    monkeypatch.setattr(tp_worker, "HUNG_AFTER_S", 1.0)
+    llm = LLM(tiny_checkpoint, tensor_parallel_size=2, **engine_args)
+    reasons: list[str] = []
+    llm.engine.add_fatal_listener(reasons.append)
+    [worker] = llm.engine.workers.processes
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reasons and "hung" in reasons[0] and llm.engine.fatal_error == reasons[0]
+        with pytest.raises(EngineDeadError, match="hung"):
+            llm.engine.step()
+    finally:
+        llm.engine.workers.kill()
+        llm.engine.shutdown()

@@ -9,13 +9,25 @@ Starting them:
   multiprocessing, spawn start method; rendezvous on a free localhost port), one GPU each (`cuda:RANK`);
 - several nodes: `torchrun` starts every rank; rank 0 runs the server as usual (`LLMEngine` joins the group
   from the environment), the others run `run_worker_from_env` (what `gptoss serve` does on ranks > 0).
+
+Faults (spawned workers): a monitor thread in rank 0 waits on the workers' process sentinels (a death is seen
+at once) and on their heartbeats (a thread in each worker stamps shared memory every `HEARTBEAT_S`; a process
+that stops stamping for `HUNG_AFTER_S`, e.g. stopped or stuck holding the GIL, counts as hung) and calls
+`on_failure(reason)` once. A worker whose peer dies fails its collective and exits non-zero. Under torchrun
+there are no child processes to watch: a dead rank surfaces as a failed collective (gloo at once; NCCL at its
+timeout) and torchrun's own supervision restarts the job.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection
 import multiprocessing.process
 import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 from gptoss.engine.distributed.parallel_state import (
@@ -34,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # How long a clean shutdown waits for the workers before terminating them.
 SHUTDOWN_TIMEOUT_S = 10.0
+HEARTBEAT_S = 0.5  # a worker stamps its heartbeat this often
+HUNG_AFTER_S = 5.0  # a worker silent for this long is reported hung
 
 
 def serve_steps(runner: ModelRunner) -> None:
@@ -45,8 +59,20 @@ def serve_steps(runner: ModelRunner) -> None:
         runner.run_step(step)  # type: ignore[arg-type]
 
 
-def run_worker(rank: int, world_size: int, local_rank: int, args: EngineArgs, init_method: str) -> None:
-    """One rank > 0: join the groups, load its share of the model and KV cache, execute plans until told to stop."""
+def _stamp_heartbeat(heartbeats: Any, rank: int) -> None:
+    while True:
+        heartbeats[rank] = time.time()
+        time.sleep(HEARTBEAT_S)
+
+
+def run_worker(
+    rank: int, world_size: int, local_rank: int, args: EngineArgs, init_method: str, heartbeats: Any = None
+) -> None:
+    """One rank > 0: join the groups, load its share of the model and KV cache, execute plans until told to stop.
+
+    `heartbeats`: a shared array of `world_size` doubles where this rank stamps the time (spawned workers)."""
+    if heartbeats is not None:
+        threading.Thread(target=_stamp_heartbeat, args=(heartbeats, rank), daemon=True, name="heartbeat").start()
     parallel = init_parallel(rank, world_size, local_rank, args.resolve_device(), init_method)
     try:
         runner = ModelRunner(args, ModelConfig.from_json(args.model), parallel)
@@ -84,9 +110,14 @@ class TensorParallelWorkers:
     Spawned here unless the process was started by torchrun (then the other ranks already run on their nodes).
     """
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, on_failure: Callable[[str], None] | None = None) -> None:
         world_size = args.tensor_parallel_size
         self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.failure: str | None = None
+        self._on_failure = on_failure
+        self._stopping = threading.Event()
+        self._failure_lock = threading.Lock()
+        self.heartbeats: Any = []
         env = torchrun_env()
         if env is not None:
             rank, launched, local_rank = env
@@ -97,25 +128,72 @@ class TensorParallelWorkers:
             return
         init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
         context = mp.get_context("spawn")
+        self.heartbeats = context.Array("d", [time.time()] * world_size, lock=False)
         for rank in range(1, world_size):
             process = context.Process(
                 target=run_worker,
-                args=(rank, world_size, rank, args, init_method),
+                args=(rank, world_size, rank, args, init_method, self.heartbeats),
                 name=f"gptoss-tp-rank{rank}",
                 daemon=True,  # never outlive the server, whatever way it exits
             )
             process.start()
             self.processes.append(process)
         logger.info("tensor parallel: rank 0 in pid %d, ranks 1..%d spawned", os.getpid(), world_size - 1)
+        threading.Thread(target=self._monitor, daemon=True, name="tp-monitor").start()
         self.parallel: ParallelContext = init_parallel(0, world_size, 0, args.resolve_device(), init_method)
 
     def dead_ranks(self) -> list[int]:
         """Ranks whose process has exited (spawned workers only)."""
         return [rank for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
 
+    def hung_ranks(self) -> list[int]:
+        """Ranks whose heartbeat is older than `HUNG_AFTER_S`."""
+        now = time.time()
+        return [rank for rank in range(1, len(self.processes) + 1) if now - self.heartbeats[rank] > HUNG_AFTER_S]
+
+    def _monitor(self) -> None:
+        """Report the first dead or hung worker through `on_failure` (see the module docstring)."""
+        sentinels = [p.sentinel for p in self.processes]
+        while not self._stopping.is_set():
+            multiprocessing.connection.wait(sentinels, timeout=HEARTBEAT_S)
+            if self._stopping.is_set():
+                return
+            if self.detect_failure() is not None:
+                return
+
+    def detect_failure(self) -> str | None:
+        """Check the workers now; on the first dead or hung one, record why and report it (once)."""
+        if self.failure is not None:
+            return self.failure
+        dead, hung = self.dead_ranks(), self.hung_ranks()
+        if not dead and not hung:
+            return None
+        with self._failure_lock:
+            if self.failure is None:
+                codes = {rank: self.processes[rank - 1].exitcode for rank in dead}
+                self.failure = (
+                    f"tensor-parallel worker died (rank: exit code {codes})"
+                    if dead
+                    else f"tensor-parallel worker hung (ranks {hung}: no heartbeat for {HUNG_AFTER_S:.0f} s)"
+                )
+                logger.error("%s; the engine cannot run steps any more", self.failure)
+                if self._on_failure is not None:
+                    self._on_failure(self.failure)
+        return self.failure
+
+    def kill(self) -> None:
+        """Kill the spawned workers at once (the process is about to exit after a fatal error)."""
+        self._stopping.set()
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+        for process in self.processes:
+            process.join(SHUTDOWN_TIMEOUT_S)
+
     def shutdown(self) -> None:
         """Tell the workers to stop (if all are alive), wait for them, then leave the process group."""
-        if not self.dead_ranks():
+        self._stopping.set()
+        if not self.dead_ranks() and self.failure is None:
             try:
                 broadcast_object(None, self.parallel)
             except Exception:  # a peer died meanwhile: terminate below
