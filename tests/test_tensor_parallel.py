@@ -7,6 +7,7 @@
   picture) a prompt's logits are bit-identical alone and in a batch, i.e. the fixed-order reductions, the
   vocabulary gather and the sharded embedding add no dependence on the batch. Four ranks, because with two
   any summation order gives the same bits (a + b == b + a);
+- both fixed-order reductions (all-gather, and all-to-all + all-gather) give the rank-order sum exactly;
 - the engine: `LLM(..., tensor_parallel_size=2)` (rank 0 here, rank 1 a spawned worker executing the
   broadcast step plans) generates what world size 1 generates, with the same logprobs and prompt logprobs.
 Spawning a process costs seconds on a small machine (torch import), so the checks share few launches.
@@ -59,6 +60,20 @@ def use_rowwise_ops() -> None:
     ops.linear, ops.moe = rowwise_linear, rowwise_moe
 
 
+def check_reductions(rank: int, world_size: int, group) -> None:
+    """Both fixed-order methods give exactly the left-to-right sum in rank order (the two-phase one on a size
+    that needs padding), so picking one by message size never changes a token's bits."""
+    from gptoss.engine.distributed.collectives import reduce_sum
+
+    partials = [torch.randn(37, 95, generator=torch.Generator().manual_seed(r)) for r in range(world_size)]
+    expected = partials[0] + partials[1]
+    for r in range(2, world_size):
+        expected += partials[r]
+    for two_phase in (False, True):
+        total = reduce_sum(partials[rank].clone(), world_size, group, two_phase=two_phase)
+        assert torch.equal(total, expected), f"two_phase={two_phase}"
+
+
 def rank_main(rank: int, world_size: int, checkpoint: Path, init_file: Path, out: Path, rowwise: bool) -> None:
     """One rank: its share of the model, the same steps as every other rank; rank 0 saves the logits."""
     torch.set_num_threads(1)
@@ -70,6 +85,7 @@ def rank_main(rank: int, world_size: int, checkpoint: Path, init_file: Path, out
         model = GptOssModel.create(config, torch.float32, "cpu", rank, world_size, parallel.device_group)
         load_weights(model, checkpoint, progress=False)
         results = logits_alone_and_batched(model)
+        check_reductions(rank, world_size, parallel.device_group)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -123,6 +139,7 @@ def test_tp2_logits_equal_world_size_1(tiny_checkpoint: Path, tmp_path: Path) ->
     assert_close_to(world_size_1(tiny_checkpoint), results, FP32_TOL)
 
 
+@pytest.mark.slow
 def test_tp4_replicated_kv_heads_match_and_are_batch_invariant(replicated_kv_checkpoint: Path, tmp_path: Path) -> None:
     results = run_ranks(4, replicated_kv_checkpoint, tmp_path, rowwise=True)
     for seq, alone in results["alone"].items():

@@ -85,7 +85,14 @@ def init_parallel(
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     device_group = dist.group.WORLD
     cpu_group = device_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    return ParallelContext(rank, world_size, local_rank, device_group, cpu_group)
+    context = ParallelContext(rank, world_size, local_rank, device_group, cpu_group)
+    if backend == "nccl":
+        # NCCL builds its communicator at the first collective, which must not be inside a CUDA graph capture
+        # (the decode graphs hold the model's collectives): make it now.
+        warmup = torch.zeros(1, device=context.device(device))
+        dist.all_reduce(warmup, group=device_group)
+        torch.cuda.synchronize(warmup.device)
+    return context
 
 
 def destroy_parallel(ctx: ParallelContext) -> None:
