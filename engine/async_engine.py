@@ -168,6 +168,11 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not yet finished (running or waiting): the load a router balances."""
+        return len(self._streams)
+
     def metrics(self) -> MetricsSnapshot:
         """The snapshot taken after the latest step (cheap; no locking)."""
         return self._metrics

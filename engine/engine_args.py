@@ -62,6 +62,7 @@ class EngineArgs:
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA otherwise)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
     tensor_parallel_size: int = 1  # ranks (GPUs) one replica is split over; rank 0 schedules and samples
+    data_parallel_size: int = 1  # replicas behind one server (engine/data_parallel.py); one GPU set each
 
     def __post_init__(self) -> None:
         for name in (
@@ -71,6 +72,7 @@ class EngineArgs:
             "max_num_waiting",
             "max_cuda_graph_batch_size",
             "tensor_parallel_size",
+            "data_parallel_size",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -74,6 +74,8 @@ class LLMEngine:
     """Scheduler + block manager + model runner + output processing; single-threaded (see module docstring)."""
 
     def __init__(self, args: EngineArgs) -> None:
+        if args.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1: replicas are run by DataParallelEngine (engine/data_parallel.py)")
         self.args = args
         self.config = ModelConfig.from_json(args.model)
         self.tokenizer = load_tokenizer(args.tokenizer or args.model)

@@ -88,6 +88,7 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gptoss.engine.async_engine import AsyncEngine
+    from gptoss.engine.data_parallel import DataParallelEngine
     from gptoss.engine.worker.tp_worker import is_torchrun_worker, run_worker_from_env
     from gptoss.server.app import run_server
 
@@ -96,8 +97,9 @@ def _serve(args: argparse.Namespace) -> int:
         run_worker_from_env(engine_args)
         return 0
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
-    engine = AsyncEngine(engine_args)
-    engine.engine.add_fatal_listener(lambda reason: _exit_soon(engine.engine, reason))
+    engine = DataParallelEngine(engine_args) if engine_args.data_parallel_size > 1 else AsyncEngine(engine_args)
+    for llm_engine in getattr(engine, "engines", None) or [engine.engine]:
+        llm_engine.add_fatal_listener(lambda reason, e=llm_engine: _exit_soon(e, reason))
     run_server(args, engine=engine)
     return 0
 

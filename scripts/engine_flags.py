@@ -67,6 +67,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default=defaults.tensor_parallel_size,
         help="GPUs one replica is split over (worker processes are started here; under torchrun, the world size)",
     )
+    group.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=defaults.data_parallel_size,
+        help="engine replicas behind the server, one GPU each (gptoss serve); requests go to the least loaded",
+    )
     return parser
 
 

@@ -1,0 +1,88 @@
+"""engine/data_parallel.py: replicas behind one server, least-loaded routing, summed and per-replica metrics;
+the HTTP server over two replicas answering all three API shapes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from gptoss.engine import LLM, EngineArgs, SamplingParams
+from gptoss.engine.data_parallel import DataParallelEngine, replica_args, sum_snapshots
+from gptoss.engine.metrics import MetricsSnapshot
+from server_helpers import serve
+
+ENGINE_ARGS = {"num_blocks": 64, "block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 128}
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_checkpoint: Path) -> DataParallelEngine:
+    engine = DataParallelEngine(EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, **ENGINE_ARGS))
+    yield engine
+    engine.shutdown()
+
+
+def test_requests_spread_over_replicas_and_match_one_engine(replicas: DataParallelEngine, tiny_checkpoint) -> None:
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    params = SamplingParams(max_tokens=5, temperature=0)
+
+    async def run() -> tuple[list[list[int]], list[int]]:
+        streams = [replicas.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+        loads = [replica.num_in_flight for replica in replicas.replicas]  # before any finishes
+        outputs = []
+        for stream in streams:
+            async for out in stream:
+                last = out
+            outputs.append(last.token_ids)
+        return outputs, loads
+
+    outputs, loads = asyncio.run(run())
+    assert loads == [2, 2], "the least-loaded replica takes each new request"
+    expected = LLM(tiny_checkpoint, **ENGINE_ARGS).generate(prompts, params)
+    assert outputs == [out.token_ids for out in expected]
+    per_replica = replicas.replica_metrics()
+    assert [m.generation_tokens_total for m in per_replica] == [10, 10]
+    assert replicas.metrics().generation_tokens_total == 20 and replicas.is_alive()
+
+
+def test_sum_snapshots_adds_counters_and_keeps_the_fullest_kv_usage() -> None:
+    a = MetricsSnapshot(
+        num_running=1, kv_blocks_used={"full": 3}, kv_cache_usage=0.5, requests_finished_total={"stop": 2}
+    )
+    b = MetricsSnapshot(
+        num_running=2, kv_blocks_used={"full": 1}, kv_cache_usage=0.25, requests_finished_total={"x": 1}
+    )
+    total = sum_snapshots([a, b])
+    assert total.num_running == 3 and total.kv_blocks_used == {"full": 4} and total.kv_cache_usage == 0.5
+    assert total.requests_finished_total == {"stop": 2, "x": 1}
+
+
+def test_refused_combinations(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="tensor-parallel-size > 1 is not supported"):
+        replica_args(EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="DataParallelEngine"):
+        LLM(tiny_checkpoint, data_parallel_size=2)
+    assert [a.device for a in replica_args(EngineArgs(model="m", data_parallel_size=3, device="cpu"))] == ["cpu"] * 3
+
+
+def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine, tiny_checkpoint: Path) -> None:
+    from gptoss.engine.tokenizer import load_tokenizer
+    from gptoss.server.app import create_app
+
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    server = serve(create_app(replicas, tokenizer), replicas, tokenizer)
+    base = server.base_url
+    try:
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages, "max_tokens": 3}, timeout=60)
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] >= 1
+        responses = httpx.post(f"{base}/v1/responses", json={"input": "Hi", "max_output_tokens": 3}, timeout=60)
+        assert responses.status_code == 200 and responses.json()["usage"]["output_tokens"] >= 1
+        workers_ai = httpx.post(f"{base}/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "Hi", "max_tokens": 3})
+        assert workers_ai.status_code == 200 and workers_ai.json()["result"]["usage"]["completion_tokens"] >= 1
+        assert httpx.get(f"{base}/health").status_code == 200
+        assert "gptoss" in httpx.get(f"{base}/metrics").text
+    finally:
+        server.server.should_exit = True
+        server.thread.join(10)
