@@ -38,13 +38,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from gptoss.engine.errors import RequestError
+
 # Temperatures below this are treated as greedy (dividing by them would overflow the logits' range).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
 API_MAX_SEED = 9_999_999_999
 
 
-class SamplingParamsError(ValueError):
+class SamplingParamsError(RequestError):
     """An out-of-range or ill-typed sampling parameter; `param` names the field (for a 400 naming it)."""
 
     def __init__(self, param: str, message: str) -> None:

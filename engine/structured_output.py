@@ -79,6 +79,7 @@ from typing import Any
 import llguidance
 import numpy as np
 import torch
+from gptoss.engine.errors import RequestError
 from gptoss.engine.tokenizer import special_token_id
 from tokenizers import Tokenizer
 
@@ -96,13 +97,17 @@ EOS_TOKEN = "<|endoftext|>"
 FINAL_HEADER = "<|channel|>final<|message|>"
 
 
-class StructuredOutputError(ValueError):
+class StructuredOutputError(RequestError):
     """An invalid or unsupported structured-output request; `param` names the field (the server answers 400)."""
 
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
         self.param = param
         self.message = message
+
+    @property
+    def client_message(self) -> str:
+        return self.message  # the field is named in the error's `param`
 
 
 # --------------------------------------------------------------------------------------------------------

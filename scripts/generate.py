@@ -293,24 +293,11 @@ def build_generate_job(
     return Job(0, line_no, request_id, prompt_ids, params, harmony=not raw, extra=extra)
 
 
-def _token_text(encoding: Any, token_id: int) -> str:
-    return encoding.token_bytes(token_id).decode("utf-8", errors="replace")
-
-
 def logprobs_json(encoding: Any, entries: Iterable[Any]) -> list[dict[str, Any]]:
     """`TokenLogprob`s as `[{token, token_id, logprob, top_logprobs: [{token, token_id, logprob}]}]`."""
-    out = []
-    for entry in entries:
-        top = sorted(entry.top_logprobs.items(), key=lambda kv: -kv[1])
-        out.append(
-            {
-                "token": _token_text(encoding, entry.token_id),
-                "token_id": entry.token_id,
-                "logprob": entry.logprob,
-                "top_logprobs": [{"token": _token_text(encoding, t), "token_id": t, "logprob": lp} for t, lp in top],
-            }
-        )
-    return out
+    from gptoss.server.logprobs import logprob_entries
+
+    return logprob_entries(encoding, entries, None, token_ids=True, with_bytes=False)
 
 
 def generate_result(job: Job, output: Any, encoding: Any, include_raw: bool = False) -> dict[str, Any]:

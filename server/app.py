@@ -5,9 +5,9 @@ API (what `gptoss serve` uses):
     create_app(engine, tokenizer, served_model_name="gpt-oss-120b", api_key=None, *, max_model_len=None,
                max_queue=1024, response_store_size=1024, batch_store_size=1024, batch_ttl_s=3600.0,
                max_body_bytes=32 MiB) -> FastAPI
-        `engine`: an `engine.async_engine.AsyncEngine` (or anything with `add_request`, `abort`, `is_alive`,
-        `metrics`); `tokenizer`: the checkpoint's `tokenizers.Tokenizer`; `max_model_len` defaults to the
-        engine's; `api_key`: when set, every route but /health needs `Authorization: Bearer <key>`;
+        `engine`: an `engine.async_engine.AsyncEngine` (or any `server.engine_client.EngineClient`);
+        `tokenizer`: the checkpoint's `tokenizers.Tokenizer`; `max_model_len` defaults to the engine's;
+        `api_key`: when set, every route but /health needs `Authorization: Bearer <key>`;
         `max_queue`: generation requests in flight before new ones get 429 + Retry-After. Structured outputs
         (response formats, strict tools, forced tool calls) are enforced when the engine's `add_request`
         takes `logits_mask_fn` and llguidance is installed (server/structured.py).
@@ -41,9 +41,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gptoss.server import completions, openai_chat, openai_responses, workers_ai
+from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
 from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
+from gptoss.server.serving import encode_raw
 from gptoss.server.state import ServerState, get_state, read_body
 from gptoss.server.structured import StructuredOutputs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -131,7 +133,7 @@ def _engine_max_model_len(engine: Any) -> int | None:
 
 
 def create_app(
-    engine: Any,
+    engine: EngineClient,
     tokenizer: Any,
     served_model_name: str = "gpt-oss-120b",
     api_key: str | None = None,
@@ -215,7 +217,7 @@ def _add_misc_routes(app: FastAPI) -> None:
                 state, req.messages, req.tools, req.reasoning_effort, add_generation_prompt=req.add_generation_prompt
             )
         else:
-            tokens = completions.encode_raw(state, req.prompt or "")
+            tokens = encode_raw(state, req.prompt or "")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
 
     @app.post("/detokenize")

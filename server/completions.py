@@ -4,13 +4,13 @@
 prompt-major). `echo` puts the prompt before the completion; with `logprobs` it also returns the prompt
 tokens' logprobs (the first token has none: `null`), which is what evaluation harnesses use to score
 continuations, and `max_tokens: 0` is then allowed (score only, nothing generated). Stop strings and
-detokenization are the engine's (engine/detokenizer.py). `generate_raw` is shared with Workers AI `raw`.
+detokenization are the engine's (engine/detokenizer.py); the raw generation itself is server/serving.py's
+`generate_raw`, shared with Workers AI `raw`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 import uuid
@@ -19,78 +19,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.sampling_params import SamplingParams
+from gptoss.server.admission import Admission
+from gptoss.server.engine_client import merge_streams, start_all
 from gptoss.server.errors import bad_request, to_api_error
-from gptoss.server.generation import (
-    Admission,
-    Submitted,
-    Usage,
-    check_prompt_length,
-    merge_streams,
-    release_all,
-    run_until_disconnect,
-    start_all,
-    submit,
-)
-from gptoss.server.openai_chat import DEFAULT_MAX_TOKENS, sampling_kwargs, token_text
+from gptoss.server.events import RawDelta, RawResult, Usage, final_result
+from gptoss.server.logprobs import legacy_logprobs
 from gptoss.server.protocol_openai import CompletionRequest, parse_body
-from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.serving import (
+    DEFAULT_MAX_TOKENS,
+    check_model,
+    check_prompt_length,
+    encode_raw,
+    generate_raw,
+    respond,
+    sampling_kwargs,
+)
+from gptoss.server.sse import DONE, sse_data
 from gptoss.server.state import ServerState, get_state, read_body
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default for the legacy endpoint
 
 router = APIRouter()
-
-
-def encode_raw(state: ServerState, text: str) -> list[int]:
-    """Raw text -> token ids; special-token spellings in the text become the special tokens (raw prompts)."""
-    return state.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-@dataclass
-class RawResult:
-    """A finished raw completion."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str = "stop"
-    usage: Usage = field(default_factory=Usage)
-
-
-@dataclass
-class RawDelta:
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-
-
-def generate_raw(state: ServerState, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Any:
-    """Submit a raw completion now; iterate `RawDelta`s then one `RawResult` (always last)."""
-    outputs = submit(state, request_id, prompt_token_ids, params)
-    return Submitted(state, request_id, _raw_events(outputs, len(prompt_token_ids)))
-
-
-async def _raw_events(outputs: Any, num_prompt_tokens: int) -> AsyncIterator[RawDelta | RawResult]:
-    result = RawResult(usage=Usage(prompt_tokens=num_prompt_tokens))
-    async with contextlib.aclosing(outputs):
-        async for output in outputs:
-            result.usage.cached_tokens = output.num_cached_tokens
-            new_logprobs = list(output.new_logprobs or [])
-            if output.text_delta or output.new_token_ids:
-                yield RawDelta(output.text_delta, list(output.new_token_ids), new_logprobs)
-            result.text += output.text_delta
-            result.token_ids += output.new_token_ids
-            result.logprobs += new_logprobs
-            if output.prompt_logprobs is not None:
-                result.prompt_logprobs = output.prompt_logprobs
-            if output.finished:
-                result.finish_reason = "length" if output.finish_reason == "length" else "stop"
-    result.usage.completion_tokens = len(result.token_ids)
-    yield result
 
 
 @dataclass
@@ -122,7 +74,7 @@ def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
 
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
-    model = state.check_model(req.model)
+    model = check_model(state, req.model)
     prompts = prompts_of(state, req.prompt)
     vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
     params = []
@@ -158,26 +110,6 @@ def start_completion(state: ServerState, plan: CompletionPlan) -> list[Any]:
     )
 
 
-def _logprobs_block(
-    state: ServerState, token_ids: list[int], logprobs: list[TokenLogprob | None], top: int, offset: int
-) -> dict[str, Any]:
-    """Legacy logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token_id, lp in zip(token_ids, logprobs, strict=False):
-        text = token_text(state, token_id)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-        if lp is None:
-            token_logprobs.append(None)
-            tops.append(None)
-        else:
-            token_logprobs.append(lp.logprob)
-            best = sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]
-            tops.append({token_text(state, t): v for t, v in best} if top else {text: lp.logprob})
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
-
-
 def completion_choice(state: ServerState, plan: CompletionPlan, index: int, result: RawResult) -> dict[str, Any]:
     prompt_ids = plan.prompts[index // plan.n]
     prompt_text = plan.prompt_texts[index // plan.n]
@@ -192,7 +124,7 @@ def completion_choice(state: ServerState, plan: CompletionPlan, index: int, resu
             lps += list(prompt_lps) + [None] * (len(prompt_ids) - len(prompt_lps))
         ids += result.token_ids
         lps += result.logprobs + [None] * (len(result.token_ids) - len(result.logprobs))
-        logprobs = _logprobs_block(state, ids, lps, plan.logprobs, 0)
+        logprobs = legacy_logprobs(state.encoding, ids, lps, plan.logprobs)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
 
 
@@ -201,16 +133,6 @@ def total_usage(results: list[RawResult], n: int) -> Usage:
     return Usage(
         prompts, sum(r.usage.completion_tokens for r in results), 0, sum(r.usage.cached_tokens for r in results[::n])
     )
-
-
-async def final_result(stream: Any) -> RawResult:
-    """Run a `generate_raw` stream to its end; its `RawResult`."""
-    result = RawResult()
-    async with contextlib.aclosing(stream):
-        async for item in stream:
-            if isinstance(item, RawResult):
-                result = item
-    return result
 
 
 async def run_completion(state: ServerState, plan: CompletionPlan, streams: list[Any]) -> dict[str, Any]:
@@ -253,7 +175,7 @@ async def completion_sse(
             if isinstance(item, RawDelta):
                 logprobs = None
                 if plan.logprobs is not None:
-                    logprobs = _logprobs_block(state, item.token_ids, list(item.logprobs), plan.logprobs, 0)
+                    logprobs = legacy_logprobs(state.encoding, item.token_ids, list(item.logprobs), plan.logprobs)
                 yield chunk([{"index": index, "text": item.text, "logprobs": logprobs, "finish_reason": None}])
             else:
                 results[index] = item
@@ -272,13 +194,9 @@ async def create_completion(request: Request) -> Response:
     state = get_state(request)
     req = parse_body(CompletionRequest, await read_body(request))
     plan = prepare_completion(state, req)
-    with Admission(state) as admission:
-        streams = start_completion(state, plan)
-        if req.stream:
-            admission.keep()
-            return sse_response(
-                completion_sse(state, plan, streams, admission),
-                on_close=functools.partial(release_all, admission, streams),
-            )
-        result = await run_until_disconnect(request, run_completion(state, plan, streams))
-    return JSONResponse(result)
+    return await respond(
+        request,
+        functools.partial(start_completion, state, plan),
+        frames=functools.partial(completion_sse, state, plan) if req.stream else None,
+        answer=functools.partial(run_completion, state, plan),
+    )

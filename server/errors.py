@@ -1,7 +1,8 @@
 """Errors: one exception type for every 4xx/5xx the server answers, rendered in the calling API's own shape.
 
-Route functions raise `APIError` (or let pydantic / harmony / sampling-params errors escape: the handlers
-installed by `install_error_handlers` turn those into 400s naming the field). The shape depends on the route:
+Route functions raise `APIError`, or let pydantic errors and the engine's errors escape: the handlers installed
+by `install_error_handlers` turn a validation error into a 400 naming the field, and an `engine.errors.EngineError`
+into the status, code and field it carries. The shape depends on the route:
 
 - OpenAI routes (`/v1/...`, `/tokenize`, ...): `{"error": {"message", "type", "param", "code"}}`.
 - Every route under `/ai/` and `/client/v4/`: the Workers AI envelope
@@ -20,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from gptoss.engine.errors import EngineError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -195,6 +197,38 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     return bad_request(message, param=param, code="invalid_value" if kind != "missing" else "missing_required")
 
 
+# Workers AI's code and status for the engine's error codes (the rest: bad input, or internal by status).
+_WAI_BY_CODE: dict[str | None, tuple[int, int | None]] = {
+    "context_length_exceeded": (WAI_TOO_LARGE, 413),
+    "server_overloaded": (WAI_OUT_OF_CAPACITY, 429),
+    "engine_unavailable": (WAI_OUT_OF_CAPACITY, 503),
+    "request_failed": (WAI_INTERNAL, None),
+}
+
+
+def from_engine_error(exc: EngineError) -> APIError:
+    """An engine error as the answer it carries (status, code, field, Retry-After)."""
+    status = exc.http_status
+    default_wai = (WAI_INTERNAL, None) if status >= 500 else (WAI_BAD_INPUT, None)
+    wai_code, wai_status = _WAI_BY_CODE.get(exc.code, default_wai)
+    if status >= 500:
+        kind = "server_error"
+    elif status == 429:
+        kind = "rate_limit_error"
+    else:
+        kind = "invalid_request_error"
+    return APIError(
+        status,
+        exc.client_message,
+        param=exc.param,
+        type=kind,
+        code=exc.code,
+        wai_code=wai_code,
+        wai_status=wai_status,
+        headers={"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None,
+    )
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception to an `APIError`: input errors to 400s naming the field, engine errors to theirs."""
     if isinstance(exc, APIError):
@@ -203,45 +237,12 @@ def to_api_error(exc: BaseException) -> APIError:
         return from_validation_error(exc)
     if isinstance(exc, json.JSONDecodeError):
         return bad_request(f"Invalid JSON body: {exc}", code="invalid_json")
-    name = type(exc).__name__
-    # Errors from engine/ and engine/harmony/ are matched by name so this module does not import the engine.
-    if name == "HarmonyInputError":
-        return bad_request(str(exc), param=getattr(exc, "param", None))
-    if name == "StructuredOutputError":  # an invalid / unsupported JSON schema, tool_choice without tools
-        return bad_request(getattr(exc, "message", str(exc)), param=getattr(exc, "param", None))
-    if name == "SamplingParamsError":
-        param = getattr(exc, "param", None)
-        return bad_request(str(exc), param=param)
-    if name == "InvalidRequestError":  # engine-side checks (token ids outside the vocabulary, ...)
-        return bad_request(str(exc))
-    if name == "RequestFailedError":
-        return APIError(
-            500,
-            f"The engine failed this request: {exc}",
-            type="server_error",
-            code="request_failed",
-            wai_code=WAI_INTERNAL,
-        )
-    if name == "PromptTooLongError":
-        return APIError(
-            400, str(exc), param="messages", code="context_length_exceeded", wai_code=WAI_TOO_LARGE, wai_status=413
-        )
-    if name in ("EngineOverloadedError", "QueueFullError"):
-        return overloaded(str(exc) or "The engine queue is full; retry later", status=503)
-    if name in ("EngineDeadError", "EngineNotRunningError"):
-        return APIError(
-            503,
-            str(exc) or "The engine is not running",
-            type="server_error",
-            code="engine_unavailable",
-            wai_code=WAI_OUT_OF_CAPACITY,
-            wai_status=503,
-            headers={"Retry-After": "5"},
-        )
+    if isinstance(exc, EngineError):
+        return from_engine_error(exc)
     logger.exception("internal error", exc_info=exc)
     return APIError(
         500,
-        f"Internal server error ({name})",
+        f"Internal server error ({type(exc).__name__})",
         type="server_error",
         code="internal_error",
         wai_code=WAI_INTERNAL,
@@ -275,7 +276,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, handle_any)  # type: ignore[arg-type]
     app.add_exception_handler(ValidationError, handle_any)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, handle_http)  # type: ignore[arg-type]
-    # HarmonyInputError / SamplingParamsError are ValueErrors: handled here rather than by the catch-all
-    # (which Starlette runs in its outermost middleware, logging a traceback for what is a client error).
+    # Engine errors (bad input among them) are handled here rather than by the catch-all, which Starlette runs
+    # in its outermost middleware, logging a traceback for what is a client error.
+    app.add_exception_handler(EngineError, handle_any)  # type: ignore[arg-type]
     app.add_exception_handler(ValueError, handle_any)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, handle_any)

@@ -7,9 +7,10 @@ as servers disagree); calls to `functions.NAME` -> `message.tool_calls` with arg
 
 `tool_choice`: "auto" (default) renders the tools; "none" leaves them out of the prompt; a named function
 or "required" forces a call by ending the prompt with the call's header (`to=functions.NAME<|channel|>
-commentary <|constrain|>json<|message|>`, or just ` to=functions.` for "required"), which skips reasoning.
-The Workers AI `messages` format (server/workers_ai.py) reuses `prepare_chat` / `chat_completion` /
-`chat_chunks` with its own defaults.
+commentary <|constrain|>json<|message|>`, or just ` to=functions.` for "required"), which skips reasoning
+(server/serving.py; with structured outputs the call is enforced by the grammar instead).
+This module only converts; the Workers AI `messages` format builds on `prepare_chat` / `start_chat` /
+`chat_completion` / `chat_chunks` (server/workers_ai.py).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from gptoss.engine.harmony.chat_convert import conversation_from_chat
-from gptoss.engine.harmony.messages import normalize_effort, normalize_tools
-from gptoss.engine.outputs import TokenLogprob
+from gptoss.engine.harmony.messages import normalize_effort
 from gptoss.engine.sampling_params import SamplingParams
-from gptoss.server.errors import APIError, bad_request, no_lora, to_api_error
-from gptoss.server.generation import (
-    Admission,
+from gptoss.server.admission import Admission
+from gptoss.server.engine_client import merge_streams, start_all
+from gptoss.server.errors import to_api_error
+from gptoss.server.events import (
     Collected,
     ContentDelta,
     Finished,
@@ -38,97 +39,26 @@ from gptoss.server.generation import (
     ToolCallArgumentsDelta,
     ToolCallStarted,
     Usage,
-    check_prompt_length,
     collect,
+    sum_usage,
+)
+from gptoss.server.logprobs import logprob_entries
+from gptoss.server.protocol_openai import ChatCompletionRequest, parse_body
+from gptoss.server.serving import (
+    DEFAULT_MAX_TOKENS,
+    check_model,
     generate_harmony,
     harmony_sampling_params,
-    merge_streams,
-    release_all,
-    run_until_disconnect,
-    start_all,
+    mask_fn,
+    prepare_harmony,
+    resolve_tools,
+    respond,
+    today,
 )
-from gptoss.server.protocol_openai import ChatCompletionRequest, SamplingFields, parse_body
-from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.sse import DONE, sse_data
 from gptoss.server.state import ServerState, get_state, read_body
 
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_TEMPERATURE = 0.6
-
 router = APIRouter()
-
-
-def today() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime())
-
-
-def sampling_kwargs(req: SamplingFields, max_tokens: int, default_temperature: float) -> dict[str, Any]:
-    """SamplingParams keyword arguments from a request's sampling fields (None: the engine default)."""
-    kwargs: dict[str, Any] = {
-        "max_tokens": max_tokens,
-        "temperature": req.temperature if req.temperature is not None else default_temperature,
-    }
-    for name in ("top_p", "top_k", "min_p", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty"):
-        value = getattr(req, name)
-        if value is not None:
-            kwargs[name] = value
-    return kwargs
-
-
-def forced_call_prefill(state: ServerState, name: str | None) -> list[int]:
-    """Completion tokens that force a tool call: the header of a call to `name` (or to any function)."""
-    enc = state.encoding
-    if name is None:
-        return enc.encode_text(" to=functions.")
-    return [
-        *enc.encode_text(f" to=functions.{name}"),
-        enc.channel_id,
-        *enc.encode_text("commentary"),
-        *enc.encode_text(" "),
-        enc.constrain_id,
-        *enc.encode_text("json"),
-        enc.message_id,
-    ]
-
-
-def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
-    """(mode, function name), mode one of auto / none / required / named. Accepts Chat Completions'
-    `{type: function, function: {name}}` and Responses' `{type: function, name}`; a named function must exist."""
-    if tool_choice is None or tool_choice in ("auto", "none"):
-        return tool_choice or "auto", None
-    if tool_choice == "required":
-        if not tool_names:
-            raise bad_request("tool_choice 'required' needs tools", param="tool_choice")
-        return "required", None
-    usage = "tool_choice must be auto, none, required or a function ({type: function, name})"
-    if not isinstance(tool_choice, dict) or tool_choice.get("type", "function") != "function":
-        raise bad_request(usage, param="tool_choice")
-    function = tool_choice.get("function")
-    name = (function if isinstance(function, dict) else tool_choice).get("name")
-    if not isinstance(name, str) or not name:
-        raise bad_request(usage, param="tool_choice")
-    if name not in tool_names:
-        raise bad_request(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
-    return "named", name
-
-
-def structured_spec(
-    state: ServerState,
-    response_format: dict[str, Any] | None,
-    tools: list[dict[str, Any]] | None,
-    tool_choice: Any,
-    response_format_param: str = "response_format",
-) -> Any:
-    """The request's structured-output spec (None: unconstrained, or the engine cannot constrain)."""
-    if state.structured is None:
-        return None
-    return state.structured.spec(
-        response_format, tools or None, tool_choice, response_format_param=response_format_param
-    )
-
-
-def mask_fn(state: ServerState, spec: Any) -> Any:
-    """A fresh `logits_mask_fn` for one generation of a constrained request (None when unconstrained)."""
-    return state.structured.mask_fn(spec) if spec is not None else None
 
 
 @dataclass
@@ -169,29 +99,28 @@ def chat_prompt_ids(
     return state.encoding.render_conversation(conversation)
 
 
-def prepare_chat(
-    state: ServerState,
-    req: ChatCompletionRequest,
-    *,
-    default_max_tokens: int = DEFAULT_MAX_TOKENS,
-    default_temperature: float = DEFAULT_TEMPERATURE,
-) -> ChatPlan:
-    model = state.check_model(req.model)
-    if req.lora is not None:
-        raise no_lora()
+def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
+    model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
-    mode, name = tool_choice_mode(req.tool_choice, [t.name for t in normalize_tools(tools)])
+    _, mode, name = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort
     if req.reasoning_effort is None and req.reasoning is not None:  # so that an error names the field sent
         effort = normalize_effort(req.reasoning.effort, "reasoning.effort")
-    prompt = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, effort, response_format)
-    spec = structured_spec(state, response_format, tools, req.tool_choice)
-    prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
-    prompt = prompt + prefill
-    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    max_tokens = check_prompt_length(state, len(prompt), max_tokens, "messages")
-    kwargs = sampling_kwargs(req, max_tokens, default_temperature)
+    rendered = chat_prompt_ids(state, req.messages, tools if mode != "none" else None, effort, response_format)
+    prepared = prepare_harmony(
+        state,
+        rendered,
+        req,
+        tools=tools,
+        tool_choice=req.tool_choice,
+        forced=(mode, name),
+        response_format=response_format,
+        response_format_param="response_format",
+        max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        prompt_param="messages",
+    )
+    kwargs = prepared.sampling
     if req.logprobs:
         kwargs["logprobs"] = req.top_logprobs or 0
     params = []
@@ -201,37 +130,21 @@ def prepare_chat(
         params.append(harmony_sampling_params(state, **kwargs))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ChatPlan(
-        model, prompt, prefill, params, req.stop_list, bool(req.logprobs), req.top_logprobs or 0, include_usage, spec
+        model,
+        prepared.prompt_token_ids,
+        prepared.prefill_token_ids,
+        params,
+        req.stop_list,
+        bool(req.logprobs),
+        req.top_logprobs or 0,
+        include_usage,
+        prepared.structured_spec,
     )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Answers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def token_text(state: ServerState, token_id: int) -> str:
-    return state.encoding.token_bytes(token_id).decode("utf-8", errors="replace")
-
-
-def logprob_entries(state: ServerState, logprobs: list[TokenLogprob], top: int) -> list[dict[str, Any]]:
-    """Chat Completions `logprobs.content` entries."""
-    out = []
-    for lp in logprobs:
-        data = state.encoding.token_bytes(lp.token_id)
-        tops = sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]
-        out.append(
-            {
-                "token": data.decode("utf-8", errors="replace"),
-                "logprob": lp.logprob,
-                "bytes": list(data),
-                "top_logprobs": [
-                    {"token": token_text(state, t), "logprob": v, "bytes": list(state.encoding.token_bytes(t))}
-                    for t, v in tops
-                ],
-            }
-        )
-    return out
 
 
 def tool_call_object(call_id: str, name: str, arguments: str) -> dict[str, Any]:
@@ -249,17 +162,6 @@ def chat_message(result: Collected) -> dict[str, Any]:
     if result.tool_calls:
         message["tool_calls"] = [tool_call_object(c.call_id, c.name, c.arguments) for c in result.tool_calls]
     return message
-
-
-def sum_usage(usages: list[Usage]) -> Usage:
-    """Usage of n choices: the prompt counted once, completions summed."""
-    first = usages[0]
-    return Usage(
-        first.prompt_tokens,
-        sum(u.completion_tokens for u in usages),
-        sum(u.reasoning_tokens for u in usages),
-        first.cached_tokens,
-    )
 
 
 def start_chat(state: ServerState, plan: ChatPlan) -> list[Any]:
@@ -297,7 +199,7 @@ async def chat_completion(state: ServerState, plan: ChatPlan, streams: list[Any]
             "logprobs": None,
         }
         if plan.logprobs:
-            choice["logprobs"] = {"content": logprob_entries(state, result.logprobs, plan.top_logprobs)}
+            choice["logprobs"] = {"content": logprob_entries(state.encoding, result.logprobs, plan.top_logprobs)}
         choices.append(choice)
     return {
         "id": plan.request_id,
@@ -339,7 +241,7 @@ async def chat_chunks(state: ServerState, plan: ChatPlan, streams: list[Any]) ->
         elif isinstance(event, ContentDelta):
             logprobs = None
             if plan.logprobs:
-                logprobs = {"content": logprob_entries(state, event.logprobs, plan.top_logprobs)}
+                logprobs = {"content": logprob_entries(state.encoding, event.logprobs, plan.top_logprobs)}
             yield chunk([choice(index, {"content": event.text}, logprobs=logprobs)])
         elif isinstance(event, ToolCallStarted):
             call = {
@@ -363,57 +265,43 @@ def error_frame(exc: BaseException) -> dict[str, Any]:
 
 
 async def chat_sse(
-    state: ServerState, plan: ChatPlan, streams: list[Any], admission: Admission, workers_ai_trailer: bool = False
+    state: ServerState,
+    plan: ChatPlan,
+    streams: list[Any],
+    admission: Admission,
+    *,
+    usage_out: dict[str, Any] | None = None,
+    done: bool = True,
 ) -> AsyncIterator[str]:
-    """SSE frames of a streaming chat answer (OpenAI; or Workers AI with its `{"response": "", usage}` trailer)."""
+    """SSE frames of a streaming chat answer (the usage chunk only with `stream_options.include_usage`).
+    `usage_out` receives the final usage object; `done`: end with `[DONE]` (a wrapper may add frames first)."""
     try:
         async for obj in chat_chunks(state, plan, streams):
             if obj["choices"] or plan.include_usage:
                 yield sse_data(obj)
-            if not obj["choices"] and workers_ai_trailer:
-                yield sse_data({"response": "", "usage": usage_brief(obj.get("usage"))})
+            if not obj["choices"] and usage_out is not None:
+                usage_out.update(obj["usage"])
     except Exception as exc:
         yield sse_data(error_frame(exc))
-        if workers_ai_trailer:  # Workers AI streams end with the usage trailer, failed ones too
-            yield sse_data({"response": "", "usage": usage_brief(None)})
     finally:
         admission.release()
         for stream in streams:
             await stream.aclose()
-    yield DONE
+    if done:
+        yield DONE
 
 
-def usage_brief(usage: dict[str, Any] | None) -> dict[str, Any]:
-    """Workers AI's usage object: prompt/completion/total tokens."""
-    usage = usage or {}
-    return {
-        "prompt_tokens": usage.get("prompt_tokens", 0),
-        "completion_tokens": usage.get("completion_tokens", 0),
-        "total_tokens": usage.get("total_tokens", 0),
-    }
-
-
-async def handle_chat(
-    request: Request,
-    body: dict[str, Any] | bytes,
-    *,
-    workers_ai: bool = False,
-    default_max_tokens: int = DEFAULT_MAX_TOKENS,
-) -> Response:
-    """Validate, run and answer one chat request (shared by /v1/chat/completions and the Workers AI routes)."""
+async def handle_chat(request: Request, body: dict[str, Any] | bytes) -> Response:
+    """Validate, run and answer one chat request."""
     state = get_state(request)
     req = parse_body(ChatCompletionRequest, body)
-    plan = prepare_chat(state, req, default_max_tokens=default_max_tokens)
-    with Admission(state) as admission:
-        streams = start_chat(state, plan)
-        if req.stream:
-            admission.keep()
-            return sse_response(
-                chat_sse(state, plan, streams, admission, workers_ai_trailer=workers_ai),
-                on_close=functools.partial(release_all, admission, streams),
-            )
-        result = await run_until_disconnect(request, chat_completion(state, plan, streams))
-    return JSONResponse(result)
+    plan = prepare_chat(state, req)
+    return await respond(
+        request,
+        functools.partial(start_chat, state, plan),
+        frames=functools.partial(chat_sse, state, plan) if req.stream else None,
+        answer=functools.partial(chat_completion, state, plan),
+    )
 
 
 @router.post("/v1/chat/completions")
@@ -422,11 +310,13 @@ async def create_chat_completion(request: Request) -> Response:
 
 
 __all__ = [
-    "APIError",
+    "ChatPlan",
     "chat_chunks",
     "chat_completion",
     "chat_prompt_ids",
+    "chat_sse",
     "handle_chat",
     "prepare_chat",
     "router",
+    "start_chat",
 ]

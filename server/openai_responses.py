@@ -8,7 +8,8 @@ events -> output items: analysis text becomes a `reasoning` item (`content: [rea
 `response.reasoning_text.delta/.done`, `response.output_text.delta/.done`,
 `response.function_call_arguments.delta/.done`, `response.content_part.done`, `response.output_item.done`,
 `response.completed` / `response.incomplete`, each with its `sequence_number`) and the final response object,
-so the streamed and non-streamed answers cannot disagree.
+so the streamed and non-streamed answers cannot disagree. This module only converts (server/serving.py
+prepares and runs the request); the Workers AI `input` format builds on it (server/workers_ai.py).
 
 `store` (default true) keeps the response and its conversation items in memory (bounded, oldest forgotten);
 `previous_response_id` continues from them: the stored items (input and output) come before the new input.
@@ -26,13 +27,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from gptoss.engine.harmony.messages import normalize_tools
 from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.engine.harmony.responses_convert import conversation_from_responses
 from gptoss.engine.sampling_params import SamplingParams
-from gptoss.server.errors import APIError, bad_request, no_lora, to_api_error
-from gptoss.server.generation import (
-    Admission,
+from gptoss.server.admission import Admission
+from gptoss.server.errors import APIError, bad_request, to_api_error
+from gptoss.server.events import (
     ContentDelta,
     Event,
     Finished,
@@ -41,24 +41,21 @@ from gptoss.server.generation import (
     ToolCallDone,
     ToolCallStarted,
     Usage,
-    check_prompt_length,
+)
+from gptoss.server.logprobs import logprob_entries
+from gptoss.server.protocol_openai import ResponsesRequest, parse_body
+from gptoss.server.serving import (
+    DEFAULT_MAX_TOKENS,
+    check_model,
     generate_harmony,
     harmony_sampling_params,
-    release_all,
-    run_until_disconnect,
-)
-from gptoss.server.openai_chat import (
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_TEMPERATURE,
-    forced_call_prefill,
     mask_fn,
-    sampling_kwargs,
-    structured_spec,
+    prepare_harmony,
+    resolve_tools,
+    respond,
     today,
-    tool_choice_mode,
 )
-from gptoss.server.protocol_openai import ResponsesRequest, parse_body
-from gptoss.server.sse import DONE, sse_data, sse_event, sse_response
+from gptoss.server.sse import sse_event
 from gptoss.server.state import ServerState, get_state, read_body
 
 router = APIRouter()
@@ -90,12 +87,8 @@ def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
     return list(req.input)
 
 
-def prepare_responses(
-    state: ServerState, req: ResponsesRequest, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
-) -> ResponsesPlan:
-    model = state.check_model(req.model)
-    if req.lora is not None:
-        raise no_lora()
+def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPlan:
+    model = check_model(state, req.model, req.lora)
     items = input_items_of(req)
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
@@ -107,8 +100,7 @@ def prepare_responses(
             )
         items = stored["items"] + items
     tools = req.tools or []
-    specs = normalize_tools(tools)
-    mode, name = tool_choice_mode(req.tool_choice, [t.name for t in specs])
+    specs, mode, name = resolve_tools(tools, req.tool_choice)
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(
@@ -120,13 +112,19 @@ def prepare_responses(
         current_date=today(),
     )
     effort = conversation.messages[0].content.reasoning_effort  # type: ignore[union-attr]
-    response_format = text.get("format") if text else None
-    spec = structured_spec(state, response_format, tools, req.tool_choice, response_format_param="text.format")
-    prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
-    prompt = state.encoding.render_chat_prompt(conversation) + prefill
-    max_tokens = req.max_output_tokens or req.max_tokens or default_max_tokens
-    max_tokens = check_prompt_length(state, len(prompt), max_tokens, "input")
-    kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
+    prepared = prepare_harmony(
+        state,
+        state.encoding.render_chat_prompt(conversation),
+        req,
+        tools=tools,
+        tool_choice=req.tool_choice,
+        forced=(mode, name),
+        response_format=text.get("format") if text else None,
+        response_format_param="text.format",
+        max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+        prompt_param="input",
+    )
+    kwargs = prepared.sampling
     if req.top_logprobs is not None:
         kwargs["logprobs"] = req.top_logprobs
     flat_tools = [
@@ -141,15 +139,15 @@ def prepare_responses(
     ]
     return ResponsesPlan(
         model,
-        prompt,
-        prefill,
+        prepared.prompt_token_ids,
+        prepared.prefill_token_ids,
         harmony_sampling_params(state, **kwargs),
         req.stop_list,
         req,
         items,
         flat_tools,
         effort or "medium",
-        spec,
+        prepared.structured_spec,
     )
 
 
@@ -316,19 +314,7 @@ class ResponseBuilder:
         top = self.plan.request.top_logprobs
         if top is None or self.encoding is None or not logprobs:
             return []
-        encoding = self.encoding
-
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            data = encoding.token_bytes(token_id)
-            return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data), "logprob": logprob}
-
-        return [
-            {
-                **entry(lp.token_id, lp.logprob),
-                "top_logprobs": [entry(t, v) for t, v in sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[:top]],
-            }
-            for lp in logprobs
-        ]
+        return logprob_entries(self.encoding, logprobs, top)
 
     def _open_item(self, item: dict[str, Any], part: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         self._open = item
@@ -455,46 +441,27 @@ async def response_events(state: ServerState, plan: ResponsesPlan, stream: Any) 
 
 
 async def responses_sse(
-    state: ServerState, plan: ResponsesPlan, stream: Any, admission: Admission, workers_ai_trailer: bool = False
+    state: ServerState, plan: ResponsesPlan, streams: list[Any], admission: Admission
 ) -> AsyncIterator[str]:
-    usage: dict[str, Any] | None = None
+    """SSE frames of a streaming response: the Responses events, each with its type."""
     try:
-        async for event in response_events(state, plan, stream):
-            if event["type"] in ("response.completed", "response.incomplete"):
-                usage = event["response"]["usage"]
+        async for event in response_events(state, plan, streams[0]):
             yield sse_event(event)
     finally:
         admission.release()
-    if workers_ai_trailer:
-        usage = usage or {}
-        yield sse_data(
-            {
-                "response": "",
-                "usage": {
-                    "prompt_tokens": usage.get("input_tokens", 0),
-                    "completion_tokens": usage.get("output_tokens", 0),
-                    "total_tokens": usage.get("total_tokens", 0),
-                },
-            }
-        )
-        yield DONE
 
 
-async def handle_responses(request: Request, body: dict[str, Any] | bytes, *, workers_ai: bool = False) -> Response:
-    """Validate, run and answer one Responses request (shared by /v1/responses and the Workers AI routes)."""
+async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
+    """Validate, run and answer one Responses request."""
     state = get_state(request)
     req = parse_body(ResponsesRequest, body)
     plan = prepare_responses(state, req)
-    with Admission(state) as admission:
-        stream = start_responses(state, plan)
-        if req.stream:
-            admission.keep()
-            return sse_response(
-                responses_sse(state, plan, stream, admission, workers_ai_trailer=workers_ai),
-                on_close=functools.partial(release_all, admission, [stream]),
-            )
-        result = await run_until_disconnect(request, run_response(state, plan, stream))
-    return JSONResponse(result)
+    return await respond(
+        request,
+        lambda: [start_responses(state, plan)],
+        frames=functools.partial(responses_sse, state, plan) if req.stream else None,
+        answer=lambda streams: run_response(state, plan, streams[0]),
+    )
 
 
 @router.post("/v1/responses")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 from gptoss.engine.harmony.render import HarmonyEncoding
+from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import model_not_found, too_large
 from gptoss.server.metrics import ServerMetrics
 from tokenizers import Tokenizer
@@ -21,18 +22,6 @@ WORKERS_AI_MODEL_NAME = "@cf/openai/gpt-oss-120b"
 
 K = TypeVar("K")
 V = TypeVar("V")
-
-
-class EngineClient(Protocol):
-    """What the server uses of `engine.async_engine.AsyncEngine`."""
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], sampling_params: Any) -> Any: ...
-
-    def abort(self, request_id: str) -> Any: ...
-
-    def is_alive(self) -> bool: ...
-
-    def metrics(self) -> dict[str, Any]: ...
 
 
 class BoundedStore(Generic[K, V]):

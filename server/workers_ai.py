@@ -35,31 +35,33 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from gptoss.engine.sampling_params import SamplingParams
-from gptoss.server.completions import RawDelta, RawResult, encode_raw, final_result, generate_raw
+from gptoss.server import openai_chat
+from gptoss.server.admission import Admission
 from gptoss.server.errors import bad_request, no_lora, to_api_error
-from gptoss.server.generation import (
-    Admission,
-    ContentDelta,
-    Finished,
-    check_prompt_length,
-    collect,
-    release_all,
-    run_until_disconnect,
+from gptoss.server.events import ContentDelta, Finished, RawDelta, RawResult, collect, final_result
+from gptoss.server.openai_chat import ChatPlan, chat_completion, handle_chat, prepare_chat, start_chat
+from gptoss.server.openai_responses import (
+    ResponsesPlan,
+    handle_responses,
+    prepare_responses,
+    response_events,
+    run_response,
+    start_responses,
 )
-from gptoss.server.openai_chat import (
-    DEFAULT_TEMPERATURE,
-    ChatPlan,
-    chat_completion,
-    handle_chat,
-    prepare_chat,
-    sampling_kwargs,
-    start_chat,
-    usage_brief,
-)
-from gptoss.server.openai_responses import handle_responses, prepare_responses, run_response, start_responses
 from gptoss.server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
 from gptoss.server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
-from gptoss.server.sse import DONE, sse_data, sse_response
+from gptoss.server.serving import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    check_model,
+    check_prompt_length,
+    encode_raw,
+    generate_raw,
+    respond,
+    run_until_disconnect,
+    sampling_kwargs,
+)
+from gptoss.server.sse import DONE, sse_data, sse_event
 from gptoss.server.state import ServerState, get_state, read_body
 
 router = APIRouter()
@@ -75,6 +77,21 @@ def envelope(result: Any) -> dict[str, Any]:
 def padding() -> str:
     """Random-length filler for the `p` field, so frame sizes do not reveal token lengths."""
     return "".join(secrets.choice(_PADDING_ALPHABET) for _ in range(secrets.randbelow(24) + 1))
+
+
+def usage_brief(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """Workers AI's usage object (prompt/completion/total tokens) from an OpenAI usage object."""
+    usage = usage or {}
+    return {
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+    }
+
+
+def usage_trailer(usage: dict[str, Any] | None) -> str:
+    """The frame every Workers AI stream ends with (before `[DONE]`), failed ones too."""
+    return sse_data({"response": "", "usage": usage_brief(usage)})
 
 
 def normalize_response_format(body: dict[str, Any]) -> dict[str, Any]:
@@ -136,9 +153,9 @@ def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) ->
 
 def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], SamplingParams]:
     """A `raw: true` prompt: the text as it is, no template; sampled like legacy completions."""
-    state.check_model(req.model)
+    check_model(state, req.model)
     ids = encode_raw(state, req.prompt)
-    max_tokens = check_prompt_length(state, len(ids), req.max_tokens or 256, "prompt")
+    max_tokens = check_prompt_length(state, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, "prompt")
     kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
     kwargs["stop"] = req.stop_list
     return ids, SamplingParams(**kwargs)
@@ -170,7 +187,52 @@ async def prompt_sse(streams: list[Any], admission: Admission) -> AsyncIterator[
         yield sse_data(to_api_error(exc).workers_ai_body())
     finally:
         admission.release()
-    yield sse_data({"response": "", "usage": usage_brief(usage)})
+    yield usage_trailer(usage)
+    yield DONE
+
+
+def start_prompt(state: ServerState, req: PromptRequest) -> list[Any]:
+    """Submit a prompt-format request: raw text as it is, or a one-message chat."""
+    if req.raw:
+        ids, params = prepare_raw(state, req)
+        return [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
+    plan = prepare_chat(state, prompt_as_chat(req))
+    return start_chat(state, plan)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The messages and input formats streamed: the OpenAI streams, then the usage trailer
+# ---------------------------------------------------------------------------------------------------------
+
+
+async def chat_sse(state: ServerState, plan: ChatPlan, streams: list[Any], admission: Admission) -> AsyncIterator[str]:
+    """The Chat Completions stream (the usage chunk only with `include_usage`), then the trailer."""
+    usage: dict[str, Any] = {}
+    async for frame in openai_chat.chat_sse(state, plan, streams, admission, usage_out=usage, done=False):
+        yield frame
+    yield usage_trailer(usage)
+    yield DONE
+
+
+async def responses_sse(
+    state: ServerState, plan: ResponsesPlan, streams: list[Any], admission: Admission
+) -> AsyncIterator[str]:
+    """The Responses events, then the trailer (usage mapped from the Responses usage)."""
+    usage: dict[str, Any] = {}
+    try:
+        async for event in response_events(state, plan, streams[0]):
+            if event["type"] in ("response.completed", "response.incomplete"):
+                usage = event["response"]["usage"] or {}
+            yield sse_event(event)
+    finally:
+        admission.release()
+    yield usage_trailer(
+        {
+            "prompt_tokens": usage.get("input_tokens", 0),
+            "completion_tokens": usage.get("output_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+        }
+    )
     yield DONE
 
 
@@ -252,26 +314,28 @@ async def run_model(request: Request, model: str) -> Response:
         with Admission(state):
             result = await run_until_disconnect(request, run_batch(state, items))
         return JSONResponse(envelope(result))
-    if kind == "messages" and body.get("stream") is True:
-        return await handle_chat(request, body, workers_ai=True)
-    if kind == "input" and body.get("stream") is True:
-        return await handle_responses(request, body, workers_ai=True)
-    if kind == "prompt" and body.get("stream") is True:
-        req = parse_body(PromptRequest, body)
-        with Admission(state) as admission:
-            if req.raw:
-                ids, params = prepare_raw(state, req)
-                streams = [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
-            else:
-                plan = prepare_chat(state, prompt_as_chat(req))
-                streams = start_chat(state, plan)
-            admission.keep()
-            return sse_response(
-                prompt_sse(streams, admission), on_close=functools.partial(release_all, admission, streams)
-            )
+    if body.get("stream") is True:
+        return await stream_one(request, kind, body)
     with Admission(state):
         result = await run_until_disconnect(request, run_one(state, body))
     return JSONResponse(envelope(result))
+
+
+async def stream_one(request: Request, kind: str, body: dict[str, Any]) -> Response:
+    """A streamed body in any of the three formats (its frames end with the usage trailer and `[DONE]`)."""
+    state = get_state(request)
+    if kind == "messages":
+        plan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        return await respond(
+            request, functools.partial(start_chat, state, plan), frames=functools.partial(chat_sse, state, plan)
+        )
+    if kind == "input":
+        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        return await respond(
+            request, lambda: [start_responses(state, rplan)], frames=functools.partial(responses_sse, state, rplan)
+        )
+    req = parse_body(PromptRequest, body)
+    return await respond(request, functools.partial(start_prompt, state, req), frames=prompt_sse)
 
 
 # ---- the batch queue ----

@@ -49,7 +49,7 @@ def test_chat_sync_real_engine(live_server):
 
 def test_chat_prompt_tokens_equal_harmony_render(live_server):
     from gptoss.engine.harmony import HarmonyEncoding, conversation_from_chat
-    from gptoss.server.openai_chat import today
+    from gptoss.server.serving import today
 
     encoding = HarmonyEncoding(live_server.tokenizer)
     conversation = conversation_from_chat(MESSAGES, tools=[WEATHER_TOOL], reasoning_effort="high", current_date=today())

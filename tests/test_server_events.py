@@ -1,5 +1,5 @@
 """The server's event conversion without a model: hand-made harmony token sequences through
-`HarmonyEventStream` (server/generation.py), the Responses `ResponseBuilder` (validated against the `openai`
+`HarmonyEventStream` (server/harmony_events.py), the Responses `ResponseBuilder` (validated against the `openai`
 package's own event models), and the metrics text."""
 
 from __future__ import annotations
@@ -10,17 +10,17 @@ import pytest
 from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.tokenizer import build_tiny_tokenizer
-from gptoss.server.generation import (
+from gptoss.server.events import (
     Collected,
     ContentDelta,
     Finished,
-    HarmonyEventStream,
     ReasoningDelta,
     ToolCallArgumentsDelta,
     ToolCallDone,
     ToolCallStarted,
     Usage,
 )
+from gptoss.server.harmony_events import HarmonyEventStream
 from pydantic import TypeAdapter
 
 from tests.server_helpers import HARMONY_ANSWER, HARMONY_TOOL_CALL

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from gptoss.engine.errors import RequestError
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
 ReasoningEffort = Literal["low", "medium", "high"]
@@ -26,7 +28,7 @@ KNOWLEDGE_CUTOFF = "2024-06"
 JSON_CALL_CONTENT_TYPE = "<|constrain|>json"
 
 
-class HarmonyInputError(ValueError):
+class HarmonyInputError(RequestError):
     """Invalid API input; `param` names the offending field (e.g. `messages[2].role`) for a 400 answer."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
