@@ -82,7 +82,15 @@ def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine
         workers_ai = httpx.post(f"{base}/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "Hi", "max_tokens": 3})
         assert workers_ai.status_code == 200 and workers_ai.json()["result"]["usage"]["completion_tokens"] >= 1
         assert httpx.get(f"{base}/health").status_code == 200
-        assert "gptoss" in httpx.get(f"{base}/metrics").text
+        metrics = httpx.get(f"{base}/metrics").text
+        replica_tokens = [
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("gptoss_engine_replica_generation_tokens_total{")
+        ]
+        total = next(line for line in metrics.splitlines() if line.startswith("gptoss_engine_generation_tokens_total "))
+        assert len(replica_tokens) == 2 and sum(replica_tokens) == float(total.split()[-1])
+        assert 'gptoss_engine_replica_kv_blocks_total{replica="1",group="full_attention"}' in metrics
     finally:
         server.server.should_exit = True
         server.thread.join(10)

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # How long a clean shutdown waits for the workers before terminating them.
 SHUTDOWN_TIMEOUT_S = 10.0
 HEARTBEAT_S = 0.5  # a worker stamps its heartbeat this often
-HUNG_AFTER_S = 5.0  # a worker silent for this long is reported hung
+HUNG_AFTER_S = 10.0  # a worker silent for this long is reported hung (a long GIL-holding call must not count)
 
 
 def serve_steps(runner: ModelRunner) -> None:
@@ -128,7 +128,8 @@ class TensorParallelWorkers:
             return
         init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
         context = mp.get_context("spawn")
-        self.heartbeats = context.Array("d", [time.time()] * world_size, lock=False)
+        # 0 until a worker's first stamp: starting up (importing torch, loading) is not hanging.
+        self.heartbeats = context.Array("d", [0.0] * world_size, lock=False)
         for rank in range(1, world_size):
             process = context.Process(
                 target=run_worker,
@@ -147,9 +148,10 @@ class TensorParallelWorkers:
         return [rank for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
 
     def hung_ranks(self) -> list[int]:
-        """Ranks whose heartbeat is older than `HUNG_AFTER_S`."""
+        """Ranks whose heartbeat is older than `HUNG_AFTER_S` (once they have started stamping)."""
         now = time.time()
-        return [rank for rank in range(1, len(self.processes) + 1) if now - self.heartbeats[rank] > HUNG_AFTER_S]
+        beats = [(rank, self.heartbeats[rank]) for rank in range(1, len(self.processes) + 1)]
+        return [rank for rank, beat in beats if beat > 0 and now - beat > HUNG_AFTER_S]
 
     def _monitor(self) -> None:
         """Report the first dead or hung worker through `on_failure` (see the module docstring)."""
