@@ -119,8 +119,14 @@ class Attention(nn.Module):
 
 
 class MXFP4Experts(nn.Module):
-    """This rank's experts (`num_local_experts / world_size` whole experts from `expert_start`): packed weights
-    kept exactly as stored; biases in fp32 (they are added in fp32)."""
+    """This rank's experts (`num_local_experts / world_size` whole experts from `expert_start`), as stored in
+    the checkpoint; biases in fp32 (they are added in fp32).
+
+    On CUDA, `pack_for_kernels` (called by the loader once the weights are in) re-lays values and scales on
+    the device into the MoE kernel's tiled layout (kernels/moe.py `pack_mxfp4`) and keeps only that copy:
+    the parameters then hold the packed bytes (same count, other shapes) and `packed` the kernel's view.
+    The CPU path keeps the checkpoint layout (the torch reference reads it).
+    """
 
     def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
@@ -138,6 +144,23 @@ class MXFP4Experts(nn.Module):
         )
         self.down_proj_scales = nn.Parameter(torch.empty(e, h, i // MXFP4_BLOCK, dtype=u8), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
+        self.packed: tuple | None = None  # (w1, w2) kernels.moe.Mxfp4Weights once packed
+
+    def pack_for_kernels(self) -> None:
+        """Re-lay the weights for the CUDA MoE kernel (once, after loading; a no-op off CUDA or when done)."""
+        if self.packed is not None or not self.gate_up_proj_blocks.is_cuda:
+            return
+        from gptoss.kernels.moe import pack_mxfp4
+
+        packed = []
+        for name in ("gate_up_proj", "down_proj"):
+            blocks, scales = getattr(self, f"{name}_blocks"), getattr(self, f"{name}_scales")
+            weights = pack_mxfp4(blocks, scales, getattr(self, f"{name}_bias"))
+            # Replace, so the checkpoint-layout copy is freed (65 GB at 120b: two copies would not fit).
+            setattr(self, f"{name}_blocks", nn.Parameter(weights.values, requires_grad=False))
+            setattr(self, f"{name}_scales", nn.Parameter(weights.scales, requires_grad=False))
+            packed.append(weights)
+        self.packed = tuple(packed)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """Every expert tensor is `[E, ...]`: this rank's experts are a contiguous run of its first dim."""
@@ -181,7 +204,7 @@ class MoE(nn.Module):
             self.top_k,
             self.swiglu_limit,
             self.swiglu_alpha,
-            batch_invariant=batch_invariant,
+            packed=experts.packed,
             expert_start=experts.expert_start,
             # This rank's partial stays fp32 through the sum over ranks: one rounding, as on one GPU.
             out_dtype=torch.float32 if parallel else None,
@@ -282,6 +305,11 @@ class GptOssModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    def pack_experts(self) -> None:
+        """Re-lay every layer's MXFP4 experts for the CUDA MoE kernel (after loading; no-op on CPU)."""
+        for layer in self.model.layers:
+            layer.mlp.experts.pack_for_kernels()
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[max_positions, head_dim/2]`, computed once per device, in fp32 as transformers does."""

@@ -91,24 +91,24 @@ def moe(
     top_k: int,
     swiglu_limit: float,
     swiglu_alpha: float,
-    batch_invariant: bool = True,
+    packed: tuple | None = None,
     expert_start: int = 0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference.
 
+    On CUDA the Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
+    `MXFP4Experts.pack_for_kernels`; the blocks/scales arguments then hold the same packed bytes). It is
+    batch-invariant in every mode. Elsewhere the torch reference reads the checkpoint layout.
+
     Expert parallel: the weights hold experts `expert_start ..` only (router_logits still cover all experts);
-    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype).
-    """
-    args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
-    kwargs = {
-        "swiglu_limit": swiglu_limit,
-        "swiglu_alpha": swiglu_alpha,
-        "expert_start": expert_start,
-        "out_dtype": out_dtype,
-    }
+    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype)."""
+    ep = {"expert_start": expert_start, "out_dtype": out_dtype}
     if x.is_cuda:
+        if packed is None:
+            raise RuntimeError("CUDA MoE weights are not packed: call GptOssModel.pack_experts() after loading")
         from gptoss.kernels.moe import fused_moe
 
-        return fused_moe(*args, batch_invariant=batch_invariant, **kwargs)
-    return reference.moe_reference(*args, **kwargs)
+        return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha, **ep)
+    args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
+    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **ep)

@@ -1,0 +1,79 @@
+"""benchmarks/static_report.py: the kernels compile for sm_90 without spills or shared-memory overflow.
+
+The full report (every launch at every scenario) is a script (`python -m benchmarks.static_report`, ~2 min);
+here the MoE launches of a batch-1 decode and of a 2048-token prefill are compiled with the installed triton
+and with triton 3.6 (the GPU image's) when a copy is at $GPTOSS_TRITON36 (default /tmp/triton36).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+H100_SHARED_BYTES = 227 * 1024
+
+_SCRIPT = """
+import os
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from gptoss.benchmarks import static_report
+from gptoss.kernels.launch_spec import ModelShape
+scenarios = [s for s in static_report._scenarios() if s.name in ("decode-1 ctx1k", "decode-64 ctx1k", "prefill-2048")]
+only = {"moe.route_topk", "moe.route_group", "moe.matmul1", "moe.matmul2", "moe.combine"}
+for row in static_report.build_rows(scenarios, ModelShape(), only):
+    print("ROW|{scenario}|{kernel}|{regs}|{spills}|{smem_KiB}".format(**row), flush=True)
+"""
+
+
+def _triton_dirs() -> list[tuple[str, str]]:
+    dirs = [("installed", "")]
+    triton36 = os.environ.get("GPTOSS_TRITON36", "/tmp/triton36")
+    if (Path(triton36) / "triton" / "__init__.py").exists():
+        dirs.append(("3.6", triton36))
+    return dirs
+
+
+def _has_nvidia_backend(pythonpath: str, env: dict) -> bool:
+    code = "from triton.backends.nvidia.compiler import get_ptxas; import os; assert os.path.exists(get_ptxas(90).path)"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("label,pythonpath", _triton_dirs(), ids=[d[0] for d in _triton_dirs()])
+def test_moe_launches_compile_without_spills(label: str, pythonpath: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
+    if not _has_nvidia_backend(pythonpath, env):
+        pytest.skip(f"triton ({label}) has no NVIDIA backend / ptxas")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|")[1:] for line in proc.stdout.splitlines() if line.startswith("ROW|")]
+    assert len(rows) >= 12, proc.stdout
+    for scenario, kernel, regs, spills, smem_kib in rows:
+        assert int(spills) == 0, f"{kernel} ({scenario}) spills {spills} bytes with triton {label}"
+        assert float(smem_kib) * 1024 <= H100_SHARED_BYTES, (kernel, scenario, smem_kib)
+        assert int(regs) <= 255
+
+
+def test_largest_loop_counts_the_backward_branch_body() -> None:
+    from gptoss.benchmarks.static_report import _largest_loop
+
+    sass = "\n".join(
+        [
+            "        /*0000*/   MOV R1, c[0x0][0x28] ;",
+            ".L_x_1:",
+            "        /*0010*/   IADD3 R2, R2, 0x1, RZ ;",
+            "        /*0020*/   LOP3.LUT R3, R2, 0x7, RZ, 0xc0, !PT ;",
+            "        /*0030*/   @P0 BRA `(.L_x_1) ;",
+            "        /*0040*/   EXIT ;",
+        ]
+    )
+    assert _largest_loop(sass) == 3
+
+
+def test_torch_ops_between_kernels_are_counted() -> None:
+    from gptoss.benchmarks.static_report import torch_ops_per_layer
+
+    assert torch_ops_per_layer() > 0
