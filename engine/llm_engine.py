@@ -190,6 +190,10 @@ class LLMEngine:
             self.metrics.step_errors_total += 1
             # A collective fails when a peer died: say so rather than pass on the transport's message.
             failure = self.workers.detect_failure() if self.workers is not None else None
+            if self.workers is not None and failure is None:
+                # The other ranks may be waiting in a collective this rank never reached: the group is out of
+                # step, so no later step can run. Fatal (the server exits and is restarted).
+                self._fail(f"model step failed on rank 0 with tensor parallelism: {type(exc).__name__}: {exc}")
             outputs = []
             for item in plan.scheduled:
                 item.seq.error = failure or f"model step failed: {type(exc).__name__}: {exc}"

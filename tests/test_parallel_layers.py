@@ -112,3 +112,23 @@ def test_kv_cache_holds_a_ranks_kv_heads() -> None:
     assert kv_bytes_per_block(config, 4, torch.float32, world_size=2) * 2 == kv_bytes_per_block(
         config, 4, torch.float32
     )
+
+
+def test_step_plan_wire_format_round_trips() -> None:
+    """What rank 0 broadcasts each step: numpy arrays on the wire, the same tensors (and sharing) after."""
+    import pickle
+
+    from gptoss.engine.model.forward_batch import ForwardBatch
+    from gptoss.engine.worker.model_runner import StepInputs, StepPlan
+
+    table = torch.tensor([[3, 4], [7, 0]], dtype=torch.int32)
+    batch = ForwardBatch.shared_pool(
+        torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([9, 17], dtype=torch.int32), table, torch.arange(3)
+    )
+    step = StepPlan(StepInputs(torch.tensor([5, 6, 7]), torch.tensor([7, 8, 16]), batch), [(0, 2), [1, 2]])
+    back = StepPlan.from_wire(pickle.loads(pickle.dumps(step.to_wire())))
+    assert torch.equal(back.inputs.input_ids, step.inputs.input_ids) and back.logits_rows == [(0, 2), [1, 2]]
+    for group in batch.block_tables:
+        assert torch.equal(back.inputs.batch.block_tables[group], table)
+    assert back.inputs.batch.block_tables["full_attention"] is back.inputs.batch.block_tables["sliding_attention"]
+    assert (back.inputs.batch.max_query_len, back.inputs.batch.max_seq_len) == (2, 17)

@@ -7,7 +7,8 @@
   picture) a prompt's logits are bit-identical alone and in a batch, i.e. the fixed-order reductions, the
   vocabulary gather and the sharded embedding add no dependence on the batch. Four ranks, because with two
   any summation order gives the same bits (a + b == b + a);
-- both fixed-order reductions (all-gather, and all-to-all + all-gather) give the rank-order sum exactly;
+- both fixed-order reductions (all-gather, and all-to-all + all-gather) give the rank-order sum exactly, and
+  step plans (any size) reach every rank whole;
 - the engine: `LLM(..., tensor_parallel_size=2)` (rank 0 here, rank 1 a spawned worker executing the
   broadcast step plans) generates what world size 1 generates, with the same logprobs and prompt logprobs.
 Spawning a process costs seconds on a small machine (torch import), so the checks share few launches.
@@ -74,6 +75,16 @@ def check_reductions(rank: int, world_size: int, group) -> None:
         assert torch.equal(total, expected), f"two_phase={two_phase}"
 
 
+def check_object_broadcast(parallel) -> None:
+    """Rank 0's objects arrive whole, in one fixed-size broadcast or, when larger, in a second one."""
+    from gptoss.engine.distributed.parallel_state import OBJECT_BUFFER_BYTES, broadcast_object
+
+    for size in (10, OBJECT_BUFFER_BYTES - 100, 3 * OBJECT_BUFFER_BYTES):
+        sent = {"size": size, "data": bytes(range(256)) * (size // 256)} if parallel.is_driver else None
+        got = broadcast_object(sent, parallel)
+        assert got["size"] == size and got["data"] == bytes(range(256)) * (size // 256)
+
+
 def rank_main(rank: int, world_size: int, checkpoint: Path, init_file: Path, out: Path, rowwise: bool) -> None:
     """One rank: its share of the model, the same steps as every other rank; rank 0 saves the logits."""
     torch.set_num_threads(1)
@@ -86,6 +97,7 @@ def rank_main(rank: int, world_size: int, checkpoint: Path, init_file: Path, out
         load_weights(model, checkpoint, progress=False)
         results = logits_alone_and_batched(model)
         check_reductions(rank, world_size, parallel.device_group)
+        check_object_broadcast(parallel)
         if rank == 0:
             torch.save(results, out)
     finally:

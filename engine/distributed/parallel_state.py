@@ -13,6 +13,7 @@ MASTER_ADDR, MASTER_PORT) `torchrun_env` reads; every node then runs the same co
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -100,11 +101,38 @@ def destroy_parallel(ctx: ParallelContext) -> None:
         dist.destroy_process_group()
 
 
+# A step plan fits this buffer unless the batch is large: then one more broadcast carries it whole.
+OBJECT_BUFFER_BYTES = 1 << 16
+_LENGTH_BYTES = 8
+
+
 def broadcast_object(obj: object, ctx: ParallelContext) -> object:
-    """Rank 0's `obj` on every rank (pickled over the CPU group)."""
-    holder = [obj if ctx.is_driver else None]
-    dist.broadcast_object_list(holder, src=0, group=ctx.cpu_group)
-    return holder[0]
+    """Rank 0's `obj` on every rank, pickled over the CPU group: one broadcast of a fixed-size buffer (length,
+    then the pickle) when it fits, which is every decode step's plan; torch's `broadcast_object_list` would
+    always take two (size, then payload)."""
+    buffer = torch.empty(OBJECT_BUFFER_BYTES, dtype=torch.uint8)
+    payload = b""
+    if ctx.is_driver:
+        payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        buffer[:_LENGTH_BYTES] = torch.frombuffer(
+            bytearray(len(payload).to_bytes(_LENGTH_BYTES, "little")), dtype=torch.uint8
+        )
+        if _LENGTH_BYTES + len(payload) <= OBJECT_BUFFER_BYTES:
+            buffer[_LENGTH_BYTES : _LENGTH_BYTES + len(payload)] = torch.frombuffer(
+                bytearray(payload), dtype=torch.uint8
+            )
+    dist.broadcast(buffer, src=0, group=ctx.cpu_group)
+    length = int.from_bytes(buffer[:_LENGTH_BYTES].numpy().tobytes(), "little")
+    if _LENGTH_BYTES + length <= OBJECT_BUFFER_BYTES:
+        data = buffer[_LENGTH_BYTES : _LENGTH_BYTES + length]
+    else:
+        data = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if ctx.is_driver
+            else torch.empty(length, dtype=torch.uint8)
+        )
+        dist.broadcast(data, src=0, group=ctx.cpu_group)
+    return obj if ctx.is_driver else pickle.loads(data.numpy().tobytes())
 
 
 def min_over_ranks(values: dict[str, int], ctx: ParallelContext) -> dict[str, int]:

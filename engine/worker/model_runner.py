@@ -109,6 +109,45 @@ class StepPlan:
     inputs: StepInputs
     logits_rows: list[tuple[int, int] | list[int]]
 
+    def to_wire(self) -> tuple:
+        """A picklable copy with numpy arrays for tensors (torch tensors pickle ~10x slower); tensors shared
+        between layer types stay shared (pickle's memo keeps one array)."""
+        arrays: dict[int, np.ndarray] = {}
+
+        def array(t: torch.Tensor) -> np.ndarray:
+            return arrays.setdefault(id(t), t.numpy())
+
+        b = self.inputs.batch
+        return (
+            array(self.inputs.input_ids),
+            array(self.inputs.positions),
+            array(b.query_start_loc),
+            array(b.seq_lens),
+            {g: array(t) for g, t in b.block_tables.items()},
+            {g: array(t) for g, t in b.slot_mapping.items()},
+            b.max_query_len,
+            b.max_seq_len,
+            self.logits_rows,
+        )
+
+    @classmethod
+    def from_wire(cls, wire: tuple) -> StepPlan:
+        input_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping, max_q, max_s, rows = wire
+        tensors: dict[int, torch.Tensor] = {}
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return tensors.setdefault(id(a), torch.from_numpy(a))
+
+        batch = ForwardBatch(
+            query_start_loc=tensor(query_start_loc),
+            seq_lens=tensor(seq_lens),
+            block_tables={g: tensor(a) for g, a in block_tables.items()},
+            slot_mapping={g: tensor(a) for g, a in slot_mapping.items()},
+            max_query_len=max_q,
+            max_seq_len=max_s,
+        )
+        return cls(StepInputs(tensor(input_ids), tensor(positions), batch), rows)
+
 
 class HostBlockTables:
     """Persistent host copies of the live sequences' block tables, one `[rows, width]` int32 array per group.
@@ -354,7 +393,7 @@ class ModelRunner:
             logits_rows.append((0, row) if len(sample_rows) == row else sample_rows)
         step = StepPlan(self.prepare_inputs(plan), logits_rows)
         if self.parallel.world_size > 1:
-            broadcast_object(step, self.parallel)
+            broadcast_object(step.to_wire(), self.parallel)
         logits = self.run_step(step)
         chunks = iter(logits)
         for item, first, last in prompt_spans:

@@ -40,7 +40,7 @@ from gptoss.engine.distributed.parallel_state import (
 )
 from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.model.config import ModelConfig
-from gptoss.engine.worker.model_runner import ModelRunner
+from gptoss.engine.worker.model_runner import ModelRunner, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,10 @@ HUNG_AFTER_S = 10.0  # a worker silent for this long is reported hung (a long GI
 def serve_steps(runner: ModelRunner) -> None:
     """Run rank 0's step plans until it sends None (or a peer dies: the broadcast then raises)."""
     while True:
-        step = broadcast_object(None, runner.parallel)
-        if step is None:
+        wire = broadcast_object(None, runner.parallel)
+        if wire is None:
             return
-        runner.run_step(step)  # type: ignore[arg-type]
+        runner.run_step(StepPlan.from_wire(wire))  # type: ignore[arg-type]
 
 
 def _stamp_heartbeat(heartbeats: Any, rank: int) -> None:
