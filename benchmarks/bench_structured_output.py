@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from gptoss.engine.structured_output import (
+from gptoss.engine.structured_output.grammar import (
     StructuredOutputCompiler,
-    StructuredOutputSpec,
     StructuredOutputState,
     allocate_token_bitmask,
-    apply_token_bitmask_,
+    allowed_token_mask_for_batch,
     fill_token_bitmasks,
 )
+from gptoss.engine.structured_output.spec import StructuredOutputSpec
 from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "vocab" / "o200k_harmony.tokenizer.json"
@@ -210,7 +210,11 @@ def main() -> None:
                 timings[mode].append(time.perf_counter() - start)
                 if mode == "parallel":
                     start = time.perf_counter()
-                    apply_token_bitmask_(logits, bitmask.to(device, non_blocking=True), row_ids)
+                    # What the model runner and the sampler do with a step's bitmask.
+                    allowed = allowed_token_mask_for_batch(
+                        bitmask.to(device, non_blocking=True), row_ids, batch_size, vocab_size
+                    )
+                    logits.masked_fill_(~allowed, float("-inf"))
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     timings["apply"].append(time.perf_counter() - start)

@@ -107,6 +107,7 @@ class AsyncEngine:
             raise ValueError("give exactly one of args or engine")
         self.engine = engine if engine is not None else LLMEngine(args)  # type: ignore[arg-type]
         self.max_num_waiting = self.engine.args.max_num_waiting
+        self.engine.warm_up_grammar_compiler()  # the server's first constrained request should not wait for it
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -136,8 +137,9 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; returns the async iterator of its outputs. Raises at once (see module docstring).
 
-        `logits_mask_fn` (optional, structured output): called on the engine thread before each sampled
-        token with the output token ids so far; returns a bool tensor [vocab] of allowed tokens, or None.
+        Structured output is `sampling_params.structured_output` (an invalid schema raises here). `logits_mask_fn`
+        (optional, a further constraint): called on the engine thread before each sampled token with the
+        output token ids so far; returns a bool tensor [vocab] of allowed tokens, or None.
         """
         if not self.is_alive():
             raise EngineDeadError(self._dead_reason or "the engine is shut down")

@@ -21,7 +21,9 @@ would be included anyway). A stop string may span any number of tokens.
 Special tokens (the tokenizer's added tokens marked special, e.g. harmony `<|return|>`) produce no text when
 `skip_special_tokens`; otherwise their literal text.
 
-`token_bytes(tokenizer)` exposes the id -> bytes table (e.g. for the `bytes` field of OpenAI logprobs).
+`token_bytes(tokenizer)` exposes the id -> bytes table (harmony's `HarmonyEncoding.token_bytes` reads it);
+`find_stop` / `stop_prefix_len` are the stop-string matching and hold-back, shared with the server's harmony
+event stream (which applies stop strings to the final channel's text only).
 Tokenizers whose decoder is not byte-level fall back to decoding each token alone (gap: lossy for tokens that
 are not whole characters; gpt-oss and the tiny test tokenizer are byte-level).
 """
@@ -81,6 +83,38 @@ def _tables(tokenizer: Tokenizer) -> tuple[list[bytes], frozenset[int]]:
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     """The bytes each token id stands for (special tokens: their literal text), indexed by id."""
     return _tables(tokenizer)[0]
+
+
+def find_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
+    """The earliest (start, stop string) in `text`; ties go to the stop listed first. None: no match."""
+    best: tuple[int, str] | None = None
+    for stop_str in stops:
+        start = text.find(stop_str)
+        if start >= 0 and (best is None or start < best[0]):
+            best = (start, stop_str)
+    return best
+
+
+def stop_prefix_len(text: str, stops: Iterable[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string: what a stream must
+    hold back until the next text says whether a stop string begins there.
+
+    Only lengths whose prefix ends with `text`'s last character are compared (found with `str.rfind`): a few
+    C-level comparisons per stop string rather than one per possible length.
+    """
+    longest = 0
+    last = text[-1:]
+    for stop_str in stops:
+        end = min(len(stop_str) - 1, len(text))  # candidate prefix lengths: longest + 1 .. end
+        while end > longest:
+            end = stop_str.rfind(last, 0, end) + 1  # the longest candidate length whose prefix ends with `last`
+            if end <= longest:
+                break
+            if text.endswith(stop_str[:end]):
+                longest = end
+                break
+            end -= 1
+    return longest
 
 
 class IncrementalDetokenizer:
@@ -153,14 +187,14 @@ class IncrementalDetokenizer:
             return ""
         if self.stop:
             window = self._emitted_tail + self._pending
-            match = self._find_stop(window)
+            match = find_stop(window, self.stop)
             if match is not None:
                 start, stop_str = match
                 end = start + len(stop_str) if self.include_stop_str_in_output else start
                 self.finished = True
                 self.stop_str = stop_str
                 return self._emit(window[len(self._emitted_tail) : max(end, len(self._emitted_tail))], "")
-        keep = 0 if final or not self._hold_back_prefixes else self._stop_prefix_len(self._pending)
+        keep = 0 if final or not self._hold_back_prefixes else stop_prefix_len(self._pending, self.stop)
         cut = len(self._pending) - keep
         return self._emit(self._pending[:cut], self._pending[cut:])
 
@@ -171,22 +205,3 @@ class IncrementalDetokenizer:
             if self._max_stop_len > 1:
                 self._emitted_tail = (self._emitted_tail + delta)[-(self._max_stop_len - 1) :]
         return delta
-
-    def _find_stop(self, text: str) -> tuple[int, str] | None:
-        """Earliest (start, stop string) in `text`; ties go to the stop listed first."""
-        best: tuple[int, str] | None = None
-        for stop_str in self.stop:
-            start = text.find(stop_str)
-            if start >= 0 and (best is None or start < best[0]):
-                best = (start, stop_str)
-        return best
-
-    def _stop_prefix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        longest = 0
-        for stop_str in self.stop:
-            for length in range(min(len(stop_str) - 1, len(text)), longest, -1):
-                if text.endswith(stop_str[:length]):
-                    longest = length
-                    break
-        return longest

@@ -8,8 +8,11 @@
     token or finished in it (deltas plus cumulative fields). If the model step raises, the requests in that
     step finish with finish_reason "error" (message in `error`) and the engine stays usable.
   - `abort_request(request_id) -> RequestOutput | None`: finishes it ("abort") and frees its blocks at once.
-  - structured output: `add_request(..., logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)))` (the
-    same keyword on `AsyncEngine.add_request`) constrains every sampled token to the grammar.
+  - structured output: a request whose `SamplingParams.structured_output` holds a spec gets a grammar state
+    (compiled here, by `grammar_compiler`; an invalid schema raises `StructuredOutputError` from
+    `validate_request` / `add_request`), and every token it samples is constrained to the grammar.
+    `add_request(..., logits_mask_fn=f)` is a further, arbitrary constraint: `f(output_token_ids)` -> bool
+    mask [vocab] (or None), ANDed with the grammar's.
   - `has_unfinished_requests()`, `metrics_snapshot()`, `shutdown()` (stops tensor-parallel workers).
 With `tensor_parallel_size > 1` this process is rank 0: it schedules and samples, and the other ranks
 (spawned here, or started by torchrun) execute each step's plan (engine/worker/tp_worker.py).
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.scheduler import Scheduler, SchedulerOutput
@@ -40,6 +44,9 @@ from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import load_tokenizer
 from gptoss.engine.worker.model_runner import ModelRunner, ModelRunnerOutput
 from gptoss.engine.worker.tp_worker import TensorParallelWorkers
+
+if TYPE_CHECKING:
+    from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +65,6 @@ def eos_token_ids(checkpoint_dir: str | Path, config: ModelConfig) -> frozenset[
         elif isinstance(raw, list):
             ids.update(int(x) for x in raw)
     return frozenset(ids)
-
-
-def grammar_mask_fn(state: Any) -> Callable[[list[int]], Any]:
-    """A `logits_mask_fn` from a grammar state (engine/structured_output.py's `StructuredOutputState`).
-
-    The state is one itself (`state(output_token_ids)` catches up on new output tokens, then masks), and the
-    model runner recognises it: all grammar rows of a step get their masks in one batch, computed on a worker
-    thread while the forward runs. It stays in step across preemptions (the output tokens never change).
-    """
-    return state
 
 
 class LLMEngine:
@@ -98,7 +95,7 @@ class LLMEngine:
             self.block_manager,
             args.max_num_seqs,
             args.max_num_batched_tokens,
-            min(args.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings),
+            self.runner.context_len,
             args.max_num_waiting,
         )
         # The longest sequence served (context and KV cache both bound it); reaching it finishes "length".
@@ -106,6 +103,8 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
         self._pending_text: dict[int, str] = {}
+        self._grammar_compiler: StructuredOutputCompiler | None = None  # see grammar_compiler
+        self._grammar_lock = threading.Lock()
         self._admitted: set[int] = set()
         self.metrics = EngineMetrics()
         self.vocab_size = self.config.vocab_size
@@ -122,6 +121,33 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"prompt has token ids outside 0..{self.vocab_size - 1}: {bad[:5]}")
         self.scheduler.check_prompt(len(prompt_token_ids))
+        if sampling_params.structured_output is not None:
+            self.grammar_compiler.compile(sampling_params.structured_output)  # cached: a bad schema raises here
+
+    @property
+    def grammar_compiler(self) -> StructuredOutputCompiler:
+        """The structured-output compiler, made on first use (2-5 s with the real vocabulary). Thread-safe.
+
+        Imported here rather than at the top: llguidance is only needed by requests that carry a spec, so an
+        image without it (the GPU test image) still runs everything else.
+        """
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
+
+                self._grammar_compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
+            return self._grammar_compiler
+
+    def warm_up_grammar_compiler(self) -> None:
+        """Build `grammar_compiler` on a background thread, so that the first constrained request does not wait."""
+
+        def build() -> None:
+            try:
+                self.grammar_compiler  # noqa: B018  (builds it)
+            except ImportError as exc:
+                logger.warning("structured outputs unavailable until %s is installed", exc.name)
+
+        threading.Thread(target=build, name="grammar-compiler-warmup", daemon=True).start()
 
     def add_request(
         self,
@@ -131,8 +157,9 @@ class LLMEngine:
         arrival_time: float | None = None,
         logits_mask_fn: Callable[[list[int]], Any] | None = None,
     ) -> Sequence:
-        """Queue a request. `logits_mask_fn(output_token_ids) -> bool tensor [vocab] | None` constrains each
-        sampled token (structured output); if it raises, only this request fails (finish_reason "error")."""
+        """Queue a request. `sampling_params.structured_output` constrains its reply to a grammar;
+        `logits_mask_fn(output_token_ids) -> bool tensor [vocab] | None` constrains each sampled token further.
+        If either fails mid-way, only this request fails (finish_reason "error")."""
         if sampling_params is None:
             sampling_params = SamplingParams()
         if logits_mask_fn is not None and not callable(logits_mask_fn):
@@ -150,6 +177,8 @@ class LLMEngine:
         if seq.want_prompt_logprobs:
             seq.prompt_logprobs = [None]
         seq.logits_mask_fn = logits_mask_fn
+        if sampling_params.structured_output is not None:
+            seq.grammar = self.grammar_compiler.new_state(sampling_params.structured_output)
         self.scheduler.add(seq)
         self.requests[request_id] = seq
         self._detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, sampling_params)

@@ -1,15 +1,12 @@
 """Per-request sampling parameters: one `SamplingParams` per request, validated when it is made.
 
-Two levels of validation:
-- `SamplingParams(...)` (via `__post_init__` -> `validate()`) checks what the *engine* can run. It is looser
-  than the public API so offline users can do more: `top_k` -1 or 0 means "disabled" and any larger value is
-  allowed, `temperature` may exceed 5, `seed` may be any non-negative int, `max_tokens` may be 0 when
-  `prompt_logprobs` is requested (echo / scoring without generating).
-- `validate_api_ranges()` checks the ranges of the public API (shared/docs/api.md): temperature 0..5,
-  top_p 0.001..1, top_k 1..50 (or disabled), seed 1..9999999999, repetition_penalty 0..2, frequency/presence
-  penalty -2..2, max_tokens >= 1. The server calls it after building the params from a request.
+`SamplingParams(...)` (via `__post_init__` -> `validate()`) checks what the *engine* can run. It is looser
+than the public API so offline users can do more: `top_k` -1 or 0 means "disabled" and any larger value is
+allowed, `temperature` may exceed 5, `seed` may be any non-negative int, `max_tokens` may be 0 when
+`prompt_logprobs` is requested (echo / scoring without generating). The public API's ranges
+(shared/docs/api.md) are the server's request models' (server/protocol_openai.py).
 
-Both raise `SamplingParamsError` (a `ValueError`) whose `param` attribute names the offending field, so the
+It raises `SamplingParamsError` (a `ValueError`) whose `param` attribute names the offending field, so a
 server can answer a 400 that names it. Fields set after construction are not re-checked: call `validate()`.
 
 Semantics (what the sampler does with each field, engine/worker/sampler.py):
@@ -30,6 +27,9 @@ Semantics (what the sampler does with each field, engine/worker/sampler.py):
   tokens. Logprobs are those of the model's raw distribution (log_softmax of the logits before any
   processing), as OpenAI reports them.
 - `prompt_logprobs`: None = none; k = each prompt token's logprob plus the top k at every position.
+- `structured_output`: a `StructuredOutputSpec` (engine/structured_output/spec.py: JSON mode, JSON Schema,
+  strict tools, a required tool call) constrains every sampled token to its grammar over the harmony reply;
+  the engine compiles it when the request is added (an invalid schema raises `StructuredOutputError` then).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptoss.engine.errors import RequestError
+from gptoss.engine.structured_output.spec import StructuredOutputSpec
 
 # Temperatures below this are treated as greedy (dividing by them would overflow the logits' range).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
-API_MAX_SEED = 9_999_999_999
 
 
 class SamplingParamsError(RequestError):
@@ -83,6 +83,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         # Accept a single stop string / tuples as the OpenAI API does; store lists.
@@ -126,20 +127,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise SamplingParamsError(name, f"must be None or an integer in 0..{MAX_LOGPROBS}, got {value!r}")
-
-    def validate_api_ranges(self) -> None:
-        """Check the public API ranges (shared/docs/api.md), stricter than `validate()`."""
-        if self.max_tokens < 1:
-            raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
-        self._check_number("temperature", low=0.0, high=5.0)
-        self._check_number("top_p", low=0.001, high=1.0)
-        if self.top_k > 50:  # -1 / 0 (disabled) pass
-            raise SamplingParamsError("top_k", f"must be in 1..50, got {self.top_k}")
-        if self.seed is not None and not 1 <= self.seed <= API_MAX_SEED:
-            raise SamplingParamsError("seed", f"must be in 1..{API_MAX_SEED}, got {self.seed}")
-        self._check_number("repetition_penalty", low=0.0, high=2.0)
-        self._check_number("frequency_penalty", low=-2.0, high=2.0)
-        self._check_number("presence_penalty", low=-2.0, high=2.0)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutputSpec):
+            raise SamplingParamsError("structured_output", "must be a StructuredOutputSpec or None")
 
     def _check_number(self, name: str, low: float, high: float | None = None, low_open: bool = False) -> None:
         value = getattr(self, name)

@@ -33,7 +33,7 @@ decode kernels for the q_len == 1 sequences in batch-invariant mode.
 
 Numerics: bf16 (or fp16) `tl.dot` with fp32 accumulation and fp32 softmax on GPU; fp32 caches use IEEE fp32
 dots. Under `TRITON_INTERPRET=1` bf16 arithmetic is broken in the interpreter, so the launchers set the
-`UPCAST` constexpr and every load is cast to fp32 first (see /work/shared/docs/triton-notes.md).
+`UPCAST` constexpr and every load is cast to fp32 first.
 Triton 3.9 reads `TRITON_INTERPRET` when `@triton.jit` decorates (when this module, and triton.language
 itself, are imported) and again while launching: set it before importing and leave it set. Kernels here
 avoid triton.language's own @jit helpers (tl.zeros, tl.max, tl.sum) on the interpreter path, so they still

@@ -23,7 +23,7 @@ and BLOCK_N shrinks for small N so that enough CTAs stream the weight (q_proj N=
 
 The kernel is a plain function turned into a Triton kernel lazily (as in kernels/moe.py) so that
 `TRITON_INTERPRET` is read at launch time. In the interpreter bf16 arithmetic is broken, so the `FP32_MATH`
-constexpr upcasts the operands there (see /work/shared/docs/triton-notes.md).
+constexpr upcasts the operands there.
 """
 
 from __future__ import annotations

@@ -5,6 +5,5 @@ only converts (`openai_chat`, `openai_responses`, `completions`, and `workers_ai
 `protocol_*` (pydantic request models); the shared core they stand on: `serving` (request preparation,
 generation, answering), `engine_client` (the typed engine protocol, submitting requests), `admission`,
 `events` (API-neutral events and results), `harmony_events` (the harmony event fold), `logprobs`; and
-`errors` (each API's error shape), `metrics` (Prometheus text), `structured` (grammar-constrained outputs),
-`sse`, `state`.
+`errors` (each API's error shape), `metrics` (Prometheus text), `sse`, `state`.
 """

@@ -9,8 +9,7 @@ API (what `gptoss serve` uses):
         `tokenizer`: the checkpoint's `tokenizers.Tokenizer`; `max_model_len` defaults to the engine's;
         `api_key`: when set, every route but /health needs `Authorization: Bearer <key>`;
         `max_queue`: generation requests in flight before new ones get 429 + Retry-After. Structured outputs
-        (response formats, strict tools, forced tool calls) are enforced when the engine's `add_request`
-        takes `logits_mask_fn` and llguidance is installed (server/structured.py).
+        (response formats, strict tools, forced tool calls) go to the engine as `SamplingParams.structured_output`.
     add_serve_arguments(parser)     adds --host (127.0.0.1), --port (8000), --api-key (env GPTOSS_API_KEY),
                                     --served-model-name (gpt-oss-120b), --max-queue, --response-store-size,
                                     --log-level
@@ -47,7 +46,6 @@ from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
 from gptoss.server.serving import encode_raw
 from gptoss.server.state import ServerState, get_state, read_body
-from gptoss.server.structured import StructuredOutputs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("server")
@@ -158,9 +156,6 @@ def create_app(
         batch_ttl_s=batch_ttl_s,
         max_body_bytes=max_body_bytes,
     )
-    state.structured = StructuredOutputs.create(engine, tokenizer)
-    if state.structured is not None:
-        state.structured.warm_up()
     app = FastAPI(title="gpt-oss server", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     install_error_handlers(app)

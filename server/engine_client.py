@@ -23,9 +23,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Structured outputs: called with the output token ids so far, returns the allowed tokens (bool [vocab]).
-LogitsMaskFn = Callable[[list[int]], Any]
-
 
 class EngineClient(Protocol):
     """What the server uses of `engine.async_engine.AsyncEngine`."""
@@ -35,9 +32,9 @@ class EngineClient(Protocol):
         request_id: str,
         prompt_token_ids: Sequence[int],
         sampling_params: SamplingParams | None = None,
-        logits_mask_fn: LogitsMaskFn | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request; raises at once (engine.errors) when it cannot be queued."""
+        """Queue a request; raises at once (an `engine.errors.EngineError`) when it cannot be queued, e.g. for
+        an invalid `sampling_params.structured_output` schema."""
         ...
 
     def abort(self, request_id: str) -> None: ...
@@ -83,14 +80,10 @@ def submit(
     request_id: str,
     prompt_token_ids: list[int],
     params: SamplingParams,
-    logits_mask_fn: LogitsMaskFn | None = None,
 ) -> Submitted[RequestOutput]:
     """Queue a request in the engine now (its errors, e.g. overload or a prompt too long, raise here, before
     any response is started) and return its outputs, timed for the metrics."""
-    if logits_mask_fn is not None:
-        stream = state.engine.add_request(request_id, prompt_token_ids, params, logits_mask_fn=logits_mask_fn)
-    else:
-        stream = state.engine.add_request(request_id, prompt_token_ids, params)
+    stream = state.engine.add_request(request_id, prompt_token_ids, params)
     return Submitted(state, request_id, _timed_outputs(state, request_id, stream, len(prompt_token_ids)))
 
 

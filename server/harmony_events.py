@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+from gptoss.engine.detokenizer import find_stop, stop_prefix_len
 from gptoss.engine.harmony.parser import tool_name
 from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.engine.outputs import RequestOutput, TokenLogprob
@@ -30,16 +31,9 @@ from gptoss.server.events import (
 
 
 class HarmonyEventStream:
-    """Completion tokens -> events, one token at a time (see the module docstring).
+    """Completion tokens -> events, one token at a time (see the module docstring)."""
 
-    `prefill_token_ids` are completion tokens the server put at the end of the prompt (e.g. a forced tool-call
-    header `<|channel|>commentary to=functions.f <|constrain|>json<|message|>`): the parser sees them first,
-    they count as neither output nor usage.
-    """
-
-    def __init__(
-        self, encoding: HarmonyEncoding, prefill_token_ids: Sequence[int] = (), stop: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, encoding: HarmonyEncoding, stop: Sequence[str] = ()) -> None:
         self.parser = encoding.stream_parser("assistant")
         self.stop_strings = [s for s in stop if s]
         self.num_tokens = 0
@@ -50,33 +44,20 @@ class HarmonyEventStream:
         self._held_logprobs: list[TokenLogprob] = []
         self.tool_calls: list[ToolCallDone] = []
         self._open_call: ToolCallStarted | None = None
-        # The prefill is a header: it can only open a tool call, whose start is emitted with the first events.
-        self._prefilling = True
-        for token_id in prefill_token_ids:
-            self.feed(token_id)
-        self._prefilling = False
-        self._prefill_events: list[Event] = [self._open_call] if self._open_call is not None else []
-
-    def take_prefill_events(self) -> list[Event]:
-        """Events the prefill produced (a forced tool call's `ToolCallStarted`), once."""
-        events, self._prefill_events = self._prefill_events, []
-        return events
 
     def feed(self, token_id: int, logprob: TokenLogprob | None = None) -> list[Event]:
         """One completion token -> what it added (possibly nothing)."""
         if self.stopped:
             return []
-        if not self._prefilling:
-            self.num_tokens += 1
+        self.num_tokens += 1
         event = self.parser.process(token_id)
         kind = event.kind
-        if not self._prefilling and kind == "reasoning" and (event.text or not event.message_done):
+        if kind == "reasoning" and (event.text or not event.message_done):
             self.reasoning_tokens += 1
         events: list[Event] = []
         if event.message_started and kind == "tool_call":
             self._open_call = ToolCallStarted(len(self.tool_calls), new_call_id(), tool_name(event.recipient or ""))
-            if not self._prefilling:
-                events.append(self._open_call)
+            events.append(self._open_call)
         if event.text:
             if kind == "tool_call" and self._open_call is not None:
                 events.append(ToolCallArgumentsDelta(self._open_call.index, event.text))
@@ -107,19 +88,12 @@ class HarmonyEventStream:
             logprobs, self._held_logprobs = self._held_logprobs, []
             return [ContentDelta(text, logprobs)]
         pending = self._held + text
-        hits = [(pending.find(s), s) for s in self.stop_strings if s in pending]
-        if hits:
-            cut = min(i for i, _ in hits)
+        match = find_stop(pending, self.stop_strings)
+        if match is not None:
             self.stopped = True
             self._held = ""
-            return self._emit(pending[:cut])
-        # Hold back the longest tail of `pending` that could still grow into a stop string.
-        keep = 0
-        for s in self.stop_strings:
-            for length in range(min(len(s) - 1, len(pending)), 0, -1):
-                if pending.endswith(s[:length]):
-                    keep = max(keep, length)
-                    break
+            return self._emit(pending[: match[0]])
+        keep = stop_prefix_len(pending, self.stop_strings)
         self._held = pending[len(pending) - keep :] if keep else ""
         return self._emit(pending[: len(pending) - keep])
 
@@ -162,17 +136,14 @@ async def harmony_events(
     encoding: HarmonyEncoding,
     outputs: AsyncIterator[RequestOutput],
     num_prompt_tokens: int,
-    prefill_token_ids: Sequence[int] = (),
     stop: Sequence[str] = (),
 ) -> AsyncIterator[Event]:
     """A request's engine outputs -> its events, ending with `Finished`. A matched stop string leaves early,
     which closes (and so aborts) `outputs`."""
-    events = HarmonyEventStream(encoding, prefill_token_ids, stop)
+    events = HarmonyEventStream(encoding, stop)
     usage = Usage(prompt_tokens=num_prompt_tokens)
     finish_reason: str | None = None
     async with contextlib.aclosing(outputs):  # type: ignore[type-var]
-        for event in events.take_prefill_events():
-            yield event
         async for output in outputs:
             usage.cached_tokens = output.num_cached_tokens
             new_logprobs = output.new_logprobs or []

@@ -6,9 +6,8 @@ final -> `message.content`; analysis -> `message.reasoning_content` and `message
 as servers disagree); calls to `functions.NAME` -> `message.tool_calls` with arguments as JSON text.
 
 `tool_choice`: "auto" (default) renders the tools; "none" leaves them out of the prompt; a named function
-or "required" forces a call by ending the prompt with the call's header (`to=functions.NAME<|channel|>
-commentary <|constrain|>json<|message|>`, or just ` to=functions.` for "required"), which skips reasoning
-(server/serving.py; with structured outputs the call is enforced by the grammar instead).
+or "required" forces a call through the request's grammar (`SamplingParams.structured_output`), which leaves
+the reasoning free; so do `response_format` and strict tools.
 This module only converts; the Workers AI `messages` format builds on `prepare_chat` / `start_chat` /
 `chat_completion` / `chat_chunks` (server/workers_ai.py).
 """
@@ -49,7 +48,6 @@ from gptoss.server.serving import (
     check_model,
     generate_harmony,
     harmony_sampling_params,
-    mask_fn,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -67,13 +65,11 @@ class ChatPlan:
 
     model: str
     prompt_token_ids: list[int]
-    prefill_token_ids: list[int]
     params: list[SamplingParams]  # one per choice (n)
     stop: list[str]
     logprobs: bool
     top_logprobs: int
     include_usage: bool
-    structured_spec: Any = None  # engine StructuredOutputSpec when the reply is constrained
     request_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -102,7 +98,7 @@ def chat_prompt_ids(
 def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
-    _, mode, name = resolve_tools(tools, req.tool_choice)
+    _, mode, _ = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort
     if req.reasoning_effort is None and req.reasoning is not None:  # so that an error names the field sent
@@ -114,7 +110,6 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
         req,
         tools=tools,
         tool_choice=req.tool_choice,
-        forced=(mode, name),
         response_format=response_format,
         response_format_param="response_format",
         max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
@@ -132,13 +127,11 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
     return ChatPlan(
         model,
         prepared.prompt_token_ids,
-        prepared.prefill_token_ids,
         params,
         req.stop_list,
         bool(req.logprobs),
         req.top_logprobs or 0,
         include_usage,
-        prepared.structured_spec,
     )
 
 
@@ -173,10 +166,8 @@ def start_chat(state: ServerState, plan: ChatPlan) -> list[Any]:
                 state,
                 plan.prompt_token_ids,
                 params,
-                prefill_token_ids=plan.prefill_token_ids,
                 stop=plan.stop,
                 request_id=f"{plan.request_id}-{i}",
-                logits_mask_fn=mask_fn(state, plan.structured_spec),
             )
             for i, params in enumerate(plan.params)
         ]

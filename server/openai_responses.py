@@ -49,7 +49,6 @@ from gptoss.server.serving import (
     check_model,
     generate_harmony,
     harmony_sampling_params,
-    mask_fn,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -69,14 +68,12 @@ def _id(prefix: str) -> str:
 class ResponsesPlan:
     model: str
     prompt_token_ids: list[int]
-    prefill_token_ids: list[int]
     params: SamplingParams
     stop: list[str]
     request: ResponsesRequest
     input_items: list[dict[str, Any]]  # the conversation so far (stored ones first), as Responses items
     tools: list[dict[str, Any]]
     effort: str
-    structured_spec: Any = None
     response_id: str = field(default_factory=lambda: _id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
 
@@ -100,7 +97,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
             )
         items = stored["items"] + items
     tools = req.tools or []
-    specs, mode, name = resolve_tools(tools, req.tool_choice)
+    specs, mode, _ = resolve_tools(tools, req.tool_choice)
     reasoning = req.reasoning.model_dump(exclude_none=True) if req.reasoning else None
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else None
     conversation = conversation_from_responses(
@@ -118,7 +115,6 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         req,
         tools=tools,
         tool_choice=req.tool_choice,
-        forced=(mode, name),
         response_format=text.get("format") if text else None,
         response_format_param="text.format",
         max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
@@ -140,14 +136,12 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
     return ResponsesPlan(
         model,
         prepared.prompt_token_ids,
-        prepared.prefill_token_ids,
         harmony_sampling_params(state, **kwargs),
         req.stop_list,
         req,
         items,
         flat_tools,
         effort or "medium",
-        prepared.structured_spec,
     )
 
 
@@ -400,10 +394,8 @@ def start_responses(state: ServerState, plan: ResponsesPlan) -> Any:
         state,
         plan.prompt_token_ids,
         plan.params,
-        prefill_token_ids=plan.prefill_token_ids,
         stop=plan.stop,
         request_id=plan.response_id,
-        logits_mask_fn=mask_fn(state, plan.structured_spec),
     )
 
 

@@ -4,8 +4,9 @@ The API modules (`openai_chat`, `openai_responses`, `completions`, `workers_ai`)
 into a prompt and `SamplingParams` with the helpers here, and the events they get back into their response.
 What they share lives here:
 - request preparation: the model name and `lora` check, `tool_choice`, the sampling fields with the server's
-  defaults, structured outputs or the forced-call prefill, the prompt-length check (`prepare_harmony` does
-  the steps a harmony request goes through once its prompt is rendered), raw-text tokenization;
+  defaults, the structured-output spec (JSON mode / schema, strict tools, a forced tool call: enforced by the
+  engine's grammar), the prompt-length check (`prepare_harmony` does the steps a harmony request goes
+  through once its prompt is rendered), raw-text tokenization;
 - generation: `generate_harmony` (events of server/events.py, folded by server/harmony_events.py) and
   `generate_raw` (`RawDelta`s then a `RawResult`), both submitted to the engine at once
   (server/engine_client.py);
@@ -28,11 +29,12 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from gptoss.engine.harmony.messages import normalize_tools
+from gptoss.engine.harmony.messages import ToolSpec, normalize_tools
 from gptoss.engine.outputs import RequestOutput
 from gptoss.engine.sampling_params import SamplingParams
+from gptoss.engine.structured_output.spec import StructuredOutputSpec
 from gptoss.server.admission import Admission, release_all
-from gptoss.server.engine_client import LogitsMaskFn, Submitted, submit
+from gptoss.server.engine_client import Submitted, submit
 from gptoss.server.errors import APIError, bad_request, no_lora
 from gptoss.server.events import Event, RawDelta, RawResult, Usage
 from gptoss.server.harmony_events import harmony_events
@@ -103,25 +105,10 @@ def sampling_kwargs(req: SamplingFields, max_tokens: int, default_temperature: f
     return kwargs
 
 
-def forced_call_prefill(state: ServerState, name: str | None) -> list[int]:
-    """Completion tokens that force a tool call: the header of a call to `name` (or to any function)."""
-    enc = state.encoding
-    if name is None:
-        return enc.encode_text(" to=functions.")
-    return [
-        *enc.encode_text(f" to=functions.{name}"),
-        enc.channel_id,
-        *enc.encode_text("commentary"),
-        *enc.encode_text(" "),
-        enc.constrain_id,
-        *enc.encode_text("json"),
-        enc.message_id,
-    ]
-
-
 def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str | None]:
     """(mode, function name), mode one of auto / none / required / named. Accepts Chat Completions'
-    `{type: function, function: {name}}` and Responses' `{type: function, name}`; a named function must exist."""
+    `{type: function, function: {name}}` and Responses' `{type: function, name}`; a named function must exist.
+    (The call itself is forced by the request's grammar: `structured_spec`.)"""
     if tool_choice is None or tool_choice in ("auto", "none"):
         return tool_choice or "auto", None
     if tool_choice == "required":
@@ -141,27 +128,20 @@ def tool_choice_mode(tool_choice: Any, tool_names: list[str]) -> tuple[str, str 
 
 
 def structured_spec(
-    state: ServerState,
     response_format: dict[str, Any] | None,
     tools: list[dict[str, Any]] | None,
     tool_choice: Any,
     response_format_param: str = "response_format",
-) -> Any:
-    """The request's structured-output spec (None: unconstrained, or the engine cannot constrain)."""
-    if state.structured is None:
-        return None
-    return state.structured.spec(
+) -> StructuredOutputSpec | None:
+    """The request's structured-output spec: JSON mode / schema, strict tools, a required or named tool call
+    (None: unconstrained). Raises `StructuredOutputError` (a 400 naming the field)."""
+    return StructuredOutputSpec.from_request(
         response_format, tools or None, tool_choice, response_format_param=response_format_param
     )
 
 
-def mask_fn(state: ServerState, spec: Any) -> Any:
-    """A fresh `logits_mask_fn` for one generation of a constrained request (None when unconstrained)."""
-    return state.structured.mask_fn(spec) if spec is not None else None
-
-
-def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[Any], str, str | None]:
-    """(the tools normalized, tool_choice mode, forced function name) of a request (see `tool_choice_mode`)."""
+def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[ToolSpec], str, str | None]:
+    """(the tools normalized, tool_choice mode, named function) of a request (see `tool_choice_mode`)."""
     specs = normalize_tools(tools)
     mode, name = tool_choice_mode(tool_choice, [t.name for t in specs])
     return specs, mode, name
@@ -169,13 +149,11 @@ def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[A
 
 @dataclass
 class HarmonyPrompt:
-    """A harmony request ready to submit. `prompt_token_ids` end with `prefill_token_ids` (a forced call's
-    header, when the engine cannot constrain the reply); `structured_spec` is the engine's constraint (None:
-    unconstrained); `sampling` are the SamplingParams keyword arguments."""
+    """A harmony request ready to submit: its prompt, its structured-output spec (None: unconstrained) and
+    its SamplingParams keyword arguments (the spec among them, as `structured_output`)."""
 
     prompt_token_ids: list[int]
-    prefill_token_ids: list[int]
-    structured_spec: Any
+    structured_spec: StructuredOutputSpec | None
     sampling: dict[str, Any]
 
 
@@ -186,21 +164,18 @@ def prepare_harmony(
     *,
     tools: list[dict[str, Any]],
     tool_choice: Any,
-    forced: tuple[str, str | None],
     response_format: dict[str, Any] | None,
     response_format_param: str,
     max_tokens: int,
     prompt_param: str,
 ) -> HarmonyPrompt:
-    """The steps every harmony request takes once its prompt is rendered: its structured-output spec (or the
-    forced-call prefill), the prompt-length check and its sampling fields. `forced` is `resolve_tools`' mode
-    and name."""
-    spec = structured_spec(state, response_format, tools, tool_choice, response_format_param)
-    mode, name = forced
-    prefill = forced_call_prefill(state, name) if mode in ("named", "required") and spec is None else []
-    prompt = rendered + prefill
-    max_tokens = check_prompt_length(state, len(prompt), max_tokens, prompt_param)
-    return HarmonyPrompt(prompt, prefill, spec, sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE))
+    """The steps every harmony request takes once its prompt is rendered: its structured-output spec (JSON
+    mode / schema, strict tools, a required or named tool call: enforced by the engine's grammar), the
+    prompt-length check and its sampling fields."""
+    spec = structured_spec(response_format, tools, tool_choice, response_format_param)
+    max_tokens = check_prompt_length(state, len(rendered), max_tokens, prompt_param)
+    sampling = {**sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE), "structured_output": spec}
+    return HarmonyPrompt(rendered, spec, sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,20 +188,17 @@ def generate_harmony(
     prompt_token_ids: list[int],
     params: SamplingParams,
     *,
-    prefill_token_ids: Sequence[int] = (),
     stop: Sequence[str] = (),
     request_id: str | None = None,
-    logits_mask_fn: LogitsMaskFn | None = None,
 ) -> Submitted[Event]:
     """Submit a harmony completion now; return the async iterator of its events (the last is `Finished`).
 
-    `prompt_token_ids` already end with `prefill_token_ids` (if any). `params.stop_token_ids` should hold
-    `<|return|>` and `<|call|>` (see `harmony_sampling_params`). `logits_mask_fn` (structured outputs, see
-    server/structured.py) is a callable per request (n choices need one each). Engine errors raise here.
+    `params.stop_token_ids` should hold `<|return|>` and `<|call|>` (see `harmony_sampling_params`); its
+    `structured_output` constrains the reply. Engine errors (an invalid schema among them) raise here.
     """
     request_id = request_id or new_request_id("gen")
-    outputs = submit(state, request_id, prompt_token_ids, params, logits_mask_fn)
-    events = harmony_events(state.encoding, outputs, len(prompt_token_ids), prefill_token_ids, stop)
+    outputs = submit(state, request_id, prompt_token_ids, params)
+    events = harmony_events(state.encoding, outputs, len(prompt_token_ids), stop)
     return Submitted(state, request_id, events)
 
 

@@ -70,7 +70,6 @@ class ServerState:
     batch_store_size: int = 1024
     batch_ttl_s: float = 3600.0
     encoding: HarmonyEncoding = field(init=False)
-    structured: Any = None  # server.structured.StructuredOutputs, or None (prompt-only response formats)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     responses: BoundedStore[str, Any] = field(init=False)

@@ -34,7 +34,7 @@ def scripted(scripted_server: LiveServer) -> LiveServer:
     engine = scripted_server.engine
     engine.script, engine.delay, engine.overloaded, engine.alive, engine.fail_after = [], 0.0, False, True, None
     engine.requests.clear()
-    engine.mask_fns.clear()
+    engine.grammars.clear()
     engine.mask_violations.clear()
     return scripted_server
 

@@ -84,8 +84,9 @@ class ScriptedEngine:
 
     Honours max_tokens and stop_token_ids; reports logprobs (-0.5 for the chosen token, -1.5 for one
     alternative) and prompt logprobs when asked. `delay` sleeps between tokens (for disconnect tests).
-    With a `logits_mask_fn` (structured outputs) each scripted token is checked against the mask; the ones
-    it forbids are recorded in `mask_violations` (the script is replayed regardless). With `fail_after` set,
+    A request with `structured_output` gets its grammar compiled as the engine does (an invalid schema raises
+    at once); each scripted token is checked against the grammar's mask and the ones it forbids are recorded
+    in `mask_violations` (the script is replayed regardless). With `fail_after` set,
     a request fails (`RequestFailedError`, as the engine reports a failed request) after that many tokens.
     """
 
@@ -98,26 +99,34 @@ class ScriptedEngine:
         self.requests: list[tuple[str, list[int], SamplingParams]] = []
         self.alive = True
         self.overloaded = False
-        self.mask_fns: list[Any] = []  # the logits_mask_fn of each request (None: unconstrained)
+        self.grammars: list[Any] = []  # the grammar state of each request (None: unconstrained)
         self.mask_violations: list[int] = []
         self.fail_after: int | None = None
+        self._compiler: Any = None
 
-    def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, logits_mask_fn: Any = None
-    ) -> Any:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Any:
         if self.overloaded:
             raise EngineOverloadedError("scripted overload")
+        grammar = None
+        if params.structured_output is not None:
+            if self._compiler is None:
+                from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
+
+                self._compiler = StructuredOutputCompiler(
+                    self.tokenizer, self.tokenizer.get_vocab_size(with_added_tokens=True)
+                )
+            grammar = self._compiler.new_state(params.structured_output)
         self.requests.append((request_id, list(prompt_token_ids), params))
-        self.mask_fns.append(logits_mask_fn)
+        self.grammars.append(grammar)
         self.active.add(request_id)
-        return self._run(request_id, list(prompt_token_ids), params, list(self.script), logits_mask_fn)
+        return self._run(request_id, list(prompt_token_ids), params, list(self.script), grammar)
 
     def _logprob(self, token_id: int) -> TokenLogprob:
         other = (token_id + 1) % self.tokenizer.get_vocab_size()
         return TokenLogprob(token_id, -0.5, 1, {token_id: -0.5, other: -1.5})
 
     async def _run(
-        self, request_id: str, prompt: list[int], params: SamplingParams, script: list[int], logits_mask_fn: Any = None
+        self, request_id: str, prompt: list[int], params: SamplingParams, script: list[int], grammar: Any = None
     ) -> Any:
         tokens: list[int] = []
         finished = False
@@ -138,7 +147,7 @@ class ScriptedEngine:
                     yield RequestOutput(request_id, prompt, tokens, "", True, "abort")
                     return
                 await asyncio.sleep(self.delay)
-                if logits_mask_fn is not None and not bool(logits_mask_fn(list(tokens))[token_id]):
+                if grammar is not None and not bool(grammar(list(tokens))[token_id]):
                     self.mask_violations.append(token_id)
                 tokens.append(token_id)
                 reason = None
@@ -204,13 +213,6 @@ def live_server_for(checkpoint: Path) -> LiveServer:
         tokenizer = load_tokenizer(checkpoint)
         _cache["live"] = serve(create_app(engine, tokenizer), engine, tokenizer)
     return _cache["live"]
-
-
-class UnconstrainedScriptedEngine(ScriptedEngine):
-    """An engine without `logits_mask_fn` (the server falls back to prompt-only formats, prefilled calls)."""
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Any:
-        return super().add_request(request_id, prompt_token_ids, params)
 
 
 def scripted_server_for(name: str = "scripted", engine_cls: type = ScriptedEngine, **app_kwargs: Any) -> LiveServer:

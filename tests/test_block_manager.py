@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.sequence import Sequence
+from gptoss.engine.model.config import FULL, SLIDING
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -111,7 +112,7 @@ def test_allocate_is_all_or_nothing():
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["add", "step", "fork", "free", "reset"]), st.integers(0, 10**6)),
+    st.tuples(st.sampled_from(["add", "step", "copy", "free", "reset"]), st.integers(0, 10**6)),
     min_size=1,
     max_size=60,
 )
@@ -141,15 +142,12 @@ def test_random_operations_never_leak(ops, window, num_blocks):
                 seq.token_ids.append(r % 13)  # a sampled token
             n = min(1 + r % 6, seq.num_tokens - seq.num_computed_tokens)
             if bm.allocate(seq, n):
-                # a fresh (forked) sequence may have jumped forward on a prefix hit
+                # a fresh (copied) sequence may have jumped forward on a prefix hit
                 n = min(n, seq.num_tokens - seq.num_computed_tokens)
                 if n > 0:
                     bm.mark_computed(seq, n)
-        elif op == "fork" and live:
-            parent = live[r % len(live)]
-            child = make_seq(list(parent.token_ids))
-            bm.fork(parent, child)
-            live.append(child)
+        elif op == "copy" and live:  # same tokens as a live sequence: its first step takes prefix hits
+            live.append(make_seq(list(live[r % len(live)].token_ids)))
         elif op == "free" and live:
             seq = live.pop(r % len(live))
             bm.free(seq)

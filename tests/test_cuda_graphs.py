@@ -153,7 +153,7 @@ def test_padded_decode_matches_unpadded_and_writes_only_real_slots(cpu_model):
 @pytest.mark.parametrize("window", [None, 12])
 @pytest.mark.parametrize("batch_invariant", [True, False])
 def test_attention_decode_with_a_larger_max_seq_len_hint_is_unchanged(monkeypatch, window, batch_invariant):
-    """Captured graphs pass max_model_len as the attention's max_seq_len hint: a bigger split grid whose extra
+    """Captured graphs pass the model's context as the attention's max_seq_len hint: a bigger split grid whose extra
     programs must exit, each sequence still splitting by its own length (so results are bit-identical)."""
     from gptoss.kernels import attention
     from gptoss.kernels.reference import paged_attention_reference

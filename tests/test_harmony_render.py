@@ -21,7 +21,6 @@ from gptoss.engine.harmony import (
     ToolSpec,
     build_conversation,
     json_schema_to_typescript,
-    render_chat_prompt,
 )
 from gptoss.engine.harmony.render import messages_to_render
 from gptoss.engine.harmony.schema_render import json_text, render_response_format_section
@@ -417,7 +416,7 @@ def test_render_matches_openai_harmony(shared_dir, messages):
     oh, oracle = load_oracle(shared_dir)
     encoding = load_real_encoding(shared_dir)
     expected = oracle_prompt(oh, oracle, messages)
-    got = render_chat_prompt(encoding, messages)
+    got = encoding.render_chat_prompt(messages)
     if got != expected:
         assert encoding.decode(got) == oracle.decode(expected)  # shows the text difference first
     assert got == expected
@@ -499,7 +498,7 @@ def test_tiny_render_structure(tiny):
         reasoning_effort="high",
         current_date="2026-11-26",
     )
-    ids = render_chat_prompt(tiny, conv)
+    ids = tiny.render_chat_prompt(conv)
     text = tiny.decode(ids)
     assert text.startswith(
         "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n"
@@ -524,7 +523,7 @@ def test_tiny_tool_call_rendering(tiny):
 
 
 def test_no_functions_line_without_tools(tiny):
-    text = tiny.decode(render_chat_prompt(tiny, build_conversation([Message.user("x")])))
+    text = tiny.decode(tiny.render_chat_prompt(build_conversation([Message.user("x")])))
     assert "Calls to these tools" not in text and "developer" not in text
     assert "Reasoning: medium" in text
 

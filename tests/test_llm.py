@@ -9,6 +9,7 @@ import torch
 from gptoss.engine.errors import InvalidRequestError, PromptTooLongError
 from gptoss.engine.llm import LLM
 from gptoss.engine.sampling_params import SamplingParams, SamplingParamsError
+from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec, canonical_json
 
 
 @pytest.fixture(scope="module")
@@ -194,17 +195,12 @@ def test_generate_feeds_a_bounded_waiting_queue(llm, monkeypatch):
 
 
 def test_grammar_constrains_generation(llm):
-    structured = pytest.importorskip("gptoss.engine.structured_output")
-    from gptoss.engine.llm_engine import grammar_mask_fn
-
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
     engine = llm.engine
-    compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
-    spec = structured.StructuredOutputSpec(final_schema=structured.canonical_json({"type": "object"}))
+    compiler = engine.grammar_compiler
+    spec = StructuredOutputSpec(final_schema=canonical_json({"type": "object"}))
     engine.add_request(
-        "json",
-        [5, 6, 7],
-        SamplingParams(max_tokens=24, temperature=1.0, seed=3),
-        logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)),
+        "json", [5, 6, 7], SamplingParams(max_tokens=24, temperature=1.0, seed=3, structured_output=spec)
     )
     outs = []
     while engine.has_unfinished_requests():
@@ -216,17 +212,28 @@ def test_grammar_constrains_generation(llm):
     assert_pool_full(llm)
 
 
-def test_grammar_rows_batched_like_per_row_masks(llm):
-    """Grammar states as `logits_mask_fn` take the model runner's batched bitmask path; plain callables the
-    per-row one. With seeded sampling both give the same tokens, in steps that mix them with free rows."""
-    structured = pytest.importorskip("gptoss.engine.structured_output")
-    from gptoss.engine.llm_engine import grammar_mask_fn
-
+def test_invalid_structured_output_is_refused_at_add(llm):
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
     engine = llm.engine
-    compiler = structured.StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
+    bad = StructuredOutputSpec(final_schema=canonical_json({"type": "foo"}), strict=False)
+    with pytest.raises(StructuredOutputError) as info:
+        engine.add_request("bad-schema", [5, 6], SamplingParams(max_tokens=4, structured_output=bad))
+    assert info.value.param == "response_format" and info.value.http_status == 400
+    assert "bad-schema" not in engine.requests and not engine.has_unfinished_requests()
+    with pytest.raises(SamplingParamsError, match="structured_output"):
+        SamplingParams(structured_output={"type": "json_object"})  # type: ignore[arg-type]
+
+
+def test_grammar_rows_batched_like_per_row_masks(llm):
+    """A request's `structured_output` takes the model runner's batched bitmask path; the same grammar state as
+    a plain `logits_mask_fn` the per-row one. With seeded sampling both give the same tokens, in steps that mix
+    them with free rows."""
+    pytest.importorskip("llguidance")  # optional on the GPU image (benchmarks/gpu_check.sh)
+    engine = llm.engine
+    compiler = engine.grammar_compiler
     specs = [
-        structured.StructuredOutputSpec.from_request({"type": "json_object"}),
-        structured.StructuredOutputSpec.from_request(
+        StructuredOutputSpec.from_request({"type": "json_object"}),
+        StructuredOutputSpec.from_request(
             tools=[
                 {
                     "type": "function",
@@ -245,12 +252,16 @@ def test_grammar_rows_batched_like_per_row_masks(llm):
 
     def run(batched: bool) -> dict[str, list[int]]:
         for i, spec in enumerate(specs * 2):
-            state = compiler.new_state(spec)
-            mask_fn = grammar_mask_fn(state) if batched else (lambda ids, state=state: state(ids))
-            params = SamplingParams(
-                max_tokens=16, temperature=1.0, seed=10 + i, stop_token_ids=list(compiler.stop_token_ids)
-            )
-            engine.add_request(f"g{i}", [5, 6, 7 + i], params, logits_mask_fn=mask_fn)
+            stop_ids = list(compiler.stop_token_ids)
+            if batched:
+                params = SamplingParams(
+                    max_tokens=16, temperature=1.0, seed=10 + i, stop_token_ids=stop_ids, structured_output=spec
+                )
+                engine.add_request(f"g{i}", [5, 6, 7 + i], params)
+            else:
+                state = compiler.new_state(spec)
+                params = SamplingParams(max_tokens=16, temperature=1.0, seed=10 + i, stop_token_ids=stop_ids)
+                engine.add_request(f"g{i}", [5, 6, 7 + i], params, logits_mask_fn=state)
         engine.add_request(
             "plain", [4, 5], SamplingParams(max_tokens=8, temperature=1.0, seed=1), logits_mask_fn=lambda ids: allowed
         )

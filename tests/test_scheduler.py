@@ -5,17 +5,18 @@ from __future__ import annotations
 import random
 
 import pytest
-from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.scheduler import Scheduler
 from gptoss.engine.core.sequence import Sequence, SequenceStatus
 from gptoss.engine.errors import EngineOverloadedError, PromptTooLongError
+from gptoss.engine.model.config import FULL, SLIDING
 from gptoss.engine.sampling_params import SamplingParams
 
 
-def make_scheduler(num_blocks=16, block_size=4, window=None, max_num_seqs=8, budget=16, max_model_len=64, **kw):
+def make_scheduler(num_blocks=16, block_size=4, window=None, max_num_seqs=8, budget=16, context_len=64, **kw):
     windows = {FULL: None} if window is None else {FULL: None, SLIDING: window}
     bm = BlockManager(num_blocks, block_size, windows)
-    return Scheduler(bm, max_num_seqs, budget, max_model_len, **kw)
+    return Scheduler(bm, max_num_seqs, budget, context_len, **kw)
 
 
 def seq(n: int, start: int = 0, rid: str = "r") -> Sequence:
@@ -61,7 +62,7 @@ def test_max_num_seqs_caps_running():
 
 
 def test_preempts_newest_and_recovers():
-    sched = make_scheduler(num_blocks=6, budget=64, max_model_len=24)
+    sched = make_scheduler(num_blocks=6, budget=64, context_len=24)
     seqs = [seq(7, start=10 * i, rid=str(i)) for i in range(3)]
     for s in seqs:
         sched.add(s)
@@ -82,10 +83,10 @@ def test_preempts_newest_and_recovers():
 
 
 def test_prompt_too_long_and_overload():
-    sched = make_scheduler(num_blocks=4, max_model_len=64, max_num_waiting=2)
+    sched = make_scheduler(num_blocks=4, context_len=64, max_num_waiting=2)
     with pytest.raises(PromptTooLongError, match="KV cache"):
         sched.add(seq(17))
-    sched2 = make_scheduler(num_blocks=64, max_model_len=10)
+    sched2 = make_scheduler(num_blocks=64, context_len=10)
     with pytest.raises(PromptTooLongError, match="context"):
         sched2.add(seq(11))
     sched.add(seq(3, rid="a"))
@@ -111,7 +112,7 @@ def test_finish_frees_blocks_at_once():
 @pytest.mark.parametrize("window", [None, 5])
 def test_random_workload_completes_without_leaks(window):
     rng = random.Random(window or 0)
-    sched = make_scheduler(num_blocks=14, window=window, budget=12, max_num_seqs=4, max_model_len=40)
+    sched = make_scheduler(num_blocks=14, window=window, budget=12, max_num_seqs=4, context_len=40)
     all_seqs = []
     for step in range(400):
         if step < 60 and rng.random() < 0.3:

@@ -15,9 +15,7 @@ from tests.server_helpers import (
     HARMONY_ANSWER,
     HARMONY_TOOL_CALL,
     WEATHER_TOOL,
-    UnconstrainedScriptedEngine,
     encode,
-    scripted_server_for,
 )
 
 pytest_plugins = ["tests.server_fixtures"]
@@ -213,7 +211,7 @@ def test_chat_tool_choice_is_enforced_by_the_grammar(scripted, tool_choice):
     )
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert prompt_text.endswith("<|start|>assistant")  # no prefill: the reasoning stays possible
-    assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
+    assert scripted.engine.grammars[-1] is not None and scripted.engine.mask_violations == []
     call = out.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"location": "Oslo"}
     assert out.choices[0].finish_reason == "tool_calls"
@@ -232,30 +230,6 @@ def test_chat_tool_choice_none_drops_tools(scripted):
     )
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert "get_weather" not in prompt_text and scripted.engine.mask_violations == []
-
-
-@pytest.fixture(scope="module")
-def unconstrained_server():
-    return scripted_server_for("unconstrained", engine_cls=UnconstrainedScriptedEngine)
-
-
-@pytest.mark.parametrize("tool_choice", ["required", NAMED])
-def test_chat_tool_choice_prefill_without_grammar(unconstrained_server, tool_choice):
-    server = unconstrained_server
-    server.engine.script = encode(server.tokenizer, '{"location": "Oslo"}<|call|>')
-    out = client(server).chat.completions.create(
-        model="gpt-oss-120b", messages=MESSAGES, tools=[WEATHER_TOOL], tool_choice=tool_choice
-    )
-    prompt_text = server.tokenizer.decode(server.engine.requests[-1][1], skip_special_tokens=False)
-    if tool_choice == "required":
-        assert prompt_text.endswith("<|start|>assistant to=functions.")
-    else:
-        assert prompt_text.endswith(
-            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
-        )
-        call = out.choices[0].message.tool_calls[0]
-        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"location": "Oslo"}
-        assert out.choices[0].finish_reason == "tool_calls"
 
 
 def test_chat_tool_choice_required_real_engine(live_server):

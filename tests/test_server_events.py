@@ -35,10 +35,9 @@ def ids(encoding: HarmonyEncoding, text: str) -> list[int]:
     return encoding.tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def run(encoding, text, *, prefill="", stop=(), finish="stop", logprobs=False):
-    prefill_ids = ids(encoding, prefill) if prefill else []
-    stream = HarmonyEventStream(encoding, prefill_ids, stop)
-    events = stream.take_prefill_events()
+def run(encoding, text, *, stop=(), finish="stop", logprobs=False):
+    stream = HarmonyEventStream(encoding, stop)
+    events = []
     for token_id in ids(encoding, text):
         lp = TokenLogprob(token_id, -0.25) if logprobs else None
         events += stream.feed(token_id, lp)
@@ -104,15 +103,6 @@ def test_truncated_tool_call_closes(encoding):
     assert [(c.name, c.arguments) for c in result.tool_calls] == [("get_weather", '{"loc')]
 
 
-def test_prefilled_call_header(encoding):
-    prefill = " to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>"
-    events = run(encoding, '{"location": "Rome"}<|call|>', prefill=prefill)
-    assert isinstance(events[0], ToolCallStarted) and events[0].name == "get_weather"
-    result = fold(events)
-    assert result.tool_calls[0].arguments == '{"location": "Rome"}'
-    assert events[-1].usage.completion_tokens == len(ids(encoding, '{"location": "Rome"}<|call|>'))
-
-
 def test_noise_gives_empty_answer(encoding):
     result = fold(run(encoding, "random words without any harmony", finish="length"))
     assert result.content == "" and result.reasoning == "" and result.finish_reason == "length"
@@ -162,7 +152,7 @@ def builder_events(encoding, text, finish="stop"):
     req = ResponsesRequest.model_validate_json('{"input": "hi"}')
     from gptoss.engine.sampling_params import SamplingParams
 
-    plan = ResponsesPlan("gpt-oss-120b", [1, 2], [], SamplingParams(), [], req, [], [], "medium")
+    plan = ResponsesPlan("gpt-oss-120b", [1, 2], SamplingParams(), [], req, [], [], "medium")
     builder = ResponseBuilder(plan)
     out = builder.start()
     for event in run(encoding, text, finish=finish):

@@ -150,7 +150,7 @@ def test_responses_input_items_text_format_and_named_tool(scripted):
         max_output_tokens=60,
     )
     assert out.output[0].type == "function_call" and json.loads(out.output[0].arguments) == {"location": "Rome"}
-    assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
+    assert scripted.engine.grammars[-1] is not None and scripted.engine.mask_violations == []
     _, prompt, params = scripted.engine.requests[-1]
     text = scripted.tokenizer.decode(prompt, skip_special_tokens=False)
     assert "Use tools." in text and "# Response Formats" in text and "earlier thought" in text

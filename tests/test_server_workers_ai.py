@@ -227,7 +227,7 @@ def test_workers_ai_response_format_schema_shape(scripted):
         run(scripted, {"prompt": "json please", "response_format": {"type": "json_schema", "json_schema": schema}})
     )
     assert json.loads(result["response"]) == {"a": 1}
-    assert scripted.engine.mask_fns[-1] is not None and scripted.engine.mask_violations == []
+    assert scripted.engine.grammars[-1] is not None and scripted.engine.mask_violations == []
     prompt_text = scripted.tokenizer.decode(scripted.engine.requests[-1][1], skip_special_tokens=False)
     assert "# Response Formats" in prompt_text
 

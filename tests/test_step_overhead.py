@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gptoss.engine.core.block_manager import FULL, SLIDING, BlockManager
+from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.detokenizer import IncrementalDetokenizer
+from gptoss.engine.model.config import FULL, SLIDING
 from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import build_tiny_tokenizer
 from gptoss.engine.worker.model_runner import HostBlockTables, _to_host_lists
@@ -32,7 +33,7 @@ def rebuilt_tables(seqs: list[Sequence], groups: list[str]) -> dict[str, np.ndar
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["add", "step", "step", "step", "fork", "preempt", "finish"]), st.integers(0, 10**6)),
+    st.tuples(st.sampled_from(["add", "step", "step", "step", "copy", "preempt", "finish"]), st.integers(0, 10**6)),
     min_size=1,
     max_size=80,
 )
@@ -57,15 +58,12 @@ def test_incremental_block_tables_equal_rebuilt_ones(ops, window, num_blocks):
             if seq.num_computed_tokens >= seq.num_tokens:
                 seq.token_ids.append(r % 13)  # a sampled token
             n = min(1 + r % 6, seq.num_tokens - seq.num_computed_tokens)
-            if bm.allocate(seq, n):  # a fresh (preempted, forked) sequence may jump forward on a prefix hit
+            if bm.allocate(seq, n):  # a fresh (preempted, copied) sequence may jump forward on a prefix hit
                 n = min(n, seq.num_tokens - seq.num_computed_tokens)
                 if n > 0:
                     bm.mark_computed(seq, n)
-        elif op == "fork" and live:
-            parent = live[r % len(live)]
-            child = Sequence(f"c{r}", list(parent.token_ids), None)
-            bm.fork(parent, child)
-            live.append(child)
+        elif op == "copy" and live:  # same tokens as a live sequence: its first step takes prefix hits
+            live.append(Sequence(f"c{r}", list(live[r % len(live)].token_ids), None))
         elif op == "preempt" and live:
             bm.free(live[r % len(live)])  # its next step starts afresh (often from prefix hits)
         elif op == "finish" and live:

@@ -25,11 +25,13 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 from gptoss.engine.engine_args import EngineArgs
-from gptoss.engine.llm_engine import LLMEngine, grammar_mask_fn
+from gptoss.engine.llm_engine import LLMEngine
 from gptoss.engine.outputs import RequestOutput
 from gptoss.engine.sampling_params import SamplingParams
-from gptoss.engine.structured_output import FINAL_HEADER, StructuredOutputCompiler, StructuredOutputSpec
+from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
+from gptoss.engine.structured_output.spec import FINAL_HEADER, StructuredOutputSpec
 
 pytest_plugins = ["tests.server_fixtures"]
 
@@ -256,7 +258,7 @@ def engine(tiny_checkpoint: Path) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def compiler(engine: LLMEngine) -> StructuredOutputCompiler:
-    return StructuredOutputCompiler(engine.tokenizer, engine.vocab_size)
+    return engine.grammar_compiler
 
 
 def final_channel_prompt(tokenizer: Any, name: str) -> list[int]:
@@ -274,10 +276,17 @@ def schema_spec(schema: dict[str, Any]) -> StructuredOutputSpec:
     return spec
 
 
-def sampling(seed: int, compiler: StructuredOutputCompiler, max_tokens: int = MAX_TOKENS) -> SamplingParams:
-    """Temperature 1 with a seed, ending at `<|return|>` / `<|call|>` (as the server's harmony requests do)."""
+def sampling(
+    seed: int, compiler: StructuredOutputCompiler, spec: StructuredOutputSpec, max_tokens: int = MAX_TOKENS
+) -> SamplingParams:
+    """Temperature 1 with a seed, ending at `<|return|>` / `<|call|>` (as the server's harmony requests do),
+    constrained by `spec`."""
     return SamplingParams(
-        max_tokens=max_tokens, temperature=1.0, seed=seed, stop_token_ids=list(compiler.stop_token_ids)
+        max_tokens=max_tokens,
+        temperature=1.0,
+        seed=seed,
+        stop_token_ids=list(compiler.stop_token_ids),
+        structured_output=spec,
     )
 
 
@@ -311,12 +320,10 @@ def test_every_schema_every_seed_is_valid_json(engine: LLMEngine, compiler: Stru
     for name, schema in SCHEMAS.items():
         jsonschema.Draft202012Validator.check_schema(schema)
         for seed in SEEDS:
-            state = compiler.new_state(schema_spec(schema))
             engine.add_request(
                 f"{name}/{seed}",
                 final_channel_prompt(engine.tokenizer, name),
-                sampling(seed, compiler),
-                logits_mask_fn=grammar_mask_fn(state),
+                sampling(seed, compiler, schema_spec(schema)),
             )
     outputs = run_to_completion(engine)
     problems = []
@@ -341,8 +348,7 @@ def test_json_object_mode(engine: LLMEngine, compiler: StructuredOutputCompiler)
         engine.add_request(
             f"json_object/{seed}",
             final_channel_prompt(engine.tokenizer, "object"),
-            sampling(seed, compiler, max_tokens=64),
-            logits_mask_fn=grammar_mask_fn(compiler.new_state(spec)),
+            sampling(seed, compiler, spec, max_tokens=64),
         )
     outputs = run_to_completion(engine)
     stopped = [out for out in outputs.values() if out.finish_reason == "stop"]
@@ -358,15 +364,13 @@ def test_json_object_mode(engine: LLMEngine, compiler: StructuredOutputCompiler)
 
 def test_streaming_deltas_concatenate_to_valid_json(live_server: Any) -> None:
     async_engine = live_server.engine
-    compiler = StructuredOutputCompiler(live_server.tokenizer, async_engine.engine.vocab_size)
+    compiler = async_engine.engine.grammar_compiler
 
     async def stream_one(name: str, seed: int) -> tuple[str, str | None, int]:
-        state = compiler.new_state(schema_spec(SCHEMAS[name]))
         stream = async_engine.add_request(
             f"stream-{name}-{seed}",
             final_channel_prompt(live_server.tokenizer, name),
-            sampling(seed, compiler),
-            logits_mask_fn=grammar_mask_fn(state),
+            sampling(seed, compiler, schema_spec(SCHEMAS[name])),
         )
         text, finish_reason, num_outputs = "", None, 0
         async for out in stream:
@@ -401,7 +405,8 @@ LIVE_MAX_TOKENS = 400
 
 
 class AnswerAtOnce:
-    """A `logits_mask_fn`: the grammar state's mask, minus the analysis channel's name after `<|channel|>`.
+    """A `logits_mask_fn` ANDed with the request's grammar: the analysis channel's name ruled out after
+    `<|channel|>`.
 
     A stand-in for a model that answers without reasoning. The server's prompt ends with `<|start|>assistant`
     and its grammar covers the whole harmony reply; the random model then opens the analysis channel nearly
@@ -409,29 +414,32 @@ class AnswerAtOnce:
     Without analysis the reply is `<|channel|>final<|message|>` + JSON + `<|return|>`, bounded like the sweep's.
     """
 
-    def __init__(self, state: Any, tokenizer: Any) -> None:
-        self.state = state
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self.channel_id = tokenizer.token_to_id("<|channel|>")
-        vocab = tokenizer.get_vocab_size()
-        texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(vocab)]
-        self.analysis_ids = [
-            i for i, text in enumerate(texts) if text and ("analysis".startswith(text) or text.startswith("analysis"))
-        ]
+        texts = [tokenizer.decode([i], skip_special_tokens=False) for i in range(tokenizer.get_vocab_size())]
+        self.mask = torch.ones(vocab_size, dtype=torch.bool)
+        for i, text in enumerate(texts):
+            if text and ("analysis".startswith(text) or text.startswith("analysis")):
+                self.mask[i] = False
 
     def __call__(self, output_token_ids: list[int]) -> Any:
-        mask = self.state(output_token_ids)
         if output_token_ids and output_token_ids[-1] == self.channel_id:
-            mask[self.analysis_ids] = False
-            assert mask.any()
-        return mask
+            return self.mask
+        return None  # no further constraint at this step
 
 
 @pytest.fixture
 def answer_at_once(live_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The live server's grammar masks, with the analysis channel ruled out (for this test only)."""
-    structured = live_server.app.state.server.structured
-    grammar_state = structured.mask_fn
-    monkeypatch.setattr(structured, "mask_fn", lambda spec: AnswerAtOnce(grammar_state(spec), live_server.tokenizer))
+    """The live server's constrained requests, with the analysis channel ruled out (for this test only)."""
+    engine = live_server.engine
+    add_request = engine.add_request
+    answer_at_once = AnswerAtOnce(live_server.tokenizer, engine.engine.vocab_size)
+
+    def add(request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Any:
+        mask_fn = answer_at_once if params.structured_output is not None else None
+        return add_request(request_id, prompt_token_ids, params, logits_mask_fn=mask_fn)
+
+    monkeypatch.setattr(engine, "add_request", add)
 
 
 def live_request(live_server: Any, name: str, seed: int, **kwargs: Any) -> Any:

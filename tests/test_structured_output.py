@@ -1,4 +1,4 @@
-"""Structured outputs (engine/structured_output.py): a random "model" decodes under the grammar and every reply
+"""Structured outputs (engine/structured_output/): a random "model" decodes under the grammar and every reply
 must be well-formed harmony whose final message (or tool call) is JSON valid against its schema.
 
 The random driver samples at temperature 1 from random logits restricted to the allowed tokens, and feeds the
@@ -16,19 +16,17 @@ from typing import Any
 import jsonschema
 import pytest
 import torch
-from gptoss.engine.structured_output import (
+from gptoss.engine.structured_output.grammar import (
     BitmaskWorker,
     StructuredOutputCompiler,
-    StructuredOutputError,
-    StructuredOutputSpec,
     StructuredOutputState,
     _unpack_bytes_torch,
     allocate_token_bitmask,
     allowed_token_mask_for_batch,
-    apply_token_bitmask_,
     fill_token_bitmasks,
     unpack_token_bitmask,
 )
+from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec
 from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 # The model's vocabulary is larger than the tiny tokenizer's: the padding ids must never be allowed.
@@ -767,26 +765,18 @@ def test_batched_bitmasks_match_single_masks(tiny) -> None:
         serial_worker.shutdown()
 
 
-def test_apply_bitmask_to_some_rows(tiny) -> None:
+def test_batch_mask_from_bitmask_rows(tiny) -> None:
     compiler, driver = tiny
     states = _states_in_various_places(compiler, driver)[:3]
     vocab_size = compiler.vocab_size
     bitmask = allocate_token_bitmask(len(states), vocab_size)
     fill_token_bitmasks(states, bitmask)
     rows = torch.tensor([4, 0, 2])
-    logits = torch.randn(5, vocab_size)
-    expected = logits.clone()
-    for state, row in zip(states, rows.tolist(), strict=True):
-        expected[row][~state.allowed_token_mask()] = float("-inf")
-    apply_token_bitmask_(logits, bitmask, rows)
-    assert torch.equal(logits, expected)
     mask = allowed_token_mask_for_batch(bitmask, rows, 5, vocab_size)
     assert mask[[1, 3]].all()
     assert torch.equal(mask[rows], unpack_token_bitmask(bitmask, vocab_size))
-    # Without rows: bitmask row i constrains logits row i.
-    logits = torch.zeros(3, vocab_size)
-    apply_token_bitmask_(logits, bitmask)
-    assert torch.equal(torch.isfinite(logits), unpack_token_bitmask(bitmask, vocab_size))
+    for state, row in zip(states, rows.tolist(), strict=True):
+        assert torch.equal(mask[row], state.allowed_token_mask())
 
 
 def test_unpack_bit_order() -> None:

@@ -31,9 +31,7 @@ from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 
 from gptoss.engine.core.sequence import Sequence
-
-FULL = "full_attention"
-SLIDING = "sliding_attention"
+from gptoss.engine.model.config import FULL
 
 
 def hash_block(parent_hash: bytes | None, token_ids: SequenceABC[int]) -> bytes:
@@ -83,7 +81,7 @@ class BlockPool:
         return self.cached.get(block_hash)
 
     def touch(self, block_id: int) -> None:
-        """Add a reference to a cached block (a prefix hit or a fork)."""
+        """Add a reference to a cached block (a prefix hit)."""
         if self.ref_counts[block_id] == 0:
             del self.free_queue[block_id]
         self.ref_counts[block_id] += 1
@@ -330,37 +328,6 @@ class BlockManager:
             for i in range(first_new_full, end_full):
                 if table[i] >= 0:
                     pool.cache_block(table[i], seq.block_hashes[i])
-
-    def fork(self, parent: Sequence, child: Sequence) -> None:
-        """Let `child` (same tokens as `parent`, fresh) share the parent's computed full blocks.
-
-        Only full blocks are shared (they are immutable); the child recomputes the parent's partial block.
-        """
-        if not self._is_fresh(child):
-            raise ValueError("fork target must be a fresh sequence")
-        if child.token_ids[: parent.num_computed_tokens] != parent.token_ids[: parent.num_computed_tokens]:
-            raise ValueError("fork target does not share the parent's computed tokens")
-        bs = self.block_size
-        num_full = min(parent.num_computed_tokens, child.num_tokens - 1) // bs
-        if num_full <= 0:
-            return
-        for name, pool in self.pools.items():
-            parent_table = parent.block_tables[name]
-            first = self._first_needed_block(name, num_full * bs)
-            table = [-1] * first
-            for i in range(first, num_full):
-                block_id = parent_table[i]
-                if block_id < 0:  # freed in the parent: not usable, fall back to no sharing
-                    for taken in table:
-                        if taken >= 0:
-                            pool.release(taken)
-                    self.free(child)
-                    return
-                pool.touch(block_id)
-                table.append(block_id)
-            child.block_tables[name] = table
-            child.num_window_freed[name] = first
-        child.num_computed_tokens = num_full * bs
 
     def free(self, seq: Sequence) -> None:
         """Drop every block `seq` holds (finish, abort or preemption); it may be scheduled afresh later."""

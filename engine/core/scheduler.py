@@ -12,7 +12,7 @@ When a running sequence needs a block and none is free, the newest running seque
 blocks are freed and it goes back to the front of the waiting queue to be recomputed later (its full blocks
 usually come back as prefix hits). Nothing fails for lack of blocks.
 
-A prompt longer than the model's context (`max_model_len`) or than the whole KV cache is refused at
+A prompt longer than the model's context (`context_len`) or than the whole KV cache is refused at
 `add()` with `PromptTooLongError`.
 """
 
@@ -67,17 +67,18 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        max_model_len: int,
+        context_len: int,
         max_num_waiting: int | None = None,
     ) -> None:
-        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or max_model_len <= 0:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        if max_num_seqs <= 0 or max_num_batched_tokens <= 0 or context_len <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and context_len must be positive")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # The longest sequence served: the model's context, or less if the whole KV cache holds less.
-        self.context_len = max_model_len
-        self.max_model_len = min(max_model_len, block_manager.max_tokens_per_sequence())
+        # `context_len`: the model's context (EngineArgs.max_model_len, at most max_position_embeddings).
+        # `max_model_len`: the longest sequence served, the context or less if the whole KV cache holds less.
+        self.context_len = context_len
+        self.max_model_len = min(context_len, block_manager.max_tokens_per_sequence())
         self.max_num_waiting = max_num_waiting
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

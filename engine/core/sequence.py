@@ -11,10 +11,13 @@ import enum
 import functools
 import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gptoss.engine.outputs import TokenLogprob
+
+if TYPE_CHECKING:
+    from gptoss.engine.structured_output.grammar import StructuredOutputState
 
 _seq_counter = itertools.count()
 
@@ -73,8 +76,11 @@ class Sequence:
         self.prompt_logprobs: list[TokenLogprob | None] = []
         # Output tokens already reported to the consumer (for streaming deltas).
         self.num_reported_tokens = 0
-        # Optional constrained decoding: output token ids so far -> bool mask [vocab] of allowed next tokens
-        # (or None: no constraint this step). Called once per sampled token, on the engine thread.
+        # Structured output: the grammar state of `sampling_params.structured_output` (set by the engine); the
+        # model runner computes its masks batched, off the main thread.
+        self.grammar: StructuredOutputState | None = None
+        # A further constraint: output token ids so far -> bool mask [vocab] of allowed next tokens (or None: no
+        # constraint this step). Called once per sampled token, on the engine thread.
         self.logits_mask_fn: Callable[[list[int]], Any] | None = None
 
     @property

@@ -52,7 +52,6 @@ Encoding (render.py):
     `.render_conversation_for_completion(conv, next_role="assistant", auto_drop_analysis=True)`,
     `.render_conversation(conv)`, `.render_message(msg)`, `.stop_token_ids`, `.encode_text(text)`,
     `.decode(ids)`, `.parse_completion(ids, role="assistant") -> ParseResult`, `.stream_parser(role="assistant")`.
-    `render_chat_prompt(encoding, conversation) -> list[int]`.
     Earlier reasoning is dropped as openai-harmony does: when the last assistant message is on the final
     channel, analysis messages before the first final-channel message are not rendered.
 Parsing (parser.py):
@@ -81,7 +80,7 @@ from gptoss.engine.harmony.messages import (
     build_conversation,
 )
 from gptoss.engine.harmony.parser import ParseResult, StreamEvent, StreamingParser, message_kind, parse_completion
-from gptoss.engine.harmony.render import HarmonyEncoding, render_chat_prompt
+from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.engine.harmony.responses_convert import conversation_from_responses
 from gptoss.engine.harmony.schema_render import json_schema_to_typescript
 
@@ -104,5 +103,4 @@ __all__ = [
     "json_schema_to_typescript",
     "message_kind",
     "parse_completion",
-    "render_chat_prompt",
 ]

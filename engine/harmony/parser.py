@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gptoss.engine.harmony.messages import ROLES, VALID_CHANNELS, Message, ToolCall
-
-if TYPE_CHECKING:
-    from gptoss.engine.harmony.render import HarmonyEncoding
 
 CHANNEL_MARKER = "<|channel|>"
 CONSTRAIN_MARKER = "<|constrain|>"
@@ -37,6 +34,23 @@ _ASCII_WHITESPACE = re.compile(r"[ \t\n\x0c\r]+")
 _NON_TOOL_RECIPIENTS = ("all", "assistant", "user")
 
 EXPECT_START, HEADER, CONTENT = "expect_start", "header", "content"
+
+
+class HarmonyTokens(Protocol):
+    """What the parser needs of the encoding (render.py's `HarmonyEncoding` is one): the special token ids and
+    the tokens' bytes. A protocol, so that parsing does not import rendering (which uses the parser)."""
+
+    start_id: int
+    message_id: int
+    channel_id: int
+    end_id: int
+    return_id: int
+    call_id: int
+    endoftext_id: int | None
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
 
 
 @dataclass
@@ -217,7 +231,7 @@ class StreamEvent:
 class StreamingParser:
     """Incremental harmony parser: `process(token_id) -> StreamEvent`, then `finish()`; never raises."""
 
-    def __init__(self, encoding: HarmonyEncoding, role: str | None = "assistant") -> None:
+    def __init__(self, encoding: HarmonyTokens, role: str | None = "assistant") -> None:
         self.encoding = encoding
         self.messages: list[Message] = []
         self.issues: list[str] = []
@@ -414,7 +428,7 @@ class StreamingParser:
         )
 
 
-def parse_completion(encoding: HarmonyEncoding, token_ids: list[int], role: str | None = "assistant") -> ParseResult:
+def parse_completion(encoding: HarmonyTokens, token_ids: list[int], role: str | None = "assistant") -> ParseResult:
     """Parse a whole completion (the tokens after the prompt's `<|start|>assistant`); never raises."""
     parser = StreamingParser(encoding, role)
     for token_id in token_ids:

@@ -11,9 +11,8 @@ own, as the reference does, so token boundaries match it exactly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from gptoss.engine.detokenizer import byte_level_char_to_byte
+from gptoss.engine.detokenizer import token_bytes
 from gptoss.engine.harmony.messages import (
     JSON_CALL_CONTENT_TYPE,
     Conversation,
@@ -21,18 +20,12 @@ from gptoss.engine.harmony.messages import (
     Message,
     SystemContent,
 )
+from gptoss.engine.harmony.parser import ParseResult, StreamingParser, parse_completion
 from gptoss.engine.harmony.schema_render import render_response_format_section, render_tools_section
 from gptoss.engine.tokenizer import load_tokenizer, special_token_id
-from tokenizers import Tokenizer, decoders
-
-if TYPE_CHECKING:
-    from gptoss.engine.harmony.parser import ParseResult, StreamingParser
+from tokenizers import Tokenizer
 
 CONSTRAIN = "<|constrain|>"
-
-
-# GPT-2's byte-level alphabet inverted: vocab character -> byte.
-_BYTE_DECODER = {chr(char): byte for char, byte in byte_level_char_to_byte().items()}
 
 
 def render_system_text(system: SystemContent, has_function_tools: bool) -> str:
@@ -108,8 +101,7 @@ class HarmonyEncoding:
         # Fast path: if every added token starts with "<|", text without "<|" cannot contain one.
         self._added_need_marker = all(text.startswith("<|") for text in self._added_tokens.values())
         self._ordinary_tokenizer: Tokenizer | None = None
-        self._byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
-        self._bytes_cache: dict[int, bytes] = {}
+        self._token_bytes: list[bytes] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> HarmonyEncoding:
@@ -137,21 +129,10 @@ class HarmonyEncoding:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (a special token's are its name); b'' for an unknown id."""
-        cached = self._bytes_cache.get(token_id)
-        if cached is not None:
-            return cached
-        if token_id in self._added_tokens:
-            data = self._added_tokens[token_id].encode()
-        else:
-            piece = self.tokenizer.id_to_token(token_id)
-            if piece is None:
-                data = b""
-            elif self._byte_level:
-                data = bytes(_BYTE_DECODER[c] for c in piece)
-            else:
-                data = self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
-        self._bytes_cache[token_id] = data
-        return data
+        table = self._token_bytes
+        if table is None:
+            table = self._token_bytes = token_bytes(self.tokenizer)  # the detokenizer's table, built once
+        return table[token_id] if 0 <= token_id < len(table) else b""
 
     def decode(self, token_ids: list[int]) -> str:
         """Text of `token_ids` (special tokens spelled out; invalid UTF-8 replaced by U+FFFD)."""
@@ -228,20 +209,11 @@ class HarmonyEncoding:
 
     def parse_completion(self, token_ids: list[int], role: str | None = "assistant") -> ParseResult:
         """Parse completion tokens (those after the prompt's `<|start|>assistant`); never raises."""
-        from gptoss.engine.harmony.parser import parse_completion
-
         return parse_completion(self, token_ids, role)
 
     def stream_parser(self, role: str | None = "assistant") -> StreamingParser:
         """A parser to feed one completion token at a time (`process(token_id) -> StreamEvent`)."""
-        from gptoss.engine.harmony.parser import StreamingParser
-
         return StreamingParser(self, role)
 
 
-def render_chat_prompt(encoding: HarmonyEncoding, conversation: Conversation | list[Message]) -> list[int]:
-    """The prompt token ids for the assistant's next turn (`...<|start|>assistant`)."""
-    return encoding.render_chat_prompt(conversation)
-
-
-__all__ = ["JSON_CALL_CONTENT_TYPE", "HarmonyEncoding", "render_chat_prompt"]
+__all__ = ["JSON_CALL_CONTENT_TYPE", "HarmonyEncoding"]

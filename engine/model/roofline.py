@@ -31,8 +31,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from gptoss.engine.model.config import PRESETS, ModelConfig, preset
-
-MXFP4_BLOCK = 32  # weights per e8m0 scale
+from gptoss.kernels.reference import MXFP4_BLOCK
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,8 @@ class DecodeGraphRunner:
     """Static decode buffers and one CUDA graph (or, without graphs, one eager padded forward) per bucket.
 
     `groups` are the block pools (layer types) with their own block tables and slots; with one pool for both
-    layer types, both keys of the ForwardBatch dicts point at its buffers. `max_model_len` bounds every
-    sequence's context (the attention grid hint), `max_blocks_per_seq` the block-table width.
+    layer types, both keys of the ForwardBatch dicts point at its buffers. `max_seq_len` bounds every
+    sequence's length (the model's context; the attention grid hint), `max_blocks_per_seq` the block-table width.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class DecodeGraphRunner:
         kv_caches: list[KVCache],
         groups: list[str],
         sizes: list[int],
-        max_model_len: int,
+        max_seq_len: int,
         block_size: int,
         use_graphs: bool,
     ) -> None:
@@ -73,9 +73,9 @@ class DecodeGraphRunner:
         self.groups = list(groups)
         self.sizes = sorted(sizes)
         self.max_size = self.sizes[-1]
-        self.max_model_len = max_model_len
+        self.max_seq_len = max_seq_len
         # +1: a table may hold one block more than the context needs (the block of the next token).
-        self.max_blocks_per_seq = math.ceil(max_model_len / block_size) + 1
+        self.max_blocks_per_seq = math.ceil(max_seq_len / block_size) + 1
         self.use_graphs = use_graphs
         # Rows >= this hold padding (as allocated): `_pad` only rewrites rows that earlier steps made real.
         self._padding_from = 0
@@ -108,7 +108,7 @@ class DecodeGraphRunner:
             block_tables={t: self.block_tables[self._group_of(t)][:size] for t in layer_types},
             slot_mapping={t: self.slot_mapping[self._group_of(t)][:size] for t in layer_types},
             max_query_len=1,
-            max_seq_len=self.max_model_len,
+            max_seq_len=self.max_seq_len,
         )
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -121,7 +121,7 @@ class DecodeGraphRunner:
     def fits(self, batch: ForwardBatch) -> bool:
         """Whether the step described by `batch` can run here: pure decode, a bucket large enough, tables that
         fit the static width (host-side hints only, no device sync)."""
-        if batch.max_query_len != 1 or batch.max_seq_len > self.max_model_len or self.bucket(batch.num_seqs) is None:
+        if batch.max_query_len != 1 or batch.max_seq_len > self.max_seq_len or self.bucket(batch.num_seqs) is None:
             return False
         return all(batch.block_tables[g].shape[1] <= self.max_blocks_per_seq for g in self.groups)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,20 +33,13 @@ from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
 from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
-try:
-    from gptoss.engine.structured_output import BitmaskWorker, StructuredOutputState, unpack_token_bitmask
-except ImportError:  # llguidance missing (e.g. a bare GPU image): no request can carry a grammar state then
-    BitmaskWorker = StructuredOutputState = unpack_token_bitmask = None  # type: ignore[assignment,misc]
+if TYPE_CHECKING:
+    from gptoss.engine.structured_output.grammar import BitmaskWorker, StructuredOutputState
 
 logger = logging.getLogger(__name__)
 
 # Rows of logits computed at once for prompt logprobs ([rows, vocab] fp32 each time).
 PROMPT_LOGITS_CHUNK = 512
-
-
-def is_grammar_state(mask_fn: object) -> bool:
-    """Whether a request's mask function is a grammar state, whose masks are computed batched."""
-    return StructuredOutputState is not None and isinstance(mask_fn, StructuredOutputState)
 
 
 @dataclass
@@ -277,7 +271,9 @@ class ModelRunner:
         self.sampler = Sampler(generator)
         # Grammar bitmasks (structured outputs) are filled on a worker thread; made on the first such request.
         self._bitmask_worker: BitmaskWorker | None = None
-        self.max_model_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        # The model's context: no step holds a longer sequence (the KV cache may bound sequences further, see
+        # Scheduler.max_model_len, but the runner exists before the block pools do).
+        self.context_len = min(args.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self._log_memory()
         # Pure-decode steps replay CUDA graphs (on CUDA unless --enforce-eager); everything else runs eagerly.
         self.graph_runner: DecodeGraphRunner | None = None
@@ -292,7 +288,7 @@ class ModelRunner:
             self.kv_caches,
             list(self.num_blocks),
             capture_sizes(self.args.cuda_graph_max_batch),
-            self.max_model_len,
+            self.context_len,
             self.block_size,
             use_graphs=use_graphs,
         )
@@ -429,8 +425,8 @@ class ModelRunner:
     def _submit_grammar_bitmasks(
         self, seqs: list, out: ModelRunnerOutput
     ) -> tuple[list[int], Future[torch.Tensor]] | None:
-        """Start the bitmasks of the sampling rows whose `logits_mask_fn` is a grammar state -> (their row
-        indices among `seqs`, the future of int32 `[len(rows), ceil(V/32)]`), or None when there are none.
+        """Start the bitmasks of the sampling rows with a grammar (structured output) -> (their row indices among
+        `seqs`, the future of int32 `[len(rows), ceil(V/32)]`), or None when there are none.
 
         Each state first catches up on the tokens sampled since its last step (`sync`); a refused token fails
         only that request (`out.failed`).
@@ -438,8 +434,8 @@ class ModelRunner:
         rows: list[int] = []
         states: list[StructuredOutputState] = []
         for i, seq in enumerate(seqs):
-            state = seq.logits_mask_fn
-            if not is_grammar_state(state):
+            state = seq.grammar
+            if state is None:
                 continue
             if not state.sync(seq.output_token_ids):
                 out.failed[seq.seq_id] = f"logits mask failed: the grammar refused an output token ({state.error})"
@@ -449,6 +445,8 @@ class ModelRunner:
         if not states:
             return None
         if self._bitmask_worker is None:
+            from gptoss.engine.structured_output.grammar import BitmaskWorker  # llguidance: see LLMEngine
+
             self._bitmask_worker = BitmaskWorker(states[0].vocab_size, max_rows=self.args.max_num_seqs)
         return rows, self._bitmask_worker.submit(states)
 
@@ -489,23 +487,26 @@ class ModelRunner:
         out: ModelRunnerOutput,
         grammar: tuple[list[int], Future[torch.Tensor]] | None = None,
     ) -> torch.Tensor | None:
-        """`[N, V]` bool from the sequences' `logits_mask_fn` (None when no sequence has one).
+        """`[N, V]` bool of the allowed tokens (None when no sequence is constrained).
 
-        Grammar states come as one batched bitmask (`grammar`, from `_submit_grammar_bitmasks`), unpacked on the
-        logits' device; other mask functions are called row by row. A mask function that raises or returns a
-        bad mask fails only its own request (`out.failed`).
+        Grammars come as one batched bitmask (`grammar`, from `_submit_grammar_bitmasks`), unpacked on the
+        logits' device; `logits_mask_fn`s are called row by row and ANDed in. A mask function that raises or
+        returns a bad mask fails only its own request (`out.failed`).
         """
-        if not any(seq.logits_mask_fn is not None for seq in seqs):
+        if not any(seq.grammar is not None or seq.logits_mask_fn is not None for seq in seqs):
             return None
-        mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         if grammar is not None:
+            from gptoss.engine.structured_output.grammar import allowed_token_mask_for_batch
+
             rows, future = grammar
             # From pinned memory: the copy is async; the buffer is not refilled before the next-but-one step.
             bitmask = future.result().to(logits.device, non_blocking=True)
             row_index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
-            mask[row_index] = unpack_token_bitmask(bitmask, logits.shape[1])
+            mask = allowed_token_mask_for_batch(bitmask, row_index, logits.shape[0], logits.shape[1])
+        else:
+            mask = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         for i, seq in enumerate(seqs):
-            if seq.logits_mask_fn is None or is_grammar_state(seq.logits_mask_fn):
+            if seq.logits_mask_fn is None:
                 continue
             try:
                 row = seq.logits_mask_fn(seq.output_token_ids)
@@ -514,7 +515,7 @@ class ModelRunner:
                 row = torch.as_tensor(row, device=logits.device)
                 if row.shape != (logits.shape[1],) or row.dtype != torch.bool or not bool(row.any()):
                     raise ValueError(f"mask must be a bool [{logits.shape[1]}] tensor allowing some token")
-                mask[i] = row
+                mask[i] &= row
             except Exception as exc:
                 out.failed[seq.seq_id] = f"logits mask failed: {type(exc).__name__}: {exc}"
         return mask
