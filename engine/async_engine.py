@@ -45,6 +45,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from gptoss.engine.llm_engine import LLMEngine
@@ -238,6 +239,11 @@ class AsyncEngine:
                     self._streams.pop(payload, None)
 
     def _run(self) -> None:
+        device = getattr(getattr(self.engine, "runner", None), "device", None)
+        if device is not None and device.type == "cuda":
+            # CUDA's current device is per thread: this one's must be the model's (cuda:1 for a replica there),
+            # or kernels would launch on cuda:0.
+            torch.cuda.set_device(device)
         try:
             while not self._stopped.is_set():
                 block = not self.engine.has_unfinished_requests()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as SequenceABC
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -82,7 +83,10 @@ class DataParallelEngine:
         self.replicas: list[AsyncEngine] = []
         try:
             for replica in replica_args(args):
-                self.replicas.append(AsyncEngine(replica))
+                # Built with its GPU current, so that the CUDA graphs are captured on it.
+                on_device = torch.cuda.device(replica.device) if replica.device.startswith("cuda") else nullcontext()
+                with on_device:
+                    self.replicas.append(AsyncEngine(replica))
         except BaseException:
             self.shutdown()
             raise
