@@ -11,7 +11,7 @@ import pytest
 from gptoss.engine import LLM, EngineArgs, SamplingParams
 from gptoss.engine.data_parallel import DataParallelEngine, replica_args, sum_snapshots
 from gptoss.engine.metrics import MetricsSnapshot
-from server_helpers import serve
+from server_helpers import assert_every_api_answers, serve
 
 ENGINE_ARGS = {"num_blocks": 64, "block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 128}
 
@@ -74,13 +74,7 @@ def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine
     server = serve(create_app(replicas, tokenizer), replicas, tokenizer)
     base = server.base_url
     try:
-        messages = [{"role": "user", "content": "Hi"}]
-        chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages, "max_tokens": 3}, timeout=60)
-        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] >= 1
-        responses = httpx.post(f"{base}/v1/responses", json={"input": "Hi", "max_output_tokens": 3}, timeout=60)
-        assert responses.status_code == 200 and responses.json()["usage"]["output_tokens"] >= 1
-        workers_ai = httpx.post(f"{base}/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "Hi", "max_tokens": 3})
-        assert workers_ai.status_code == 200 and workers_ai.json()["result"]["usage"]["completion_tokens"] >= 1
+        assert_every_api_answers(base, max_tokens=3)
         assert httpx.get(f"{base}/health").status_code == 200
         metrics = httpx.get(f"{base}/metrics").text
         replica_tokens = [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import free_port
+from server_helpers import assert_every_api_answers, free_port
 
 STARTUP_TIMEOUT_S = 120.0
 
@@ -48,13 +48,7 @@ def test_tp2_server_answers_every_api_then_fails_fast_when_a_worker_dies(tiny_ch
             time.sleep(0.2)
         [worker] = children_of(server.pid)[-1:] or pytest.fail("no worker process")
 
-        messages = [{"role": "user", "content": "Hi"}]
-        chat = httpx.post(f"{base}/v1/chat/completions", json={"messages": messages, "max_tokens": 4}, timeout=60)
-        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] >= 1
-        responses = httpx.post(f"{base}/v1/responses", json={"input": "Hi", "max_output_tokens": 4}, timeout=60)
-        assert responses.status_code == 200 and responses.json()["usage"]["output_tokens"] >= 1
-        workers_ai = httpx.post(f"{base}/ai/run/@cf/openai/gpt-oss-120b", json={"prompt": "Hi", "max_tokens": 4})
-        assert workers_ai.status_code == 200 and workers_ai.json()["result"]["usage"]["completion_tokens"] >= 1
+        assert_every_api_answers(base, max_tokens=4)
 
         body = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "stream": True}
         events = []

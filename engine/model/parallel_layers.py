@@ -130,41 +130,8 @@ def _load_vocab_rows(param: nn.Parameter, loaded: Any, start: int) -> None:
     param[end - start :].zero_()
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Token embeddings, rows split over ranks; each rank embeds the ids it holds, zeros elsewhere, and one sum
-    over ranks assembles the rows. That sum adds exact zeros to one value, so its order cannot matter."""
-
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int,
-        dtype: torch.dtype,
-        rank: int,
-        world_size: int,
-        group: dist.ProcessGroup | None,
-    ) -> None:
-        super().__init__()
-        self.start, rows = vocab_shard(vocab_size, rank, world_size)
-        self.weight = nn.Parameter(torch.empty(rows, hidden_size, dtype=dtype), requires_grad=False)
-        self.world_size = world_size
-        self.group = group
-
-    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        _load_vocab_rows(param, loaded, self.start)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """`[T]` token ids -> `[T, H]`."""
-        if self.world_size == 1:
-            return nn.functional.embedding(input_ids, self.weight)
-        local = input_ids - self.start
-        mine = (local >= 0) & (local < self.weight.shape[0])
-        x = nn.functional.embedding(torch.where(mine, local, 0), self.weight)
-        x = x * mine.unsqueeze(-1).to(x.dtype)
-        return reduce_sum(x, self.world_size, self.group, fixed_order=False)
-
-
-class ParallelLMHead(nn.Module):
-    """The unembedding, vocabulary rows split over ranks; `forward` gathers every rank's logits."""
+class _VocabRows(nn.Module):
+    """Rows `[start, start + ceil(V / N))` of a `[V, H]` vocabulary matrix (the last rank's tail zero-padded)."""
 
     def __init__(
         self,
@@ -184,6 +151,25 @@ class ParallelLMHead(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         _load_vocab_rows(param, loaded, self.start)
+
+
+class VocabParallelEmbedding(_VocabRows):
+    """Token embeddings, rows split over ranks; each rank embeds the ids it holds, zeros elsewhere, and one sum
+    over ranks assembles the rows. That sum adds exact zeros to one value, so its order cannot matter."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """`[T]` token ids -> `[T, H]`."""
+        if self.world_size == 1:
+            return nn.functional.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = nn.functional.embedding(torch.where(mine, local, 0), self.weight)
+        x = x * mine.unsqueeze(-1).to(x.dtype)
+        return reduce_sum(x, self.world_size, self.group, fixed_order=False)
+
+
+class ParallelLMHead(_VocabRows):
+    """The unembedding, vocabulary rows split over ranks; `forward` gathers every rank's logits."""
 
     def forward(self, hidden: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
         """`[N, H]` -> `[N, V]` fp32 logits, on every rank (each column computed by one rank: no sum)."""
