@@ -18,23 +18,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
-from gptoss.engine.worker.kv_cache import kv_bytes_per_block
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: the command line reads these defaults for `--help`.
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Memory kept free for activations, logits and sampler temporaries on top of an estimate from the sizes.
 MIN_ACTIVATION_RESERVE_BYTES = 2 << 30
 
-_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
+# Accepted dtype names -> the torch dtype's name.
+DTYPE_NAMES = {
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
 }
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 @dataclass
@@ -63,6 +74,8 @@ class EngineArgs:
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
     tensor_parallel_size: int = 1  # ranks (GPUs) one replica is split over; rank 0 schedules and samples
     data_parallel_size: int = 1  # replicas behind one server (engine/data_parallel.py); one GPU set each
+    # On CPU: dequantised MXFP4 experts kept between steps (kernels/cpu.py), at most this many GiB (0: none).
+    cpu_expert_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,26 +100,30 @@ class EngineArgs:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_expert_cache_gb < 0:
+            raise ValueError(f"cpu_expert_cache_gb must be >= 0, got {self.cpu_expert_cache_gb}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
         for name in ("dtype", "kv_cache_dtype"):
             value = getattr(self, name)
-            if value != "auto" and value not in _DTYPES:
-                raise ValueError(f"{name} must be 'auto' or one of {sorted(_DTYPES)}, got {value!r}")
+            if value != "auto" and value not in DTYPE_NAMES:
+                raise ValueError(f"{name} must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {value!r}")
         self.model = str(self.model)
 
     def resolve_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+            return _torch_dtype("bfloat16" if device.type == "cuda" else "float32")
+        return _torch_dtype(self.dtype)
 
     def resolve_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        return model_dtype if self.kv_cache_dtype == "auto" else _DTYPES[self.kv_cache_dtype]
+        return model_dtype if self.kv_cache_dtype == "auto" else _torch_dtype(self.kv_cache_dtype)
 
     def use_cuda_graphs(self, device: torch.device) -> bool:
         """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU."""
@@ -136,6 +153,8 @@ def sliding_blocks_needed(args: EngineArgs, window: int) -> int:
 
 def split_kv_budget(args: EngineArgs, config: ModelConfig, budget_bytes: int, kv_dtype: torch.dtype) -> dict[str, int]:
     """Block ids per group that fit in `budget_bytes` of KV memory."""
+    from gptoss.engine.worker.kv_cache import kv_bytes_per_block
+
     groups = block_groups(config)
     bytes_per = {
         g: kv_bytes_per_block(config, args.block_size, kv_dtype, args.tensor_parallel_size, layer_type=g)
@@ -157,6 +176,8 @@ def split_kv_budget(args: EngineArgs, config: ModelConfig, budget_bytes: int, kv
 
 def activation_reserve_bytes(args: EngineArgs, config: ModelConfig, dtype: torch.dtype) -> int:
     """A rough upper bound of one step's temporaries: hidden states, attention, MoE and sampler buffers."""
+    import torch
+
     elem = torch.empty((), dtype=dtype).element_size()
     tokens = args.max_num_batched_tokens
     per_token = (8 * config.hidden_size + 4 * config.q_size + 4 * config.intermediate_size) * elem
@@ -184,6 +205,8 @@ def num_kv_blocks(
     args: EngineArgs, config: ModelConfig, device: torch.device, model_dtype: torch.dtype
 ) -> dict[str, int]:
     """Block ids per group for this device (call after the weights are on it)."""
+    import torch
+
     groups = block_groups(config)
     if args.num_blocks is not None:
         return dict.fromkeys(groups, args.num_blocks)

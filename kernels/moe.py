@@ -50,8 +50,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from gptoss.kernels.reference import MXFP4_BLOCK
 
-MXFP4_BLOCK = 32  # fp4 values sharing one e8m0 scale
 ROUTE_BLOCK_T = 32  # tokens per routing program; up to this many tokens routing is one launch
 ROUTE_NUM_WARPS = 8  # 4 warps spill the [32, 128] top-k tile on sm_90
 MMA_TOKENS = 16  # tokens per MMA (the wgmma N width): fixed, so bits never depend on the batch

@@ -183,8 +183,6 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     from gptoss.engine.model.roofline import format_breakdown
     from gptoss.scripts.engine_flags import resolve_model_path
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
     model_path = resolve_model_path(args)
     overrides: dict[str, Any] = {
         "model": model_path,
@@ -243,29 +241,22 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "latency",
         help="engine-only prefill / decode speed per batch size, against the memory-bandwidth roofline",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_engine_arguments(parser)  # --model, or --random-weights --preset NAME; --seed also seeds the prompts
-    parser.add_argument("--batch-sizes", type=parse_ints, default=[1, 4, 16])
-    parser.add_argument("--input-lens", type=parse_ints, default=[128])
-    parser.add_argument("--output-lens", type=parse_ints, default=[32])
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch-sizes", type=parse_ints, default=[1, 4, 16], help="comma-separated")
+    parser.add_argument("--input-lens", type=parse_ints, default=[128], help="prompt tokens, comma-separated")
+    parser.add_argument("--output-lens", type=parse_ints, default=[32], help="new tokens, comma-separated")
+    parser.add_argument("--iters", type=int, default=3, help="timed runs per row (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before each row")
     parser.add_argument(
         "--bandwidth-gbs",
         type=float,
         default=None,
         help="use this memory bandwidth (GB/s) for the roofline instead of measuring it",
     )
-    parser.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's); 1 is steadier on a machine shared with others",
-    )
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one run")
-    parser.add_argument("--result-json", default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--result-json", default=None, help="also write the rows and the setup to this file")
+    parser.add_argument("--quiet", action="store_true", help="less output")
     parser.set_defaults(handler=run_bench_latency)
 
 

@@ -237,22 +237,23 @@ async def send_request(
 
 
 def distribution(values_s: list[float], name: str) -> dict[str, float]:
-    """mean / median / std / p50 / p90 / p99 of `values_s` (seconds) in milliseconds, vLLM's key names."""
+    """mean / median / std / p50 / p90 / p99 of `values_s` (seconds) in milliseconds, vLLM's key names; None
+    (JSON null, printed n/a) for each when there is no value (e.g. TPOT and ITL when no text arrived)."""
     ms = [v * 1e3 for v in values_s]
     out = {
-        f"mean_{name}_ms": statistics.fmean(ms) if ms else 0.0,
-        f"median_{name}_ms": statistics.median(ms) if ms else 0.0,
-        f"std_{name}_ms": statistics.pstdev(ms) if ms else 0.0,
+        f"mean_{name}_ms": statistics.fmean(ms) if ms else None,
+        f"median_{name}_ms": statistics.median(ms) if ms else None,
+        f"std_{name}_ms": statistics.pstdev(ms) if ms else None,
     }
     for p in PERCENTILES:
         out[f"p{p}_{name}_ms"] = percentile(ms, p)
     return out
 
 
-def percentile(values: list[float], p: float) -> float:
-    """Linear-interpolated percentile (numpy's default), 0 for no values."""
+def percentile(values: list[float], p: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no values."""
     if not values:
-        return 0.0
+        return None
     ordered = sorted(values)
     rank = (len(ordered) - 1) * p / 100
     low = math.floor(rank)
@@ -298,17 +299,31 @@ async def run_benchmark(
     temperature: float,
     headers: dict[str, str],
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Send `inputs` (Poisson arrivals at `request_rate`, at most `concurrency` in flight); the metrics."""
+    """Send `inputs` (Poisson arrivals at `request_rate`, at most `concurrency` in flight); the metrics.
+    `progress`: a tqdm bar of finished requests on stderr, removed when done."""
+    from tqdm import tqdm
+
     rng = random.Random(seed)
     limit = asyncio.Semaphore(concurrency) if concurrency else None
+    bar = tqdm(
+        total=len(inputs),
+        unit="req",
+        desc=f"concurrency {concurrency or 'unlimited'}",
+        leave=False,
+        disable=not progress,
+    )
 
     async def one(request: RequestInput) -> RequestResult:
         body = request_body(request, model, chat, ignore_eos, temperature)
-        if limit is None:
-            return await send_request(client, url, body, headers)
-        async with limit:
-            return await send_request(client, url, body, headers)
+        try:
+            if limit is None:
+                return await send_request(client, url, body, headers)
+            async with limit:
+                return await send_request(client, url, body, headers)
+        finally:
+            bar.update(1)
 
     start = time.perf_counter()
     tasks = []
@@ -316,7 +331,10 @@ async def run_benchmark(
         tasks.append(asyncio.create_task(one(request)))
         if math.isfinite(request_rate) and i + 1 < len(inputs):
             await asyncio.sleep(rng.expovariate(request_rate))
-    results = await asyncio.gather(*tasks)
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        bar.close()
     duration = time.perf_counter() - start
     metrics = summarize(list(results), duration, inputs)
     metrics["concurrency"] = concurrency
@@ -334,6 +352,7 @@ async def served_model_name(client: httpx.AsyncClient, base_url: str, headers: d
 async def sweep(args: argparse.Namespace, base_url: str, tokenizer: Any | None) -> dict[str, Any]:
     """Warm-up, then one benchmark per concurrency value; the whole JSON report."""
     import httpx
+    from gptoss.scripts.engine_flags import progress_enabled
 
     chat = args.endpoint.endswith("chat/completions")
     url = base_url.rstrip("/") + args.endpoint
@@ -375,6 +394,7 @@ async def sweep(args: argparse.Namespace, base_url: str, tokenizer: Any | None) 
                 temperature=args.temperature,
                 headers=headers,
                 seed=args.seed,
+                progress=progress_enabled(args),
             )
             runs.append(metrics)
             if not args.quiet:
@@ -395,10 +415,14 @@ def format_run(metrics: dict[str, Any]) -> str:
         f"output throughput (tok/s)    {metrics['output_throughput']:.2f}",
         f"total throughput (tok/s)     {metrics['total_token_throughput']:.2f}",
     ]
+
+    def ms(value: float | None) -> str:
+        return f"{value:9.2f}" if value is not None else f"{'n/a':>9s}"
+
     for name in ("ttft", "tpot", "itl", "e2el"):
         lines.append(
-            f"{name.upper():5s} ms  mean {metrics[f'mean_{name}_ms']:9.2f}  p50 {metrics[f'p50_{name}_ms']:9.2f}  "
-            f"p90 {metrics[f'p90_{name}_ms']:9.2f}  p99 {metrics[f'p99_{name}_ms']:9.2f}"
+            f"{name.upper():5s} ms  mean {ms(metrics[f'mean_{name}_ms'])}  p50 {ms(metrics[f'p50_{name}_ms'])}  "
+            f"p90 {ms(metrics[f'p90_{name}_ms'])}  p99 {ms(metrics[f'p99_{name}_ms'])}"
         )
     if metrics["errors"]:
         lines.append(f"first error: {metrics['errors'][0]}")
@@ -419,10 +443,11 @@ def plot_sweep(path: str | Path, runs: list[dict[str, Any]], title: str) -> Path
         (axes[0], "median_e2el_ms", "median end-to-end latency (ms)"),
         (axes[1], "median_tpot_ms", "median time per output token (ms)"),
     ):
-        xs = [run[key] for run in runs]
-        ys = [run["output_throughput"] for run in runs]
+        measured = [run for run in runs if run[key] is not None]  # a level where no text arrived has no TPOT
+        xs = [run[key] for run in measured]
+        ys = [run["output_throughput"] for run in measured]
         ax.plot(xs, ys, marker="o")
-        for x, y, run in zip(xs, ys, runs, strict=True):
+        for x, y, run in zip(xs, ys, measured, strict=True):
             ax.annotate(f"c={run['concurrency'] or 'inf'}", (x, y), textcoords="offset points", xytext=(5, 5))
         ax.set_xlabel(label)
         ax.set_ylabel("output throughput (tokens/s)")
@@ -541,8 +566,9 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     try:
         if base_url is None:
             from gptoss.engine.model.random_checkpoint import ensure_default_checkpoint
+            from gptoss.scripts.engine_flags import check_model_dir
 
-            model = args.model or ensure_default_checkpoint()
+            model = check_model_dir(args.model) if args.model else ensure_default_checkpoint()
             engine_args = {"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}
             print(f"starting a server on {model} ...", file=sys.stderr)
             server = LocalServer(model, engine_args=engine_args)
@@ -577,18 +603,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="without --base-url: start our server on this checkpoint (default: a tiny random one)",
     )
     target.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size of the started server")
-    target.add_argument("--endpoint", default="/v1/completions", choices=("/v1/completions", "/v1/chat/completions"))
+    target.add_argument(
+        "--endpoint",
+        default="/v1/completions",
+        choices=("/v1/completions", "/v1/chat/completions"),
+        help="route the requests stream from (completions: token-id prompts of exact lengths)",
+    )
     target.add_argument("--served-model-name", default=None, help="the body's model (default: from /v1/models)")
-    target.add_argument("--api-key", default=os.environ.get("GPTOSS_API_KEY"))
+    target.add_argument(
+        "--api-key", default=os.environ.get("GPTOSS_API_KEY"), help="sent as a Bearer token (default: $GPTOSS_API_KEY)"
+    )
     target.add_argument(
         "--tokenizer",
         default=None,
         help="tokenizer.json for random prompts (default: the started server's; else byte tokens)",
     )
     load = parser.add_argument_group("load")
-    load.add_argument("--num-prompts", type=int, default=100)
-    load.add_argument("--input-len", type=int, default=128)
-    load.add_argument("--output-len", type=int, default=128)
+    load.add_argument("--num-prompts", type=int, default=100, help="requests per concurrency level")
+    load.add_argument("--input-len", type=int, default=128, help="prompt tokens per request")
+    load.add_argument("--output-len", type=int, default=128, help="max_tokens per request")
     load.add_argument(
         "--random-range-ratio", type=float, default=0.0, help="lengths uniform in [len * (1 - r), len * (1 + r)]"
     )
@@ -599,15 +632,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="most requests in flight; a list (1,4,16) runs a sweep",
     )
-    load.add_argument("--num-warmups", type=int, default=1)
+    load.add_argument("--num-warmups", type=int, default=1, help="unmeasured requests before the first level")
     load.add_argument("--ignore-eos", action="store_true", help="ask the server to ignore EOS (vLLM extension)")
-    load.add_argument("--temperature", type=float, default=0.0)
-    load.add_argument("--seed", type=int, default=0)
+    load.add_argument("--temperature", type=float, default=0.0, help="of every request")
+    load.add_argument("--seed", type=int, default=0, help="of the random prompts and arrival times")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     out = parser.add_argument_group("output")
-    out.add_argument("--result-json", default=None)
+    out.add_argument("--result-json", default=None, help="write every level's metrics to this file")
     out.add_argument("--plot", default=None, help="PNG of throughput against latency across the sweep")
-    out.add_argument("--quiet", action="store_true")
+    out.add_argument("--quiet", action="store_true", help="no per-level report on stderr")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
 
 
 def register(bench_subparsers: argparse._SubParsersAction) -> None:
@@ -616,7 +650,6 @@ def register(bench_subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="load-test an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(handler=run_bench_serve)

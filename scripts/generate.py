@@ -3,10 +3,10 @@
     gptoss generate requests.jsonl results.jsonl --model CKPT [--max-num-seqs 64] [--seed 1] [--temperature 1]
 
 Each input line is one JSON object with exactly one of
-- `messages`: OpenAI Chat messages, rendered with harmony (plus `tools`, `reasoning_effort`,
+- `messages`: OpenAI Chat messages, rendered with harmony (plus `tools`, `tool_choice`, `reasoning_effort`,
   `response_format`);
 - `input`: an OpenAI Responses input (string or items), rendered with harmony (plus `instructions`,
-  `tools`, `reasoning: {effort}`, `text: {format}`);
+  `tools`, `tool_choice`, `reasoning: {effort}`, `text: {format}`);
 - `prompt`: text. It is one user turn rendered with harmony, unless `"raw": true`, when the text is
   tokenized as it is (special tokens such as `<|start|>` written in it are recognised) and the model simply
   continues it;
@@ -15,6 +15,9 @@ parameters: `max_tokens` (alias `max_completion_tokens`, `max_output_tokens`), `
 `top_k`, `min_p`, `seed`, `repetition_penalty`, `frequency_penalty`, `presence_penalty`, `stop`,
 `stop_token_ids`, `ignore_eos` (also drops the harmony stop tokens `<|return|>` and `<|call|>`, which
 otherwise end every completion), `logprobs` (true or a count of alternatives) and `top_logprobs`.
+`tool_choice` is "auto" (the default), "none" (the tools are not shown to the model), "required" or a named
+function (`{"type": "function", "name": ...}` or `{"type": "function", "function": {"name": ...}}`): these two
+are enforced while sampling (a grammar, llguidance), so the completion is a call to one of the tools.
 Unknown fields, invalid JSON, duplicate ids and out-of-range values are reported on stderr with their line
 number and the line is skipped; the run goes on.
 
@@ -34,10 +37,10 @@ Determinism: a request without its own `seed` gets one derived from the run's `-
 so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
 two runs give identical files whatever `--max-num-seqs` is, and a resumed run continues exactly. A different
 `--seed` gives different samples.
-
-The continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) are shared with
-`gptoss score`.
 """
+
+# For developers: the continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) below are
+# shared with `gptoss score`.
 
 from __future__ import annotations
 
@@ -79,6 +82,7 @@ REQUEST_KEYS = frozenset(
         "reasoning_effort",
         "reasoning",
         "response_format",
+        "tool_choice",
         "instructions",
         "text",
         "logprobs",
@@ -257,6 +261,10 @@ def build_generate_job(
         raise BadLine(line_no, "raw: only applies to prompt")
     if kind == "prompt" and (not isinstance(obj["prompt"], str) or not obj["prompt"]):
         raise BadLine(line_no, "prompt: must be a non-empty string")
+    tool_choice = obj.get("tool_choice")
+    if tool_choice is not None and raw:
+        raise BadLine(line_no, "tool_choice: not with raw")
+    tools = obj.get("tools") if tool_choice != "none" else None  # "none": the model is not shown them
     try:
         if raw:
             prompt_ids = encoding.tokenizer.encode(obj["prompt"], add_special_tokens=False).ids
@@ -264,7 +272,7 @@ def build_generate_job(
             messages = [{"role": "user", "content": obj["prompt"]}] if kind == "prompt" else obj["messages"]
             conversation = conversation_from_chat(
                 messages,
-                tools=obj.get("tools"),
+                tools=tools,
                 reasoning_effort=obj.get("reasoning_effort", defaults.reasoning_effort),
                 response_format=obj.get("response_format"),
                 current_date=defaults.current_date,
@@ -277,7 +285,7 @@ def build_generate_job(
             conversation = conversation_from_responses(
                 obj["input"],
                 instructions=obj.get("instructions"),
-                tools=obj.get("tools"),
+                tools=tools,
                 reasoning=reasoning if reasoning is not None else {"effort": defaults.reasoning_effort},
                 text=obj.get("text"),
                 current_date=defaults.current_date,
@@ -289,8 +297,20 @@ def build_generate_job(
     if not prompt_ids:
         raise BadLine(line_no, "the prompt renders to no tokens")
     params = _sampling_params(obj, line_no, request_id, defaults, encoding.stop_token_ids)
+    if tool_choice not in (None, "auto", "none"):
+        params = dataclasses.replace(params, structured_output=_tool_choice_spec(tools, tool_choice, line_no))
     extra = {"metadata": obj["metadata"]} if "metadata" in obj else {}
     return Job(0, line_no, request_id, prompt_ids, params, harmony=not raw, extra=extra)
+
+
+def _tool_choice_spec(tools: Any, tool_choice: Any, line_no: int) -> Any:
+    """The grammar spec forcing a call ("required" or a named function), which the engine samples under."""
+    from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec
+
+    try:
+        return StructuredOutputSpec.from_request(tools=tools, tool_choice=tool_choice)
+    except StructuredOutputError as exc:
+        raise BadLine(line_no, str(exc)) from None
 
 
 def logprobs_json(encoding: Any, entries: Iterable[Any]) -> list[dict[str, Any]]:
@@ -497,6 +517,19 @@ def in_flight_limit(max_num_seqs: int, max_num_waiting: int = 4096) -> int:
     return min(2 * max_num_seqs + 8, max_num_seqs + max_num_waiting)
 
 
+def check_input_output(input_path: Path, output_path: Path, what_in: str, what_out: str) -> None:
+    """UsageError unless the input JSONL exists and the output is another file."""
+    from gptoss.scripts.errors import UsageError
+
+    if not input_path.is_file():
+        problem = "is a folder" if input_path.is_dir() else "no such file"
+        raise UsageError(f"{input_path}: {problem}; the first argument is the JSONL file of {what_in}")
+    if output_path.resolve() == input_path.resolve() or (output_path.exists() and output_path.samefile(input_path)):
+        raise UsageError(f"{output_path}: the {what_out} would overwrite the input; give another output file")
+    if output_path.is_dir():
+        raise UsageError(f"{output_path}: is a folder; the second argument is the JSONL file of {what_out}")
+
+
 def report_bad_line(bad: BadLine) -> None:
     print(f"skipped {bad}", file=sys.stderr)
 
@@ -567,8 +600,9 @@ def generate_jsonl(
 
 def run_generate(args: argparse.Namespace) -> int:
     from gptoss.engine.harmony import HarmonyEncoding
-    from gptoss.scripts.engine_flags import resolve_model_path
+    from gptoss.scripts.engine_flags import progress_enabled, resolve_model_path
 
+    check_input_output(args.input, args.output, "requests", "results")
     args.model = resolve_model_path(args)  # the tiny default checkpoint or a config-only folder when not given
     encoding = HarmonyEncoding.from_file(args.tokenizer or args.model)
     defaults = GenerateDefaults(
@@ -582,7 +616,7 @@ def run_generate(args: argparse.Namespace) -> int:
         defaults,
         max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
         include_raw=args.include_raw,
-        progress=not args.no_progress,
+        progress=progress_enabled(args),
     )
     print(
         f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
@@ -606,23 +640,24 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         "generate",
         help="offline batch generation: JSONL of requests in, JSONL of results out (resumable)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help="JSONL of requests")
     parser.add_argument("output", type=Path, help="JSONL of results (appended to and resumed if it exists)")
     add_engine_arguments(parser)  # its --seed also seeds every request without one (see the description)
     sampling = parser.add_argument_group("defaults for lines that do not set them")
-    sampling.add_argument("--max-tokens", type=int, default=256)
-    sampling.add_argument("--temperature", type=float, default=1.0)
-    sampling.add_argument("--top-p", type=float, default=1.0)
-    sampling.add_argument("--reasoning-effort", default="medium", choices=("low", "medium", "high"))
+    sampling.add_argument("--max-tokens", type=int, default=256, help="most new tokens per request")
+    sampling.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    sampling.add_argument(
+        "--reasoning-effort", default="medium", choices=("low", "medium", "high"), help="for harmony prompts"
+    )
     sampling.add_argument("--current-date", default=None, help="YYYY-MM-DD for the system message (default: none)")
     parser.add_argument(
         "--include-raw",
         action="store_true",
         help="also write each completion's token ids and raw text (special tokens spelled out)",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any input line was bad")
     parser.set_defaults(handler=run_generate)
     return parser

@@ -11,8 +11,8 @@ model would see it. An empty context scores after `<|startoftext|>`.
 
 Each output line: `{"id", "logprobs": [sum per continuation], "token_logprobs": [[per token], ...],
 "is_greedy": [bool, ...], "num_tokens": [int, ...]}` (`is_greedy`: every continuation token is the argmax
-at its position, ties counting as greedy), in input order. Every (context, continuation) pair is one
-engine request (nothing generated; continuous batching over all of them). Bad lines are reported with their
+at its position, ties counting as greedy), in input order. Nothing is generated: every (context,
+continuation) pair is one pass of the model over its tokens, many pairs at once. Bad lines are reported with their
 line number and skipped; resuming works as for `gptoss generate` (whole lines, ids already written are
 skipped).
 """
@@ -30,6 +30,7 @@ from gptoss.scripts.generate import (
     BadLine,
     Job,
     ResultsFile,
+    check_input_output,
     in_flight_limit,
     make_llm,
     make_progress,
@@ -223,12 +224,15 @@ def score_jsonl(
 
 
 def run_score(args: argparse.Namespace) -> int:
+    from gptoss.scripts.engine_flags import progress_enabled
+
+    check_input_output(args.input, args.output, "items to score", "scores")
     summary = score_jsonl(
         args.input,
         args.output,
         lambda: make_llm(args),
         max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
-        progress=not args.no_progress,
+        progress=progress_enabled(args),
     )
     print(
         f"{summary.num_lines} lines ({summary.num_bad_lines} bad lines skipped): {summary.num_already_done} "
@@ -249,12 +253,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "score",
         help="log-probabilities of continuations given contexts (multiple-choice evaluation), JSONL in and out",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", type=Path, help='JSONL: {"id", "context", "continuations": [...]}')
     parser.add_argument("output", type=Path, help="JSONL of scores (appended to and resumed if it exists)")
     add_engine_arguments(parser)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any input line was bad")
     parser.set_defaults(handler=run_score)
 

@@ -10,9 +10,9 @@ API (what `gptoss serve` uses):
         `api_key`: when set, every route but /health needs `Authorization: Bearer <key>`;
         `max_queue`: generation requests in flight before new ones get 429 + Retry-After. Structured outputs
         (response formats, strict tools, forced tool calls) go to the engine as `SamplingParams.structured_output`.
-    add_serve_arguments(parser)     adds --host (127.0.0.1), --port (8000), --api-key (env GPTOSS_API_KEY),
-                                    --served-model-name (gpt-oss-120b), --max-queue, --response-store-size,
-                                    --log-level
+    add_serve_arguments(parser)     (server/flags.py) adds --host (127.0.0.1), --port (8000), --api-key (env
+                                    GPTOSS_API_KEY), --served-model-name (gpt-oss-120b), --max-queue,
+                                    --response-store-size, --log-level
     run_server(args, engine=None, tokenizer=None)
         builds the engine from `args` (every `EngineArgs` field found on `args`, e.g. args.model) unless
         given, the app, and runs uvicorn on args.host:args.port until interrupted; shuts the engine down.
@@ -34,7 +34,6 @@ import argparse
 import dataclasses
 import hmac
 import logging
-import os
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +41,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gptoss.server import completions, openai_chat, openai_responses, workers_ai
 from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
+from gptoss.server.flags import add_serve_arguments
 from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
 from gptoss.server.serving import encode_raw
@@ -234,37 +234,6 @@ def _add_misc_routes(app: FastAPI) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The server's flags (the engine's are added by engine/cli.py)."""
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: local only)")
-    group.add_argument("--port", type=int, default=8000)
-    group.add_argument(
-        "--api-key",
-        default=os.environ.get("GPTOSS_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on every route but /health (env GPTOSS_API_KEY)",
-    )
-    group.add_argument(
-        "--served-model-name",
-        default="gpt-oss-120b",
-        help="model name of the API (@cf/openai/gpt-oss-120b is accepted too)",
-    )
-    group.add_argument(
-        "--max-queue",
-        type=int,
-        default=1024,
-        help="generation requests in flight before new ones get 429 (Retry-After)",
-    )
-    group.add_argument(
-        "--response-store-size",
-        type=int,
-        default=1024,
-        help="Responses kept for previous_response_id (oldest forgotten)",
-    )
-    group.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return parser
 
 
 def build_engine(args: argparse.Namespace) -> Any:

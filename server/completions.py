@@ -27,7 +27,7 @@ from gptoss.server.engine_client import merge_streams, start_all
 from gptoss.server.errors import bad_request, to_api_error
 from gptoss.server.events import RawDelta, RawResult, Usage, final_result
 from gptoss.server.logprobs import legacy_logprobs
-from gptoss.server.protocol_openai import CompletionRequest, parse_body
+from gptoss.server.protocol_openai import OPENAI_RANGES, CompletionRequest, check_ranges, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
@@ -192,7 +192,7 @@ async def completion_sse(
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     state = get_state(request)
-    req = parse_body(CompletionRequest, await read_body(request))
+    req = check_ranges(parse_body(CompletionRequest, await read_body(request)), OPENAI_RANGES)
     plan = prepare_completion(state, req)
     return await respond(
         request,

@@ -95,6 +95,7 @@ class ToolCallDone:
     call_id: str
     name: str
     arguments: str
+    complete: bool = True  # False: the completion ended inside the call (max_tokens), its arguments are cut
 
 
 @dataclass

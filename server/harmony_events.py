@@ -111,7 +111,8 @@ class HarmonyEventStream:
             event = self.parser.finish()
             if event.message_done is not None and self._open_call is not None:
                 call = self._open_call
-                done = ToolCallDone(call.index, call.call_id, call.name, event.message_done.text)
+                # Closed here, not by <|call|>: the completion stopped inside it.
+                done = ToolCallDone(call.index, call.call_id, call.name, event.message_done.text, complete=False)
                 self.tool_calls.append(done)
                 events.append(done)
                 self._open_call = None

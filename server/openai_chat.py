@@ -42,7 +42,7 @@ from gptoss.server.events import (
     sum_usage,
 )
 from gptoss.server.logprobs import logprob_entries
-from gptoss.server.protocol_openai import ChatCompletionRequest, parse_body
+from gptoss.server.protocol_openai import OPENAI_RANGES, ChatCompletionRequest, check_ranges, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
@@ -285,7 +285,7 @@ async def chat_sse(
 async def handle_chat(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one chat request."""
     state = get_state(request)
-    req = parse_body(ChatCompletionRequest, body)
+    req = check_ranges(parse_body(ChatCompletionRequest, body), OPENAI_RANGES)
     plan = prepare_chat(state, req)
     return await respond(
         request,

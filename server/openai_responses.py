@@ -43,7 +43,7 @@ from gptoss.server.events import (
     Usage,
 )
 from gptoss.server.logprobs import logprob_entries
-from gptoss.server.protocol_openai import ResponsesRequest, parse_body
+from gptoss.server.protocol_openai import OPENAI_RANGES, ResponsesRequest, check_ranges, parse_body
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
@@ -292,7 +292,7 @@ class ResponseBuilder:
                     }
                 )
             self._text = event.arguments
-            out += self._close()
+            out += self._close(None if event.complete else "incomplete")
         elif isinstance(event, Finished):
             self.finish_reason = event.finish_reason
             self.usage = event.usage
@@ -323,13 +323,15 @@ class ResponseBuilder:
             )
         return out
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, item_status: str | None = None) -> list[dict[str, Any]]:
+        """Finish the open item; its status is `item_status` when given (a call cut short is "incomplete"
+        before the Finished event says "length"), else from the finish reason."""
         item = self._open
         if item is None:
             return []
         self._open = None
         index = len(self.output)
-        item_status = "incomplete" if self.finish_reason == "length" else "completed"
+        item_status = item_status or ("incomplete" if self.finish_reason == "length" else "completed")
         out = []
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": self._text}
@@ -446,7 +448,7 @@ async def responses_sse(
 async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one Responses request."""
     state = get_state(request)
-    req = parse_body(ResponsesRequest, body)
+    req = check_ranges(parse_body(ResponsesRequest, body), OPENAI_RANGES)
     plan = prepare_responses(state, req)
     return await respond(
         request,

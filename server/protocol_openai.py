@@ -1,8 +1,11 @@
 """Pydantic request models of the OpenAI-shaped routes: Chat Completions, Responses, legacy Completions, tokenize.
 
-Validation lives here: types, required fields and the ranges of shared/docs/api.md (temperature 0..5, top_p
-0.001..1, top_k 1..50, seed 1..9999999999, repetition_penalty 0..2, frequency/presence penalty -2..2,
-max_tokens >= 1); cross-field validators raise `APIError` directly (pydantic passes it through) so that
+Validation lives here: types, required fields and OpenAI's own ranges (shared/docs/api.md: temperature 0..2,
+top_p in (0, 1], seed any 64-bit integer, frequency/presence penalty -2..2, top_logprobs 0..20, max_tokens
+>= 1; the extensions as vLLM has them: top_k -1 or 0 = off else >= 1, min_p 0..1, repetition_penalty >= 0).
+The fields allow the union of both APIs' ranges; each route narrows them with `check_ranges` (OpenAI routes:
+`OPENAI_RANGES`, the Workers AI run route: `protocol_workers_ai.RANGES`). Cross-field
+validators raise `APIError` directly (pydantic passes it through) so that
 their errors name the field too. Bodies are validated from JSON in strict mode (`parse_body`), so `"stream": "yes"` or
 `"max_tokens": "10"` is a 400 naming the field rather than a silent coercion. Unknown fields are ignored, as
 OpenAI clients send many (`user`, `metadata`, `store`, ...). Message and tool contents are left as plain dicts:
@@ -17,7 +20,7 @@ from typing import Any, Literal, TypeVar
 from gptoss.server.errors import bad_request, from_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-API_MAX_SEED = 9_999_999_999
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 16
 
 M = TypeVar("M", bound=BaseModel)
@@ -40,15 +43,29 @@ def parse_body(model: type[M], body: bytes | str | dict[str, Any]) -> M:
         raise from_validation_error(exc) from None
 
 
-class SamplingFields(APIModel):
-    """Sampling parameters shared by every generating route (defaults None: each route applies its own)."""
+# What OpenAI routes allow beyond the fields' bounds (which are the union of both APIs' ranges).
+OPENAI_RANGES: dict[str, tuple[float, float]] = {"temperature": (0.0, 2.0)}
 
-    temperature: float | None = Field(None, ge=0.0, le=5.0)
-    top_p: float | None = Field(None, ge=0.001, le=1.0)
-    top_k: int | None = Field(None, ge=1, le=50)
+
+def check_ranges(req: SamplingFields, ranges: dict[str, tuple[float, float]]) -> Any:
+    """`req` when each named field is unset or in its [low, high], else a 400 naming the first that is not."""
+    for name, (low, high) in ranges.items():
+        value = getattr(req, name)
+        if value is not None and not low <= value <= high:
+            raise bad_request(f"{name} must be in {low:g}..{high:g} on this route, got {value}", param=name)
+    return req
+
+
+class SamplingFields(APIModel):
+    """Sampling parameters shared by every generating route (defaults None: each route applies its own), in
+    the union of OpenAI's and Workers AI's ranges (each route narrows them with `check_ranges`)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=5.0)  # 0..2 on OpenAI routes (OPENAI_RANGES)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = Field(None, ge=1, le=API_MAX_SEED)
-    repetition_penalty: float | None = Field(None, ge=0.0, le=2.0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    repetition_penalty: float | None = Field(None, ge=0.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None

@@ -1,7 +1,8 @@
 """Pydantic request models of the Workers AI run route's own formats (prompt, batch, queue polling).
 
 The `messages` and `input` formats reuse `ChatCompletionRequest` / `ResponsesRequest` (server/protocol_openai.py);
-which format a body is in is decided by its keys (`workers_ai.body_format`). Ranges as in shared/docs/api.md.
+which format a body is in is decided by its keys (`workers_ai.body_format`). Ranges as in shared/docs/api.md
+(`RANGES`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ from gptoss.server.protocol_openai import APIModel, ChatResponseFormat, Reasonin
 from pydantic import Field
 
 MAX_BATCH_REQUESTS = 256
+# The run route's ranges (shared/docs/api.md's table), applied with `protocol_openai.check_ranges` on top of the
+# request models' own bounds (the union of these and OpenAI's).
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 5.0),
+    "top_p": (0.001, 1.0),
+    "top_k": (1, 50),
+    "seed": (1, 9_999_999_999),
+    "repetition_penalty": (0.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
 
 
 class PromptRequest(SamplingFields):

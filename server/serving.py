@@ -102,6 +102,9 @@ def sampling_kwargs(req: SamplingFields, max_tokens: int, default_temperature: f
         value = getattr(req, name)
         if value is not None:
             kwargs[name] = value
+    if kwargs.get("seed") is not None:
+        # OpenAI takes any 64-bit seed; the engine's are non-negative and hashed modulo 2^64 (same stream).
+        kwargs["seed"] %= 1 << 64
     return kwargs
 
 

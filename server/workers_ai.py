@@ -48,8 +48,8 @@ from gptoss.server.openai_responses import (
     run_response,
     start_responses,
 )
-from gptoss.server.protocol_openai import ChatCompletionRequest, ResponsesRequest, parse_body
-from gptoss.server.protocol_workers_ai import BatchRequest, PollRequest, PromptRequest
+from gptoss.server.protocol_openai import ChatCompletionRequest, ResponsesRequest, check_ranges, parse_body
+from gptoss.server.protocol_workers_ai import RANGES, BatchRequest, PollRequest, PromptRequest
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -246,12 +246,12 @@ async def run_one(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
     kind = body_format(body)
     body = normalize_response_format({k: v for k, v in body.items() if k != "external_reference"})
     if kind == "prompt":
-        return await run_prompt(state, parse_body(PromptRequest, body))
+        return await run_prompt(state, check_ranges(parse_body(PromptRequest, body), RANGES))
     if kind == "messages":
-        plan: ChatPlan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        plan: ChatPlan = prepare_chat(state, check_ranges(parse_body(ChatCompletionRequest, body), RANGES))
         return await chat_completion(state, plan, start_chat(state, plan))
     if kind == "input":
-        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        rplan = prepare_responses(state, check_ranges(parse_body(ResponsesRequest, body), RANGES))
         return await run_response(state, rplan, start_responses(state, rplan))
     raise bad_request(f"a {kind} body cannot be nested in a batch", param="requests")
 
@@ -275,8 +275,10 @@ async def run_batch(state: ServerState, items: list[dict[str, Any]]) -> dict[str
     return {"results": list(await asyncio.gather(*[one(item) for item in items]))}
 
 
-def _batch_items(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return parse_body(BatchRequest, body).requests
+def _batch_items(body: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """The batch's items, each naming the path's model as a direct call does (answers echo it)."""
+    items = parse_body(BatchRequest, body).requests
+    return [{**item, "model": model} if isinstance(item, dict) else item for item in items]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -307,10 +309,10 @@ async def run_model(request: Request, model: str) -> Response:
     if kind == "poll":
         return JSONResponse(envelope(poll(state, parse_body(PollRequest, body).request_id)))
     if queue:
-        items = _batch_items(body) if kind == "batch" else [body]
+        items = _batch_items(body, model) if kind == "batch" else [body]
         return JSONResponse(envelope(enqueue(state, items, model)))
     if kind == "batch":
-        items = _batch_items(body)
+        items = _batch_items(body, model)
         with Admission(state):
             result = await run_until_disconnect(request, run_batch(state, items))
         return JSONResponse(envelope(result))
@@ -325,16 +327,16 @@ async def stream_one(request: Request, kind: str, body: dict[str, Any]) -> Respo
     """A streamed body in any of the three formats (its frames end with the usage trailer and `[DONE]`)."""
     state = get_state(request)
     if kind == "messages":
-        plan = prepare_chat(state, parse_body(ChatCompletionRequest, body))
+        plan = prepare_chat(state, check_ranges(parse_body(ChatCompletionRequest, body), RANGES))
         return await respond(
             request, functools.partial(start_chat, state, plan), frames=functools.partial(chat_sse, state, plan)
         )
     if kind == "input":
-        rplan = prepare_responses(state, parse_body(ResponsesRequest, body))
+        rplan = prepare_responses(state, check_ranges(parse_body(ResponsesRequest, body), RANGES))
         return await respond(
             request, lambda: [start_responses(state, rplan)], frames=functools.partial(responses_sse, state, rplan)
         )
-    req = parse_body(PromptRequest, body)
+    req = check_ranges(parse_body(PromptRequest, body), RANGES)
     return await respond(request, functools.partial(start_prompt, state, req), frames=prompt_sse)
 
 

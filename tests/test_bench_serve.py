@@ -49,7 +49,7 @@ def test_percentile_matches_numpy() -> None:
     values = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0]
     for p in (0, 50, 90, 99, 100):
         assert percentile(values, p) == pytest.approx(float(np.percentile(values, p)))
-    assert percentile([], 50) == 0.0
+    assert percentile([], 50) is None
 
 
 def test_random_prompts_lengths() -> None:
@@ -242,3 +242,33 @@ def test_live_tiny_server(tmp_path: Path, tiny_checkpoint: Path) -> None:
             assert run["mean_ttft_ms"] > 0 and run["mean_e2el_ms"] >= run["mean_ttft_ms"]
             if endpoint == "/v1/completions":  # token-id prompts: exact input lengths
                 assert run["total_input_tokens"] == 4 * 12
+
+
+def test_no_text_is_na_not_zero() -> None:
+    """A level where no text arrived has no TPOT / ITL: n/a in the report, null in the JSON."""
+    from gptoss.scripts.bench_serve import format_run
+
+    results = [RequestResult(True, ttft=0.1, latency=0.1, itl=[], prompt_tokens=10, output_tokens=1)]
+    metrics = summarize(results, duration=1.0, inputs=[RequestInput([1] * 10, 10, 4)])
+    metrics.update(concurrency=1, request_rate="inf")
+    assert metrics["mean_tpot_ms"] is None and metrics["p99_itl_ms"] is None
+    text = format_run(metrics)
+    tpot = next(line for line in text.splitlines() if line.startswith("TPOT"))
+    assert "n/a" in tpot and "0.00" not in tpot
+    assert "n/a" not in next(line for line in text.splitlines() if line.startswith("TTFT"))
+
+
+def test_a_progress_bar_per_level_on_a_terminal(fake_server: str, monkeypatch, capsys) -> None:
+    """Each concurrency level shows a bar of finished requests when stderr is a terminal, none otherwise."""
+    import sys
+
+    argv = ["--base-url", fake_server, "--num-prompts", "4", "--input-len", "8", "--output-len", "3"]
+    argv += ["--concurrency", "1,2", "--num-warmups", "0", "--quiet"]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    args = bench_args(*argv)
+    assert args.handler(args) == 0
+    err = capsys.readouterr().err
+    assert "concurrency 1:" in err and "concurrency 2:" in err and "/4 [" in err
+    args = bench_args(*argv, "--no-progress")
+    assert args.handler(args) == 0
+    assert "concurrency 1" not in capsys.readouterr().err

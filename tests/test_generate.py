@@ -264,3 +264,51 @@ def test_ctrl_c_keeps_finished_lines_and_frees_the_engine(tmp_path: Path, encodi
     again = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=5), max_in_flight=40)
     assert not again.interrupted and again.num_already_done == summary.num_finished
     assert [r["id"] for r in read_results(out)] == [r["id"] for r in rows]
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+    "strict": True,
+}
+
+
+def test_tool_choice_forces_a_call(tmp_path: Path, encoding, llm16) -> None:
+    pytest.importorskip("llguidance")
+    rows = [
+        {"id": "named", "input": "Weather?", "tools": [WEATHER_TOOL], "max_tokens": 120, "seed": 1,
+         "tool_choice": {"type": "function", "name": "get_weather"}},
+        {"id": "required", "messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 120, "seed": 2,
+         "tools": [{"type": "function", "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"}}],
+         "tool_choice": "required"},
+        {"id": "unknown", "input": "x", "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "name": "nope"}},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    bad: list = []
+    generate_jsonl(
+        path, tmp_path / "out.jsonl", llm16, encoding, GenerateDefaults(), max_in_flight=8, report=bad.append
+    )
+    assert [b.line_no for b in bad] == [3] and "tool_choice" in bad[0].message
+    for result in read_results(tmp_path / "out.jsonl"):
+        assert result["finish_reason"] == "tool_calls", result
+        assert [call["name"] for call in result["tool_calls"]] == ["get_weather"]
+        assert json.loads(result["tool_calls"][0]["arguments"])["city"] in ("Paris", "Oslo")
+
+
+def test_no_progress_bar_when_not_a_terminal(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """stderr is a pipe here: no bar, but the thread count is said."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "hi", "max_tokens": 2}])
+    out = subprocess.run(
+        [sys.executable, "-m", "gptoss.scripts.cli", "generate", str(path), str(tmp_path / "out.jsonl"),
+         "--model", str(tiny_checkpoint), "--num-threads", "1"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": ""},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "cpu threads: 1 (--num-threads)" in out.stderr
+    assert "%|" not in out.stderr and "it/s" not in out.stderr

@@ -105,9 +105,21 @@ def test_make_checkpoint_with_custom_sizes_and_real_tokenizer(shared_dir: Path, 
     assert loaded.num_hidden_layers == 2 and loaded.layer_types == (SLIDING, FULL)
 
 
+# The sizes every config.json states (gpt-oss-20b's), besides the keys named differently by the two namings.
+SIZES_20B = {
+    "vocab_size": 201088,
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+}
+
+
 def test_config_accepts_hf_and_original_names() -> None:
     hf = ModelConfig.from_dict(
         {
+            **SIZES_20B,
             "num_experts_per_tok": 4,
             "num_local_experts": 32,
             "num_hidden_layers": 24,
@@ -123,6 +135,7 @@ def test_config_accepts_hf_and_original_names() -> None:
     )
     original = ModelConfig.from_dict(
         {
+            **SIZES_20B,
             "experts_per_token": 4,
             "num_experts": 32,
             "num_hidden_layers": 24,
@@ -134,6 +147,7 @@ def test_config_accepts_hf_and_original_names() -> None:
     )
     new_style = ModelConfig.from_dict(
         {
+            **SIZES_20B,
             "num_experts_per_tok": 4,
             "num_local_experts": 32,
             "num_hidden_layers": 24,
@@ -154,4 +168,12 @@ def test_config_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         preset("tiny").replace(hidden_size=100)
     with pytest.raises(ValueError, match="layer_types"):
-        ModelConfig.from_dict({"num_hidden_layers": 3, "layer_types": ["full_attention"]})
+        ModelConfig.from_dict(
+            {
+                **SIZES_20B,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+                "num_hidden_layers": 3,
+                "layer_types": ["full_attention"],
+            }
+        )

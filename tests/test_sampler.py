@@ -258,7 +258,9 @@ def test_allowed_token_mask() -> None:
     mask = torch.zeros(64, VOCAB, dtype=torch.bool)
     allowed = torch.tensor([3, 17, 200])
     mask[:, allowed] = True
-    params = [SamplingParams(temperature=0.0)] * 8 + [SamplingParams(temperature=2.0, top_p=0.9)] * 56
+    params = [SamplingParams(temperature=0.0, logprobs=0)] * 8 + [
+        SamplingParams(temperature=2.0, top_p=0.9, logprobs=0)
+    ] * 56
     out = sample(logits, params, mask=mask)
     assert torch.isin(out.sampled_token_ids, allowed).all()
     assert torch.equal(out.sampled_token_ids[:8], allowed[logits[:8, allowed].argmax(dim=-1)])
@@ -351,3 +353,14 @@ def test_sampling_reads_nothing_back_from_the_device(monkeypatch) -> None:
     monkeypatch.undo()
     assert out.sampled_token_ids.shape == (1,)
     assert torch.equal(got.sampled_token_ids, expected.sampled_token_ids)
+
+
+def test_no_vocabulary_reduction_without_logprobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No row asks for logprobs: no logsumexp over the vocabulary, and no logprob comes back."""
+    calls = []
+    real = torch.logsumexp
+    monkeypatch.setattr(torch, "logsumexp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = sample(random_logits(4), [SamplingParams(temperature=0.0), SamplingParams(seed=3)] * 2)
+    assert out.sampled_logprobs is None and out.top_logprob_ids is None and not calls
+    out = sample(random_logits(4), [SamplingParams(temperature=0.0), SamplingParams(logprobs=0)] * 2)
+    assert out.sampled_logprobs is not None and calls

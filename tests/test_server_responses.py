@@ -277,3 +277,25 @@ def test_noise_streams_validate_real_engine(live_server, seed):
     assert frames[-1] == "[DONE]"
     for frame in frames[:-1]:
         ChatCompletionChunk.model_validate_json(frame)
+
+
+def test_function_call_cut_by_max_output_tokens_is_incomplete(scripted):
+    """A client trusting item status must not run a tool with arguments cut short."""
+    scripted.engine.script = encode(scripted.tokenizer, HARMONY_TOOL_CALL)
+    whole = len(scripted.engine.script)
+    body = {"model": "gpt-oss-120b", "input": "hi", "tools": [TOOL], "max_output_tokens": whole - 3}
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert sync["status"] == "incomplete"
+    calls = [item for item in sync["output"] if item["type"] == "function_call"]
+    assert calls and all(call["status"] == "incomplete" for call in calls)
+    events = raw_events(scripted, body)
+    done = [
+        e["item"] for e in events if e["type"] == "response.output_item.done" and e["item"]["type"] == "function_call"
+    ]
+    assert done and all(item["status"] == "incomplete" for item in done)
+    final_calls = [item for item in events[-1]["response"]["output"] if item["type"] == "function_call"]
+    assert final_calls and all(call["status"] == "incomplete" for call in final_calls)
+    # Not cut: completed.
+    body["max_output_tokens"] = None
+    sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
+    assert [item["status"] for item in sync["output"] if item["type"] == "function_call"] == ["completed"]

@@ -161,6 +161,8 @@ def test_batch_mixed_formats_with_a_bad_item(scripted):
     assert results[0]["response"] == "Hi there" and results[0]["external_reference"] == "a"
     assert results[1]["object"] == "chat.completion" and results[1]["external_reference"] == "b"
     assert results[2]["object"] == "response"
+    # Items name the model as the direct call does: the path's.
+    assert results[1]["model"] == results[2]["model"] == MODEL == ok(run(scripted, {"input": "x"}))["model"]
     assert results[3]["success"] is False and results[3]["errors"][0]["code"] == 5006
     assert "temperature" in results[3]["errors"][0]["message"] and results[3]["external_reference"] == "d"
     assert results[4]["success"] is False

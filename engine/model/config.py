@@ -17,6 +17,37 @@ from typing import Any
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
+# Sizes a config.json must state (in either naming): a missing one would silently take 120b's value.
+REQUIRED_KEYS: tuple[tuple[str, ...], ...] = (
+    ("vocab_size",),
+    ("hidden_size",),
+    ("intermediate_size",),
+    ("num_hidden_layers",),
+    ("num_attention_heads",),
+    ("num_key_value_heads",),
+    ("head_dim",),
+    ("num_local_experts", "num_experts"),
+    ("num_experts_per_tok", "experts_per_token"),
+)
+_POSITIVE_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "sliding_window",
+    "max_position_embeddings",
+)
+_FLOATS = ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha")
+
+
+class ConfigError(ValueError):
+    """A model config that cannot describe a gpt-oss model; the message names the key and the file."""
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -55,6 +86,20 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+        for name in ("eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
         if not self.layer_types:
             # gpt-oss alternates: sliding on even layers, full on odd ones.
             object.__setattr__(
@@ -63,17 +108,17 @@ class ModelConfig:
                 tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers)),
             )
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
         for layer_type in self.layer_types:
             if layer_type not in (SLIDING, FULL):
-                raise ValueError(f"unknown layer type {layer_type!r}; expected {SLIDING!r} or {FULL!r}")
+                raise ConfigError(f"unknown layer type {layer_type!r}; expected {SLIDING!r} or {FULL!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         for name in ("hidden_size", "intermediate_size"):
             if getattr(self, name) % 32:
-                raise ValueError(f"{name} must be a multiple of 32 (the MXFP4 block)")
+                raise ConfigError(f"{name} must be a multiple of 32 (the MXFP4 block)")
         if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError("num_experts_per_tok exceeds num_local_experts")
+            raise ConfigError("num_experts_per_tok exceeds num_local_experts")
 
     # Derived sizes, named for what they are.
     @property
@@ -95,7 +140,24 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Build from a `config.json` dict in HF or original gpt-oss naming; unknown keys are ignored."""
+        """Build from a `config.json` dict in HF or original gpt-oss naming; unknown keys are ignored.
+
+        The sizes (`REQUIRED_KEYS`) must be present; every value is type-checked (ConfigError names the key).
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a JSON object, got {type(raw).__name__}")
+        missing = [names[0] for names in REQUIRED_KEYS if all(raw.get(name) is None for name in names)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (a gpt-oss config.json states every size)")
+        try:
+            return cls._from_dict(raw)
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"a value has the wrong type or form: {exc}") from None
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
 
         def pick(*names: str, default: Any = None) -> Any:
             for name in names:
@@ -158,11 +220,22 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read a `config.json` (or the one in a folder); ConfigError names the file and what is wrong."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file; a checkpoint folder holds config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ConfigError(f"{path}: not valid JSON{where}; re-download or fix the file") from None
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF `config.json` a checkpoint of this shape carries (what `transformers` loads)."""

@@ -35,8 +35,11 @@ def checkpoint_shards(checkpoint_dir: str | Path) -> dict[str, Path]:
     checkpoint_dir = Path(checkpoint_dir)
     index_path = checkpoint_dir / INDEX_FILE
     if index_path.is_file():
-        with open(index_path) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{index_path}: not a safetensors index (JSON with a weight_map)") from None
         shards = {name: checkpoint_dir / file for name, file in weight_map.items()}
         missing_files = sorted({str(p.name) for p in shards.values() if not p.is_file()})
         if missing_files:
@@ -48,10 +51,33 @@ def checkpoint_shards(checkpoint_dir: str | Path) -> dict[str, Path]:
         raise CheckpointError(f"no {INDEX_FILE} or *.safetensors in {checkpoint_dir}")
     shards = {}
     for file in files:
+        check_shard_file(file)
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 shards[name] = file
     return shards
+
+
+def check_shard_file(file: Path) -> None:
+    """CheckpointError naming `file` when it is not a whole safetensors file: its header must parse and the file
+    must be as long as the header's last tensor ends (a download cut short fails here, before loading)."""
+    hint = "re-download it (or re-run make-checkpoint)"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or header_len > size - 8:
+                raise CheckpointError(f"{file}: truncated ({size} bytes, header cut off); {hint}")
+            header = json.loads(f.read(header_len))
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{file}: not a safetensors file (unreadable header); {hint}") from None
+    try:
+        data_end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise CheckpointError(f"{file}: not a safetensors file (malformed header); {hint}") from None
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, its header needs {expected}); {hint}")
 
 
 def _stored_shapes(shards: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -61,6 +87,7 @@ def _stored_shapes(shards: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], 
         by_file.setdefault(file, []).append(name)
     stored = {}
     for file, names in by_file.items():
+        check_shard_file(file)
         with safe_open(str(file), framework="pt") as f:
             for name in names:
                 tensor_slice = f.get_slice(name)
@@ -111,7 +138,7 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
     validate_checkpoint(shards, specs)
     params = dict(model.named_parameters())
     with tqdm(
-        total=model_weight_bytes(model),
+        total=sum(p.nbytes for p in model.parameters()),  # this rank's share
         unit="B",
         unit_scale=True,
         desc="loading weights",
@@ -134,7 +161,3 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
         # Every rank draws the full tensor from the same seed and keeps its share: all ranks agree.
         load_parameter(model, spec.name, random_tensor(spec, generator, device))
     model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
-
-
-def model_weight_bytes(model: GptOssModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -1,4 +1,5 @@
-"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch references else.
+"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch elsewhere
+(`kernels/cpu.py`: the references of `kernels/reference.py` rearranged for speed).
 
 The Triton modules are imported lazily so a CPU-only install never compiles anything.
 """
@@ -6,7 +7,7 @@ The Triton modules are imported lazily so a CPU-only install never compiles anyt
 from __future__ import annotations
 
 import torch
-from gptoss.kernels import reference
+from gptoss.kernels import cpu, reference
 
 
 def linear(
@@ -39,7 +40,7 @@ def write_kv(
 
         triton_write_kv(key, value, k_cache, v_cache, slot_mapping)
     else:
-        reference.write_kv_reference(key, value, k_cache, v_cache, slot_mapping)
+        cpu.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(
@@ -74,8 +75,8 @@ def paged_attention(
             max_query_len=max_query_len,
             max_seq_len=max_seq_len,
         )
-    return reference.paged_attention_reference(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+    return cpu.paged_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window, max_query_len
     )
 
 
@@ -99,10 +100,12 @@ def moe(
 
     On CUDA the Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
     `MXFP4Experts.pack_for_kernels`; the blocks/scales arguments then hold the same packed bytes). It is
-    batch-invariant in every mode. Elsewhere the torch reference reads the checkpoint layout.
+    batch-invariant in every mode. Elsewhere `kernels.cpu.moe` (the reference, with cached dequantised experts)
+    reads the checkpoint layout.
 
     Expert parallel: the weights hold experts `expert_start ..` only (router_logits still cover all experts);
-    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype)."""
+    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype). On
+    CPU that is the reference itself (tensor parallelism on CPU is for tests)."""
     ep = {"expert_start": expert_start, "out_dtype": out_dtype}
     if x.is_cuda:
         if packed is None:
@@ -111,4 +114,6 @@ def moe(
 
         return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha, **ep)
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
-    return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **ep)
+    if w1_blocks.shape[0] != router_logits.shape[1] or out_dtype is not None:
+        return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **ep)
+    return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ def make_random_checkpoint(
     tokenizer_path: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     write_weights: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write a random checkpoint of `config` to `out_dir`; returns the folder.
 
@@ -42,15 +44,15 @@ def make_random_checkpoint(
 
     The tokenizer is the tiny byte-level BPE unless `tokenizer_path` names a `tokenizer.json` (e.g. the real
     o200k_harmony one). The config's vocabulary grows to the tokenizer's size if it is smaller, and its eos/pad
-    ids are looked up by name.
+    ids are looked up by name. `progress`: a tqdm bar of the bytes written (on stderr).
     """
     out_dir = Path(out_dir)
+    # The tokenizer is read before anything is written: a bad path leaves no folder behind.
+    tokenizer = build_tiny_tokenizer() if tokenizer_path is None else load_tokenizer(tokenizer_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer_path is None:
-        tokenizer = build_tiny_tokenizer()
         tokenizer.save(str(out_dir / "tokenizer.json"))
     else:
-        tokenizer = load_tokenizer(tokenizer_path)
         source = Path(tokenizer_path)
         shutil.copyfile(source / "tokenizer.json" if source.is_dir() else source, out_dir / "tokenizer.json")
     vocab = tokenizer.get_vocab_size()
@@ -72,11 +74,19 @@ def make_random_checkpoint(
             indent=2,
         )
     if write_weights:
-        _write_shards(out_dir, config, seed, max_shard_bytes)
+        _write_shards(out_dir, config, seed, max_shard_bytes, progress)
     return out_dir
 
 
-def _write_shards(out_dir: Path, config: ModelConfig, seed: int, max_shard_bytes: int) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_shards(out_dir: Path, config: ModelConfig, seed: int, max_shard_bytes: int, progress: bool) -> None:
+    from tqdm import tqdm
+
     generator = torch.Generator().manual_seed(seed)
     specs = checkpoint_tensor_specs(config)
     # Group tensors into shards first so each file's name can carry the final shard count.
@@ -89,13 +99,19 @@ def _write_shards(out_dir: Path, config: ModelConfig, seed: int, max_shard_bytes
         groups[-1].append(spec)
         group_bytes += spec.num_bytes
     weight_map: dict[str, str] = {}
-    for number, group in enumerate(groups, start=1):
-        file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {spec.name: random_tensor(spec, generator) for spec in group}
-        save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file_name))
-        del tensors
     total_size = sum(spec.num_bytes for spec in specs)
+    file_mode = 0o666 & ~_umask()  # as any file the user writes (safetensors creates them 0600)
+    with tqdm(
+        total=total_size, unit="B", unit_scale=True, desc="writing weights", disable=not progress, file=sys.stderr
+    ) as bar:
+        for number, group in enumerate(groups, start=1):
+            file_name = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+            tensors = {spec.name: random_tensor(spec, generator) for spec in group}
+            save_file(tensors, str(out_dir / file_name), metadata={"format": "pt"})
+            os.chmod(out_dir / file_name, file_mode)
+            weight_map.update(dict.fromkeys(tensors, file_name))
+            bar.update(sum(spec.num_bytes for spec in group))
+            del tensors
     with open(out_dir / INDEX_FILE, "w") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2)
 
@@ -134,6 +150,7 @@ def _make_atomically(target: Path, make: Callable[[Path], object]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + "-", dir=target.parent))
     make(staging)
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private (0700)
     try:
         staging.rename(target)
     except OSError:  # another process made it first

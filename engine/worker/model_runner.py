@@ -32,6 +32,7 @@ from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
 from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from gptoss.kernels.cpu import set_expert_cache_budget
 
 if TYPE_CHECKING:
     from gptoss.engine.structured_output.grammar import BitmaskWorker, StructuredOutputState
@@ -254,6 +255,8 @@ class ModelRunner:
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
         self.model.batch_invariant = args.batch_invariant
+        if self.device.type == "cpu":
+            set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         # Rank 0 hands out block ids for all ranks: each must hold as many as the smallest cache.
         self.num_blocks = min_over_ranks(num_kv_blocks(args, config, self.device, self.dtype), parallel)
         # A model with one layer type has one pool; the other type's key is never read.
@@ -293,10 +296,17 @@ class ModelRunner:
             use_graphs=use_graphs,
         )
 
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+
     def _log_memory(self) -> None:
         """What the weights and the KV cache take, and how many tokens the cache holds."""
-        weight_bytes = sum(t.nbytes for t in self.model.parameters()) + sum(t.nbytes for t in self.model.buffers())
-        kv_bytes = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        weight_bytes, kv_bytes = self.weight_bytes, self.kv_cache_bytes
         # The full-attention pool bounds the tokens in cache; the sliding pool holds only the windows.
         capacity_group = FULL if FULL in self.num_blocks else SLIDING
         logger.info("weights: %.2f GiB on %s", weight_bytes / 2**30, self.device)
@@ -478,7 +488,8 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             k = seq.sampling_params.logprobs or 0
             top = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids and top_values else {}
-            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprobs[i], top_logprobs=top)
+            logprob = logprobs[i] if logprobs is not None else float("nan")  # nan: not asked for, not reported
+            out.sampled[seq.seq_id] = TokenLogprob(token_ids[i], logprob, top_logprobs=top)
 
     @staticmethod
     def _allowed_token_mask(

@@ -7,7 +7,7 @@ Usage (model runner, once per step):
                                                                         # repetition_penalty != 1
     out = sampler(logits, batch, allowed_token_mask=None)  # logits [N, V] fp32
     out.sampled_token_ids   # [N] int64
-    out.sampled_logprobs    # [N] fp32, raw-model logprob of each sampled token
+    out.sampled_logprobs    # [N] fp32, raw-model logprob of each sampled token (None: no row asked)
     out.top_logprob_ids     # [N, K] int64 or None, K = max `logprobs` over the rows (row i uses its first
     out.top_logprobs        # [N, K] fp32 or None   params_list[i].logprobs columns, most likely first)
 
@@ -92,6 +92,8 @@ class SamplingBatch:
     seeded_rows: torch.Tensor | None  # [S] int64 row indices of non-greedy rows with a seed
     seeded_uniforms: torch.Tensor | None  # [S] fp64 in (0, 1], `seeded_uniform(seed, step)` of each
     max_num_logprobs: int  # K = max over rows of `logprobs` (0: none requested)
+    # Whether any row reports logprobs: the [N, V] logsumexp is skipped when none does.
+    want_logprobs: bool = True
 
     @classmethod
     def build(
@@ -192,6 +194,7 @@ class SamplingBatch:
             seeded_rows=seeded_rows,
             seeded_uniforms=seeded_uniforms,
             max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            want_logprobs=any(p.logprobs is not None for p in params),
         )
 
 
@@ -250,7 +253,8 @@ class SamplerOutput:
     """What one sampling step returns (all on the logits' device)."""
 
     sampled_token_ids: torch.Tensor  # [N] int64
-    sampled_logprobs: torch.Tensor  # [N] fp32, raw-model logprob of each sampled token
+    sampled_logprobs: torch.Tensor | None  # [N] fp32, raw-model logprob of each sampled token; None when no
+    # row asked for logprobs (`SamplingBatch.want_logprobs`)
     top_logprob_ids: torch.Tensor | None  # [N, K] int64, most likely first; None when K == 0
     top_logprobs: torch.Tensor | None  # [N, K] fp32
 
@@ -326,15 +330,15 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {batch.num_rows} rows")
         logits = logits.float()
-        log_normaliser = torch.logsumexp(logits, dim=-1)  # [N]
-        top_logprob_ids = top_logprobs = None
-        if batch.max_num_logprobs > 0:
-            top_values, top_logprob_ids = logits.topk(batch.max_num_logprobs, dim=-1)
-            top_logprobs = top_values - log_normaliser.unsqueeze(1)
-
         processed = self.process_logits(logits, batch, allowed_token_mask)
         sampled = self._sample(processed, batch)
-        sampled_logprobs = logits.gather(1, sampled.unsqueeze(1)).squeeze(1) - log_normaliser
+        sampled_logprobs = top_logprob_ids = top_logprobs = None
+        if batch.want_logprobs:  # a vocabulary-wide reduction: only when some row reports logprobs
+            log_normaliser = torch.logsumexp(logits, dim=-1)  # [N]
+            sampled_logprobs = logits.gather(1, sampled.unsqueeze(1)).squeeze(1) - log_normaliser
+            if batch.max_num_logprobs > 0:
+                top_values, top_logprob_ids = logits.topk(batch.max_num_logprobs, dim=-1)
+                top_logprobs = top_values - log_normaliser.unsqueeze(1)
         return SamplerOutput(sampled, sampled_logprobs, top_logprob_ids, top_logprobs)
 
     @staticmethod

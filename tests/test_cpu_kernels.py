@@ -1,0 +1,89 @@
+"""The CPU path (kernels/cpu.py) against the plain references it rearranges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gptoss.kernels import cpu, reference
+
+
+def random_moe(tokens: int, hidden: int = 64, inter: int = 96, experts: int = 5, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g)
+    router = torch.randn(tokens, experts, generator=g)
+    w1_blocks = torch.randint(0, 256, (experts, 2 * inter, hidden // 32, 16), generator=g, dtype=torch.uint8)
+    w1_scales = torch.randint(120, 130, (experts, 2 * inter, hidden // 32), generator=g, dtype=torch.uint8)
+    w1_bias = torch.randn(experts, 2 * inter, generator=g)
+    w2_blocks = torch.randint(0, 256, (experts, hidden, inter // 32, 16), generator=g, dtype=torch.uint8)
+    w2_scales = torch.randint(120, 130, (experts, hidden, inter // 32), generator=g, dtype=torch.uint8)
+    w2_bias = torch.randn(experts, hidden, generator=g)
+    return x, router, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 40, 1000])  # 7: every expert on every token; 1000: a loop over experts
+def test_moe_matches_reference(tokens: int) -> None:
+    args = random_moe(tokens)
+    cache = cpu.ExpertCache()
+    expected = reference.moe_reference(*args, top_k=2)
+    atol = 1e-5 * expected.abs().max().item()  # fp32 rounding of sums in another order (outputs reach ~1e3)
+    torch.testing.assert_close(cpu.moe(*args, top_k=2, cache=cache), expected, rtol=1e-4, atol=atol)
+    # The second call is served from the cache and still equal.
+    misses = cache.misses
+    torch.testing.assert_close(cpu.moe(*args, top_k=2, cache=cache), expected, rtol=1e-4, atol=atol)
+    assert cache.misses == misses and cache.hits > 0
+
+
+def test_dense_only_for_small_experts() -> None:
+    assert cpu._dense_is_cheaper(16, 6, 2, 96, 160)  # the tiny preset at batch 16
+    assert not cpu._dense_is_cheaper(1, 6, 2, 96, 160)
+    assert not cpu._dense_is_cheaper(2, 32, 4, 2880, 2880)  # gpt-oss-20b: always the loop over routed experts
+
+
+def test_expert_cache_stays_within_budget_and_sees_weight_updates() -> None:
+    args = random_moe(1000)
+    one_expert = 2 * 96 * 64 * 4  # the gate_up weights of one expert, fp32
+    cache = cpu.ExpertCache(budget_bytes=one_expert + 64 * 96 * 4)  # one gate_up + one down
+    cpu.moe(*args, top_k=2, cache=cache)
+    assert 0 < cache.used_bytes <= cache.budget_bytes
+    # Writing new weights in place (a reload) is never answered from the cache.
+    args[2].copy_(torch.randint(0, 256, args[2].shape, dtype=torch.uint8))
+    expected = reference.moe_reference(*args, top_k=2)
+    atol = 1e-5 * expected.abs().max().item()
+    cpu.moe(*args, top_k=2, cache=cache)
+    torch.testing.assert_close(cpu.moe(*args, top_k=2, cache=cache), expected, atol=atol, rtol=1e-4)
+    disabled = cpu.ExpertCache(budget_bytes=0)
+    cpu.moe(*args, top_k=2, cache=disabled)
+    assert disabled.used_bytes == 0
+
+
+def test_expert_cache_never_serves_another_tensors_experts() -> None:
+    """Keyed by address and version only, a model loaded where a freed one lived (same address, same version)
+    would get the old model's experts: the entry also checks that it was made from this very tensor."""
+    cache = cpu.ExpertCache()
+    blocks = torch.zeros(2, 4, 1, 16, dtype=torch.uint8)
+    assert cache.lookup((blocks,), "w", lambda: torch.zeros(1)).item() == 0
+    same_address = blocks.view(2, 4, 1, 16)  # another tensor object at the same address and version
+    assert same_address.data_ptr() == blocks.data_ptr() and same_address._version == blocks._version
+    assert cache.lookup((same_address,), "w", lambda: torch.ones(1)).item() == 1
+    assert cache.lookup((same_address,), "w", lambda: torch.full((1,), 2.0)).item() == 1  # a hit now
+    assert cache.used_bytes == 4
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_matches_reference(window: int | None) -> None:
+    g = torch.Generator().manual_seed(1)
+    heads, kv_heads, dim, block, num_blocks = 6, 2, 16, 4, 40
+    k_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g)
+    v_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g)
+    seq_lens = torch.tensor([1, 9, 13, 4], dtype=torch.int32)
+    tables = torch.randperm(num_blocks, generator=g)[:16].view(4, 4).to(torch.int32)
+    if window is not None:
+        tables[2, 0] = -1  # a block that left the window and was freed: never read
+    query = torch.randn(4, heads, dim, generator=g)
+    sinks = torch.randn(heads, generator=g)
+    starts = torch.arange(5, dtype=torch.int32)
+    expected = reference.paged_attention_reference(
+        query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.25, window
+    )
+    got = cpu.paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.25, window, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
