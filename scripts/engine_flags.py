@@ -150,7 +150,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "-dp",
         type=int,
         default=defaults.data_parallel_size,
-        help="engine replicas behind the server, one GPU each (gptoss serve); requests go to the least loaded",
+        help="engine replicas behind the server (gptoss serve), each a process on its own tensor-parallel-size GPUs",
     )
     return parser
 

@@ -1,5 +1,6 @@
-"""engine/data_parallel.py: replicas behind one server, least-loaded routing, summed and per-replica metrics;
-the HTTP server over two replicas answering all three API shapes."""
+"""engine/data_parallel.py: replicas (processes, each tensor parallel over 2 ranks here: 2 x 2 processes on the
+CPU) behind one server, least-loaded routing, summed and per-replica metrics; the HTTP server over them answering
+all three API shapes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ ENGINE_ARGS = {"num_blocks": 64, "block_size": 8, "max_num_seqs": 4, "max_num_ba
 
 @pytest.fixture(scope="module")
 def replicas(tiny_checkpoint: Path) -> DataParallelEngine:
-    engine = DataParallelEngine(EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, **ENGINE_ARGS))
+    args = EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, tensor_parallel_size=2, **ENGINE_ARGS)
+    engine = DataParallelEngine(args)
     yield engine
     engine.shutdown()
 
@@ -58,12 +60,13 @@ def test_sum_snapshots_adds_counters_and_keeps_the_fullest_kv_usage() -> None:
     assert total.requests_finished_total == {"stop": 2, "x": 1}
 
 
-def test_refused_combinations(tiny_checkpoint: Path) -> None:
-    with pytest.raises(ValueError, match="tensor-parallel-size > 1 is not supported"):
-        replica_args(EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, tensor_parallel_size=2))
+def test_replica_devices_and_refused_use(tiny_checkpoint: Path) -> None:
     with pytest.raises(ValueError, match="DataParallelEngine"):
         LLM(tiny_checkpoint, data_parallel_size=2)
     assert [a.device for a in replica_args(EngineArgs(model="m", data_parallel_size=3, device="cpu"))] == ["cpu"] * 3
+    # Replica r on the r-th block of tensor_parallel_size GPUs, from the device given.
+    tp = EngineArgs(model="m", data_parallel_size=2, tensor_parallel_size=2, device="cuda:2")
+    assert [(a.device, a.data_parallel_size) for a in replica_args(tp)] == [("cuda:2", 1), ("cuda:4", 1)]
 
 
 def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine, tiny_checkpoint: Path) -> None:
@@ -88,3 +91,36 @@ def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine
     finally:
         server.server.should_exit = True
         server.thread.join(10)
+
+
+def test_a_dead_replica_fails_its_streams_and_the_health(tiny_checkpoint: Path) -> None:
+    """A replica process killed mid-request: its stream ends with an error (no hang), the engine reports
+    not alive (/health 503), the listeners hear why, and the other replica still answers meanwhile."""
+    from gptoss.engine.errors import EngineDeadError, RequestFailedError
+
+    engine = DataParallelEngine(EngineArgs(model=str(tiny_checkpoint), data_parallel_size=2, **ENGINE_ARGS))
+    reasons: list[str] = []
+    engine.engines[1].add_fatal_listener(reasons.append)
+    try:
+
+        async def run() -> None:
+            params = SamplingParams(max_tokens=2000, ignore_eos=True, temperature=0)
+            first = engine.add_request("a", [1, 2, 3], params)  # replica 0
+            doomed = engine.add_request("b", [4, 5, 6], params)  # replica 1
+            await doomed.__anext__()
+            engine.clients[1].process.kill()
+
+            async def drain() -> None:
+                async for _ in doomed:
+                    pass
+
+            with pytest.raises((EngineDeadError, RequestFailedError)):
+                await asyncio.wait_for(drain(), timeout=20)
+            assert not engine.is_alive()
+            assert (await first.__anext__()).request_id == "a"  # replica 0 is unaffected
+            await first.aclose()
+
+        asyncio.run(run())
+        assert reasons and "replica 1 exited" in reasons[0]
+    finally:
+        engine.shutdown()

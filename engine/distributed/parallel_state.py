@@ -43,9 +43,10 @@ class ParallelContext:
         return self.rank == 0
 
     def device(self, requested: torch.device) -> torch.device:
-        """The device of this rank: `cuda` without an index becomes `cuda:LOCAL_RANK`."""
-        if requested.type == "cuda" and requested.index is None:
-            return torch.device("cuda", self.local_rank)
+        """The device of this rank: `cuda:I` (`cuda` is `cuda:0`), the replica's first GPU, becomes
+        `cuda:I+LOCAL_RANK`."""
+        if requested.type == "cuda":
+            return torch.device("cuda", (requested.index or 0) + self.local_rank)
         return requested
 
 
