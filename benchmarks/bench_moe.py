@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from gptoss.benchmarks.common import (
     format_table,
+    graph_time,
     measure_ceilings,
-    median_time,
     pick_device,
     plot_series,
     roofline,
@@ -61,15 +61,6 @@ def make_experts(experts: int, hidden: int, intermediate: int, device: torch.dev
 def expert_bytes(weights: dict) -> int:
     """Bytes one expert's weights occupy (what a kernel must read for each expert it touches)."""
     return sum(t[0].numel() * t.element_size() for t in weights.values())
-
-
-def graph_time(fn, device: torch.device, tiny: bool) -> float:
-    """Median seconds of one `fn()`: replayed CUDA graphs on GPU, perf_counter in the interpreter."""
-    if tiny or device.type != "cuda":
-        return median_time(fn, device, warmup=0, iters=1)
-    import triton.testing
-
-    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median") / 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             for w1, w2 in packed:
                 fused_moe(x, logits, w1, w2, top_k)
 
-        seconds = graph_time(run_all_copies, device, tiny) / copies
+        seconds = graph_time(run_all_copies, device, warmup=0 if tiny else 3, iters=1 if tiny else 20) / copies
         rows.append(
             dict(
                 impl="triton",

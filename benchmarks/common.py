@@ -62,6 +62,40 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 3,
     return statistics.median(samples)
 
 
+def graph_time(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20) -> float:
+    """Median seconds of one `fn()` replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`): no host
+    launch overhead, as in the engine's decode graphs. `fn` must be capturable (no host sync). CPU:
+    `median_time`."""
+    if device.type != "cuda":
+        return median_time(fn, device, warmup=warmup, iters=iters)
+    import triton.testing
+
+    for _ in range(warmup):  # compile and autotune outside the capture
+        fn()
+    synchronize(device)
+    # rep: milliseconds of replays to take the median over (at least `iters` of them in practice).
+    return triton.testing.do_bench_cudagraph(fn, rep=max(100, iters), return_mode="median") / 1e3
+
+
+def l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    return int(torch.cuda.get_device_properties(device).L2_cache_size)
+
+
+def rotation_copies(bytes_per_copy: int, device: torch.device, free_bytes: int, tiny: bool = False) -> int:
+    """How many copies of an operand a timed call walks through so that L2 never serves it from an earlier
+    call: enough for 4x the L2 size (at least 4 when one copy is smaller than L2, 1 when one copy alone is
+    more than 4x L2), as many as fit in `free_bytes`. Tiny (CPU) runs use 2, to exercise the rotation."""
+    if tiny or device.type != "cuda":
+        return 2
+    wanted = max(1, -(-4 * l2_bytes(device) // max(1, bytes_per_copy)))
+    if bytes_per_copy < l2_bytes(device):
+        wanted = max(wanted, 4)
+    return max(1, min(wanted, free_bytes // max(1, bytes_per_copy)))
+
+
 @dataclass(frozen=True)
 class Ceilings:
     """What the device measurably sustains: `copy_bytes_per_s` counts read + write bytes of a big copy."""

@@ -43,7 +43,7 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one step, its log kept even when it fa
 
 case "$part" in
 kernels)
-    run test_kernels 200 python3 -m pytest -q -x tests/test_moe_kernel.py tests/test_attention_kernel.py
+    run test_kernels 200 python3 -m pytest -q -x tests/test_moe_kernel.py tests/test_attention_kernel.py tests/test_norm_kernel.py
     run test_matmul 250 python3 -m pytest -q -x tests/test_matmul_kernel.py
     ;;
 bench)

@@ -231,9 +231,15 @@ class ReplicaClient:
         except EOFError:
             if self._stopping:  # shut down on purpose
                 return
-            self.process.join(STARTUP_POLL_S)
-            reason = f"data-parallel replica {self.index} exited (code {self.process.exitcode})"
+            reason = self._gone_reason()
         self._fail(str(reason))
+
+    def _gone_reason(self) -> str:
+        """Why the replica's pipes closed: its exit code when it has exited (it has, or soon will)."""
+        self.process.join(STARTUP_POLL_S)
+        if self.process.exitcode is None:
+            return f"data-parallel replica {self.index} stopped answering"
+        return f"data-parallel replica {self.index} exited (code {self.process.exitcode})"
 
     def _fail(self, reason: str) -> None:
         if self.fatal_error is not None:
@@ -260,8 +266,8 @@ class ReplicaClient:
                 self._control.send((method, args))
                 kind, value = self._control.recv()
             except (EOFError, OSError) as exc:
-                reason = self.fatal_error or f"data-parallel replica {self.index} is gone ({type(exc).__name__})"
-                raise EngineDeadError(reason) from exc
+                self._fail(self._gone_reason())
+                raise EngineDeadError(self.fatal_error or "replica gone") from exc
         if kind == "error":
             raise value
         result, state = value
@@ -276,7 +282,8 @@ class ReplicaClient:
                 self._validation.send((list(prompt_token_ids), sampling_params))
                 error = self._validation.recv()
             except (EOFError, OSError) as exc:
-                raise EngineDeadError(f"data-parallel replica {self.index} is gone") from exc
+                self._fail(self._gone_reason())
+                raise EngineDeadError(self.fatal_error or "replica gone") from exc
         if error is not None:
             raise error
 

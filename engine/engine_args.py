@@ -31,6 +31,10 @@ DEFAULT_CPU_KV_CACHE_GB = 1.0
 # Memory kept free for activations, logits and sampler temporaries on top of an estimate from the sizes.
 MIN_ACTIVATION_RESERVE_BYTES = 2 << 30
 
+# What runs each heavy op (engine/model/ops.py): "auto" Triton on CUDA and the torch references elsewhere,
+# "triton" the Triton kernels everywhere (CPU: the Triton interpreter), "torch" the references everywhere.
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+
 # Accepted dtype names -> the torch dtype's name.
 DTYPE_NAMES = {
     "bfloat16": "bfloat16",
@@ -67,6 +71,7 @@ class EngineArgs:
     max_num_waiting: int = 4096  # beyond this, new requests get EngineOverloadedError
     enable_prefix_caching: bool = True
     batch_invariant: bool = True  # results independent of batch composition (slower kernels on CUDA)
+    kernel_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "triton" (also CPU: interpreter), "torch"
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False
@@ -104,6 +109,8 @@ class EngineArgs:
             raise ValueError(f"cpu_expert_cache_gb must be >= 0, got {self.cpu_expert_cache_gb}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
         for name in ("dtype", "kv_cache_dtype"):
             value = getattr(self, name)
             if value != "auto" and value not in DTYPE_NAMES:
@@ -126,8 +133,9 @@ class EngineArgs:
         return model_dtype if self.kv_cache_dtype == "auto" else _torch_dtype(self.kv_cache_dtype)
 
     def use_cuda_graphs(self, device: torch.device) -> bool:
-        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU."""
-        return device.type == "cuda" and not self.enforce_eager
+        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`; never on CPU, nor with the torch
+        references (kernel_backend "torch": they sync with the host, which a graph capture cannot)."""
+        return device.type == "cuda" and not self.enforce_eager and self.kernel_backend != "torch"
 
     @property
     def cuda_graph_max_batch(self) -> int:

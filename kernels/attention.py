@@ -12,7 +12,8 @@ Semantics are `kernels.reference.paged_attention_reference`: sequence s owns que
 logit that joins the softmax denominator only (it is not scaled and has no value row).
 
 Kernels:
-- `_write_kv_kernel`: one program per new token scatters its `[Hkv, D]` keys and values to its slot.
+- `_rope_write_kv_kernel`: one program per new token takes its row of the fused q/k/v projection, rotates
+  its q and k heads (YaRN RoPE), stores q and scatters k and v to the token's cache slot.
 - `_prefill_kernel`: one program per (query tile of one sequence, KV head). A tile is `BLOCK_Q` consecutive
   query positions x the `GROUP` query heads of the KV head (`BLOCK_M = BLOCK_Q * GROUP` rows of one `tl.dot`).
   Programs find their sequence by binary search over `query_start_loc` (no host sync), and loop only over the
@@ -54,9 +55,12 @@ LOG2E = 1.4426950408889634
 NEG_BIG = -1.0e30
 
 # Decode split policy. In batch-invariant mode the split count of a sequence is
-# min(DECODE_MAX_SPLITS, cdiv(keys, DECODE_MIN_SPLIT_KEYS)): a function of its own length only.
+# min(DECODE_MAX_SPLITS, cdiv(keys, DECODE_MIN_SPLIT_KEYS)): a function of its own length only. One key tile
+# (64 keys) a split up to 4k keys: a 1k context at batch 1 runs 16 splits x 8 KV heads = 128 CTAs (132 SMs);
+# past 4k the 64 splits (512 CTAs, ~4 waves) grow longer instead (512 keys each at 32k), so the partials
+# (fp32, 8 heads x 64 dims a split) stay ~1/64 of the KV bytes a split streams there.
 DECODE_MAX_SPLITS = 64
-DECODE_MIN_SPLIT_KEYS = 256
+DECODE_MIN_SPLIT_KEYS = 64
 # GPU launch shapes. Prefill: 128-row query tiles (16 positions x 8 heads at gpt-oss's GQA 8, the usual
 # flash-attention tile for head dim 64) over 64-key tiles, 8 warps. Decode: the 8 query heads of a KV head
 # padded to the 16 rows an MMA needs, 4 warps. Three stages so the block-table-indexed K/V loads are
@@ -65,6 +69,15 @@ PREFILL_BLOCK_M = 128
 PREFILL_NUM_WARPS = 8
 DECODE_NUM_WARPS = 4
 NUM_STAGES = 3
+# The decode split kernel is persistent: at most this many programs per SM (each loops over work items), so
+# a grid sized for max_model_len (CUDA graphs) at batch 256 is 528 programs, not 131k mostly-idle CTAs.
+# sm_90 (triton 3.9): ~100 registers x 128 threads and 20 KiB of shared memory a program -> 4 resident a SM.
+DECODE_PROGRAMS_PER_SM = 4
+# RoPE + KV write: one token a program, [Hq + Hkv -> 128, 32] halves (gpt-oss): 8 warps, 16 fp32 values a thread
+# per half (4 warps spill 8 bytes under triton 3.6).
+ROPE_NUM_WARPS = 8
+# The combine holds a [64 splits, 64 dims] fp32 tile: 4 warps -> 32 values a thread.
+COMBINE_NUM_WARPS = 4
 
 
 def _tile_n(head_dim: int) -> int:
@@ -82,95 +95,150 @@ def _next_pow2(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# KV write
+# RoPE + KV write, straight from the fused q/k/v projection
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _write_kv_kernel(
-    key_ptr,  # [T, Hkv, D]
-    value_ptr,  # [T, Hkv, D]
+def _rope_write_kv_kernel(
+    q_out_ptr,  # [T, Hq, D]: rotated queries
+    qkv_ptr,  # [T, (Hq + 2 Hkv) * D]: the q/k/v projection, heads q..., k..., v...
+    positions_ptr,  # [T] int
+    cos_ptr,  # [max_positions, D/2] fp32 (YaRN-scaled)
+    sin_ptr,
     k_cache_ptr,  # [num_blocks, Hkv, block_size, D]
     v_cache_ptr,
-    slot_mapping_ptr,  # [T] int64, < 0: skip
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
+    slot_mapping_ptr,  # [T], < 0: the token writes no key/value
+    stride_qkv,
+    stride_qt,
+    stride_qh,
+    stride_rope,
     stride_kcb,
     stride_kch,
     stride_kcs,
     stride_vcb,
     stride_vch,
     stride_vcs,
+    NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
-    HEADS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
+    HEADS_PAD: tl.constexpr,  # >= Hq + Hkv: q and k heads are rotated as one tile
+    KV_HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,  # D / 2
+    HALF_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
+    ROUND_EACH_OP: tl.constexpr,  # 16-bit activations: round after each op as torch's apply_rope does
 ):
+    """One program per token: rotate its q and k heads by halves (non-interleaved), store q, scatter k and v
+    to the token's cache slot."""
     token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    if slot < 0:
-        return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    act_ty = qkv_ptr.dtype.element_ty
+    half = tl.arange(0, HALF_PAD)
+    half_ok = half < HALF
+    cos = tl.load(cos_ptr + pos * stride_rope + half, mask=half_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_rope + half, mask=half_ok, other=0.0)
+    # transformers casts cos/sin to the activation dtype before rotating.
+    cos = cos.to(act_ty).to(tl.float32)[None, :]
+    sin = sin.to(act_ty).to(tl.float32)[None, :]
+
     heads = tl.arange(0, HEADS_PAD)
-    dims = tl.arange(0, HEAD_DIM_PAD)
-    mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HEAD_DIM)
-    k = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :], mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads[:, None] * stride_kch + dims[None, :]
-    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads[:, None] * stride_vch + dims[None, :]
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    qk_mask = (heads[:, None] < NUM_Q_HEADS + NUM_KV_HEADS) & half_ok[None, :]
+    row = qkv_ptr + token * stride_qkv + heads[:, None] * (2 * HALF) + half[None, :]
+    first = tl.load(row, mask=qk_mask, other=0.0).to(tl.float32)  # [HEADS_PAD, HALF_PAD]
+    second = tl.load(row + HALF, mask=qk_mask, other=0.0).to(tl.float32)
+    if ROUND_EACH_OP:
+        new_first = (first * cos).to(act_ty).to(tl.float32) - (second * sin).to(act_ty).to(tl.float32)
+        new_second = (second * cos).to(act_ty).to(tl.float32) + (first * sin).to(act_ty).to(tl.float32)
+    else:
+        new_first = first * cos - second * sin
+        new_second = second * cos + first * sin
+
+    is_q = heads[:, None] < NUM_Q_HEADS
+    q_dst = q_out_ptr + token * stride_qt + heads[:, None] * stride_qh + half[None, :]
+    tl.store(q_dst, new_first.to(q_out_ptr.dtype.element_ty), mask=qk_mask & is_q)
+    tl.store(q_dst + HALF, new_second.to(q_out_ptr.dtype.element_ty), mask=qk_mask & is_q)
+
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        block = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        kv_head = heads - NUM_Q_HEADS
+        k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + kv_head[:, None] * stride_kch + half[None, :]
+        k_mask = qk_mask & (heads[:, None] >= NUM_Q_HEADS)
+        tl.store(k_dst, new_first.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        tl.store(k_dst + HALF, new_second.to(k_cache_ptr.dtype.element_ty), mask=k_mask)
+        v_heads = tl.arange(0, KV_HEADS_PAD)
+        dims = tl.arange(0, 2 * HALF_PAD)
+        v_mask = (v_heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < 2 * HALF)
+        v_src = qkv_ptr + token * stride_qkv + (NUM_Q_HEADS + NUM_KV_HEADS + v_heads[:, None]) * (2 * HALF)
+        v = tl.load(v_src + dims[None, :], mask=v_mask)
+        v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + v_heads[:, None] * stride_vch
+        tl.store(v_dst + dims[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
-def write_kv(
-    key: torch.Tensor,
-    value: torch.Tensor,
+def rope_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-) -> None:
-    """Store new keys/values `[T, Hkv, D]` into the paged caches `[num_blocks, Hkv, block_size, D]` in place.
+    num_q_heads: int,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of a fused projection, keys and values stored to the paged cache.
 
-    `slot_mapping` `[T]` (int32/int64): slot = block_id * block_size + offset; negative slots are skipped.
+    qkv: `[T, (Hq + 2 Hkv) * D]` (q heads, then k, then v); positions `[T]`; cos/sin tables
+    `[max_positions, D/2]` fp32 (already scaled by the YaRN attention factor); caches
+    `[num_blocks, Hkv, block_size, D]`; slot_mapping `[T]` (negative: no write). Returns the rotated queries
+    `[T, Hq, D]` in qkv's dtype. Same contract as `kernels.reference.rope_write_kv_reference`.
     """
-    num_tokens, num_kv_heads, head_dim = key.shape
-    if value.shape != key.shape or k_cache.shape != v_cache.shape:
-        raise ValueError(f"shape mismatch: key {tuple(key.shape)} value {tuple(value.shape)}")
-    if k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim:
-        raise ValueError(f"cache {tuple(k_cache.shape)} does not match key {tuple(key.shape)}")
-    if slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} must be [{num_tokens}]")
-    if num_tokens == 0:
-        return
-    for t in (key, value, k_cache, v_cache):
+    num_tokens = qkv.shape[0]
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    if qkv.dim() != 2 or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"qkv {tuple(qkv.shape)} must be [T, ({num_q_heads} + 2 * {num_kv_heads}) * {head_dim}]")
+    if positions.shape != (num_tokens,) or slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"positions {tuple(positions.shape)} and slot_mapping must be [{num_tokens}]")
+    if cos_table.shape != sin_table.shape or cos_table.shape[1] != head_dim // 2:
+        raise ValueError(f"cos/sin tables {tuple(cos_table.shape)} must be [max_positions, {head_dim // 2}]")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    for t in (qkv, cos_table, sin_table, k_cache, v_cache):
         if t.stride(-1) != 1:
-            raise ValueError("the last dim of key, value and the caches must be contiguous")
-    _write_kv_kernel[(num_tokens,)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads,
-        HEADS_PAD=_next_pow2(num_kv_heads),
-        HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=_next_pow2(head_dim),
-        BLOCK_SIZE=k_cache.shape[2],
-    )
+            raise ValueError("the last dim of qkv, the rope tables and the caches must be contiguous")
+    if sin_table.stride(0) != cos_table.stride(0):
+        raise ValueError("the cos and sin tables must share their row stride")
+    interpreted = _is_interpreted(_rope_write_kv_kernel)
+    if not interpreted and qkv.device.type != "cuda":
+        raise RuntimeError("gptoss.kernels.attention on CPU tensors needs TRITON_INTERPRET=1 set before it is imported")
+    q = torch.empty(num_tokens, num_q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    _rope_write_kv_kernel[(num_tokens,)](
+        q, qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping,
+        qkv.stride(0), q.stride(0), q.stride(1), cos_table.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        **_rope_constexprs(num_q_heads, num_kv_heads, head_dim, block_size, qkv.dtype, interpreted),
+        num_warps=ROPE_NUM_WARPS,
+    )  # fmt: skip
+    return q
+
+
+def _rope_constexprs(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, interpreted: bool
+) -> dict:
+    return {
+        "NUM_Q_HEADS": num_q_heads,
+        "NUM_KV_HEADS": num_kv_heads,
+        "HEADS_PAD": _next_pow2(num_q_heads + num_kv_heads),
+        "KV_HEADS_PAD": _next_pow2(num_kv_heads),
+        "HALF": head_dim // 2,
+        "HALF_PAD": _next_pow2(head_dim // 2),
+        "BLOCK_SIZE": block_size,
+        # The interpreter cannot do bf16 arithmetic, and rounding is the identity in fp32 anyway.
+        "ROUND_EACH_OP": dtype != torch.float32 and not interpreted,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,6 +275,18 @@ def _row_max(x, INTERPRETED: tl.constexpr):
 def _row_sum(x, INTERPRETED: tl.constexpr):
     """tl.sum(x, 1); see `_row_max` for the interpreter branch."""
     return tl.reduce(x, 1, tl.standard._sum_combine) if INTERPRETED else tl.sum(x, 1)
+
+
+@triton.jit
+def _sum0(x, INTERPRETED: tl.constexpr):
+    """tl.sum(x, 0); see `_row_max` for the interpreter branch."""
+    return tl.reduce(x, 0, tl.standard._sum_combine) if INTERPRETED else tl.sum(x, 0)
+
+
+@triton.jit
+def _max0(x, INTERPRETED: tl.constexpr):
+    """tl.max(x, 0); see `_row_max` for the interpreter branch."""
+    return tl.reduce(x, 0, tl.standard._elementwise_max) if INTERPRETED else tl.max(x, 0)
 
 
 @triton.jit
@@ -401,6 +481,9 @@ def _decode_split_kernel(
     stride_ps,
     stride_ph,
     stride_pn,
+    num_kv_heads,
+    grid_splits,  # split slots per (sequence, KV head): a bound from the longest possible sequence
+    num_items,  # num_seqs * num_kv_heads * grid_splits
     GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -414,23 +497,47 @@ def _decode_split_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    if CHECK_Q_LEN:
-        if tl.load(query_start_loc_ptr + seq + 1) - q_begin != 1:  # the prefill kernel owns this sequence
-            return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    key_lo = 0
-    if HAS_WINDOW:
-        key_lo = tl.maximum(seq_len - window, 0)
-    num_splits, per_split = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
-    if split >= num_splits:
-        return
-    split_lo = key_lo + split * per_split
-    split_hi = tl.minimum(split_lo + per_split, seq_len)
+    """Persistent: program p takes the work items p, p + P, p + 2P, ... (item = (sequence, KV head, split slot)),
+    so a grid bounded by the longest possible sequence (CUDA graphs: max_model_len) costs a few scalar loads
+    per unused slot instead of a CTA launch. What an item computes does not depend on which program runs it."""
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        split = item % grid_splits
+        kv_head = (item // grid_splits) % num_kv_heads
+        seq = item // (grid_splits * num_kv_heads)
+        q_begin = tl.load(query_start_loc_ptr + seq)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        key_lo = 0
+        if HAS_WINDOW:
+            key_lo = tl.maximum(seq_len - window, 0)
+        num_splits, per_split = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
+        active = split < num_splits
+        if CHECK_Q_LEN:  # sequences with q_len != 1 belong to the prefill kernel
+            active = active & (tl.load(query_start_loc_ptr + seq + 1) - q_begin == 1)
+        if active:
+            _decode_split_item(
+                part_acc_ptr, part_max_ptr, part_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                scale_log2e, window, stride_qt, stride_qh,
+                stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
+                stride_bt, stride_ps, stride_ph, stride_pn,
+                seq, kv_head, split, q_begin, seq_len, key_lo + split * per_split, per_split,
+                GROUP, BLOCK_G, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, HAS_WINDOW, UPCAST, DOT_PRECISION,
+            )  # fmt: skip
 
+
+@triton.jit
+def _decode_split_item(
+    part_acc_ptr, part_max_ptr, part_sum_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+    scale_log2e, window, stride_qt, stride_qh,
+    stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
+    stride_bt, stride_ps, stride_ph, stride_pn,
+    seq, kv_head, split, q_begin, seq_len, split_lo, per_split,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One split of one (sequence, KV head): keys split_lo .. split_lo + per_split - 1 (clipped to the
+    sequence) for the GROUP query heads, as an unnormalised partial (acc, max, sum)."""
+    split_hi = tl.minimum(split_lo + per_split, seq_len)
     rows = tl.arange(0, BLOCK_G)
     head = kv_head * GROUP + rows
     row_ok = rows < GROUP
@@ -480,9 +587,14 @@ def _decode_combine_kernel(
     TILE_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr,
     MIN_SPLIT_KEYS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next_pow2(MAX_SPLITS): fixed per model, so the reduction tree is too
     HAS_WINDOW: tl.constexpr,
     CHECK_Q_LEN: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
+    """One program per (sequence, query head): all its splits' partials are loaded at once as a
+    [BLOCK_S, D] tile and reduced over the split axis. The reduction tree depends on BLOCK_S (a constant of
+    the launch table, not of the batch) and unused splits add exact zeros, so the order is fixed."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = tl.load(query_start_loc_ptr + seq)
@@ -494,18 +606,18 @@ def _decode_combine_kernel(
     if HAS_WINDOW:
         key_lo = tl.maximum(seq_len - window, 0)
     num_splits, _ = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
-    part = seq.to(tl.int64) * stride_ps + head * stride_ph
+    splits = tl.arange(0, BLOCK_S)
+    used = splits < num_splits
+    part = seq.to(tl.int64) * stride_ps + head * stride_ph + splits * stride_pn  # [BLOCK_S]
+    part_max = tl.load(part_max_ptr + part, mask=used, other=-1.0e30)
+    part_sum = tl.load(part_sum_ptr + part, mask=used, other=0.0)
     sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
-    m_all = sink
-    for split in range(num_splits):  # max is order-independent
-        m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + split * stride_pn))
-    l_all = tl.exp2(sink - m_all)
+    m_all = tl.maximum(_max0(part_max, INTERPRETED), sink)
+    weight = tl.where(used, tl.exp2(part_max - m_all), 0.0)
+    l_all = tl.exp2(sink - m_all) + _sum0(part_sum * weight, INTERPRETED)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    acc = tl.full([HEAD_DIM_PAD], 0, tl.float32)
-    for split in range(num_splits):  # sequential sum: the order is fixed by the split index alone
-        weight = tl.exp2(tl.load(part_max_ptr + part + split * stride_pn) - m_all)
-        l_all += tl.load(part_sum_ptr + part + split * stride_pn) * weight
-        acc += tl.load(part_acc_ptr + (part + split * stride_pn) * HEAD_DIM_PAD + dims) * weight
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=used[:, None], other=0.0)
+    acc = _sum0(acc * weight[:, None], INTERPRETED)  # [HEAD_DIM_PAD]
     l_all = tl.where(l_all == 0.0, 1.0, l_all)
     tl.store(
         out_ptr + q_begin.to(tl.int64) * stride_ot + head * stride_oh + dims,
@@ -618,6 +730,136 @@ def paged_attention(
     return out
 
 
+def _decode_plan(
+    num_seqs: int,
+    num_kv_heads: int,
+    head_dim: int,
+    longest: int,
+    window: int | None,
+    batch_invariant: bool,
+    num_sms: int,
+) -> tuple[int, int, int, int]:
+    """(keys per tile, least keys per split, most splits, split grid size) of a decode launch whose longest
+    sequence has `longest` keys (an upper bound: CUDA graphs pass max_model_len)."""
+    tile_n = _tile_n(head_dim)
+    min_split_keys = max(DECODE_MIN_SPLIT_KEYS, tile_n)
+    if batch_invariant:
+        max_splits = DECODE_MAX_SPLITS
+    else:
+        # Enough programs for ~4 waves, but no more splits than that: fewer partials to combine.
+        wanted = 4 * num_sms / max(1, num_seqs * num_kv_heads)
+        max_splits = min(DECODE_MAX_SPLITS, _next_pow2(math.ceil(wanted)))
+    if window is not None:
+        longest = min(longest, window)
+    # The grid only bounds the split index; each sequence's split count comes from its own length.
+    grid_splits = max(1, min(max_splits, math.ceil(max(1, longest) / min_split_keys)))
+    return tile_n, min_split_keys, max_splits, grid_splits
+
+
+def launch_specs(model, scenario) -> list:
+    """The attention launches of one step in `scenario` at `model`'s shapes (kernels.launch_spec types), for
+    benchmarks/static_report.py: RoPE + KV write, then prefill, or the decode split and combine on full and on
+    sliding-window layers. Decode grids are sized by the exact context (eager); under CUDA graphs the split
+    kernel gets max_model_len as its bound and skips the extra work items (it is persistent)."""
+    from gptoss.kernels.launch_spec import LaunchSpec
+
+    tokens, d = scenario.tokens, model.head_dim
+    group, block_size = model.q_heads // model.kv_heads, 16
+    layer_kinds = (
+        ("full", None, model.layers - model.sliding_layers),
+        ("sliding", model.sliding_window, model.sliding_layers),
+    )
+    kv_ptrs = {
+        "k_cache_ptr": "*bf16",
+        "v_cache_ptr": "*bf16",
+        "block_tables_ptr": "*i32",
+        "query_start_loc_ptr": "*i32",
+        "seq_lens_ptr": "*i32",
+        "sinks_ptr": "*fp32",
+        "scale_log2e": "fp32",
+    }
+    cache_strides = ("stride_kcb", "stride_kch", "stride_kcs", "stride_vcb", "stride_vch", "stride_vcs")
+    qkv_row = (model.q_heads + 2 * model.kv_heads) * d
+    specs = [
+        LaunchSpec(
+            name="attn.rope_write_kv",
+            kernel=_rope_write_kv_kernel,
+            pointers={"q_out_ptr": "*bf16", "qkv_ptr": "*bf16", "positions_ptr": "*i64", "cos_ptr": "*fp32",
+                      "sin_ptr": "*fp32", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "slot_mapping_ptr": "*i64"},
+            constants=_rope_constexprs(model.q_heads, model.kv_heads, d, block_size, torch.bfloat16, False),
+            num_warps=ROPE_NUM_WARPS, num_stages=1, ctas=tokens,
+            bytes_per_cta=(qkv_row + model.q_heads * d + 2 * model.kv_heads * d) * 2 + d * 4,
+            total_bytes=tokens * ((qkv_row + model.q_heads * d + 2 * model.kv_heads * d) * 2 + d * 4),
+            launches_per_step=model.layers,
+            aligned=("stride_qkv", "stride_qt", "stride_qh", "stride_rope", *cache_strides),
+        )
+    ]  # fmt: skip
+    if not scenario.decode:
+        block_m = max(PREFILL_BLOCK_M, _next_pow2(group))
+        for kind, window, count in layer_kinds:
+            keys = tokens if window is None else min(tokens, window)
+            ctas = triton.cdiv(tokens, block_m // group) * model.kv_heads
+            specs.append(
+                LaunchSpec(
+                    name=f"attn.prefill ({kind})",
+                    kernel=_prefill_kernel,
+                    pointers={**kv_ptrs, "out_ptr": "*bf16", "q_ptr": "*bf16"},
+                    constants={"GROUP": group, "HEAD_DIM": d, "HEAD_DIM_PAD": _next_pow2(d), "BLOCK_SIZE": block_size,
+                               "BLOCK_M": block_m, "BLOCK_Q": block_m // group, "TILE_N": _tile_n(d),
+                               "HAS_WINDOW": window is not None, "SKIP_DECODE": True, "UPCAST": False,
+                               "DOT_PRECISION": "tf32"},
+                    num_warps=PREFILL_NUM_WARPS, num_stages=NUM_STAGES, ctas=ctas,
+                    # Each query tile reads the keys it sees (half the context on average when causal).
+                    bytes_per_cta=(keys if window else keys / 2) * d * 2 * 2,
+                    total_bytes=ctas * (keys if window else keys / 2) * d * 2 * 2 + 2 * tokens * model.q_heads * d * 2,
+                    launches_per_step=count,
+                    aligned=("stride_qt", "stride_qh", "stride_ot", "stride_oh", *cache_strides),
+                )
+            )  # fmt: skip
+        return specs
+    parts = {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
+    for kind, window, count in layer_kinds:
+        keys = scenario.context if window is None else min(scenario.context, window)
+        tile_n, min_split_keys, max_splits, grid_splits = _decode_plan(
+            tokens, model.kv_heads, d, scenario.context, window, True, 132
+        )
+        items = tokens * model.kv_heads * grid_splits
+        programs = min(items, DECODE_PROGRAMS_PER_SM * 132)
+        kv_bytes = tokens * model.kv_heads * keys * d * 2 * 2
+        partial_bytes = tokens * model.q_heads * grid_splits * (d + 2) * 4
+        split_constants = {"TILE_N": tile_n, "MAX_SPLITS": max_splits, "MIN_SPLIT_KEYS": min_split_keys,
+                           "HAS_WINDOW": window is not None, "CHECK_Q_LEN": False, "HEAD_DIM": d,
+                           "HEAD_DIM_PAD": _next_pow2(d)}  # fmt: skip
+        specs.append(
+            LaunchSpec(
+                name=f"attn.decode_split ({kind})",
+                kernel=_decode_split_kernel,
+                pointers={**kv_ptrs, **parts, "q_ptr": "*bf16"},
+                constants={"GROUP": group, "BLOCK_G": max(16, _next_pow2(group)), "BLOCK_SIZE": block_size,
+                           "UPCAST": False, "DOT_PRECISION": "tf32", **split_constants},
+                num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES, ctas=programs,
+                bytes_per_cta=(kv_bytes + partial_bytes) / programs, total_bytes=kv_bytes + partial_bytes,
+                launches_per_step=count,
+                aligned=("stride_qt", "stride_qh", "stride_ps", "stride_ph", *cache_strides),
+                notes={"work_items": str(items)},
+            )
+        )  # fmt: skip
+        specs.append(
+            LaunchSpec(
+                name=f"attn.decode_combine ({kind})",
+                kernel=_decode_combine_kernel,
+                pointers={"out_ptr": "*bf16", **parts, "sinks_ptr": "*fp32", "query_start_loc_ptr": "*i32",
+                          "seq_lens_ptr": "*i32"},
+                constants={"BLOCK_S": _next_pow2(max_splits), "INTERPRETED": False, **split_constants},
+                num_warps=COMBINE_NUM_WARPS, num_stages=1, ctas=tokens * model.q_heads,
+                bytes_per_cta=partial_bytes / (tokens * model.q_heads),
+                total_bytes=partial_bytes + tokens * model.q_heads * d * 2, launches_per_step=count,
+                aligned=("stride_ot", "stride_oh", "stride_ps", "stride_ph"),
+            )
+        )  # fmt: skip
+    return specs
+
+
 def _launch_decode(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -643,31 +885,25 @@ def _launch_decode(
     """Split-K decode of the q_len == 1 sequences (all of them unless `check_q_len`) into `out`."""
     num_seqs = seq_lens.shape[0]
     num_q_heads, num_kv_heads = query.shape[1], k_cache.shape[1]
-    tile_n = _tile_n(head_dim)
-    min_split_keys = max(DECODE_MIN_SPLIT_KEYS, tile_n)
-    if batch_invariant:
-        max_splits = DECODE_MAX_SPLITS
-    else:
-        # Enough programs for ~4 waves, but no more splits than that: fewer partials to combine.
-        wanted = 4 * _num_sms(query.device) / max(1, num_seqs * num_kv_heads)
-        max_splits = min(DECODE_MAX_SPLITS, _next_pow2(math.ceil(wanted)))
     longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
-    if has_window:
-        longest = min(longest, window)
-    # The grid only bounds the split index; each sequence's split count comes from its own length.
-    grid_splits = max(1, min(max_splits, math.ceil(max(1, longest) / min_split_keys)))
+    tile_n, min_split_keys, max_splits, grid_splits = _decode_plan(
+        num_seqs, num_kv_heads, head_dim, longest, window if has_window else None, batch_invariant,
+        _num_sms(query.device),
+    )  # fmt: skip
     head_dim_pad = _next_pow2(head_dim)
     part_acc = torch.empty(num_seqs, num_q_heads, grid_splits, head_dim_pad, device=query.device,
                            dtype=torch.float32)  # fmt: skip
     part_max = torch.empty(num_seqs, num_q_heads, grid_splits, device=query.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
-    _decode_split_kernel[(num_seqs, num_kv_heads, grid_splits)](
+    num_items = num_seqs * num_kv_heads * grid_splits
+    _decode_split_kernel[(min(num_items, DECODE_PROGRAMS_PER_SM * _num_sms(query.device)),)](
         part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         scale_log2e, window,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), part_max.stride(0), part_max.stride(1), part_max.stride(2),
+        num_kv_heads, grid_splits, num_items,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MAX_SPLITS=max_splits, MIN_SPLIT_KEYS=min_split_keys,
         HAS_WINDOW=has_window, CHECK_Q_LEN=check_q_len, UPCAST=upcast, DOT_PRECISION=precision,
@@ -677,6 +913,6 @@ def _launch_decode(
         out, part_acc, part_max, part_sum, sinks, query_start_loc, seq_lens, window,
         out.stride(0), out.stride(1), part_max.stride(0), part_max.stride(1), part_max.stride(2),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE_N=tile_n, MAX_SPLITS=max_splits,
-        MIN_SPLIT_KEYS=min_split_keys, HAS_WINDOW=has_window,
-        CHECK_Q_LEN=check_q_len, num_warps=1,
+        MIN_SPLIT_KEYS=min_split_keys, BLOCK_S=_next_pow2(max_splits), HAS_WINDOW=has_window,
+        CHECK_Q_LEN=check_q_len, INTERPRETED=upcast, num_warps=COMBINE_NUM_WARPS,
     )  # fmt: skip

@@ -3,11 +3,15 @@
 Where the references favour clarity, a CPU decode step paid for it in two places:
 - the MoE dequantised every routed expert's MXFP4 weights on every step (about half of a tiny model's step).
   Here dequantised experts are kept in a least-recently-used cache bounded by a byte budget
-  (`set_expert_cache_budget`, from `EngineArgs.cpu_expert_cache_gb`); tokens are grouped by expert with one
-  sort, and each token's k expert outputs are combined by one weighted sum (no `index_add_` per expert);
-- attention looped over sequences in Python, a dozen small ops each. A decode-only batch (one query per
-  sequence, the steady state of continuous batching) here is one gather of the keys/values each query sees
-  and two batched matmuls; batches with prefill rows still take the reference.
+  (`set_expert_cache_budget`, from `EngineArgs.cpu_expert_cache_gb`), w1's gate and up rows as two halves
+  (a contiguous SwiGLU); tokens are grouped by expert with one sort, and each token's k expert outputs are
+  combined by one weighted sum (no `index_add_` per expert);
+- attention looped over sequences in Python, a dozen small ops each. Decoding sequences (one query each, the
+  steady state of continuous batching) here go in batches of equal span: one gather of the keys/values each
+  query sees and two batched matmuls per batch; sequences with several queries still take the reference.
+
+Both stay batch-invariant as the references are (a token's result never depends on the rest of the step),
+which the engine's default mode promises.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from gptoss.kernels.reference import mxfp4_dequantize, paged_attention_reference, route_topk, write_kv_reference
@@ -25,11 +30,10 @@ DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
 class ExpertCache:
     """Dequantised fp32 expert weights, least recently used first out once `budget_bytes` would be exceeded.
 
-    Keyed by the packed tensor's storage address, its version counter (bumped by every in-place write, so
-    reloading weights into the same tensor never serves stale values; inference-mode tensors have none) and
-    what was made of it (one expert, or all of them stacked). An entry also holds a weak reference to the
-    tensor it was made from: a new tensor at a freed one's address (another model loaded in this process)
-    is a miss, not the old model's experts.
+    An entry is made from source tensors (packed blocks and scales, or a bias) and remembers them by weak
+    reference and version counter: it is served only to those very tensors (a new model's weights at a freed
+    model's address are not), and only while nothing was written into them in place (a reload). Entries of
+    tensors that were freed are dropped at the next miss. Inference-mode tensors keep no version counter.
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_EXPERT_CACHE_BYTES) -> None:
@@ -37,27 +41,40 @@ class ExpertCache:
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[int, int, object], tuple[weakref.ref, torch.Tensor]] = OrderedDict()
+        # (id of the first source, what) -> (weak references to the sources, their versions, the value)
+        self._entries: OrderedDict[tuple[int, object], tuple[tuple[weakref.ref, ...], int, torch.Tensor]] = (
+            OrderedDict()
+        )
 
     def lookup(self, source: tuple[torch.Tensor, ...], what: object, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached `make()` for (`source` tensors, `what`), made and kept (within budget) when missing."""
-        key = (source[0].data_ptr(), sum(_version(t) for t in source), what)
+        key = (id(source[0]), what)
+        version = sum(_version(t) for t in source)
         entry = self._entries.get(key)
-        if entry is not None and entry[0]() is source[0]:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return entry[1]
-        if entry is not None:  # made from a tensor since freed, whose address this one reuses
-            del self._entries[key]
-            self.used_bytes -= entry[1].numel() * entry[1].element_size()
+        if entry is not None:
+            refs, entry_version, value = entry
+            if entry_version == version and all(ref() is t for ref, t in zip(refs, source, strict=True)):
+                self.hits += 1
+                self._entries.move_to_end(key)
+                return value
+            self._drop(key)
         self.misses += 1
+        self._drop_dead()
         value = make()
         size = value.numel() * value.element_size()
         if size <= self.budget_bytes:
             self.shrink_to(self.budget_bytes - size)
-            self._entries[key] = (weakref.ref(source[0]), value)
+            self._entries[key] = (tuple(weakref.ref(t) for t in source), version, value)
             self.used_bytes += size
         return value
+
+    def _drop(self, key: tuple[int, object]) -> None:
+        _, _, value = self._entries.pop(key)
+        self.used_bytes -= value.numel() * value.element_size()
+
+    def _drop_dead(self) -> None:
+        for key in [key for key, (refs, _, _) in self._entries.items() if any(ref() is None for ref in refs)]:
+            self._drop(key)
 
     def get(self, blocks: torch.Tensor, scales: torch.Tensor, expert: int, deinterleave: bool = False) -> torch.Tensor:
         """`[rows, cols]` fp32 weights of `expert` from its packed `blocks` / `scales` (`[E, rows, cols/32, 16]`);
@@ -69,24 +86,10 @@ class ExpertCache:
 
         return self.lookup((blocks, scales), (expert, deinterleave), make)
 
-    def get_all(self, blocks: torch.Tensor, scales: torch.Tensor, deinterleave: bool = False) -> torch.Tensor:
-        """Every expert's weights `[E, rows, cols]` as one right-hand side of a matmul over all experts:
-        `[cols, E * rows]` with `deinterleave` (w1: x `[T, cols]` @ it = every expert's gate/up, side by side),
-        else `[E * cols, rows]` (w2: activations of every expert side by side @ it = their sum)."""
-
-        def make() -> torch.Tensor:
-            weight = mxfp4_dequantize(blocks, scales)  # [E, rows, cols]
-            if deinterleave:
-                return _deinterleave(weight, dim=1).flatten(0, 1).t().contiguous()
-            return weight.transpose(1, 2).flatten(0, 1).contiguous()
-
-        return self.lookup((blocks, scales), ("all", deinterleave), make)
-
     def shrink_to(self, budget_bytes: int) -> None:
         """Drop least recently used entries until at most `budget_bytes` are held."""
         while self._entries and self.used_bytes > budget_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.used_bytes -= evicted.numel() * evicted.element_size()
+            self._drop(next(iter(self._entries)))
 
     def clear(self) -> None:
         self._entries.clear()
@@ -130,7 +133,6 @@ def moe(
     """`kernels.reference.moe_reference`, with cached dequantised experts and one combine (math in fp32)."""
     cache = EXPERT_CACHE if cache is None else cache
     num_tokens, hidden = x.shape
-    num_experts = w1_blocks.shape[0]
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     x32 = x.to(torch.float32)
     # w1's gate/up rows (and bias) are used as two halves, gate first, so the SwiGLU reads contiguous columns.
@@ -143,28 +145,12 @@ def moe(
         up = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1)
         return up.mul_(gate * torch.sigmoid(swiglu_alpha * gate))
 
-    intermediate = w2_blocks.shape[2] * 32
-    if _dense_is_cheaper(num_tokens, num_experts, top_k, hidden, intermediate):
-        # Every expert on every token, in two plain matmuls over the experts side by side: far fewer ops than
-        # a loop over experts when the experts are small and most are routed to anyway (tiny models, small
-        # batches). Unrouted experts get weight 0, folded into the activations before the down projection.
-        w1 = cache.get_all(w1_blocks, w1_scales, deinterleave=True)  # [H, E * 2I]
-        w2 = cache.get_all(w2_blocks, w2_scales)  # [E * I, H]
-        routing = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
-        routing.scatter_(1, expert_ids.long(), expert_weights)
-        h = torch.addmm(w1_bias32.view(-1), x32, w1).view(num_tokens, num_experts, 2 * intermediate)
-        act = swiglu_halves(h).mul_(routing.unsqueeze(-1))  # [T, E, I]
-        return torch.addmm(routing @ w2_bias32, act.reshape(num_tokens, -1), w2).to(x.dtype)
-
     def expert_mlp(expert: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         w1 = cache.get(w1_blocks, w1_scales, expert, deinterleave=True)
         act = swiglu_halves(torch.nn.functional.linear(rows, w1, w1_bias32[expert]))
         w2 = cache.get(w2_blocks, w2_scales, expert)
         return torch.nn.functional.linear(act, w2, w2_bias32[expert], out=out)
 
-    if num_tokens == 1:  # decode at batch 1: k experts, no grouping
-        outs = torch.cat([expert_mlp(expert, x32) for expert in expert_ids[0].tolist()])  # [k, H]
-        return (expert_weights @ outs).to(x.dtype)
     flat_experts = expert_ids.flatten()
     # Token-slot pairs grouped by expert: one sort, then contiguous runs.
     order = torch.argsort(flat_experts, stable=True)
@@ -181,23 +167,6 @@ def moe(
     per_slot[order] = out_sorted
     combined = torch.bmm(expert_weights.unsqueeze(1), per_slot.view(num_tokens, top_k, -1)).squeeze(1)
     return combined.to(x.dtype)
-
-
-# What one more small op costs on a CPU, in multiply-adds of the same time (about 40 us at ~25 GFLOP/s).
-_OP_OVERHEAD_FLOPS = 1_000_000
-# Ops of one expert in the loop (weights and bias lookups, two matmuls, the SwiGLU).
-_OPS_PER_EXPERT = 12
-
-
-def _dense_is_cheaper(num_tokens: int, num_experts: int, top_k: int, hidden: int, intermediate: int) -> bool:
-    """Whether running every expert on every token costs less than looping over the routed ones: the extra
-    multiply-adds against the per-expert ops saved. Only ever true for small experts."""
-    if num_tokens < 2:
-        return False
-    flops_per_row = 6 * hidden * intermediate  # gate/up (2I x H) and down (H x I), 2 flops per multiply-add
-    extra = num_tokens * (num_experts - top_k) * flops_per_row
-    saved = min(num_experts, num_tokens * top_k) * _OPS_PER_EXPERT * _OP_OVERHEAD_FLOPS
-    return extra < saved
 
 
 def write_kv(
@@ -223,68 +192,106 @@ def paged_attention(
     sinks: torch.Tensor,
     scale: float,
     sliding_window: int | None,
-    max_query_len: int,
 ) -> torch.Tensor:
-    """`kernels.reference.paged_attention_reference`; decode-only batches (`max_query_len == 1`, one query per
-    sequence) batched over the sequences."""
-    num_seqs = seq_lens.shape[0]
-    if max_query_len != 1 or query.shape[0] != num_seqs:
-        return paged_attention_reference(
-            query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+    """`kernels.reference.paged_attention_reference`, with the decoding sequences (one query each) batched.
+
+    Batch-invariant: which path a sequence takes depends on itself only (one query: decode; more: the
+    reference), and decoding sequences are batched only with others that see as many keys (their last
+    `sliding_window`, or their whole length), so no padding enters a sum and a sequence's result is the same
+    whatever else is in the step. In steady decoding most sequences share a span (every sliding layer past
+    the window; equal lengths on full layers), so this is a few batched matmuls per layer.
+    """
+    plan = _attention_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[2], sliding_window)
+    if plan.prefill is None and len(plan.groups) == 1 and plan.groups[0][0].numel() == query.shape[0]:
+        _, blocks, offsets = plan.groups[0]  # the usual decode step: every query row, in order, one group
+        return _decode_group(query, k_cache, v_cache, blocks, offsets, sinks, scale)
+    out = torch.empty_like(query)
+    for rows, blocks, offsets in plan.groups:
+        out[rows] = _decode_group(query[rows], k_cache, v_cache, blocks, offsets, sinks, scale)
+    if plan.prefill is not None:
+        rows, seqs, starts = plan.prefill
+        out[rows] = paged_attention_reference(
+            query[rows], k_cache, v_cache, block_tables[seqs], starts, seq_lens[seqs], sinks, scale, sliding_window
         )
-    return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, sinks, scale, sliding_window)
+    return out
 
 
-def decode_attention(
+def _decode_group(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
+    blocks: torch.Tensor,
+    offsets: torch.Tensor,
     sinks: torch.Tensor,
     scale: float,
-    sliding_window: int | None,
 ) -> torch.Tensor:
-    """One query per sequence `[S, Hq, D]` (at position seq_len - 1) over its cached keys: `[S, Hq, D]`.
-
-    Each sequence reads only the positions it sees (its last `sliding_window` on windowed layers, whose earlier
-    blocks may be freed); shorter sequences' padding re-reads their last position and is masked out.
-    """
+    """Queries `[S, Hq, D]` (one per sequence, its last position) over the keys at `blocks` / `offsets` `[S, L]`
+    (the L positions each sees): `[S, Hq, D]`."""
     num_seqs, num_q_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
-    blocks, offsets, valid = _decode_positions(block_tables, seq_lens, k_cache.shape[2], sliding_window)
     # Advanced indices on dims 0 and 2: [S, L, Hkv, D].
     keys = k_cache[blocks, :, offsets].to(torch.float32).permute(0, 2, 3, 1)  # [S, Hkv, D, L]
     values = v_cache[blocks, :, offsets].to(torch.float32).transpose(1, 2)  # [S, Hkv, L, D]
     q = query.to(torch.float32).view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q, keys).mul_(scale).masked_fill_(~valid, float("-inf"))  # [S, Hkv, G, L]
+    scores = torch.matmul(q, keys).mul_(scale)  # [S, Hkv, G, L]
     sink_column = sinks.to(torch.float32).view(1, num_kv_heads, group, 1).expand(num_seqs, -1, -1, 1)
     probs = torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1)[..., :-1]
     return torch.matmul(probs, values).view(num_seqs, num_q_heads, head_dim).to(query.dtype)
 
 
-# The last step's gather indices per window: every layer of a type shares its block tables and lengths, so
-# they are computed once per step, not once per layer. Entries hold the tensors they were made from (so an
-# id is never reused while its entry lives).
-_POSITIONS_MEMO: dict[int | None, tuple[torch.Tensor, torch.Tensor, tuple[int, ...], tuple[torch.Tensor, ...]]] = {}
+@dataclass
+class _AttentionPlan:
+    """How one step's sequences go through attention on a layer type (shared by its layers)."""
+
+    # Decoding sequences with equal spans: (their query rows [S], block ids [S, L], offsets [S, L]).
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    # Sequences with several queries: (their query rows, their indices, their query starts from 0), or None.
+    prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
-def _decode_positions(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, sliding_window: int | None
-) -> tuple[torch.Tensor, ...]:
-    """Block ids and offsets `[S, L]` of the positions each sequence's query sees, and `[S, 1, 1, L]` validity."""
-    memo = _POSITIONS_MEMO.get(sliding_window)
-    versions = (_version(block_tables), _version(seq_lens), block_size)
-    if memo is not None and memo[0] is block_tables and memo[1] is seq_lens and memo[2] == versions:
-        return memo[3]
-    lens = seq_lens.to(torch.int64)
-    first = (lens - sliding_window).clamp_(min=0) if sliding_window is not None else torch.zeros_like(lens)
-    span = int((lens - first).max())
-    positions = first[:, None] + torch.arange(span, device=lens.device)[None, :]  # [S, L]
-    valid = positions < lens[:, None]
-    positions = torch.minimum(positions, lens[:, None] - 1)  # padding re-reads the last position
-    blocks = block_tables.to(torch.int64).gather(1, positions // block_size)
-    result = (blocks, positions % block_size, valid[:, None, None, :])
-    _POSITIONS_MEMO[sliding_window] = (block_tables, seq_lens, versions, result)
-    return result
+# The last plan per window and block size: every layer of a type reads the same block tables and lengths, so
+# the plan is made once per step, not once per layer. It is reused only for equal contents (three small
+# compares), as the tensors may be buffers rewritten in place between steps (the decode graph runner's).
+_PLAN_MEMO: dict[tuple[int | None, int], tuple[tuple[torch.Tensor, ...], _AttentionPlan]] = {}
+
+
+def _attention_plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    block_size: int,
+    sliding_window: int | None,
+) -> _AttentionPlan:
+    sources = (block_tables, seq_lens, query_start_loc)
+    memo = _PLAN_MEMO.get((sliding_window, block_size))
+    if memo is not None and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(memo[0], sources, strict=True)
+    ):
+        return memo[1]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    by_span: dict[int, list[int]] = {}
+    prefill: list[int] = []
+    for seq, length in enumerate(lens):
+        num_queries = starts[seq + 1] - starts[seq]
+        if num_queries == 1:
+            by_span.setdefault(min(length, sliding_window or length), []).append(seq)
+        elif num_queries > 1:
+            prefill.append(seq)
+    tables = block_tables.to(torch.int64)
+    groups = []
+    for span, seqs in by_span.items():
+        index = torch.tensor(seqs, dtype=torch.int64)
+        first = torch.tensor([lens[s] - span for s in seqs], dtype=torch.int64)
+        positions = first[:, None] + torch.arange(span)[None, :]  # [S, span]
+        blocks = tables[index].gather(1, positions // block_size)
+        groups.append((torch.tensor([starts[s] for s in seqs]), blocks, positions % block_size))
+    prefill_plan = None
+    if prefill:
+        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in prefill])
+        sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in prefill])
+        prefill_plan = (rows, torch.tensor(prefill), torch.cumsum(sizes, 0).to(query_start_loc.dtype))
+    plan = _AttentionPlan(groups, prefill_plan)
+    _PLAN_MEMO[(sliding_window, block_size)] = (tuple(t.clone() for t in sources), plan)
+    return plan

@@ -192,6 +192,43 @@ def invariant_configs(n: int, dtype: torch.dtype = torch.bfloat16) -> list[Matmu
     return list(dict.fromkeys(gpu_config(rows, n, dtype) for rows in (1, 65, 257)))
 
 
+def launch_specs(model, scenario) -> list:
+    """The dense GEMMs of one step (kernels.launch_spec types), for benchmarks/static_report.py: per layer the
+    fused q/k/v projection (N = (Hq + 2 Hkv) * D = 5120 at 120b), o_proj and the router; per step the lm_head
+    (fp32 logits; the engine computes them for the sampled rows only, one per sequence at decode)."""
+    from gptoss.kernels.launch_spec import LaunchSpec
+
+    h, d = model.hidden, model.head_dim
+    layers = [
+        ("dense.qkv_proj", (model.q_heads + 2 * model.kv_heads) * d, h, True, model.layers),
+        ("dense.o_proj", h, model.q_heads * d, True, model.layers),
+        ("dense.router", model.experts, h, True, model.layers),
+        ("dense.lm_head", model.vocab, h, False, 1),
+    ]
+    specs = []
+    for name, n, k, bias, count in layers:
+        rows = scenario.tokens if scenario.decode or name != "dense.lm_head" else 1
+        c = gpu_config(rows, n)
+        ctas = triton.cdiv(rows, c.block_m) * triton.cdiv(n, c.block_n)
+        specs.append(
+            LaunchSpec(
+                name=name,
+                kernel=_linear_kernel,
+                pointers={**dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr"), "*bf16"),
+                          "out_ptr": "*bf16" if bias else "*fp32"},
+                # Unit strides of contiguous tensors are specialised to 1 at launch.
+                constants={"stride_xk": 1, "stride_wk": 1, "stride_on": 1, "K": k, "HAS_BIAS": bias,
+                           "FP32_MATH": False, "DOT_PRECISION": "tf32", "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
+                           "BLOCK_K": c.block_k, "GROUP_M": c.group_m},
+                num_warps=c.num_warps, num_stages=c.num_stages, ctas=ctas,
+                bytes_per_cta=c.block_n * k * 2 + c.block_m * k * 2,
+                total_bytes=n * k * 2 + rows * (k + n) * 2,
+                launches_per_step=count, aligned=("stride_xm", "stride_wn", "stride_om", "N"),
+            )
+        )  # fmt: skip
+    return specs
+
+
 # The interpreter runs one Python program per tile: few, big tiles are fastest there.
 _INTERPRETER_CONFIG = MatmulConfig(block_m=32, block_n=64, block_k=32, instr_n=64, num_warps=4, num_stages=1)
 

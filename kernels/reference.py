@@ -11,6 +11,7 @@ slot mapping of a batch gives each new token's slot, -1 for tokens that write no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +49,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (weight.to(torch.float32) * x32).to(x.dtype)
+
+
+def add_rms_norm_reference(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Oracle of kernels.norm.add_rms_norm (and the torch path): the add in x's dtype, then `rms_norm`."""
+    summed = x if residual is None else x + residual
+    return rms_norm(summed, weight, eps), summed
 
 
 def yarn_inv_freq(
@@ -172,6 +181,30 @@ def write_kv_reference(
     # Advanced indexing on dims 0 and 2 puts the token dim first: [T', Hkv, D].
     k_cache[blocks, :, offsets] = key[keep].to(k_cache.dtype)
     v_cache[blocks, :, offsets] = value[keep].to(v_cache.dtype)
+
+
+def rope_write_kv_reference(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    write: Callable[..., None] | None = None,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of a fused projection `[T, (Hq + 2 Hkv) * D]` at `positions` `[T]` (tables
+    `[max_positions, D/2]`, cast to qkv's dtype first as transformers does); keys and values stored at
+    `slot_mapping` by `write` (default `write_kv_reference`; the CPU path passes its faster equivalent).
+    Returns the rotated queries `[T, Hq, D]`."""
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    heads = qkv.view(qkv.shape[0], num_q_heads + 2 * num_kv_heads, head_dim)
+    cos, sin = cos_table[positions].to(qkv.dtype), sin_table[positions].to(qkv.dtype)
+    query = apply_rope(heads[:, :num_q_heads], cos, sin)
+    key = apply_rope(heads[:, num_q_heads : num_q_heads + num_kv_heads], cos, sin)
+    (write or write_kv_reference)(key, heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
+    return query
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:

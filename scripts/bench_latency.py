@@ -11,7 +11,12 @@ off, EOS ignored), the median over `--iters` runs of
   `B * (O - 1) / (t_full - t_prefill)` tokens/s;
 - roofline: the bytes one decode step of B sequences at context `I + O/2` reads (engine/model/roofline.py, with
   the loaded model's weight and KV element sizes) over the device's measured bandwidth (a big on-device copy,
-  read + write bytes per second), so `% roofline` says how close the measured step is to the memory limit.
+  read + write bytes per second), so `% roofline` says how close the measured step is to the memory limit;
+- device / host split of a decode step: `device ms/step` is the time the kernels of a step take (the sum of
+  GPU kernel durations from torch.profiler's CUDA activity, graph replays included; on CPU the time inside
+  torch ops), from one profiled prefill run and one profiled full run (their difference over O - 1 steps);
+  `host ms/step` is the rest of the step's wall time (`decode ms/step - device ms/step`): scheduling, input
+  preparation, launches, sampling and the waits between them, i.e. what a faster kernel cannot win back.
 `--profile` adds a torch.profiler table (ops by self time) of one more full run of the first configuration.
 """
 
@@ -39,6 +44,8 @@ COLUMNS = [
     "roofline ms/step",
     "roofline tok/s",
     "% roofline",
+    "device ms/step",
+    "host ms/step",
 ]
 
 
@@ -83,6 +90,37 @@ def measure(
     return statistics.median(prefill), statistics.median(full)
 
 
+def kernel_seconds(llm: Any, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(seconds in kernels, wall seconds) of one profiled generate: GPU kernel time on CUDA (profiler CUDA
+    activity), time inside torch ops on CPU (the sum of their self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = llm.engine.runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
+        wall = timed_generate(llm, prompts, max_tokens)
+    events = prof.key_averages()
+    if on_cuda:
+        return sum(e.self_device_time_total for e in events) / 1e6, wall
+    return sum(e.self_cpu_time_total for e in events) / 1e6, wall
+
+
+def decode_device_seconds(llm: Any, batch: int, input_len: int, output_len: int, seed: int, decode_s: float) -> float:
+    """Kernel seconds of one decode step, from a profiled prefill run and a profiled full run. On CUDA the
+    kernel durations themselves (the profiler does not slow the GPU); on CPU, where the profiler slows the ops
+    it times, their share of the profiled step's wall time applied to the unprofiled `decode_s`."""
+    rng = random.Random(seed + 11)
+    vocab = llm.engine.vocab_size
+    steps = max(output_len - 1, 1)
+    prefill_kernels, prefill_wall = kernel_seconds(llm, random_prompts(batch, input_len, vocab, rng), 1)
+    full_kernels, full_wall = kernel_seconds(llm, random_prompts(batch, input_len, vocab, rng), output_len)
+    kernels = max(full_kernels - prefill_kernels, 0.0) / steps
+    if llm.engine.runner.device.type == "cuda":
+        return min(kernels, decode_s)
+    wall = max(full_wall - prefill_wall, 1e-9) / steps
+    return decode_s * min(1.0, kernels / wall)
+
+
 def element_size(dtype: Any) -> int:
     import torch
 
@@ -112,6 +150,7 @@ def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dic
                 decode_s = max(t_full - t_prefill, 1e-9) / steps
                 step = step_bytes(llm, batch, input_len + output_len // 2)
                 ceiling = decode_ceiling(step, bandwidth)
+                device_s = decode_device_seconds(llm, batch, input_len, output_len, args.seed, decode_s)
                 rows.append(
                     {
                         "batch": batch,
@@ -124,13 +163,16 @@ def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dic
                         "roofline ms/step": ceiling.seconds * 1e3,
                         "roofline tok/s": ceiling.tokens_per_s,
                         "% roofline": 100 * ceiling.seconds / decode_s,
+                        "device ms/step": device_s * 1e3,
+                        "host ms/step": (decode_s - device_s) * 1e3,
                         "step GB": step.total / 1e9,
                     }
                 )
                 if not args.quiet:
                     print(
                         f"batch {batch} input {input_len} output {output_len}: prefill {rows[-1]['prefill ms']:.1f}"
-                        f" ms, decode {rows[-1]['decode ms/step']:.2f} ms/step",
+                        f" ms, decode {rows[-1]['decode ms/step']:.2f} ms/step (device {device_s * 1e3:.2f}, host "
+                        f"{(decode_s - device_s) * 1e3:.2f})",
                         file=sys.stderr,
                     )
     return rows

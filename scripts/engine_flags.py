@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from gptoss.engine.engine_args import DTYPE_NAMES, EngineArgs
+from gptoss.engine.engine_args import DTYPE_NAMES, KERNEL_BACKENDS, EngineArgs
 from gptoss.engine.model.config import PRESETS
 from gptoss.scripts.errors import UsageError
 
@@ -135,6 +135,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
         help="bit-identical results whatever the batch",
+    )
+    group.add_argument(
+        "--kernel-backend",
+        default=defaults.kernel_backend,
+        choices=KERNEL_BACKENDS,
+        help="auto: Triton kernels on CUDA, torch references on CPU; triton: Triton everywhere (on CPU through "
+        "the Triton interpreter, slow: for checking the kernels); torch: the references everywhere",
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")

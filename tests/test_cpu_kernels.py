@@ -20,7 +20,7 @@ def random_moe(tokens: int, hidden: int = 64, inter: int = 96, experts: int = 5,
     return x, router, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 40, 1000])  # 7: every expert on every token; 1000: a loop over experts
+@pytest.mark.parametrize("tokens", [1, 7, 40])
 def test_moe_matches_reference(tokens: int) -> None:
     args = random_moe(tokens)
     cache = cpu.ExpertCache()
@@ -33,14 +33,8 @@ def test_moe_matches_reference(tokens: int) -> None:
     assert cache.misses == misses and cache.hits > 0
 
 
-def test_dense_only_for_small_experts() -> None:
-    assert cpu._dense_is_cheaper(16, 6, 2, 96, 160)  # the tiny preset at batch 16
-    assert not cpu._dense_is_cheaper(1, 6, 2, 96, 160)
-    assert not cpu._dense_is_cheaper(2, 32, 4, 2880, 2880)  # gpt-oss-20b: always the loop over routed experts
-
-
 def test_expert_cache_stays_within_budget_and_sees_weight_updates() -> None:
-    args = random_moe(1000)
+    args = random_moe(20)
     one_expert = 2 * 96 * 64 * 4  # the gate_up weights of one expert, fp32
     cache = cpu.ExpertCache(budget_bytes=one_expert + 64 * 96 * 4)  # one gate_up + one down
     cpu.moe(*args, top_k=2, cache=cache)
@@ -51,22 +45,13 @@ def test_expert_cache_stays_within_budget_and_sees_weight_updates() -> None:
     atol = 1e-5 * expected.abs().max().item()
     cpu.moe(*args, top_k=2, cache=cache)
     torch.testing.assert_close(cpu.moe(*args, top_k=2, cache=cache), expected, atol=atol, rtol=1e-4)
+    # Another tensor at the same address (as a new model's weights after a freed one's) is not served.
+    misses = cache.misses
+    cpu.moe(args[0], args[1], args[2].view_as(args[2]), *args[3:], top_k=2, cache=cache)
+    assert cache.misses > misses
     disabled = cpu.ExpertCache(budget_bytes=0)
     cpu.moe(*args, top_k=2, cache=disabled)
     assert disabled.used_bytes == 0
-
-
-def test_expert_cache_never_serves_another_tensors_experts() -> None:
-    """Keyed by address and version only, a model loaded where a freed one lived (same address, same version)
-    would get the old model's experts: the entry also checks that it was made from this very tensor."""
-    cache = cpu.ExpertCache()
-    blocks = torch.zeros(2, 4, 1, 16, dtype=torch.uint8)
-    assert cache.lookup((blocks,), "w", lambda: torch.zeros(1)).item() == 0
-    same_address = blocks.view(2, 4, 1, 16)  # another tensor object at the same address and version
-    assert same_address.data_ptr() == blocks.data_ptr() and same_address._version == blocks._version
-    assert cache.lookup((same_address,), "w", lambda: torch.ones(1)).item() == 1
-    assert cache.lookup((same_address,), "w", lambda: torch.full((1,), 2.0)).item() == 1  # a hit now
-    assert cache.used_bytes == 4
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -85,5 +70,31 @@ def test_decode_attention_matches_reference(window: int | None) -> None:
     expected = reference.paged_attention_reference(
         query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.25, window
     )
-    got = cpu.paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.25, window, 1)
+    got = cpu.paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.25, window)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_is_batch_invariant_and_mixes_prefill_and_decode() -> None:
+    """A sequence's output is bit-identical alone or beside others (decoding or prefilling), and equal to the
+    reference's up to rounding."""
+    g = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, block, num_blocks, window = 4, 2, 8, 4, 64, 6
+    k_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g)
+    v_cache = torch.randn(num_blocks, kv_heads, block, dim, generator=g)
+    sinks = torch.randn(heads, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[:20].view(4, 5).to(torch.int32)
+    seq_lens = torch.tensor([9, 17, 9, 12], dtype=torch.int32)
+    q_lens = [1, 1, 3, 1]  # sequence 2 prefills its last 3 positions
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), heads, dim, generator=g)
+    for w in (None, window):
+        both = cpu.paged_attention(query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, w)
+        expected = reference.paged_attention_reference(query, k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, w)
+        torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-5)
+        for seq in range(4):
+            rows = slice(int(starts[seq]), int(starts[seq + 1]))
+            alone = cpu.paged_attention(
+                query[rows], k_cache, v_cache, tables[seq : seq + 1], torch.tensor([0, q_lens[seq]], dtype=torch.int32),
+                seq_lens[seq : seq + 1], sinks, 0.3, w,
+            )  # fmt: skip
+            assert torch.equal(alone, both[rows]), (w, seq)

@@ -197,18 +197,20 @@ def test_fits_only_decode_batches_up_to_the_largest_bucket(cpu_model):
         DecodeGraphRunner(cpu_model, [], [FULL], [1], MAX_MODEL_LEN, BLOCK_SIZE, use_graphs=True)
 
 
-def test_engine_args_and_flag():
+def test_engine_args_and_flag(tiny_checkpoint):
     from gptoss.scripts.engine_flags import add_engine_arguments, engine_args_from_cli
 
     assert EngineArgs(model="x").use_cuda_graphs(torch.device("cuda"))
     assert not EngineArgs(model="x", enforce_eager=True).use_cuda_graphs(torch.device("cuda"))
+    assert not EngineArgs(model="x", kernel_backend="torch").use_cuda_graphs(torch.device("cuda"))
     assert not EngineArgs(model="x").use_cuda_graphs(torch.device("cpu"))
     assert EngineArgs(model="x", max_num_seqs=48, max_cuda_graph_batch_size=32).cuda_graph_max_batch == 32
     with pytest.raises(ValueError):
         EngineArgs(model="x", max_cuda_graph_batch_size=0)
     parser = add_engine_arguments(argparse.ArgumentParser())
-    assert engine_args_from_cli(parser.parse_args(["--model", "m", "--enforce-eager"])).enforce_eager
-    assert not engine_args_from_cli(parser.parse_args(["--model", "m"])).enforce_eager
+    model = str(tiny_checkpoint)
+    assert engine_args_from_cli(parser.parse_args(["--model", model, "--enforce-eager"])).enforce_eager
+    assert not engine_args_from_cli(parser.parse_args(["--model", model])).enforce_eager
 
 
 def generate_tokens(llm: LLM, prompts: list[list[int]]) -> list:

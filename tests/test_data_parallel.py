@@ -5,6 +5,7 @@ all three API shapes."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -121,6 +122,9 @@ def test_a_dead_replica_fails_its_streams_and_the_health(tiny_checkpoint: Path) 
             await first.aclose()
 
         asyncio.run(run())
+        deadline = time.monotonic() + 5  # the listeners run on the thread that noticed first
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert reasons and "replica 1 exited" in reasons[0]
     finally:
         engine.shutdown()

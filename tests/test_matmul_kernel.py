@@ -27,6 +27,7 @@ from gptoss.kernels.matmul import (
     instr_n_for,
     interpreting,
     invariant_configs,
+    launch_specs,
     linear,
     linear_reference,
 )
@@ -222,7 +223,8 @@ def test_ops_linear_dispatch_on_cuda() -> None:
 
 
 def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
-    """q/k/v/o, the router and the lm_head all go through ops.linear with the model's batch_invariant flag."""
+    """q/k/v (fused), o, the router and the lm_head all go through ops.linear with the model's batch_invariant
+    flag."""
     from gptoss.engine.model.config import preset
     from gptoss.engine.model.forward_batch import ForwardBatch
     from gptoss.engine.model.gpt_oss import GptOssModel
@@ -236,9 +238,9 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
     calls = []
     real = ops.linear
 
-    def recording(x, weight, bias, batch_invariant=True, out_dtype=None):
+    def recording(x, weight, bias, batch_invariant=True, out_dtype=None, *, backend="auto"):
         calls.append((tuple(weight.shape), bias is not None, batch_invariant, out_dtype))
-        return real(x, weight, bias, batch_invariant, out_dtype)
+        return real(x, weight, bias, batch_invariant, out_dtype, backend=backend)
 
     monkeypatch.setattr(ops, "linear", recording)
     caches = allocate_kv_caches(config, 4, 16, torch.float32, "cpu")
@@ -252,9 +254,7 @@ def test_model_routes_every_dense_layer_through_ops_linear(monkeypatch) -> None:
     model.compute_logits(hidden)
     h, d = config.hidden_size, config.head_dim
     per_layer = [
-        (config.num_attention_heads * d, h),
-        (config.num_key_value_heads * d, h),
-        (config.num_key_value_heads * d, h),
+        ((config.num_attention_heads + 2 * config.num_key_value_heads) * d, h),  # the fused q/k/v projection
         (h, config.num_attention_heads * d),
         (config.num_local_experts, h),
     ]
@@ -406,6 +406,16 @@ def test_table_compiles_for_sm90_with_one_mma_shape_per_layer(label: str, python
     for layer, shapes in by_layer.items():
         assert len(shapes) == 1, (layer, shapes)
     assert by_layer["lm_head"] == {"versionMajor = 3, versionMinor = 0, instrShape = [16, 128, 16]"}
+
+
+def test_fused_qkv_gemm_fills_the_gpu_at_batch_1() -> None:
+    """The fused q/k/v projection (N = 5120 at 120b) streams its weight with >= 132 CTAs at batch 1 (it compiles
+    for sm_90 without spills: tests/test_static_report.py)."""
+    from gptoss.kernels.launch_spec import ModelShape, Scenario
+
+    specs = {spec.name: spec for spec in launch_specs(ModelShape(), Scenario("d", 1, 1024, True))}
+    assert specs["dense.qkv_proj"].ctas >= 132
+    assert specs["dense.qkv_proj"].constants["BLOCK_N"] == instr_n_for(5120)
 
 
 # ------------------------------------------------------------------------------------------ benchmark

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+from gptoss.benchmarks.launch_count import count_step
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
@@ -126,3 +128,70 @@ def test_batch_of_different_lengths_equals_each_alone(model: GptOssModel) -> Non
         runner = PagedRunner(model, seed=50 + seq)
         expected = runner.step({seq: prompts[seq] + tokens})[seq][-len(tokens) :]
         assert rel_err(mixed[seq], expected) < REL_TOL
+
+
+# --------------------------------------------------------------------- the Triton path (kernel_backend)
+
+# On CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1 without a GPU); with a
+# GPU the Triton path is the default one, run by the GPU tests.
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton path on CPU needs TRITON_INTERPRET=1"
+)
+
+
+@pytest.fixture(scope="module")
+def triton_model(tiny_checkpoint: Path) -> GptOssModel:
+    """The tiny model in fp32 on CPU with every op on its Triton kernel (the interpreter)."""
+    config = ModelConfig.from_json(tiny_checkpoint)
+    model = GptOssModel.create(config, torch.float32, "cpu")
+    model.kernel_backend = "triton"  # before loading: the MoE weights are re-laid for the Triton kernel
+    load_weights(model, tiny_checkpoint, progress=False)
+    assert model.model.layers[0].mlp.experts.packed is not None
+    return model
+
+
+@needs_interpreter
+def test_triton_path_logits_match_transformers(triton_model: GptOssModel, tiny_checkpoint: Path) -> None:
+    """The whole forward through the Triton kernels (fused norms, fused q/k/v + RoPE + KV write, paged
+    prefill and split decode attention, MXFP4 MoE, batch-invariant GEMMs): a 13-token prefill (past the
+    12-token window, so the sliding layers drop keys) and one decode step, against transformers in fp32."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GptOssForCausalLM.from_pretrained(
+        str(tiny_checkpoint), quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).eval()
+    tokens = random_prompt(triton_model.config.vocab_size, 14, seed=14)
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens])).logits[0]
+    runner = PagedRunner(triton_model)
+    prefill = runner.step({0: tokens[:13]})[0]
+    decode = runner.step({0: tokens[13:]})[0]
+    assert rel_err(prefill, expected[:13]) < REL_TOL
+    assert rel_err(decode, expected[13:]) < REL_TOL
+
+
+# Launch budget of one decode step on the Triton path, per layer (issue #15): add+norm, q/k/v GEMM,
+# RoPE + KV write, attention split + combine, o_proj, add+norm, router GEMM, MoE route + 2 matmuls + combine.
+LAUNCHES_PER_LAYER = 12
+
+
+def decode_step_launches(model: GptOssModel) -> dict[int, list[str]]:
+    """Per layer, what one decode step of two sequences (after their prefill) launches."""
+    vocab = model.config.vocab_size
+    runner = PagedRunner(model)
+    runner.step({0: random_prompt(vocab, 5, seed=1), 1: random_prompt(vocab, 3, seed=2)})
+    per_layer = count_step(model, lambda: runner.step({0: [7], 1: [9]}))
+    assert len(per_layer) == model.config.num_hidden_layers
+    return per_layer
+
+
+@needs_interpreter
+def test_decode_step_launch_budget(model: GptOssModel, triton_model: GptOssModel) -> None:
+    """One decode step on the Triton path launches at most 12 kernels per layer, counting Triton launches and
+    non-view torch ops (benchmarks/launch_count.py): nothing runs between the kernels but views. The counter
+    itself is checked on the torch path, whose unfused norms, RoPE and adds it must see."""
+    for layer, launches in decode_step_launches(triton_model).items():
+        assert len(launches) <= LAUNCHES_PER_LAYER, (layer, launches)
+        assert not [name for name in launches if name.startswith("torch:")], (layer, launches)
+        assert launches.count("triton:_add_rms_norm_kernel") == 2, launches
+    torch_path = decode_step_launches(model)
+    assert min(len(launches) for launches in torch_path.values()) > 3 * LAUNCHES_PER_LAYER

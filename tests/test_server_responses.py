@@ -299,3 +299,15 @@ def test_function_call_cut_by_max_output_tokens_is_incomplete(scripted):
     body["max_output_tokens"] = None
     sync = httpx.post(scripted.v1 + "/responses", json=body, timeout=60).json()
     assert [item["status"] for item in sync["output"] if item["type"] == "function_call"] == ["completed"]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}])
+def test_forced_tool_choice_always_calls_real_engine(live_server, tool_choice):
+    """Even the random model calls (never an empty message item instead), and only a declared function."""
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}  # not strict
+    for seed in (1, 2, 3):
+        body = {"input": "Weather?", "tools": [tool], "tool_choice": tool_choice, "seed": seed, "max_output_tokens": 64}
+        out = httpx.post(live_server.v1 + "/responses", json=body, timeout=120).json()
+        types = [item["type"] for item in out["output"]]
+        assert types == ["function_call"], out["output"]
+        assert out["output"][0]["name"] == "get_weather"

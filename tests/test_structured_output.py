@@ -538,9 +538,10 @@ def test_from_request_shapes() -> None:
     assert StructuredOutputSpec.from_request({"type": "json_object"}).final_schema == '{"type":"object"}'
     assert StructuredOutputSpec.from_request(None) is None
     assert StructuredOutputSpec.from_request({"type": "text"}) is None
-    # Tools that are not strict, with tool_choice auto, need no grammar.
-    assert StructuredOutputSpec.from_request(tools=[TOOLS[1]]) is None
-    assert StructuredOutputSpec.from_request(tools=[TOOLS[1]], tool_choice="auto") is None
+    # Tools that are not strict, with tool_choice auto, get a grammar on the call header only.
+    header_only = StructuredOutputSpec.from_request(tools=[TOOLS[1]])
+    assert header_only == StructuredOutputSpec.from_request(tools=[TOOLS[1]], tool_choice="auto")
+    assert header_only is not None and header_only.allow_final and header_only.tools[0].schema is None
     strict_tools = StructuredOutputSpec.from_request(tools=TOOLS)
     assert strict_tools is not None and [t.name for t in strict_tools.tools] == ["get_weather", "search"]
     assert strict_tools.tools[1].schema is None
@@ -816,3 +817,35 @@ def test_sync_and_mask_fn_protocol(tiny) -> None:
     assert not fresh.sync([bad])
     assert fresh.num_accepted_tokens == 0
     assert torch.equal(fresh([bad]), compiler.new_state(spec).allowed_token_mask())
+
+
+def test_undeclared_function_cannot_be_called(tiny) -> None:
+    """tool_choice auto, non-strict tools: the grammar holds the header alone, so a call can only name a
+    declared function (never `analysis$location` or a tool the request did not declare)."""
+    compiler, driver = tiny
+    spec = StructuredOutputSpec.from_request(tools=[TOOLS[1]])
+    assert spec is not None
+    for text in (
+        " to=functions.search<|channel|>commentary<|message|>anything at all<|call|>",
+        "<|channel|>analysis<|message|>hm<|end|><|start|>assistant<|channel|>final<|message|>free<|return|>",
+    ):
+        state = compiler.new_state(spec)
+        assert state.accept_tokens(driver.tokenizer.encode(text, add_special_tokens=False).ids), text
+        assert state.is_terminated()
+    for text in (" to=functions.get_weather", "<|channel|>commentary to=functions.nope", "<|channel|>analysis$"):
+        state = compiler.new_state(spec)
+        assert not state.accept_tokens(driver.tokenizer.encode(text, add_special_tokens=False).ids), text
+
+
+def test_forced_call_is_the_whole_reply(tiny) -> None:
+    """tool_choice required / named: the reply starts with the call (no reasoning that could run to max_tokens),
+    so even a random model always calls."""
+    compiler, driver = tiny
+    for tool_choice in ("required", {"type": "function", "name": "search"}):
+        spec = StructuredOutputSpec.from_request(tools=TOOLS, tool_choice=tool_choice)
+        assert spec is not None
+        state = compiler.new_state(spec)
+        assert not state.accept_tokens(driver.tokenizer.encode("<|channel|>analysis", add_special_tokens=False).ids)
+        for seed in range(6):
+            name, _ = parse_call(driver, driver.run(compiler.new_state(spec), seed=seed))
+            assert name in ("get_weather", "search") if tool_choice == "required" else name == "search"

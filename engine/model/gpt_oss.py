@@ -2,8 +2,16 @@
 
 Module and parameter names follow the Hugging Face checkpoint (`model.layers.{i}.self_attn.q_proj.weight`, ...)
 so the loader maps tensors by name. MXFP4 experts stay packed (uint8 blocks and e8m0 scales); the MoE op
-dequantises them on the fly. Heavy ops go through `gptoss.engine.model.ops`, which picks Triton on CUDA and the torch
-references elsewhere.
+dequantises them on the fly. Heavy ops go through `gptoss.engine.model.ops`, which picks Triton kernels or the
+torch references by `kernel_backend` ("auto": Triton on CUDA, torch elsewhere).
+
+The decode path is a fixed list of launches per layer (at most 12; tests/test_model.py counts them):
+add+RMSNorm, the fused q/k/v GEMM, RoPE + KV write, attention (split + combine), o_proj, add+RMSNorm, router
+GEMM, MoE (route, two matmuls, combine). The residual stream is carried beside the hidden states: each
+sublayer's output is added to it inside the next RMSNorm (`ops.add_rms_norm`), the MoE's by the next layer's
+input norm (or the final norm), so no add runs on its own. q/k/v share one weight `[q; k; v]` concatenated
+once after loading (`Attention.fuse_qkv`); the per-projection parameters stay (as views into it) so the loader
+and a tensor-parallel split per rank see the checkpoint's names and shapes.
 
 Multi-GPU (tensor parallel): every layer takes `rank` and `world_size` and loads only its share of the weights
 (engine/model/parallel_layers.py). Attention splits its heads (column-parallel q/k/v, row-parallel o_proj),
@@ -31,7 +39,7 @@ from gptoss.engine.model.parallel_layers import (
     even_shard,
 )
 from gptoss.engine.worker.kv_cache import KVCache
-from gptoss.kernels.reference import MXFP4_BLOCK, apply_rope, rms_norm, rope_cos_sin, yarn_inv_freq
+from gptoss.kernels.reference import MXFP4_BLOCK, rope_cos_sin, yarn_inv_freq
 from torch import nn
 
 
@@ -41,8 +49,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(rms_norm(x + residual), x + residual)`, `[T, H]` each; `residual=None`: `(rms_norm(x), x)`."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, backend=backend)
 
 
 def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> nn.Linear:
@@ -77,6 +88,24 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(self.num_heads * d, h, self.q_head_start * d, dtype, world_size, group)
         # Sinks stay fp32: they join an fp32 softmax denominator.
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
+        self.qkv_weight: torch.Tensor | None = None  # [q; k; v] `[(Hq + 2 Hkv) * D, H]`, made by fuse_qkv
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Concatenate this rank's q, k and v weights and biases into one `[q; k; v]` projection (once, after
+        the weights are loaded), and make the three parameters views into it: no memory is duplicated, and
+        a later in-place load into q/k/v_proj still updates the fused weight."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projections])
+        bias = torch.cat([p.bias for p in projections])
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight.data = weight[start : start + rows]
+            p.bias.data = bias[start : start + rows]
+            start += rows
+        self.qkv_weight, self.qkv_bias = weight, bias
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         """The sinks of this rank's query heads."""
@@ -85,22 +114,25 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        positions: torch.Tensor,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         kv_cache: KVCache,
         batch_invariant: bool,
+        backend: str,
     ) -> torch.Tensor:
-        """`x` `[T, H]` (normalised) -> `[T, H]`; writes this step's keys/values into `kv_cache`."""
+        """`x` `[T, H]` (normalised) at `positions` `[T]` -> `[T, H]`; writes this step's keys/values into
+        `kv_cache`. `rope_tables`: YaRN cos and sin `[max_positions, D/2]` fp32."""
         num_tokens = x.shape[0]
-        q = ops.linear(x, self.q_proj.weight, self.q_proj.bias, batch_invariant)
-        k = ops.linear(x, self.k_proj.weight, self.k_proj.bias, batch_invariant)
-        v = ops.linear(x, self.v_proj.weight, self.v_proj.bias, batch_invariant)
-        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is None or self.qkv_weight.device != x.device:
+            self.fuse_qkv()  # a model whose weights were set without the loader
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias, batch_invariant, backend=backend)
         k_cache, v_cache = kv_cache
-        ops.write_kv(k, v, k_cache, v_cache, batch.slot_mapping[self.layer_type])
+        cos_table, sin_table = rope_tables
+        q = ops.rope_write_kv(
+            qkv, positions, cos_table, sin_table, k_cache, v_cache, batch.slot_mapping[self.layer_type],
+            self.num_heads, backend=backend,
+        )  # fmt: skip
         attn = ops.paged_attention(
             q,
             k_cache,
@@ -114,18 +146,20 @@ class Attention(nn.Module):
             max_query_len=batch.max_query_len,
             max_seq_len=batch.max_seq_len,
             batch_invariant=batch_invariant,
+            backend=backend,
         )
-        return self.o_proj(attn.reshape(num_tokens, -1), batch_invariant)
+        return self.o_proj(attn.view(num_tokens, -1), batch_invariant, backend)
 
 
 class MXFP4Experts(nn.Module):
     """This rank's experts (`num_local_experts / world_size` whole experts from `expert_start`), as stored in
     the checkpoint; biases in fp32 (they are added in fp32).
 
-    On CUDA, `pack_for_kernels` (called by the loader once the weights are in) re-lays values and scales on
-    the device into the MoE kernel's tiled layout (kernels/moe.py `pack_mxfp4`) and keeps only that copy:
-    the parameters then hold the packed bytes (same count, other shapes) and `packed` the kernel's view.
-    The CPU path keeps the checkpoint layout (the torch reference reads it).
+    When the Triton MoE runs them (kernel_backend "auto" on CUDA, or "triton"), `pack_for_kernels` (called by
+    the loader once the weights are in) re-lays values and scales on the device into the MoE kernel's tiled
+    layout (kernels/moe.py `pack_mxfp4`) and keeps only that copy: the parameters then hold the packed bytes
+    (same count, other shapes) and `packed` the kernel's view. The torch path keeps the checkpoint layout (the
+    torch reference reads it).
     """
 
     def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1) -> None:
@@ -146,9 +180,10 @@ class MXFP4Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(e, h, dtype=torch.float32), requires_grad=False)
         self.packed: tuple | None = None  # (w1, w2) kernels.moe.Mxfp4Weights once packed
 
-    def pack_for_kernels(self) -> None:
-        """Re-lay the weights for the CUDA MoE kernel (once, after loading; a no-op off CUDA or when done)."""
-        if self.packed is not None or not self.gate_up_proj_blocks.is_cuda:
+    def pack_for_kernels(self, backend: str) -> None:
+        """Re-lay the weights for the Triton MoE kernel (once, after loading; a no-op when `backend` runs the
+        torch reference on these tensors, or when done)."""
+        if self.packed is not None or not ops.use_triton(self.gate_up_proj_blocks, backend):
             return
         from gptoss.kernels.moe import pack_mxfp4
 
@@ -188,13 +223,13 @@ class MoE(nn.Module):
         self.world_size = world_size
         self.group = group
 
-    def forward(self, x: torch.Tensor, batch_invariant: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch_invariant: bool, backend: str) -> torch.Tensor:
         """`x` `[T, H]` (normalised) -> `[T, H]`."""
         experts = self.experts
         parallel = self.world_size > 1
         out = ops.moe(
             x,
-            ops.linear(x, self.router.weight, self.router.bias, batch_invariant),
+            ops.linear(x, self.router.weight, self.router.bias, batch_invariant, backend=backend),
             experts.gate_up_proj_blocks,
             experts.gate_up_proj_scales,
             experts.gate_up_proj_bias,
@@ -205,6 +240,7 @@ class MoE(nn.Module):
             self.swiglu_limit,
             self.swiglu_alpha,
             packed=experts.packed,
+            backend=backend,
             expert_start=experts.expert_start,
             # This rank's partial stays fp32 through the sum over ranks: one rounding, as on one GPU.
             out_dtype=torch.float32 if parallel else None,
@@ -233,14 +269,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        rope_tables: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
         kv_cache: KVCache,
         batch_invariant: bool,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, batch_invariant)
-        return x + self.mlp(self.post_attention_layernorm(x), batch_invariant)
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(x, residual)` -> `(moe output, residual)`: the layer's input is `x + residual` (x alone when
+        residual is None), and its output `moe output + residual`, left for the next norm to add."""
+        h, residual = self.input_layernorm(x, residual, backend)
+        h = self.self_attn(h, positions, rope_tables, batch, kv_cache, batch_invariant, backend)
+        h, residual = self.post_attention_layernorm(h, residual, backend)
+        return self.mlp(h, batch_invariant, backend), residual
 
 
 class Backbone(nn.Module):
@@ -281,6 +323,9 @@ class GptOssModel(nn.Module):
         self.model = Backbone(config, dtype, rank, world_size, group)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, rank, world_size, group)
         self.batch_invariant = True
+        # "auto", "triton" or "torch" (ops.use_triton); the runner sets EngineArgs.kernel_backend before loading:
+        # the MoE weights' layout depends on it.
+        self.kernel_backend = "auto"
         self._rope_cos: torch.Tensor | None = None
         self._rope_sin: torch.Tensor | None = None
 
@@ -302,14 +347,23 @@ class GptOssModel(nn.Module):
         model.eval()
         return model
 
+    def finish_loading(self) -> None:
+        """Build the kernels' weight layouts from the loaded parameters (the loaders call it once at the end):
+        the fused q/k/v weight, and the MoE weights re-laid for the Triton kernel when `kernel_backend` runs it
+        (so set the backend before loading)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_qkv()
+        self.pack_experts()
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
     def pack_experts(self) -> None:
-        """Re-lay every layer's MXFP4 experts for the CUDA MoE kernel (after loading; no-op on CPU)."""
+        """Re-lay every layer's MXFP4 experts for the Triton MoE kernel (after loading; a no-op on the torch
+        path: CPU under kernel_backend "auto")."""
         for layer in self.model.layers:
-            layer.mlp.experts.pack_for_kernels()
+            layer.mlp.experts.pack_for_kernels(self.kernel_backend)
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[max_positions, head_dim/2]`, computed once per device, in fp32 as transformers does."""
@@ -340,15 +394,15 @@ class GptOssModel(nn.Module):
         kv_caches: list[KVCache],
     ) -> torch.Tensor:
         """Token ids `[T]` at `positions` `[T]` -> final hidden states `[T, H]`, reading and writing the cache."""
-        cos_table, sin_table = self._rope_tables(input_ids.device)
-        # transformers casts cos/sin to the activation dtype before rotating; so do we.
-        cos, sin = cos_table[positions].to(self.dtype), sin_table[positions].to(self.dtype)
+        rope_tables = self._rope_tables(input_ids.device)
+        backend = self.kernel_backend
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, batch, kv_cache, self.batch_invariant)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, positions, rope_tables, batch, kv_cache, self.batch_invariant, backend)
+        return self.model.norm(x, residual, backend)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, H]` -> `[N, V]` fp32 (batch-invariant on CUDA: written in fp32 straight from the accumulator)."""
-        return self.lm_head(hidden, self.batch_invariant)
+        return self.lm_head(hidden, self.batch_invariant, self.kernel_backend)

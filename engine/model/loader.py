@@ -148,7 +148,7 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
         for name, tensor_slice in _iter_checkpoint(shards):
             load_parameter(model, name, tensor_slice)
             bar.update(params[name].nbytes)
-    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs
 
 
 def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
@@ -160,4 +160,4 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     for spec in checkpoint_tensor_specs(model.config):
         # Every rank draws the full tensor from the same seed and keeps its share: all ranks agree.
         load_parameter(model, spec.name, random_tensor(spec, generator, device))
-    model.pack_experts()  # MoE weights into the CUDA kernel's layout (no-op on CPU)
+    model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs

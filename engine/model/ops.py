@@ -1,13 +1,47 @@
-"""Picks the implementation of each heavy op for where its tensors live: Triton on CUDA, torch elsewhere
-(`kernels/cpu.py`: the references of `kernels/reference.py` rearranged for speed).
+"""Picks the implementation of each heavy op: Triton kernels or the torch path (`kernels/cpu.py`, the references
+of `kernels/reference.py` rearranged for speed, and the references themselves).
 
-The Triton modules are imported lazily so a CPU-only install never compiles anything.
+`backend` (EngineArgs.kernel_backend): "auto" runs Triton on CUDA tensors and the torch path elsewhere;
+"triton" runs the Triton kernels wherever the tensors are, CPU tensors through the Triton interpreter
+(`TRITON_INTERPRET=1`, set before the kernels are imported: `enable_triton_interpreter`); "torch" runs the
+torch path everywhere. The Triton modules are imported lazily so a CPU-only install never compiles anything.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 import torch
 from gptoss.kernels import cpu, reference
+
+
+def use_triton(tensor: torch.Tensor, backend: str) -> bool:
+    """Whether an op on `tensor` runs the Triton kernel under `backend` (see the module docstring)."""
+    if backend == "auto":
+        return tensor.is_cuda
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        from gptoss.kernels.moe import interpreting
+
+        if not tensor.is_cuda and not interpreting():
+            raise RuntimeError(
+                "kernel_backend='triton' on CPU tensors runs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before the kernels are imported (ops.enable_triton_interpreter())"
+            )
+        return True
+    raise ValueError(f"kernel_backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+def enable_triton_interpreter() -> None:
+    """Run Triton kernels on CPU from now on: set TRITON_INTERPRET=1 and re-import kernels.attention if it was
+    imported without it (its kernels are decorated at import; the others are jitted at launch)."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    module = sys.modules.get("gptoss.kernels.attention")
+    if module is not None and not module._is_interpreted(module._prefill_kernel):
+        importlib.reload(module)
 
 
 def linear(
@@ -16,14 +50,17 @@ def linear(
     bias: torch.Tensor | None,
     batch_invariant: bool = True,
     out_dtype: torch.dtype | None = None,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """`x` `[T, K]` @ `weight` `[N, K]`^T + `bias` `[N]` -> `[T, N]` in `out_dtype` (default x.dtype).
 
     cuBLAS picks its algorithm (and split-K) from the row count, so a row's bits depend on the batch; in
     batch-invariant mode CUDA tensors go through the Triton kernel, whose per-element reduction order depends
-    on K only (it accumulates in fp32 and rounds once, to out_dtype). Otherwise, and on CPU, torch.
+    on K only (it accumulates in fp32 and rounds once, to out_dtype). Otherwise torch (cuBLAS is faster when
+    the bits may depend on the batch).
     """
-    if x.is_cuda and batch_invariant:
+    if batch_invariant and use_triton(x, backend):
         from gptoss.kernels.matmul import linear as triton_linear
 
         return triton_linear(x, weight, bias, out_dtype=out_dtype)
@@ -31,16 +68,37 @@ def linear(
     return out if out_dtype is None else out.to(out_dtype)
 
 
-def write_kv(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Store `[T, Hkv, D]` keys/values into the paged caches at `slot_mapping` `[T]`."""
-    if key.is_cuda:
-        from gptoss.kernels.attention import write_kv as triton_write_kv
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(rms_norm(x + residual) * weight, x + residual)` `[T, H]`; see kernels.norm.add_rms_norm."""
+    if use_triton(x, backend):
+        from gptoss.kernels.norm import add_rms_norm as triton_add_rms_norm
 
-        triton_write_kv(key, value, k_cache, v_cache, slot_mapping)
-    else:
-        cpu.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        return triton_add_rms_norm(x, residual, weight, eps)
+    return reference.add_rms_norm_reference(x, residual, weight, eps)
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """RoPE on the fused projection's q and k heads, k and v stored to the cache; returns q `[T, Hq, D]`.
+    See kernels.reference.rope_write_kv_reference."""
+    args = (qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_q_heads)
+    if use_triton(qkv, backend):
+        from gptoss.kernels.attention import rope_write_kv as triton_rope_write_kv
+
+        return triton_rope_write_kv(*args)
+    return reference.rope_write_kv_reference(*args, write=cpu.write_kv)
 
 
 def paged_attention(
@@ -56,9 +114,11 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     batch_invariant: bool = True,
+    *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention of `[T, Hq, D]` queries over the paged cache; see kernels.reference.paged_attention_reference."""
-    if query.is_cuda:
+    if use_triton(query, backend):
         from gptoss.kernels.attention import paged_attention as triton_paged_attention
 
         return triton_paged_attention(
@@ -76,7 +136,7 @@ def paged_attention(
             max_seq_len=max_seq_len,
         )
     return cpu.paged_attention(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window, max_query_len
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
     )
 
 
@@ -93,23 +153,25 @@ def moe(
     swiglu_limit: float,
     swiglu_alpha: float,
     packed: tuple | None = None,
+    *,
+    backend: str = "auto",
     expert_start: int = 0,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference.
 
-    On CUDA the Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
-    `MXFP4Experts.pack_for_kernels`; the blocks/scales arguments then hold the same packed bytes). It is
-    batch-invariant in every mode. Elsewhere `kernels.cpu.moe` (the reference, with cached dequantised experts)
-    reads the checkpoint layout.
+    The Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
+    `MXFP4Experts.pack_for_kernels` when the model's backend runs it; the blocks/scales arguments then hold the
+    same packed bytes). It is batch-invariant in every mode. The torch path, `kernels.cpu.moe` (the reference,
+    with cached dequantised experts), reads the checkpoint layout.
 
     Expert parallel: the weights hold experts `expert_start ..` only (router_logits still cover all experts);
     the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype). On
-    CPU that is the reference itself (tensor parallelism on CPU is for tests)."""
+    the torch path that is the reference itself (tensor parallelism there is for tests)."""
     ep = {"expert_start": expert_start, "out_dtype": out_dtype}
-    if x.is_cuda:
+    if use_triton(x, backend):
         if packed is None:
-            raise RuntimeError("CUDA MoE weights are not packed: call GptOssModel.pack_experts() after loading")
+            raise RuntimeError("MoE weights are not packed for the Triton kernel: call GptOssModel.pack_experts()")
         from gptoss.kernels.moe import fused_moe
 
         return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha, **ep)

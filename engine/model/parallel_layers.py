@@ -106,12 +106,12 @@ class RowParallelLinear(nn.Linear):
         else:
             param.copy_(loaded[:])
 
-    def forward(self, x: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch_invariant: bool = True, backend: str = "auto") -> torch.Tensor:
         """`x` `[T, in]` (this rank's columns) -> `[T, out]`, the full product on every rank."""
         if self.world_size == 1:
-            return ops.linear(x, self.weight, self.bias, batch_invariant)
+            return ops.linear(x, self.weight, self.bias, batch_invariant, backend=backend)
         # Partials stay fp32 through the reduction, so the result is rounded once, as on one GPU.
-        partial = ops.linear(x, self.weight, None, batch_invariant, out_dtype=torch.float32)
+        partial = ops.linear(x, self.weight, None, batch_invariant, out_dtype=torch.float32, backend=backend)
         total = reduce_sum(partial, self.world_size, self.group, fixed_order=batch_invariant)
         return (total + self.bias.to(torch.float32)).to(x.dtype)
 
@@ -171,9 +171,9 @@ class VocabParallelEmbedding(_VocabRows):
 class ParallelLMHead(_VocabRows):
     """The unembedding, vocabulary rows split over ranks; `forward` gathers every rank's logits."""
 
-    def forward(self, hidden: torch.Tensor, batch_invariant: bool = True) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, batch_invariant: bool = True, backend: str = "auto") -> torch.Tensor:
         """`[N, H]` -> `[N, V]` fp32 logits, on every rank (each column computed by one rank: no sum)."""
-        logits = ops.linear(hidden, self.weight, None, batch_invariant, out_dtype=torch.float32)
+        logits = ops.linear(hidden, self.weight, None, batch_invariant, out_dtype=torch.float32, backend=backend)
         if self.world_size == 1:
             return logits
         logits = gather_last_dim(logits, self.world_size, self.group)

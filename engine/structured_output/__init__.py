@@ -1,16 +1,20 @@
 """Structured outputs: JSON mode, JSON Schema and strict tool arguments, enforced by constrained decoding.
 
-A request that asks for structure (`response_format` json_object / json_schema, `text.format`, strict tools,
-`tool_choice` required or a named function) gets a grammar over the *whole harmony reply* the model writes
-after the prompt's trailing `<|start|>assistant`:
+A request that asks for structure (`response_format` json_object / json_schema, `text.format`, any function
+tools, `tool_choice` required or a named function) gets a grammar over the *whole harmony reply* the model
+writes after the prompt's trailing `<|start|>assistant`:
 
-    reply    := message* (final | call)
+    reply    := message* (final | call)          (a forced call, tool_choice required or named: reply := call)
     message  := <|channel|>analysis<|message|> TEXT <|end|><|start|>assistant          (reasoning, free text)
               | <|channel|>commentary<|message|> TEXT <|end|><|start|>assistant        (preamble; only with tools)
     final    := <|channel|>final<|message|> BODY <|return|>                 (BODY: the schema's JSON, or TEXT)
     call     := ( to=functions.NAME<|channel|>commentary | <|channel|>commentary to=functions.NAME)
                 [ <|constrain|>json |  json] <|message|> ARGS <|call|>  (ARGS: the parameters' JSON, or TEXT)
 
+NAME is one of the declared functions: with tools, even non-strict ones under tool_choice auto, the grammar
+holds the header alone, so a call to an undeclared function (or to `analysis$location`) cannot come out; the
+arguments of a non-strict tool stay free TEXT. A forced call is the reply itself, without reasoning first: a
+model that may reason first can reason until max_tokens and never call (a random test model mostly does).
 TEXT is any text without special tokens. So the analysis channel stays free and the JSON grammar takes over
 when the model opens the final channel (or a tool call), whatever the model does first: a real model writes
 the headers by itself (the mask then allows what it would pick anyway), a random test model is led through

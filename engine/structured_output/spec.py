@@ -112,13 +112,9 @@ class StructuredOutputSpec:
         final_schema, strict, final_param = parse_response_format(response_format, response_format_param)
         all_tools = parse_function_tools(tools, tools_param)
         callable_tools, allow_final = _apply_tool_choice(all_tools, tool_choice)
-        constrained = (
-            final_schema is not None
-            or not allow_final
-            or len(callable_tools) < len(all_tools)
-            or any(tool.schema is not None for tool in callable_tools)
-        )
-        if not constrained:
+        # Any function tool constrains the reply: at least the call header, so only declared names come out
+        # (whatever `strict` says; a non-strict tool's arguments stay free text).
+        if final_schema is None and not all_tools:
             return None
         return cls(
             final_schema, strict, callable_tools, allow_final, final_param=final_param, start_in_final=start_in_final
@@ -256,7 +252,8 @@ def harmony_grammar(spec: StructuredOutputSpec) -> str:
     header = '<|channel|> "analysis"'
     if spec.tools:
         header = '<|channel|> ("analysis" | "commentary")'
-    rules.append(f'message: {header} <|message|> TEXT <|end|> <|start|> "assistant"')
+    if spec.allow_final:  # a forced call is the reply itself: no message before it could run to max_tokens
+        rules.append(f'message: {header} <|message|> TEXT <|end|> <|start|> "assistant"')
     replies = []
     if spec.allow_final:
         replies.append("final")
@@ -274,5 +271,5 @@ def harmony_grammar(spec: StructuredOutputSpec) -> str:
         )
         if tool.schema is not None:
             rules.append(f"args_{i}: %json {json.dumps(json_with_options(tool.schema, True))}")
-    rules.insert(0, f"start: message* ({' | '.join(replies)})")
+    rules.insert(0, f"start: {'message* ' if spec.allow_final else ''}({' | '.join(replies)})")
     return "\n".join(rules) + "\n"

@@ -3,13 +3,15 @@
 A decode step of N sequences (one new token each) runs as the graph captured for the smallest bucket B >= N.
 The step's metadata is copied into the first N rows of static buffers and rows N..B-1 are padding that reads
 in bounds and writes nothing:
-- slot_mapping -1 (write_kv skips the token), seq_len 1 with block-table column 0 set to block 0 (the
+- slot_mapping -1 (the KV write skips the token), seq_len 1 with block-table column 0 set to block 0 (the
   attention reads key 0 of block 0, a valid block whatever it holds), query_start_loc one query per row;
 - input_ids/positions keep whatever they held (any token id and any position below the model's maximum is
   valid; padding rows' outputs are thrown away).
 The attention launcher sizes its decode split grid from the `max_seq_len` hint, which a captured graph
 freezes: the graphs get the engine's max_model_len, an upper bound; each sequence's split count is computed on
-the device from its own seq_len and the programs beyond it exit (kernels/attention.py `_decode_split_kernel`).
+the device from its own seq_len and the split slots beyond it are skipped. The split kernel is persistent
+(kernels/attention.py `_decode_split_kernel`: a few programs per SM loop over the work items), so the unused
+slots of a graph sized for max_model_len cost a few scalar loads each, not a CTA launch.
 The MoE grid is a host-known upper bound of the token count (kernels/moe.py), so a whole step is capturable.
 
 Each graph computes `model.forward` of all B rows into one hidden-state buffer shared by all buckets

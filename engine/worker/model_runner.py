@@ -24,6 +24,7 @@ from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.distributed.parallel_state import SINGLE, ParallelContext, broadcast_object, min_over_ranks
 from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
 from gptoss.engine.model.gpt_oss import GptOssModel
@@ -247,14 +248,17 @@ class ModelRunner:
         self.device = parallel.device(args.resolve_device())
         self.dtype = args.resolve_dtype(self.device)
         self.block_size = args.block_size
+        if args.kernel_backend == "triton" and self.device.type != "cuda":
+            ops.enable_triton_interpreter()
         self.model = GptOssModel.create(
             config, self.dtype, self.device, parallel.rank, parallel.world_size, parallel.device_group
         )
+        self.model.batch_invariant = args.batch_invariant
+        self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
             load_weights(self.model, args.model, progress=args.load_progress)
-        self.model.batch_invariant = args.batch_invariant
         if self.device.type == "cpu":
             set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         # Rank 0 hands out block ids for all ranks: each must hold as many as the smallest cache.
