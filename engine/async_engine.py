@@ -176,6 +176,18 @@ class AsyncEngine:
         """Requests added and not yet finished (running or waiting): the load a router balances."""
         return len(self._streams)
 
+    def compile_grammar(self, spec: Any) -> None:
+        """Compile a structured-output spec into the engine's grammar cache now, from any thread (the server's
+        preparation pool), so that `add_request` on the event loop finds it compiled. Raises
+        `StructuredOutputError` for a bad schema."""
+        self.engine.grammar_compiler.compile(spec)
+
+    def unhealthy_reason(self) -> str | None:
+        """None while the engine serves; else why not: its loop stopped, or its recent steps all failed."""
+        if not self.is_alive():
+            return self._dead_reason or "the engine is shut down"
+        return self.engine.unhealthy_reason()
+
     def metrics(self) -> MetricsSnapshot:
         """The snapshot taken after the latest step (cheap; no locking)."""
         return self._metrics

@@ -78,9 +78,10 @@ def sum_snapshots(snapshots: list[MetricsSnapshot]) -> MetricsSnapshot:
 # ---- the replica process ------------------------------------------------------------------------------
 
 
-def _state(engine: Any) -> tuple[bool, int, MetricsSnapshot]:
-    """What the client caches after every call: unfinished requests?, running count, metrics."""
-    return engine.has_unfinished_requests(), len(engine.scheduler.running), engine.metrics_snapshot()
+def _state(engine: Any) -> tuple[bool, int, MetricsSnapshot, str | None]:
+    """What the client caches after every call: unfinished requests?, running count, metrics, unhealthy reason."""
+    running = len(engine.scheduler.running)
+    return engine.has_unfinished_requests(), running, engine.metrics_snapshot(), engine.unhealthy_reason()
 
 
 def _serve_validation(engine: Any, conn: multiprocessing.connection.Connection) -> None:
@@ -202,6 +203,7 @@ class ReplicaClient:
         self.fatal_error: str | None = None
         self._fatal_listeners: list[Callable[[str], None]] = []
         self._has_unfinished = False
+        self._unhealthy: str | None = None
         self._metrics = MetricsSnapshot()
         self._info: dict[str, Any] | None = None
         self._stopping = False
@@ -256,8 +258,8 @@ class ReplicaClient:
         if self.fatal_error is not None:
             listener(self.fatal_error)
 
-    def _apply_state(self, state: tuple[bool, int, MetricsSnapshot]) -> None:
-        self._has_unfinished, num_running, self._metrics = state
+    def _apply_state(self, state: tuple[bool, int, MetricsSnapshot, str | None]) -> None:
+        self._has_unfinished, num_running, self._metrics, self._unhealthy = state
         self.scheduler.running = range(num_running)
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -309,6 +311,10 @@ class ReplicaClient:
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         return self._metrics
+
+    def unhealthy_reason(self) -> str | None:
+        """The replica engine's own (its recent steps all failed), as of its latest answer."""
+        return self._unhealthy
 
     @property
     def requests(self) -> list[str]:
@@ -380,6 +386,14 @@ class DataParallelEngine:
     def is_alive(self) -> bool:
         """All replicas run (one down: /health 503, so that the deployment restarts the whole server)."""
         return bool(self.replicas) and all(replica.is_alive() for replica in self.replicas)
+
+    def unhealthy_reason(self) -> str | None:
+        """None while every replica serves; else the first replica's reason (the server's /health 503)."""
+        for r, replica in enumerate(self.replicas):
+            reason = replica.unhealthy_reason()
+            if reason is not None:
+                return f"replica {r}: {reason}"
+        return None if self.replicas else "no engine replica is running"
 
     def replica_metrics(self) -> list[MetricsSnapshot]:
         return [replica.metrics() for replica in self.replicas]

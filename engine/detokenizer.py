@@ -10,8 +10,10 @@
 Text is built from each token's bytes (the byte-level BPE alphabet mapped back to bytes) through an
 incremental UTF-8 decoder, so a character split across tokens (emoji, CJK) is emitted only once complete,
 and the concatenated deltas equal `tokenizer.decode(ids, skip_special_tokens=...)` of the same ids (up to a
-stop string). Cost per token is O(1) plus the stop-string checks; the token-bytes table is built once per
-tokenizer object (about 0.3 s for o200k) and cached.
+stop string). Cost per token is O(1) plus the stop-string checks, which look only at the new text and the
+last (longest stop - 1) characters before it: bounded by the number and length of the stop strings, which
+SamplingParams caps (16 of 256 characters). The token-bytes table is built once per tokenizer object (about
+0.3 s for o200k) and cached.
 
 Stop strings: the text up to the earliest stop string is returned and the request is finished; the stop
 string itself is included only with `include_stop_str_in_output`. While streaming, a suffix of the text that

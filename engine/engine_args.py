@@ -70,11 +70,12 @@ class EngineArgs:
     max_model_len: int | None = None  # default: the model's max_position_embeddings (and what the cache holds)
     max_num_waiting: int = 4096  # beyond this, new requests get EngineOverloadedError
     enable_prefix_caching: bool = True
-    batch_invariant: bool = True  # results independent of batch composition (slower kernels on CUDA)
+    batch_invariant: bool = True  # results independent of batch composition (fixed-shape tiles on CPU)
     kernel_backend: str = "auto"  # "auto" (Triton on CUDA, torch on CPU), "triton" (also CPU: interpreter), "torch"
     seed: int = 0  # the generator of unseeded sampling
     random_weights: bool = False  # skip loading: random weights drawn on the device (benchmarks)
     load_progress: bool = False
+    check_weights: bool = True  # refuse a checkpoint with NaN/inf weights (one pass over them at load)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA otherwise)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
     tensor_parallel_size: int = 1  # ranks (GPUs) one replica is split over; rank 0 schedules and samples

@@ -13,7 +13,8 @@
     `validate_request` / `add_request`), and every token it samples is constrained to the grammar.
     `add_request(..., logits_mask_fn=f)` is a further, arbitrary constraint: `f(output_token_ids)` -> bool
     mask [vocab] (or None), ANDed with the grammar's.
-  - `has_unfinished_requests()`, `metrics_snapshot()`, `shutdown()` (stops tensor-parallel workers).
+  - `has_unfinished_requests()`, `metrics_snapshot()`, `unhealthy_reason()` (set while every recent step
+    failed: a broken model, as opposed to a bad request), `shutdown()` (stops tensor-parallel workers).
 With `tensor_parallel_size > 1` this process is rank 0: it schedules and samples, and the other ranks
 (spawned here, or started by torchrun) execute each step's plan (engine/worker/tp_worker.py).
 Each request has exactly one sequence (n > 1 is served by adding n requests; prefix caching shares the prompt).
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
+
+# This many model steps in a row failing entirely (raising, or every sampled row non-finite) and no step
+# succeeding since make the engine unhealthy: one bad request fails one step at most, a broken model all.
+UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
 def eos_token_ids(checkpoint_dir: str | Path, config: ModelConfig) -> frozenset[int]:
@@ -108,6 +113,8 @@ class LLMEngine:
         self._admitted: set[int] = set()
         self.metrics = EngineMetrics()
         self.vocab_size = self.config.vocab_size
+        self.consecutive_failed_steps = 0
+        self.last_step_error: str | None = None
 
     # ---- requests ---------------------------------------------------------------------------------
 
@@ -217,6 +224,7 @@ class LLMEngine:
         except Exception as exc:  # one bad step must not kill the engine: fail its requests, go on
             logger.exception("model step failed; failing the %d requests in it", len(plan.scheduled))
             self.metrics.step_errors_total += 1
+            self._record_step_health(f"model step failed: {type(exc).__name__}: {exc}")
             # A collective fails when a peer died: say so rather than pass on the transport's message.
             failure = self.workers.detect_failure() if self.workers is not None else None
             if self.workers is not None and failure is None:
@@ -230,10 +238,27 @@ class LLMEngine:
                 outputs.append(self._make_output(item.seq))
             return outputs
         self.scheduler.mark_computed(plan)
+        if result.sampled:
+            all_non_finite = result.num_non_finite == len(result.sampled)
+            self._record_step_health("every row's logits were non-finite (NaN or infinity)" if all_non_finite else None)
         outputs = self._process(plan, result)
         num_prefill = sum(item.num_new_tokens for item in plan.scheduled if not item.samples or item.num_new_tokens > 1)
         self.metrics.record_step(num_prefill, len(result.sampled))
         return outputs
+
+    def _record_step_health(self, error: str | None) -> None:
+        """Count a failed step (`error`), or reset the count after one that sampled something."""
+        if error is None:
+            self.consecutive_failed_steps = 0
+            return
+        self.consecutive_failed_steps += 1
+        self.last_step_error = error
+
+    def unhealthy_reason(self) -> str | None:
+        """Why the engine cannot serve anything (None while it can): the last steps all failed."""
+        if self.consecutive_failed_steps < UNHEALTHY_AFTER_FAILED_STEPS:
+            return None
+        return f"the last {self.consecutive_failed_steps} model steps all failed: {self.last_step_error}"
 
     def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         outputs = []

@@ -22,7 +22,10 @@ Semantics (what the sampler does with each field, engine/worker/sampler.py):
   never on what else is in the batch. None: the engine's global random generator.
 - `stop_token_ids` / `ignore_eos`: checked by the engine's output processing (`is_stop_token`), not the
   sampler.
-- `stop` strings: matched on the detokenized text by engine/detokenizer.py.
+- `stop` strings: matched on the detokenized text by engine/detokenizer.py. At most `MAX_STOP_STRINGS` (16;
+  OpenAI allows 4) of at most `MAX_STOP_STRING_CHARS` (256) characters each, and at most `MAX_STOP_TOKEN_IDS`
+  (256) `stop_token_ids`: checking them runs on the engine thread after every token of the request, so their
+  size bounds that work (unbounded, 500k stop strings slowed every client 7x).
 - `logprobs`: None = only the sampled token's logprob (cheap, always computed); k = also the k most likely
   tokens. Logprobs are those of the model's raw distribution (log_softmax of the logits before any
   processing), as OpenAI reports them.
@@ -44,6 +47,9 @@ from gptoss.engine.structured_output.spec import StructuredOutputSpec
 # Temperatures below this are treated as greedy (dividing by them would overflow the logits' range).
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 class SamplingParamsError(RequestError):
@@ -122,8 +128,19 @@ class SamplingParams:
             raise SamplingParamsError("seed", f"must be a non-negative integer or None, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise SamplingParamsError("stop", "must be a string or a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_STRING_CHARS:
+            raise SamplingParamsError(
+                "stop", f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters, got {len(longest)}"
+            )
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise SamplingParamsError("stop_token_ids", "must be a list of non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingParamsError(
+                "stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} token ids, got {len(self.stop_token_ids)}"
+            )
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"must be a boolean, got {getattr(self, name)!r}")

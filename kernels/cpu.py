@@ -16,13 +16,20 @@ which the engine's default mode promises.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from gptoss.kernels.reference import mxfp4_dequantize, paged_attention_reference, route_topk, write_kv_reference
+from gptoss.kernels.reference import (
+    map_row_tiles,
+    mxfp4_dequantize,
+    paged_attention_reference,
+    route_topk,
+    write_kv_reference,
+)
 
 DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
 
@@ -145,11 +152,11 @@ def moe(
         up = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1)
         return up.mul_(gate * torch.sigmoid(swiglu_alpha * gate))
 
-    def expert_mlp(expert: int, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
         w1 = cache.get(w1_blocks, w1_scales, expert, deinterleave=True)
         act = swiglu_halves(torch.nn.functional.linear(rows, w1, w1_bias32[expert]))
         w2 = cache.get(w2_blocks, w2_scales, expert)
-        return torch.nn.functional.linear(act, w2, w2_bias32[expert], out=out)
+        return torch.nn.functional.linear(act, w2, w2_bias32[expert])
 
     flat_experts = expert_ids.flatten()
     # Token-slot pairs grouped by expert: one sort, then contiguous runs.
@@ -160,12 +167,14 @@ def moe(
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
         end = start + count
-        expert_mlp(expert, rows[start:end], out=out_sorted[start:end])
+        # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
+        out_sorted[start:end] = map_row_tiles(functools.partial(expert_mlp, expert), rows[start:end])
         start = end
-    # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum.
+    # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
+    # order per token (elementwise: a batched matmul over the tokens would split its work by their number).
     per_slot = torch.empty_like(out_sorted)
     per_slot[order] = out_sorted
-    combined = torch.bmm(expert_weights.unsqueeze(1), per_slot.view(num_tokens, top_k, -1)).squeeze(1)
+    combined = (per_slot.view(num_tokens, top_k, -1) * expert_weights.unsqueeze(-1)).sum(dim=1)
     return combined.to(x.dtype)
 
 

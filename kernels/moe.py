@@ -19,18 +19,29 @@ pairs and w1/w2 `Mxfp4Weights` (re-laid once at load by `pack_mxfp4`):
 4. combine (`_moe_combine_kernel`): out[t] = sum over slots j (in order) of weight[t, j] * (sum over splits s
    (in order) of partial[s, t*k + j] + b2[e_tj]).
 
-Weights (`pack_mxfp4`): each expert's [N, K] MXFP4 matrix is stored as tiles of BLOCK_N rows x BLOCK_K
-columns, each tile contiguous (BLOCK_N * BLOCK_K / 2 bytes of values, BLOCK_N * BLOCK_K / 32 scale bytes), the
-K tiles of one row block consecutive: a CTA's K step is one contiguous 4 KiB run of values and 256 B of
-scales, so each warp reads whole cache lines. The last K tile of a row block holds only the K % BLOCK_K
-remaining columns (no padding: the 120b experts' K = 2880 is not a multiple of 128).
+Weights (`pack_mxfp4`, re-laid once at load, on the device): each expert's [N, K] MXFP4 matrix is stored as
+tiles of BLOCK_N rows x BLOCK_K columns, each tile contiguous (4 KiB of values, 256 B of scales), the K tiles
+of one row block consecutive, the last one holding only the K % BLOCK_K remaining columns (no padding: the
+120b experts' K = 2880 is not a multiple of 128; that tail tile is peeled out of the main loop, so the loop's
+loads are unmasked 16-byte vectors). Inside a tile the order is the wgmma A fragment's (`_weight_tile`):
+memory row 32 h + 8 w + g is weight row 16 w + 8 h + g, and lane t's 16 bytes of a row are its 4 words, word v
+holding its 8 values of scale group v (columns 32 v + 8 j + 2 t + (0, 1), j = 0..3). So each thread's
+16-byte cp.async (two per K step) lands exactly the bytes its MMA fragment needs, a warp's copies cover 512
+contiguous bytes (whole cache lines), the read back from shared memory is the thread's own 16 bytes
+(LDS.128, no layout conversion), and every reshape / permute after it only renames registers. Scales: one
+32-bit word (the row's 4 groups) per memory row, streamed by cp.async through the same stages. (With
+`num_stages=1` the same code loads the weights with LDG.128 straight into the fragment registers, no shared
+memory, but without prefetch; the default keeps the cp.async stages.)
 
 e2m1 -> bf16 by bit operations: a nibble's 3 magnitude bits placed at bf16 bits 6..8 read as bf16 are exactly
 fp4 * 2^-126 (normal numbers for the exponent codes 1..3, the bf16 subnormal 2^-127 for the code 0.5), the
-sign bit goes to bit 15; one multiply by 2^(s - 1) then gives fp4 * 2^(s - 127) exactly. 2^(s - 1) fits bf16
-for s <= 128 (|w| <= 12); a checkpoint with larger scales gets a second exact multiply (`WIDE_SCALES`, chosen
-once at load). The interpreter path does the same with fp32 bit patterns (bit 22 / bit 31), which the
-interpreter can do arithmetic on.
+sign bit goes to bit 15; one multiply by 2^(s - 1) then gives fp4 * 2^(s - 127) exactly. The bits of each
+32-bit word are pre-placed at load (`_WORD_BIT_SOURCES`) so that a pair of values (one bf16x2 register)
+is `rotl(word, r) & mask`: 4 funnel shifts + 5 lop3 per 8 values, then one HMUL2 per pair by 2^(s - 1)
+(built two scales per 32-bit add). On CUDA this is inline PTX (`_decode_words_asm`); the interpreter and the
+fallback (`ASM_DECODE = False`) run the same bit operations in Triton (fp32 patterns in the interpreter,
+which cannot do bf16 arithmetic). 2^(s - 1) fits bf16 for s <= 128 (|w| <= 12); a checkpoint with larger
+scales gets a second exact multiply (`WIDE_SCALES`, chosen once at load).
 
 Batch invariance: every output element is a fixed sequence of `wgmma m64 n16 k16` steps (16 tokens per MMA
 at every batch size; big batches give a CTA several 16-token sub-tiles that reuse the dequantised weights)
@@ -56,6 +67,9 @@ ROUTE_BLOCK_T = 32  # tokens per routing program; up to this many tokens routing
 ROUTE_NUM_WARPS = 8  # 4 warps spill the [32, 128] top-k tile on sm_90
 MMA_TOKENS = 16  # tokens per MMA (the wgmma N width): fixed, so bits never depend on the batch
 COMBINE_BLOCK_T = 2  # tokens per combine program on GPU
+LOOP_UNROLL = tl.constexpr(2)  # K tiles per iteration of the matmul's main loop (the static report's unit)
+# The e2m1 decode as inline PTX on the GPU (False: the same bit operations in plain Triton, the fallback).
+ASM_DECODE = True
 TARGET_CTAS = 264  # split-K aims at >= 2 CTAs per SM of a 132-SM H100/H200 (a constant: not device-dependent)
 
 
@@ -69,45 +83,164 @@ def interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _e2m1_times_scale(
-    packed, scale_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_MATH: tl.constexpr, WIDE_SCALES: tl.constexpr
-):
-    """[BLOCK_N, BLOCK_K / 2] packed bytes (low nibble = earlier element) and [BLOCK_N, BLOCK_K / 32] e8m0
-    scales -> [BLOCK_N, BLOCK_K] weights fp4 * 2^(s - 127), bf16 (fp32 when FP32_MATH), exactly."""
-    GROUPS: tl.constexpr = BLOCK_K // 32
+# Inline PTX of the GPU decode (tests/test_moe_kernel.py runs both through a small PTX emulator against the
+# pure-Triton bit operations). $8 / $4: the input word; $0.. the bf16 outputs, low half first.
+_DECODE_PTX = tl.constexpr("""{
+        .reg .b32 t, o;
+        and.b32 o, $8, 0x81C081C0;
+        mov.b32 {$0, $1}, o;
+        shf.l.wrap.b32 t, $8, $8, 12;
+        and.b32 o, t, 0x81C081C0;
+        mov.b32 {$2, $3}, o;
+        shf.l.wrap.b32 t, $8, $8, 6;
+        and.b32 o, t, 0x81C081C0;
+        mov.b32 {$4, $5}, o;
+        shf.l.wrap.b32 t, $8, $8, 10;
+        and.b32 t, t, 0x01000100;
+        shf.l.wrap.b32 o, $8, $8, 2;
+        and.b32 o, o, 0x80C080C0;
+        or.b32 o, o, t;
+        mov.b32 {$6, $7}, o;
+        }""")
+_SCALE_PTX = tl.constexpr("""{
+        .reg .b32 a, b;
+        and.b32 a, $4, 0x00FF00FF;
+        shl.b32 a, a, 7;
+        add.u32 a, a, 0x3F003F00;
+        mov.b32 {$0, $2}, a;
+        shr.u32 b, $4, 1;
+        and.b32 b, b, 0x7F807F80;
+        add.u32 b, b, 0x3F003F00;
+        mov.b32 {$1, $3}, b;
+        }""")
+
+
+def _rotl(x, r: tl.constexpr):
+    """Rotate uint32 `x` left by `r` bits (one `shf.l.wrap` on the GPU)."""
+    return (x << r) | (x >> (32 - r))
+
+
+def _half_values(o, FP32_MATH: tl.constexpr):
+    """uint32 bf16x2 patterns -> (low, high) values: bf16, or fp32 (a bf16 pattern << 16 is the same number)."""
     if FP32_MATH:
-        p = packed.to(tl.uint32)
-        lo = ((p & 0x7) << 22) | ((p & 0x8) << 28)
-        hi = ((p & 0x70) << 18) | ((p & 0x80) << 24)
-        values = tl.reshape(tl.join(lo.to(tl.uint32), hi.to(tl.uint32)), (BLOCK_N, BLOCK_K)).to(
-            tl.float32, bitcast=True
-        )
-        s = scale_bits.to(tl.uint32)
-        s_low = tl.minimum(s, 128)
-        factor = ((s_low + 126) << 23).to(tl.uint32).to(tl.float32, bitcast=True)  # 2^(s_low - 1)
-        w = tl.reshape(values, (BLOCK_N, GROUPS, 32)) * factor[:, :, None]
-        if WIDE_SCALES:
-            w = w * ((s - s_low + 127) << 23).to(tl.uint32).to(tl.float32, bitcast=True)[:, :, None]
+        return (o << 16).to(tl.float32, bitcast=True), ((o >> 16) << 16).to(tl.float32, bitcast=True)
+    return o.to(tl.uint16).to(tl.bfloat16, bitcast=True), (o >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def _decode_words_bits(words, FP32_MATH: tl.constexpr):
+    """uint32 words -> their 8 values (pair j = 0..3, low / high half) as 8 tensors of the words' shape, each
+    fp4 * 2^-126 exactly (bf16, fp32 when FP32_MATH): the pure-Triton decode (interpreter, fallback)."""
+    m: tl.constexpr = 0x81C081C0
+    a, b = _half_values(words & m, FP32_MATH)
+    c, d = _half_values(_rotl(words, 12) & m, FP32_MATH)
+    e, f = _half_values(_rotl(words, 6) & m, FP32_MATH)
+    g, h = _half_values((_rotl(words, 2) & 0x80C080C0) | (_rotl(words, 10) & 0x01000100), FP32_MATH)
+    return a, b, c, d, e, f, g, h
+
+
+def _decode_words_asm(words):
+    """`_decode_words_bits` as inline PTX (bf16): 4 `shf` + 5 `lop3` per word of 8 values."""
+    return tl.inline_asm_elementwise(
+        asm=_DECODE_PTX,
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r",
+        args=[words],
+        dtype=(tl.bfloat16,) * 8,
+        is_pure=True,
+        pack=1,
+    )
+
+
+def _scale_factors_asm(s_word):
+    """A word of 4 e8m0 scales (s <= 128) -> the 4 factors 2^(s - 1) as bf16, two per 32-bit operation:
+    (s + 126) << 7 is the bf16 pattern of 2^(s - 1) and stays below bit 15 of its half."""
+    f0, f1, f2, f3 = tl.inline_asm_elementwise(
+        asm=_SCALE_PTX,
+        constraints="=h,=h,=h,=h,r",
+        args=[s_word],
+        dtype=(tl.bfloat16,) * 4,
+        is_pure=True,
+        pack=1,
+    )
+    return tl.reshape(tl.join(tl.join(f0, f2), tl.join(f1, f3)), (s_word.shape[0], 4))
+
+
+def _weight_tile(
+    w_base,
+    s_base,
+    BLOCK_N: tl.constexpr,
+    GROUPS: tl.constexpr,
+    FP32_MATH: tl.constexpr,
+    ASM_DECODE: tl.constexpr,
+    WIDE_SCALES: tl.constexpr,
+):
+    """One K tile of the fragment-ordered layout (`pack_mxfp4`) -> [BLOCK_N, 128] weights fp4 * 2^(s - 127),
+    bf16 (fp32 when FP32_MATH), in logical row / column order. GROUPS: 32-column groups present (4, fewer
+    in the last tile of a K that is not a multiple of 128: the rest reads as zeros).
+
+    Memory row rm = 32 h + 8 w + g of the tile is weight row 16 w + 8 h + g; byte 16 t + 4 v + i of a row
+    (4 GROUPS t + 4 v + i in a narrower tile) is byte i of word v of lane t, and word v holds that lane's 8
+    values of group v: columns 32 v + 8 j + 2 t + (0, 1), j = 0..3. So a thread's 16-byte load is its wgmma
+    A fragment (rows g, g + 8 of its warp's 16, columns 2 t + 8 q + 16 c), the tensor ops below only rename
+    registers, and a warp's 16-byte loads cover 512 contiguous bytes."""
+    offs_rm = tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, 16)  # word 4 t + v of a memory row
+    w_words = w_base.to(tl.pointer_type(tl.int32))
+    if GROUPS == 4:
+        words = tl.load(w_words + offs_rm[:, None] * 16 + offs_w[None, :])
+        # One 32-bit word of 4 scales per memory row: a 4-byte cp.async.
+        s_word = tl.load(s_base.to(tl.pointer_type(tl.int32)) + offs_rm)
+        s_word = tl.reshape(tl.permute(tl.reshape(s_word, (2, BLOCK_N // 16, 8)), (1, 0, 2)), (BLOCK_N,))
+        scale_bits = (s_word[:, None] >> (8 * tl.arange(0, 4))[None, :]) & 0xFF
     else:
-        p = packed.to(tl.uint16)
-        lo = ((p & 0x7) << 6) | ((p & 0x8) << 12)
-        hi = ((p & 0x70) << 2) | ((p & 0x80) << 8)
-        # (triton 3.6 widens uint16 op int-literal results to 32 bits: narrow before the bitcast)
-        values = tl.reshape(tl.join(lo.to(tl.uint16), hi.to(tl.uint16)), (BLOCK_N, BLOCK_K)).to(
-            tl.bfloat16, bitcast=True
+        lane, word = offs_w // 4, offs_w % 4
+        words = tl.load(
+            w_words + offs_rm[:, None] * (4 * GROUPS) + (lane * GROUPS + word)[None, :],
+            mask=(word < GROUPS)[None, :],
+            other=0,
         )
+        offs_g = tl.arange(0, 4)
+        scale_bits = tl.load(
+            s_base + offs_rm[:, None] * GROUPS + offs_g[None, :], mask=(offs_g < GROUPS)[None, :], other=127
+        )
+        scale_bits = tl.reshape(
+            tl.permute(tl.reshape(scale_bits, (2, BLOCK_N // 16, 8, 4)), (1, 0, 2, 3)), (BLOCK_N, 4)
+        )
+    words = words.to(tl.uint32, bitcast=True)
+    if ASM_DECODE:
+        a, b, c, d, e, f, g, h = _decode_words_asm(words)
+    else:
+        a, b, c, d, e, f, g, h = _decode_words_bits(words, FP32_MATH)
+    values = tl.join(tl.join(tl.join(a, b), tl.join(c, d)), tl.join(tl.join(e, f), tl.join(g, h)))
+    # dims: memory row (h, w, g) | word (t, v) | half, j0, j1 (pair j = 2 j1 + j0)
+    # -> weight row (w, h, g) | column (v, j1, j0, t, half) = 32 v + 8 j + 2 t + half
+    values = tl.reshape(values, (2, BLOCK_N // 16, 8, 4, 4, 2, 2, 2))
+    values = tl.reshape(tl.permute(values, (1, 0, 2, 4, 7, 6, 3, 5)), (BLOCK_N, 128))
+    # x 2^(s - 1) (exact; 2^(s - 1) fits bf16 for s <= 128, WIDE_SCALES multiplies the rest in a second step)
+    if FP32_MATH:
+        s = scale_bits.to(tl.uint32)
+        s_low = tl.minimum(s, 128) if WIDE_SCALES else s
+        factor = ((s_low + 126) << 23).to(tl.float32, bitcast=True)
+        w = tl.reshape(values, (BLOCK_N, 4, 32)) * factor[:, :, None]
+        if WIDE_SCALES:
+            w = w * ((s - s_low + 127) << 23).to(tl.float32, bitcast=True)[:, :, None]
+    elif ASM_DECODE and GROUPS == 4 and not WIDE_SCALES:
+        w = tl.reshape(values, (BLOCK_N, 4, 32)) * _scale_factors_asm(s_word)[:, :, None]
+    else:
         s = scale_bits.to(tl.uint16)
-        s_low = tl.minimum(s, 128)
+        s_low = tl.minimum(s, 128) if WIDE_SCALES else s
+        # (triton 3.6 widens uint16 op int-literal results to 32 bits: narrow before the bitcast)
         factor = ((s_low + 126) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        w = tl.reshape(values, (BLOCK_N, GROUPS, 32)) * factor[:, :, None]
+        w = tl.reshape(values, (BLOCK_N, 4, 32)) * factor[:, :, None]
         if WIDE_SCALES:
             w = w * ((s - s_low + 127) << 7).to(tl.uint16).to(tl.bfloat16, bitcast=True)[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+    return tl.reshape(w, (BLOCK_N, 128))
 
 
-def _load_tokens(a_base, row_mask, offs_k, K: tl.constexpr, FP32_MATH: tl.constexpr, stride_ak):
-    """[MMA_TOKENS, BLOCK_K] activations of one token sub-tile, transposed to [BLOCK_K, MMA_TOKENS]."""
-    a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+def _load_tokens(a_base, row_mask, offs_k, K: tl.constexpr, FP32_MATH: tl.constexpr, MASK_K: tl.constexpr, stride_ak):
+    """[MMA_TOKENS, BLOCK_K] activations of one token sub-tile, transposed to [BLOCK_K, MMA_TOKENS]. Columns
+    past K (MASK_K: the tail tile) read as zeros, as their weights do."""
+    mask = row_mask[:, None] & (offs_k[None, :] < K) if MASK_K else row_mask[:, None]
+    a = tl.load(a_base + offs_k[None, :] * stride_ak, mask=mask, other=0.0)
     a = a.to(tl.float32) if FP32_MATH else a.to(tl.bfloat16)
     return tl.trans(a)
 
@@ -174,6 +307,7 @@ def _moe_matmul_kernel(
     SWIGLU: tl.constexpr,  # True: bias + SwiGLU epilogue; False: fp32 partial sums by pair id
     FP32_MATH: tl.constexpr,  # interpreter: bf16 arithmetic is broken there, so decode and multiply in fp32
     WIDE_SCALES: tl.constexpr,  # some e8m0 scale > 128: a second exact multiply in the decode
+    ASM_DECODE: tl.constexpr,  # GPU: the e2m1 bit operations as inline PTX (the pure-Triton ones otherwise)
     SUBTILES: tl.constexpr,  # 16-token sub-tiles per CTA (1, 2 or 4): they share each dequantised weight tile
     BLOCK_N: tl.constexpr,  # weight rows per CTA (the MMA's M side)
     BLOCK_K: tl.constexpr,
@@ -192,10 +326,7 @@ def _moe_matmul_kernel(
     expert64 = expert.to(tl.int64)
     w_tile = w_ptr + expert64 * stride_we + pid_n.to(tl.int64) * stride_wt
     s_tile = s_ptr + expert64 * stride_se + pid_n.to(tl.int64) * stride_st
-    offs_r = tl.arange(0, BLOCK_N)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    offs_g = tl.arange(0, BLOCK_K // 32)
-    offs_n = pid_n * BLOCK_N + offs_r
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
 
     # Token sub-tiles: rows row_start + 16 j .. + 15 of the expert-sorted order.
@@ -223,32 +354,46 @@ def _moe_matmul_kernel(
         a3 = a_ptr + ((pairs3 // TOP_K) if GATHER_A else rows3).to(tl.int64)[:, None] * stride_am
         acc3 = tl.zeros((BLOCK_N, MMA_T), dtype=tl.float32)
 
-    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    # Full 128-column K tiles, then (K % 128 != 0) one narrower tail tile: the tail is stored with its own
+    # compile-time shape, so the main loop's loads are unmasked 16-byte vectors.
+    FULL_TILES: tl.constexpr = K // BLOCK_K
+    TAIL_GROUPS: tl.constexpr = (K % BLOCK_K) // 32
+    K_TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K  # K is a multiple of 32
     TILES_PER_SPLIT: tl.constexpr = (K_TILES + SPLIT_K - 1) // SPLIT_K
+    TILE_BYTES: tl.constexpr = BLOCK_N * BLOCK_K // 2
+    TILE_SCALES: tl.constexpr = BLOCK_N * BLOCK_K // 32
     kt_begin = pid_s * TILES_PER_SPLIT
     kt_end = tl.minimum(kt_begin + TILES_PER_SPLIT, K_TILES)
-    for kt in range(kt_begin, kt_end):
-        k0 = kt * BLOCK_K
-        # Tile kt of this row block starts after kt full tiles; only the last one may be narrower.
-        width = tl.minimum(K - k0, BLOCK_K)
-        packed = tl.load(
-            w_tile + k0 * (BLOCK_N // 2) + offs_r[:, None] * (width // 2) + offs_b[None, :],
-            mask=offs_b[None, :] < width // 2,
-            other=0,
+    # Unrolled twice: the pipeline's per-iteration bookkeeping is paid once per two K tiles.
+    for kt in tl.range(kt_begin, tl.minimum(kt_end, FULL_TILES), loop_unroll_factor=LOOP_UNROLL):
+        w = _weight_tile(
+            w_tile + kt * TILE_BYTES, s_tile + kt * TILE_SCALES, BLOCK_N, 4, FP32_MATH, ASM_DECODE, WIDE_SCALES
         )
-        scale_bits = tl.load(
-            s_tile + (k0 // 32) * BLOCK_N + offs_r[:, None] * (width // 32) + offs_g[None, :],
-            mask=offs_g[None, :] < width // 32,
-            other=127,
-        )
-        w = _e2m1_times_scale(packed, scale_bits, BLOCK_N, BLOCK_K, FP32_MATH, WIDE_SCALES)
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        acc0 += tl.dot(w, _load_tokens(a0, mask0, offs_k, K, FP32_MATH, stride_ak))
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        acc0 += tl.dot(w, _load_tokens(a0, mask0, offs_k, K, FP32_MATH, False, stride_ak))
         if SUBTILES > 1:
-            acc1 += tl.dot(w, _load_tokens(a1, mask1, offs_k, K, FP32_MATH, stride_ak))
+            acc1 += tl.dot(w, _load_tokens(a1, mask1, offs_k, K, FP32_MATH, False, stride_ak))
         if SUBTILES > 2:
-            acc2 += tl.dot(w, _load_tokens(a2, mask2, offs_k, K, FP32_MATH, stride_ak))
-            acc3 += tl.dot(w, _load_tokens(a3, mask3, offs_k, K, FP32_MATH, stride_ak))
+            acc2 += tl.dot(w, _load_tokens(a2, mask2, offs_k, K, FP32_MATH, False, stride_ak))
+            acc3 += tl.dot(w, _load_tokens(a3, mask3, offs_k, K, FP32_MATH, False, stride_ak))
+    if TAIL_GROUPS > 0:
+        if kt_end == K_TILES:
+            w = _weight_tile(
+                w_tile + FULL_TILES * TILE_BYTES,
+                s_tile + FULL_TILES * TILE_SCALES,
+                BLOCK_N,
+                TAIL_GROUPS,
+                FP32_MATH,
+                ASM_DECODE,
+                WIDE_SCALES,
+            )
+            offs_k = FULL_TILES * BLOCK_K + tl.arange(0, BLOCK_K)
+            acc0 += tl.dot(w, _load_tokens(a0, mask0, offs_k, K, FP32_MATH, True, stride_ak))
+            if SUBTILES > 1:
+                acc1 += tl.dot(w, _load_tokens(a1, mask1, offs_k, K, FP32_MATH, True, stride_ak))
+            if SUBTILES > 2:
+                acc2 += tl.dot(w, _load_tokens(a2, mask2, offs_k, K, FP32_MATH, True, stride_ak))
+                acc3 += tl.dot(w, _load_tokens(a3, mask3, offs_k, K, FP32_MATH, True, stride_ak))
 
     if SWIGLU:
         bias = tl.load(bias_ptr + expert64 * stride_be + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -587,7 +732,12 @@ _KERNEL_FNS = (_moe_matmul_kernel, _moe_combine_kernel, _route_topk_kernel, _rou
 _HELPER_FNS = {
     fn.__name__: fn
     for fn in (
-        _e2m1_times_scale,
+        _rotl,
+        _half_values,
+        _decode_words_bits,
+        _decode_words_asm,
+        _scale_factors_asm,
+        _weight_tile,
         _load_tokens,
         _swiglu_store,
         _partial_store,
@@ -781,23 +931,57 @@ class Mxfp4Weights:
         return self.values.shape[0]
 
 
-def _tile_rows(matrix: torch.Tensor, k: int, group: int) -> torch.Tensor:
-    """[N_pad, k / group] bytes of one expert (row r, column c) -> BLOCK_N-row blocks, each the
-    concatenation of its K tiles [BLOCK_N, width / group] (width = BLOCK_K, the last one k % BLOCK_K)."""
-    n_pad = matrix.shape[0]
-    per_tile = BLOCK_K // group
-    full = (k // BLOCK_K) * per_tile
-    blocks = matrix.view(n_pad // BLOCK_N, BLOCK_N, -1)
-    head = blocks[:, :, :full].reshape(n_pad // BLOCK_N, BLOCK_N, -1, per_tile).transpose(1, 2)
-    parts = [head.reshape(n_pad // BLOCK_N, -1)]
-    if full < blocks.shape[2]:
-        parts.append(blocks[:, :, full:].reshape(n_pad // BLOCK_N, -1))
-    return torch.cat(parts, dim=1)
+# The fragment bit layout. A 32-bit word holds the 8 values of one thread, one row and one scale group: pairs
+# j = 0..3 (columns 8 j + 2 t + (0, 1) of the group), each decoded into one bf16x2 register as
+# `rotl(word, r) & mask`: the value's sign at bf16 bit 15, its three magnitude bits at bits 8..6 (read as
+# bf16 that is fp4 * 2^-126 exactly), the second value of the pair 16 bits higher. Pairs 0..2 take one
+# rotation each (0, 12, 6); pair 3 two (2 for the sign and low magnitude bits, 10 for the top one). The 32
+# source bits are all distinct (`_word_bit_sources` asserts it): 4 rotations + 5 masks per 8 values.
+_PAIR_ROTATIONS = (0, 12, 6, None)
+_NIBBLE_TARGET_BITS = (6, 7, 8, 15)  # fp4 nibble bit 0 (mantissa), 1, 2 (exponent), 3 (sign) -> bf16 bit
+
+
+def _word_bit_sources() -> torch.Tensor:
+    """[4 (pair j), 2 (half), 4 (nibble bit)] -> the word bit the decode moves to that value's bf16 bit."""
+    sources = torch.empty(4, 2, 4, dtype=torch.int64)
+    for j, rotation in enumerate(_PAIR_ROTATIONS):
+        for half in range(2):
+            for bit, target in enumerate(_NIBBLE_TARGET_BITS):
+                r = rotation if rotation is not None else (10 if target == 8 else 2)
+                sources[j, half, bit] = (target + 16 * half - r) % 32
+    assert sorted(sources.flatten().tolist()) == list(range(32)), "decode rotations must use every bit once"
+    return sources
+
+
+_WORD_BIT_SOURCES = _word_bit_sources()
+
+
+def _fragment_tile(codes: torch.Tensor, groups: int) -> torch.Tensor:
+    """[NB * BLOCK_N, tiles * 32 * groups] fp4 codes (one per uint8, low 4 bits) -> [NB, tiles, BLOCK_N *
+    groups * 16] bytes of `_weight_tile`'s layout (memory row 32 h + 8 w + g = weight row 16 w + 8 h + g;
+    lane t's word v holds columns 32 v + 8 j + 2 t + half of the row, bits per `_WORD_BIT_SOURCES`)."""
+    blocks = codes.shape[0] // BLOCK_N
+    tiles = codes.shape[1] // (32 * groups)
+    c = codes.reshape(blocks, BLOCK_N // 16, 2, 8, tiles, groups, 4, 4, 2).to(torch.int64)
+    # -> [NB, tiles, h, w, g, t, v, j, half]
+    c = c.permute(0, 4, 2, 1, 3, 7, 5, 6, 8)
+    bits = (c[..., None] >> torch.arange(4, device=codes.device)) & 1  # [..., j, half, nibble bit]
+    words = (bits << _WORD_BIT_SOURCES.to(codes.device)).sum(dim=(-3, -2, -1))  # [NB, tiles, h, w, g, t, v]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.reshape(blocks, tiles, -1).view(torch.uint8)  # little-endian: byte i = bits 8i..8i+7
+
+
+def _fragment_scales(scales: torch.Tensor, groups: int) -> torch.Tensor:
+    """[NB * BLOCK_N, tiles * groups] e8m0 bytes -> [NB, tiles, BLOCK_N * groups], memory row order (h, w, g)."""
+    blocks = scales.shape[0] // BLOCK_N
+    tiles = scales.shape[1] // groups
+    s = scales.reshape(blocks, BLOCK_N // 16, 2, 8, tiles, groups).permute(0, 4, 2, 1, 3, 5)
+    return s.reshape(blocks, tiles, -1)
 
 
 def pack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> Mxfp4Weights:
     """Re-lay checkpoint MXFP4 `blocks [E, N, K/32, 16]`, `scales [E, N, K/32]`, `bias [E, N]` for the
-    kernel, on their device, one expert at a time (the temporary is one expert's copy)."""
+    kernel (the fragment-ordered layout of `_weight_tile`), on their device, one expert at a time."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError("MXFP4 blocks and scales must be uint8")
     experts, n, groups, half = blocks.shape
@@ -805,15 +989,24 @@ def pack_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -
         raise ValueError(f"blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}, bias {tuple(bias.shape)}")
     k = groups * MXFP4_BLOCK
     n_pad = triton.cdiv(n, BLOCK_N) * BLOCK_N
+    full = k // BLOCK_K * BLOCK_K
+    tail_groups = (k - full) // MXFP4_BLOCK
     values = torch.empty(experts, n_pad // BLOCK_N, BLOCK_N * k // 2, dtype=torch.uint8, device=blocks.device)
     packed_scales = torch.empty(experts, n_pad // BLOCK_N, BLOCK_N * groups, dtype=torch.uint8, device=blocks.device)
     for e in range(experts):
-        v = torch.zeros(n_pad, k // 2, dtype=torch.uint8, device=blocks.device)
-        v[:n] = blocks[e].reshape(n, k // 2)
-        values[e] = _tile_rows(v, k, 2)
+        raw = blocks[e].reshape(n, k // 2)
+        codes = torch.zeros(n_pad, k, dtype=torch.uint8, device=blocks.device)
+        codes[:n, 0::2] = raw & 0xF  # the low nibble is the earlier value
+        codes[:n, 1::2] = raw >> 4
         s = torch.full((n_pad, groups), 127, dtype=torch.uint8, device=blocks.device)
         s[:n] = scales[e]
-        packed_scales[e] = _tile_rows(s, k, MXFP4_BLOCK)
+        parts = [_fragment_tile(codes[:, :full], 4).flatten(1)] if full else []
+        scale_parts = [_fragment_scales(s[:, : full // MXFP4_BLOCK], 4).flatten(1)] if full else []
+        if tail_groups:
+            parts.append(_fragment_tile(codes[:, full:], tail_groups).flatten(1))
+            scale_parts.append(_fragment_scales(s[:, full // MXFP4_BLOCK :], tail_groups).flatten(1))
+        values[e] = torch.cat(parts, dim=1)
+        packed_scales[e] = torch.cat(scale_parts, dim=1)
     wide = bool((scales > 128).any())
     return Mxfp4Weights(values, packed_scales, bias.to(torch.float32).contiguous(), n, k, wide)
 
@@ -933,6 +1126,7 @@ def fused_moe(
     constants = {
         "TOP_K": top_k,
         "FP32_MATH": fp32_math,
+        "ASM_DECODE": ASM_DECODE and not fp32_math,
         "SUBTILES": config.subtiles,
         "BLOCK_N": BLOCK_N,
         "BLOCK_K": BLOCK_K,
@@ -1089,9 +1283,11 @@ def launch_specs(model, scenario) -> list:
         "swiglu_limit": "fp32", "swiglu_alpha": "fp32",
     }  # fmt: skip
     aligned = ("stride_am", "stride_we", "stride_wt", "stride_se", "stride_st", "stride_be", "stride_os", "stride_om")
-    common = {"TOP_K": top_k, "FP32_MATH": False, "WIDE_SCALES": False, "SUBTILES": config.subtiles,
+    # stride_ak: the activations are contiguous along K, and Triton specialises an int argument equal to 1
+    common = {"TOP_K": top_k, "FP32_MATH": False, "ASM_DECODE": ASM_DECODE, "stride_ak": 1, "WIDE_SCALES": False,
+              "SUBTILES": config.subtiles,
               "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K}  # fmt: skip
-    loop_bytes = BLOCK_N * BLOCK_K // 2 + BLOCK_N * BLOCK_K // 32
+    loop_bytes = (BLOCK_N * BLOCK_K // 2 + BLOCK_N * BLOCK_K // 32) * LOOP_UNROLL.value
     matmuls = (("moe.matmul1 (gate_up+SwiGLU)", 2 * inter, hidden, True), ("moe.matmul2 (down)", hidden, inter, False))
     for name, n, k, swiglu in matmuls:
         split = 1 if swiglu else split_k_for(k, n, top_k)
@@ -1109,7 +1305,7 @@ def launch_specs(model, scenario) -> list:
                 bytes_per_cta=(BLOCK_N * k // 2 + BLOCK_N * k // 32 + act_bytes) / split,
                 total_bytes=distinct * weight_bytes_per_expert + pairs * k * 2 + out_bytes,
                 launches_per_step=layers, aligned=aligned,
-                loop_weight_bytes=loop_bytes, loop_weight_elements=BLOCK_N * BLOCK_K,
+                loop_weight_bytes=loop_bytes, loop_weight_elements=BLOCK_N * BLOCK_K * LOOP_UNROLL.value,
             )
         )  # fmt: skip
     specs.append(

@@ -10,6 +10,7 @@ slot mapping of a batch gives each new token's slot, -1 for tokens that write no
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -124,6 +125,20 @@ def swiglu(gate_up: torch.Tensor, limit: float = 7.0, alpha: float = 1.702) -> t
     return (up + 1) * (gate * torch.sigmoid(alpha * gate))
 
 
+def expert_mlp(
+    rows: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    limit: float,
+    alpha: float,
+) -> torch.Tensor:
+    """One expert on `[M, H]` fp32 rows: `swiglu(rows @ w1.T + b1) @ w2.T + b2` -> `[M, H]`."""
+    h = torch.nn.functional.linear(rows, w1, b1)
+    return torch.nn.functional.linear(swiglu(h, limit, alpha), w2, b2)
+
+
 def moe_reference(
     x: torch.Tensor,
     router_logits: torch.Tensor,
@@ -146,7 +161,8 @@ def moe_reference(
     (gate/up interleaved rows); w2: `[E', H, I/32, 16]` blocks, `[E', H, I/32]` scales, bias `[E', H]`.
     The weights hold experts `expert_start .. expert_start + E' - 1` (E' = E unless expert parallel): slots
     routed elsewhere contribute nothing, so the result is this shard's part of the sum over the k slots.
-    Experts are dequantised one at a time (only those some token chose), math in fp32.
+    Experts are dequantised one at a time (only those some token chose), math in fp32, each expert's rows in
+    fixed-shape tiles (batch-invariant, see `map_row_tiles`).
     """
     num_tokens, hidden = x.shape
     expert_ids, expert_weights = route_topk(router_logits, top_k)
@@ -160,8 +176,9 @@ def moe_reference(
         local = expert - expert_start
         w1 = mxfp4_dequantize(w1_blocks[local], w1_scales[local])
         w2 = mxfp4_dequantize(w2_blocks[local], w2_scales[local])
-        h = x32[token_idx] @ w1.T + w1_bias[local].to(torch.float32)
-        y = swiglu(h, swiglu_limit, swiglu_alpha) @ w2.T + w2_bias[local].to(torch.float32)
+        b1, b2 = w1_bias[local].to(torch.float32), w2_bias[local].to(torch.float32)
+        mlp = functools.partial(expert_mlp, w1=w1, b1=b1, w2=w2, b2=b2, limit=swiglu_limit, alpha=swiglu_alpha)
+        y = map_row_tiles(mlp, x32[token_idx])
         out.index_add_(0, token_idx, y * expert_weights[token_idx, slot, None])
     return out.to(out_dtype or x.dtype)
 
@@ -207,40 +224,124 @@ def rope_write_kv_reference(
     return query
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first `seq_len` positions of one sequence from a paged cache: `[seq_len, Hkv, D]`."""
-    block_size = cache.shape[2]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]  # [n, Hkv, bs, D]
-    return blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
+# The CPU path computes every matmul in tiles of one fixed shape (padded with zeros). A CPU BLAS picks its code
+# path, and with it each output element's summation order, from the whole call's shapes (one row runs a gemv
+# kernel, a few rows another blocking than many rows, a batched matmul splits threads by batch count), so a
+# row's bits would depend on how many rows share its call: on the batch. With one shape per call a row's result
+# depends only on its own values (tests/test_reference.py checks the ops, tests/test_generate.py whole runs).
+# Elementwise ops run on those tiles too where torch's vectorised and scalar paths differ (sigmoid). The
+# tiles also bound memory: attention holds one tile of scores at a time, however long the prompt.
+ROW_TILE = 16  # rows per matmul in linear layers and experts
+ATTENTION_QUERY_TILE = 16  # query positions per tile
+ATTENTION_KEY_TILE = 256  # keys per tile, rounded up to whole cache blocks
+
+
+def map_row_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn` applied to `x` `[T, K]` in tiles of exactly `ROW_TILE` rows (the last padded with zeros), the
+    results concatenated: `[T, N]`. `fn` must treat rows independently."""
+    num_rows = x.shape[0]
+    tiles = max(1, math.ceil(num_rows / ROW_TILE))
+    padded = x.new_zeros(tiles * ROW_TILE, x.shape[1])
+    padded[:num_rows] = x
+    return torch.cat([fn(tile) for tile in padded.split(ROW_TILE)])[:num_rows]
+
+
+def linear_fixed_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` `[T, K]` @ `weight` `[N, K]`^T (+ `bias`) -> `[T, N]`, each row's bits independent of the others."""
+    return map_row_tiles(lambda tile: torch.nn.functional.linear(tile, weight, bias), x)
+
+
+def gather_kv_tile(
+    cache: torch.Tensor, block_table: torch.Tensor, first_key: int, num_keys: int, live: range
+) -> torch.Tensor:
+    """Keys (or values) `first_key .. first_key + num_keys - 1` of one sequence from a paged cache, as
+    `[num_keys, Hkv, D]` fp32; `first_key` is a multiple of the block size. Positions outside `live` read as
+    zeros without touching the cache: blocks there may be freed, slots past the sequence hold anything."""
+    _, num_kv_heads, block_size, head_dim = cache.shape
+    tile = torch.zeros(num_keys, num_kv_heads, head_dim, dtype=torch.float32, device=cache.device)
+    lo, hi = max(first_key, live.start), min(first_key + num_keys, live.stop)
+    if lo < hi:
+        blocks = cache[block_table[lo // block_size : math.ceil(hi / block_size)].long()]  # [n, Hkv, bs, D]
+        keys = blocks.permute(0, 2, 1, 3).flatten(0, 1)  # [n * bs, Hkv, D] from key lo // bs * bs on
+        skip = lo % block_size
+        tile[lo - first_key : hi - first_key] = keys[skip : skip + hi - lo]
+    return tile
 
 
 def attention_with_sinks(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
     query_positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
     sinks: torch.Tensor,
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """Causal GQA attention of queries `[Tq, Hq, D]` at `query_positions` over keys/values `[Tk, Hkv, D]`
-    at positions 0..Tk-1, with per-head sink logits `[Hq]` joining the softmax denominator."""
-    num_q_heads, num_kv_heads = query.shape[1], key.shape[1]
+    """Causal GQA attention of one sequence's queries `[Tq, Hq, D]` at ascending `query_positions` `[Tq]` over
+    its first `seq_len` keys/values in the paged caches, with per-head sink logits `[Hq]` joining the softmax
+    denominator. Returns `[Tq, Hq, D]` in the query's dtype.
+
+    Tiled over queries and keys with an online softmax in fp32: memory holds one tile of scores whatever the
+    length. The running maximum starts at the sink logit (the sink is the one column every row sees), which
+    makes a key tile wholly masked for a row an exact no-op for it: which tiles a query tile visits (it depends
+    on its neighbours) changes no bit. Every matmul has one shape, so each query's output is batch-invariant.
+    Windowed layers read no block before the earliest query's window (those may be freed).
+    """
+    num_queries, num_q_heads, head_dim = query.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
-    q = query.to(torch.float32).transpose(0, 1)  # [Hq, Tq, D]
-    k = key.to(torch.float32).repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, Tk, D]
-    v = value.to(torch.float32).repeat_interleave(group, dim=1).transpose(0, 1)
-    scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [Hq, Tq, Tk]
-    key_positions = torch.arange(key.shape[0], device=query.device)
-    visible = key_positions[None, :] <= query_positions[:, None]
-    if sliding_window is not None:
-        visible &= key_positions[None, :] > query_positions[:, None] - sliding_window
-    scores = scores.masked_fill(~visible[None], float("-inf"))
-    sink_column = sinks.to(torch.float32)[:, None, None].expand(-1, scores.shape[1], 1)
-    logits = torch.cat((scores, sink_column), dim=-1)
-    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
-    return torch.matmul(probs, v).transpose(0, 1).to(query.dtype)  # [Tq, Hq, D]
+    q_tile = ATTENTION_QUERY_TILE
+    rows = group * q_tile
+    blocks_per_tile = max(1, ATTENTION_KEY_TILE // block_size)
+    key_tile = blocks_per_tile * block_size
+    num_q_tiles = math.ceil(num_queries / q_tile)
+    # Queries padded to whole tiles (pad rows repeat the last position; their outputs are dropped), laid out per
+    # KV head: [tiles, Hkv, rows, D] with row = head_in_group * q_tile + query_in_tile.
+    padded = query.new_zeros(num_q_tiles * q_tile, num_q_heads, head_dim)
+    padded[:num_queries] = query
+    positions = query_positions.new_empty(num_q_tiles * q_tile)
+    positions[:num_queries] = query_positions
+    positions[num_queries:] = query_positions[-1]
+    q = padded.to(torch.float32).view(num_q_tiles, q_tile, num_kv_heads, group, head_dim)
+    q = q.permute(0, 2, 3, 1, 4).reshape(num_q_tiles, num_kv_heads, rows, head_dim)
+    row_positions = positions.view(num_q_tiles, 1, 1, q_tile, 1).expand(-1, 1, group, -1, -1)
+    row_positions = row_positions.reshape(num_q_tiles, 1, rows, 1)
+    first_pos = positions.view(num_q_tiles, q_tile)[:, 0].tolist()
+    last_pos = positions.view(num_q_tiles, q_tile)[:, -1].tolist()
+    first_key = [0 if sliding_window is None else max(0, p - sliding_window + 1) for p in first_pos]
+    live = range(first_key[0], seq_len)
+
+    sink_logits = sinks.to(torch.float32).view(num_kv_heads, group, 1).expand(-1, -1, q_tile)
+    running_max = sink_logits.reshape(1, num_kv_heads, rows, 1).repeat(num_q_tiles, 1, 1, 1)
+    denominator = torch.ones_like(running_max)
+    acc = torch.zeros_like(q)
+    for k0 in range(first_key[0] // key_tile * key_tile, last_pos[-1] + 1, key_tile):
+        k1 = k0 + key_tile  # keys k0 .. k1 - 1
+        users = [i for i in range(num_q_tiles) if first_key[i] < k1 and last_pos[i] >= k0]
+        if not users:
+            continue
+        key = gather_kv_tile(k_cache, block_table, k0, key_tile, live).permute(1, 2, 0)
+        value = gather_kv_tile(v_cache, block_table, k0, key_tile, live).transpose(0, 1)
+        key, value = key.contiguous(), value.contiguous()  # [Hkv, D, kt], [Hkv, kt, D]
+        key_positions = torch.arange(k0, k1, device=query.device)
+        for i in users:
+            scores = torch.matmul(q[i], key).mul_(scale)  # [Hkv, rows, kt]
+            all_visible = k1 - 1 <= first_pos[i] and (sliding_window is None or k0 > last_pos[i] - sliding_window)
+            if not all_visible:
+                visible = key_positions <= row_positions[i]
+                if sliding_window is not None:
+                    visible &= key_positions > row_positions[i] - sliding_window
+                scores.masked_fill_(~visible, float("-inf"))
+            new_max = torch.maximum(running_max[i], scores.amax(dim=-1, keepdim=True))
+            rescale = torch.exp(running_max[i] - new_max)
+            probs = scores.sub_(new_max).exp_()
+            denominator[i] = denominator[i] * rescale + probs.sum(dim=-1, keepdim=True)
+            acc[i] = acc[i] * rescale + torch.matmul(probs, value)
+            running_max[i] = new_max
+    out = (acc / denominator).view(num_q_tiles, num_kv_heads, group, q_tile, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_q_tiles * q_tile, num_q_heads, head_dim)[:num_queries].to(query.dtype)
 
 
 def paged_attention_reference(
@@ -266,17 +367,8 @@ def paged_attention_reference(
         q_begin, q_end = starts[s], starts[s + 1]
         if q_end == q_begin:
             continue
-        q_len = q_end - q_begin
-        positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
-        block_size = k_cache.shape[2]
-        first_key = 0
-        if sliding_window is not None:
-            # Skip whole blocks before the earliest query's window: they may have been freed.
-            first_key = max(0, seq_len - q_len - sliding_window + 1) // block_size * block_size
-        table = block_tables[s][first_key // block_size :]
-        key = gather_kv(k_cache, table, seq_len - first_key)
-        value = gather_kv(v_cache, table, seq_len - first_key)
+        positions = torch.arange(seq_len - (q_end - q_begin), seq_len, device=query.device)
         out[q_begin:q_end] = attention_with_sinks(
-            query[q_begin:q_end], key, value, positions - first_key, sinks, scale, sliding_window
+            query[q_begin:q_end], positions, k_cache, v_cache, block_tables[s], seq_len, sinks, scale, sliding_window
         )
     return out

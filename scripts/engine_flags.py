@@ -134,7 +134,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
-        help="bit-identical results whatever the batch",
+        help="bit-identical results whatever the batch, on one device and thread count (default on)",
     )
     group.add_argument(
         "--kernel-backend",
@@ -158,6 +158,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         type=int,
         default=defaults.data_parallel_size,
         help="engine replicas behind the server (gptoss serve), each a process on its own tensor-parallel-size GPUs",
+    )
+    group.add_argument(
+        "--skip-weight-check",
+        dest="check_weights",
+        action="store_false",
+        help="do not check the loaded weights for NaN/infinity (saves one pass over them)",
     )
     return parser
 

@@ -22,21 +22,27 @@ Unknown fields, invalid JSON, duplicate ids and out-of-range values are reported
 number and the line is skipped; the run goes on.
 
 Each output line: `{"id", "text", "reasoning", "tool_calls": [{"name", "arguments"}], "finish_reason",
-"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}`, plus `logprobs` when asked, `token_ids` and
-`raw_text` (special tokens spelled out) with `--include-raw`, `metadata` when given and `error` when the
+"usage": {"prompt_tokens", "completion_tokens", "total_tokens"}, "fingerprint"}`, plus `logprobs` when asked,
+`token_ids` and `raw_text` (special tokens spelled out) with `--include-raw`, `metadata` when given and `error` when the
 engine failed the request. `text` is the final-channel answer (the whole completion for a raw prompt; then
 `reasoning` is null), `reasoning` the analysis channel; `finish_reason` is "stop", "length", "tool_calls" or
 "error".
 
 Resuming and order: every result is appended and flushed as it finishes (one `write` per line), so a crash or
 Ctrl-C loses nothing finished; re-running with the same output file first drops a partial last line (if the
-process died while writing it), then skips every id already there. When all requests are done the file is
-rewritten (atomically, through a temporary file) in input order.
+process died while writing it), then skips every request already there. Each result carries a `fingerprint`
+of its input line's content and the run's flags (the defaults below, `--seed`, `--include-raw`): a resume
+refuses, with one line and before touching the file, an output whose finished lines do not all match the
+input and flags (another input, a changed line, another `--max-tokens`...); `--overwrite` starts over. When
+all requests are done the file is rewritten (atomically, through a temporary file) in input order. A file
+that cannot be written (read-only folder, full disk) stops the run with one line naming it, leaving what was
+finished and no temporary file.
 
 Determinism: a request without its own `seed` gets one derived from the run's `--seed` (default 0) and its id,
 so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
-two runs give identical files whatever `--max-num-seqs` is, and a resumed run continues exactly. A different
-`--seed` gives different samples.
+two runs on the same machine and device (CPU with the same thread count, or the same GPU) give identical
+files, tokens and logprobs bit for bit, whatever `--max-num-seqs` and `--max-num-batched-tokens` are, and a
+resumed run continues exactly. A different `--seed` gives different samples.
 """
 
 # For developers: the continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) below are
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -94,6 +101,10 @@ REQUEST_KEYS = frozenset(
 )
 
 
+class GenerateError(Exception):
+    """A run that cannot start or go on (an output file from another input...): reported as one line."""
+
+
 class BadLine(ValueError):
     """An input line that cannot be run; reported as `line N: message` and skipped."""
 
@@ -114,6 +125,7 @@ class Job:
     params: Any  # SamplingParams
     harmony: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # echoed into the result (metadata), or kept for it
+    fingerprint: str = ""  # of the input line and the run's flags (`request_fingerprint`)
 
 
 # ---- reading JSONL ---------------------------------------------------------------------------------------
@@ -145,6 +157,13 @@ def normalize_id(raw: Any, line_no: int) -> str:
     if isinstance(raw, str) and not raw:
         raise BadLine(line_no, "id must not be empty")
     return str(raw)
+
+
+def request_fingerprint(obj: dict[str, Any], run_flags: dict[str, Any]) -> str:
+    """What a result was made from: its input line's content (as parsed JSON: key order and spacing do not
+    count) and the run's flags that shape results. Stored with each result; a resume checks it."""
+    canonical = json.dumps({"request": obj, "flags": run_flags}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:32]
 
 
 def derived_seed(run_seed: int, request_id: str) -> int:
@@ -345,6 +364,8 @@ def generate_result(job: Job, output: Any, encoding: Any, include_raw: bool = Fa
             "total_tokens": len(job.prompt_token_ids) + completion_tokens,
         },
     }
+    if job.fingerprint:
+        record["fingerprint"] = job.fingerprint
     if output.logprobs is not None:
         record["logprobs"] = logprobs_json(encoding, output.logprobs)
     if include_raw:
@@ -370,11 +391,16 @@ class ResultsFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.done_ids: set[str] = set()
+        self.done_fingerprints: dict[str, str | None] = {}  # id -> the line's `fingerprint` (None: none)
         self._fd: int | None = None
 
-    def open(self) -> ResultsFile:
+    def open(
+        self, check: Callable[[dict[str, str | None]], None] | None = None, overwrite: bool = False
+    ) -> ResultsFile:
+        """Read the finished lines, let `check(done_fingerprints)` refuse them (it raises) before anything is
+        changed, drop a partial last line, and open for appending. `overwrite`: start from an empty file."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if self.path.exists() and not overwrite:
             data = self.path.read_bytes()
             keep = len(data)
             if data and not data.endswith(b"\n"):
@@ -383,15 +409,21 @@ class ResultsFile:
             for line in data[:keep].splitlines(keepends=True):
                 try:
                     record = json.loads(line)
-                    self.done_ids.add(str(record["id"]))
-                except (ValueError, KeyError, TypeError):
+                    request_id = str(record["id"])
+                    fingerprint = record.get("fingerprint")
+                except (ValueError, KeyError, TypeError, AttributeError):
                     break  # a damaged line: keep what precedes it and redo the rest
+                self.done_ids.add(request_id)
+                self.done_fingerprints[request_id] = fingerprint if isinstance(fingerprint, str) else None
                 good += len(line)
+            if check is not None:
+                check(self.done_fingerprints)
             if good < len(data):
                 print(f"{self.path}: dropping {len(data) - good} bytes of an unfinished line", file=sys.stderr)
                 with open(self.path, "r+b") as f:
                     f.truncate(good)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | (os.O_TRUNC if overwrite else 0)
+        self._fd = os.open(self.path, flags, 0o644)
         return self
 
     def append(self, record: dict[str, Any]) -> None:
@@ -423,11 +455,16 @@ class ResultsFile:
             keyed.append((rank.get(request_id, len(order) + position), line))
         keyed.sort(key=lambda item: item[0])
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.writelines(line for _, line in keyed)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.writelines(line for _, line in keyed)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            # A full disk (or a kill) while rewriting: the appended file is whole and resumable; no stale copy.
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 # ---- the continuous-batching driver ---------------------------------------------------------------------
@@ -544,6 +581,7 @@ class GenerateSummary:
     num_already_done: int  # found in the output file when the run started
     num_run: int  # left to run when the run started
     num_finished: int = 0  # of those, finished (all of them unless interrupted)
+    num_failed: int = 0  # of those, finished with finish_reason "error"
     interrupted: bool = False
 
 
@@ -558,12 +596,14 @@ def generate_jsonl(
     include_raw: bool = False,
     progress: bool = False,
     report: Callable[[BadLine], None] = report_bad_line,
+    overwrite: bool = False,
 ) -> GenerateSummary:
     """The whole of `gptoss generate` once the model is known.
 
     `llm` is an `LLM`, or a callable that makes one (called only when something is left to run, so a finished
     file is not re-read into a model). A KeyboardInterrupt stops the run, keeps every finished line and
-    returns with `interrupted=True`.
+    returns with `interrupted=True`. Raises `GenerateError` when the output file holds results of other
+    requests or flags (unless `overwrite`), OSError when it cannot be written.
     """
     bad_lines: list[BadLine] = []
 
@@ -571,8 +611,17 @@ def generate_jsonl(
         bad_lines.append(bad)
         report(bad)
 
-    jobs = read_jobs(input_path, lambda obj, n, rid: build_generate_job(obj, n, rid, encoding, defaults), on_bad)
-    results = ResultsFile(output_path).open()
+    run_flags = {"defaults": dataclasses.asdict(defaults), "include_raw": include_raw}
+
+    def build(obj: dict[str, Any], line_no: int, request_id: str) -> Job:
+        job = build_generate_job(obj, line_no, request_id, encoding, defaults)
+        job.fingerprint = request_fingerprint(obj, run_flags)
+        return job
+
+    jobs = read_jobs(input_path, build, on_bad)
+    results = ResultsFile(output_path).open(
+        lambda done: check_resumable(done, jobs, input_path, output_path), overwrite
+    )
     pending = [job for job in jobs if job.id not in results.done_ids]
     summary = GenerateSummary(len(jobs), len(bad_lines), len(jobs) - len(pending), len(pending))
     try:
@@ -584,6 +633,7 @@ def generate_jsonl(
             def on_finished(job: Job, out: Any) -> None:
                 results.append(generate_result(job, out, encoding, include_raw))
                 summary.num_finished += 1
+                summary.num_failed += out.finish_reason == "error"
 
             try:
                 run_engine(llm.engine, pending, on_finished, max_in_flight=max_in_flight, progress=bar)
@@ -591,11 +641,36 @@ def generate_jsonl(
                 if bar is not None:
                     bar.close()
     except KeyboardInterrupt:
-        results.close()
         summary.interrupted = True
         return summary
+    finally:
+        results.close()
     results.finalize([job.id for job in jobs])
     return summary
+
+
+def check_resumable(
+    done: dict[str, str | None], jobs: list[Job], input_path: str | Path, output_path: str | Path
+) -> None:
+    """Raise `GenerateError` unless every finished result (`done`: id -> fingerprint) is of the input line with
+    its id under this run's flags: resuming onto results of other requests would keep them as if they were."""
+    expected = {job.id: job for job in jobs}
+    mismatched = [
+        rid for rid, fingerprint in done.items() if rid not in expected or expected[rid].fingerprint != fingerprint
+    ]
+    if not mismatched:
+        return
+    first = mismatched[0]
+    if first not in expected:
+        why = f"id {first!r} is not a request of {input_path}"
+    elif done[first] is None:
+        why = f"id {first!r} has no fingerprint (written by another tool or version)"
+    else:
+        why = f"id {first!r} (line {expected[first].line_no}): its line or the run's flags changed"
+    raise GenerateError(
+        f"{output_path}: {len(mismatched)} of its {len(done)} finished results do not match {input_path} with these "
+        f"flags (first: {why}); resume with the same input and flags, or pass --overwrite to start over"
+    )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -608,16 +683,25 @@ def run_generate(args: argparse.Namespace) -> int:
     defaults = GenerateDefaults(
         args.max_tokens, args.temperature, args.top_p, args.seed, args.reasoning_effort, args.current_date
     )
-    summary = generate_jsonl(
-        args.input,
-        args.output,
-        lambda: make_llm(args),
-        encoding,
-        defaults,
-        max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
-        include_raw=args.include_raw,
-        progress=progress_enabled(args),
-    )
+    try:
+        summary = generate_jsonl(
+            args.input,
+            args.output,
+            lambda: make_llm(args),
+            encoding,
+            defaults,
+            max_in_flight=in_flight_limit(args.max_num_seqs, args.max_num_waiting),
+            include_raw=args.include_raw,
+            progress=progress_enabled(args),
+            overwrite=args.overwrite,
+        )
+    except GenerateError as exc:
+        print(f"gptoss generate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only folder, full disk...: what is finished stays in the output file
+        where = exc.filename or args.output
+        print(f"gptoss generate: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(
         f"{summary.num_requests} requests ({summary.num_bad_lines} bad lines skipped): "
         f"{summary.num_already_done} were already in {args.output}, {summary.num_finished} of {summary.num_run} "
@@ -630,6 +714,9 @@ def run_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if summary.num_failed:
+        print(f'{summary.num_failed} requests failed (finish_reason "error", see their "error")', file=sys.stderr)
+        return 1
     return 1 if summary.num_bad_lines and args.strict else 0
 
 
@@ -658,6 +745,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         help="also write each completion's token ids and raw text (special tokens spelled out)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a terminal)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the output file over instead of resuming it (needed when it holds results of other "
+        "requests or flags)",
+    )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when any input line was bad")
     parser.set_defaults(handler=run_generate)
     return parser

@@ -1,7 +1,8 @@
 """Admission: generation requests in flight are counted, and refused past `max_queue` with 429 + Retry-After.
 
-Streaming routes admit before answering (so a full server is a 429, not an error inside a 200 stream) and
-release when the stream ends.
+Every path counts per request: a Workers AI batch of 256 is 256, queued (`?queueRequest=true`) or not, and a
+queued batch holds its admission until it has run. Streaming routes admit before answering (so a full server
+is a 429, not an error inside a 200 stream) and release when the stream ends.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from gptoss.server.errors import overloaded
+from gptoss.server.errors import bad_request, overloaded
 from gptoss.server.state import ServerState
 
 
@@ -21,13 +22,21 @@ class Admission:
     the response's background task (which also covers a stream that never started).
     """
 
-    def __init__(self, state: ServerState) -> None:
-        if state.metrics.in_flight >= state.max_queue:
-            raise overloaded(f"Too many requests in flight ({state.metrics.in_flight}); retry later")
+    def __init__(self, state: ServerState, count: int = 1, param: str = "requests") -> None:
+        if count > state.max_queue:
+            raise bad_request(
+                f"{count} requests at once exceed this server's queue of {state.max_queue}; send fewer", param=param
+            )
+        if state.metrics.in_flight + count > state.max_queue:
+            raise overloaded(
+                f"Too many requests in flight ({state.metrics.in_flight} of {state.max_queue}) to take {count} more; "
+                "retry later"
+            )
         self._state = state
+        self._count = count
         self._held = True
         self._kept = False
-        state.metrics.in_flight += 1
+        state.metrics.in_flight += count
 
     def keep(self) -> None:
         """Leave the `with` block without releasing: a stream now owns this admission."""
@@ -36,7 +45,7 @@ class Admission:
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._state.metrics.in_flight -= 1
+            self._state.metrics.in_flight -= self._count
 
     def __enter__(self) -> Admission:
         return self

@@ -12,7 +12,8 @@ API (what `gptoss serve` uses):
         (response formats, strict tools, forced tool calls) go to the engine as `SamplingParams.structured_output`.
     add_serve_arguments(parser)     (server/flags.py) adds --host (127.0.0.1), --port (8000), --api-key (env
                                     GPTOSS_API_KEY), --served-model-name (gpt-oss-120b), --max-queue,
-                                    --response-store-size, --log-level
+                                    --response-store-size, --max-connections, --header-timeout
+                                    (server/connections.py), --log-level
     run_server(args, engine=None, tokenizer=None)
         builds the engine from `args` (every `EngineArgs` field found on `args`, e.g. args.model) unless
         given, the app, and runs uvicorn on args.host:args.port until interrupted; shuts the engine down.
@@ -23,7 +24,8 @@ Routes:
     POST /v1/completions           legacy Completions, raw text (server/completions.py)
     POST /ai/run/{model}           Workers AI run: prompt / messages / input / requests (server/workers_ai.py)
     POST /client/v4/accounts/{account_id}/ai/run/{model}, .../ai/v1/responses, .../ai/v1/chat/completions
-    GET /v1/models, /v1/models/{model}, GET /health (200 only while the engine loop is alive), GET /metrics
+    GET /v1/models, /v1/models/{model}, GET and HEAD /health (200 only while the engine loop is alive and
+    its recent steps did not all fail), GET /metrics
     (Prometheus text), POST /tokenize, /detokenize (vLLM-compatible), GET /version
 Errors come back in each API's own shape (server/errors.py).
 """
@@ -39,12 +41,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gptoss.server import completions, openai_chat, openai_responses, workers_ai
+from gptoss.server.connections import install_repeat_filter, uvicorn_config
 from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
-from gptoss.server.flags import add_serve_arguments
+from gptoss.server.flags import DEFAULT_HEADER_TIMEOUT_S, add_serve_arguments
 from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
-from gptoss.server.serving import encode_raw
+from gptoss.server.serving import check_prompt_chars, encode_raw, off_loop
 from gptoss.server.state import ServerState, get_state, read_body
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -156,7 +159,15 @@ def create_app(
         batch_ttl_s=batch_ttl_s,
         max_body_bytes=max_body_bytes,
     )
-    app = FastAPI(title="gpt-oss server", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: their Location would be built from the client's Host header.
+    app = FastAPI(
+        title="gpt-oss server",
+        version=VERSION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.server = state
     install_error_handlers(app)
     for module in (openai_chat, openai_responses, completions, workers_ai):
@@ -167,10 +178,13 @@ def create_app(
 
 
 def _add_misc_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health(request: Request) -> Response:
-        alive = bool(get_state(request).engine.is_alive())
-        return JSONResponse({"status": "ok" if alive else "engine not running"}, status_code=200 if alive else 503)
+        engine = get_state(request).engine
+        # AsyncEngine says why it cannot serve (loop stopped, every recent step failed); other clients: alive.
+        unhealthy = getattr(engine, "unhealthy_reason", lambda: None if engine.is_alive() else "engine not running")
+        reason = unhealthy()
+        return JSONResponse({"status": reason or "ok"}, status_code=503 if reason else 200)
 
     @app.get("/version")
     async def version() -> Response:
@@ -209,14 +223,22 @@ def _add_misc_routes(app: FastAPI) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         state = get_state(request)
-        req = parse_body(TokenizeRequest, await read_body(request))
+        req = await off_loop(state, parse_body, TokenizeRequest, await read_body(request))
         state.check_model(req.model)
         if req.messages is not None:
-            tokens = chat_prompt_ids(
-                state, req.messages, req.tools, req.reasoning_effort, add_generation_prompt=req.add_generation_prompt
+            check_prompt_chars(state, messages=req.messages, tools=req.tools)
+            tokens = await off_loop(
+                state,
+                chat_prompt_ids,
+                state,
+                req.messages,
+                req.tools,
+                req.reasoning_effort,
+                add_generation_prompt=req.add_generation_prompt,
             )
         else:
-            tokens = encode_raw(state, req.prompt or "")
+            check_prompt_chars(state, prompt=req.prompt)
+            tokens = await off_loop(state, encode_raw, state, req.prompt or "")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": state.max_model_len})
 
     @app.post("/detokenize")
@@ -264,14 +286,18 @@ def run_server(args: argparse.Namespace, engine: Any = None, tokenizer: Any = No
         max_queue=getattr(args, "max_queue", 1024),
         response_store_size=getattr(args, "response_store_size", 1024),
     )
+    install_repeat_filter()
+    config = uvicorn_config(
+        app,
+        getattr(args, "host", "127.0.0.1"),
+        getattr(args, "port", 8000),
+        max_connections=getattr(args, "max_connections", None),
+        header_timeout_s=getattr(args, "header_timeout", DEFAULT_HEADER_TIMEOUT_S),
+        log_level=getattr(args, "log_level", "info"),
+        timeout_graceful_shutdown=5,
+    )
     try:
-        uvicorn.run(
-            app,
-            host=getattr(args, "host", "127.0.0.1"),
-            port=getattr(args, "port", 8000),
-            log_level=getattr(args, "log_level", "info"),
-            timeout_graceful_shutdown=5,
-        )
+        uvicorn.Server(config).run()
     finally:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is not None:

@@ -31,9 +31,11 @@ from gptoss.server.protocol_openai import OPENAI_RANGES, CompletionRequest, chec
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
     check_prompt_length,
     encode_raw,
     generate_raw,
+    off_loop,
     respond,
     sampling_kwargs,
 )
@@ -75,6 +77,7 @@ def prompts_of(state: ServerState, prompt: Any) -> list[list[int]]:
 
 def prepare_completion(state: ServerState, req: CompletionRequest) -> CompletionPlan:
     model = check_model(state, req.model)
+    check_prompt_chars(state, prompt=req.prompt)
     prompts = prompts_of(state, req.prompt)
     vocab = state.tokenizer.get_vocab_size(with_added_tokens=True)
     params = []
@@ -85,7 +88,8 @@ def prepare_completion(state: ServerState, req: CompletionRequest) -> Completion
         if any(not 0 <= t < vocab for t in ids):
             raise bad_request(f"prompt token ids must be in 0..{vocab - 1}", param=param)
         max_tokens = req.max_tokens if req.max_tokens is not None else DEFAULT_MAX_TOKENS
-        max_tokens = check_prompt_length(state, len(ids), max_tokens, param) if max_tokens else 0
+        explicit = "max_tokens" if req.max_tokens is not None else None
+        max_tokens = check_prompt_length(state, len(ids), max_tokens, param, explicit) if max_tokens else 0
         kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
         kwargs["stop"] = req.stop_list
         kwargs["ignore_eos"] = req.ignore_eos
@@ -192,8 +196,8 @@ async def completion_sse(
 @router.post("/v1/completions")
 async def create_completion(request: Request) -> Response:
     state = get_state(request)
-    req = check_ranges(parse_body(CompletionRequest, await read_body(request)), OPENAI_RANGES)
-    plan = prepare_completion(state, req)
+    req = check_ranges(await off_loop(state, parse_body, CompletionRequest, await read_body(request)), OPENAI_RANGES)
+    plan = await off_loop(state, prepare_completion, state, req)
     return await respond(
         request,
         functools.partial(start_completion, state, plan),

@@ -8,6 +8,7 @@ import os
 import socket
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DEFAULT_HEADER_TIMEOUT_S = 10.0  # server/connections.py
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,6 +37,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         type=int,
         default=1024,
         help="Responses kept for previous_response_id (oldest forgotten)",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections before new ones get 503 (default 2048, fewer under a low descriptor limit)",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT_S,
+        help="seconds a connection may take to send its request headers before it is closed (408)",
     )
     group.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's and the server's logs")
     return parser

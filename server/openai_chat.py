@@ -46,8 +46,12 @@ from gptoss.server.protocol_openai import OPENAI_RANGES, ChatCompletionRequest, 
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
+    compile_grammar,
+    explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
+    off_loop,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -95,9 +99,12 @@ def chat_prompt_ids(
     return state.encoding.render_conversation(conversation)
 
 
-def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
+def prepare_chat(state: ServerState, req: ChatCompletionRequest, clamp_max_tokens: bool = False) -> ChatPlan:
+    """The plan of a chat request (renders and tokenizes its prompt: run it off the event loop).
+    `clamp_max_tokens`: a max_tokens beyond the context is clamped (Workers AI) rather than a 400 (OpenAI)."""
     model = check_model(state, req.model, req.lora)
     tools = req.tools if req.tools is not None else req.functions or []
+    check_prompt_chars(state, messages=req.messages, tools=tools, response_format=req.response_format)
     _, mode, _ = resolve_tools(tools, req.tool_choice)
     response_format = req.response_format.model_dump(by_alias=True) if req.response_format else None
     effort = req.effort
@@ -114,6 +121,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
         response_format_param="response_format",
         max_tokens=req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
         prompt_param="messages",
+        max_tokens_param=None if clamp_max_tokens else explicit_max_tokens(req, "max_completion_tokens", "max_tokens"),
     )
     kwargs = prepared.sampling
     if req.logprobs:
@@ -124,7 +132,7 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
             kwargs = {**kwargs, "seed": kwargs["seed"] + 1}
         params.append(harmony_sampling_params(state, **kwargs))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatPlan(
+    plan = ChatPlan(
         model,
         prepared.prompt_token_ids,
         params,
@@ -133,6 +141,9 @@ def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> ChatPlan:
         req.top_logprobs or 0,
         include_usage,
     )
+    # The grammar compiles here, with the rest of the preparation (off the event loop, bounded in time).
+    compile_grammar(state, prepared.structured_spec)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,8 +296,8 @@ async def chat_sse(
 async def handle_chat(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one chat request."""
     state = get_state(request)
-    req = check_ranges(parse_body(ChatCompletionRequest, body), OPENAI_RANGES)
-    plan = prepare_chat(state, req)
+    req = check_ranges(await off_loop(state, parse_body, ChatCompletionRequest, body), OPENAI_RANGES)
+    plan = await off_loop(state, prepare_chat, state, req)
     return await respond(
         request,
         functools.partial(start_chat, state, plan),

@@ -47,8 +47,12 @@ from gptoss.server.protocol_openai import OPENAI_RANGES, ResponsesRequest, check
 from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     check_model,
+    check_prompt_chars,
+    compile_grammar,
+    explicit_max_tokens,
     generate_harmony,
     harmony_sampling_params,
+    off_loop,
     prepare_harmony,
     resolve_tools,
     respond,
@@ -84,8 +88,11 @@ def input_items_of(req: ResponsesRequest) -> list[dict[str, Any]]:
     return list(req.input)
 
 
-def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPlan:
+def prepare_responses(state: ServerState, req: ResponsesRequest, clamp_max_tokens: bool = False) -> ResponsesPlan:
+    """The plan of a Responses request (renders and tokenizes its prompt: run it off the event loop).
+    `clamp_max_tokens`: a max_output_tokens beyond the context is clamped (Workers AI) rather than a 400."""
     model = check_model(state, req.model, req.lora)
+    check_prompt_chars(state, input=req.input, instructions=req.instructions, tools=req.tools, text__format=req.text)
     items = input_items_of(req)
     if req.previous_response_id is not None:
         stored = state.responses.get(req.previous_response_id)
@@ -119,6 +126,7 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         response_format_param="text.format",
         max_tokens=req.max_output_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
         prompt_param="input",
+        max_tokens_param=None if clamp_max_tokens else explicit_max_tokens(req, "max_output_tokens", "max_tokens"),
     )
     kwargs = prepared.sampling
     if req.top_logprobs is not None:
@@ -133,6 +141,8 @@ def prepare_responses(state: ServerState, req: ResponsesRequest) -> ResponsesPla
         }
         for t in specs
     ]
+    # The grammar compiles here, with the rest of the preparation (off the event loop, bounded in time).
+    compile_grammar(state, prepared.structured_spec)
     return ResponsesPlan(
         model,
         prepared.prompt_token_ids,
@@ -448,8 +458,8 @@ async def responses_sse(
 async def handle_responses(request: Request, body: dict[str, Any] | bytes) -> Response:
     """Validate, run and answer one Responses request."""
     state = get_state(request)
-    req = check_ranges(parse_body(ResponsesRequest, body), OPENAI_RANGES)
-    plan = prepare_responses(state, req)
+    req = check_ranges(await off_loop(state, parse_body, ResponsesRequest, body), OPENAI_RANGES)
+    plan = await off_loop(state, prepare_responses, state, req)
     return await respond(
         request,
         lambda: [start_responses(state, plan)],

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
+from gptoss.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from gptoss.server.errors import bad_request, from_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -69,12 +70,22 @@ class SamplingFields(APIModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
+    # Not applied by the sampler: refused when it would change anything, never silently ignored.
+    logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
     def _check_stop(self) -> SamplingFields:
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
             raise bad_request("stop strings must be non-empty", param="stop")
+        # The engine's bounds (engine/sampling_params.py) for every route: harmony routes match stop strings
+        # on the final text here in the server, raw ones in the engine; both after every token.
+        if len(stops) > MAX_STOP_STRINGS:
+            raise bad_request(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}", param="stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise bad_request(f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters", param="stop")
+        if self.logit_bias and any(self.logit_bias.values()):
+            raise bad_request("logit_bias is not supported by this server", param="logit_bias")
         return self
 
     @property

@@ -19,20 +19,21 @@ Defaults follow Workers AI: `max_tokens` 256, `temperature` 0.6.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from gptoss.engine.harmony.messages import ToolSpec, normalize_tools
 from gptoss.engine.outputs import RequestOutput
 from gptoss.engine.sampling_params import SamplingParams
-from gptoss.engine.structured_output.spec import StructuredOutputSpec
+from gptoss.engine.structured_output.spec import StructuredOutputError, StructuredOutputSpec
 from gptoss.server.admission import Admission, release_all
 from gptoss.server.engine_client import Submitted, submit
 from gptoss.server.errors import APIError, bad_request, no_lora
@@ -42,6 +43,7 @@ from gptoss.server.protocol_openai import SamplingFields
 from gptoss.server.sse import sse_response
 from gptoss.server.state import ServerState, get_state
 
+T = TypeVar("T")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 0.6
 
@@ -65,11 +67,71 @@ def check_model(state: ServerState, model: str | None, lora: str | None = None) 
 
 def encode_raw(state: ServerState, text: str) -> list[int]:
     """Raw text -> token ids; special-token spellings in the text become the special tokens (raw prompts)."""
-    return state.tokenizer.encode(text, add_special_tokens=False).ids
+    return state.encoding.encode_raw(text)
 
 
-def check_prompt_length(state: ServerState, prompt_len: int, max_tokens: int, param: str) -> int:
-    """Raise a 400 when the prompt leaves no room to generate; return max_tokens clamped to the context."""
+async def off_loop(state: ServerState, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` on the server's preparation pool: parsing a large body, rendering, tokenizing and
+    compiling grammars take seconds for big requests, and on the event loop they would stall /health and every
+    stream for that long."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.prepare_pool, functools.partial(fn, *args, **kwargs))
+
+
+def text_length(value: Any) -> int:
+    """Characters in every string of a JSON-like value (a request's prompt fields)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "model_dump"):  # a pydantic part of the request (response_format, text)
+            stack.append(item.model_dump())
+    return total
+
+
+def check_prompt_chars(state: ServerState, **fields: Any) -> None:
+    """Refuse a request whose prompt fields (`fields`: name -> value; everything rendered into the prompt)
+    hold more than `max_prompt_chars` characters, before rendering or tokenizing them (tokenizing a 31 MB
+    prompt took a CPU for a minute and left gigabytes resident, to answer a 400 in the end). The error names
+    the largest field."""
+    lengths = {name.replace("__", "."): text_length(value) for name, value in fields.items()}
+    length = sum(lengths.values())
+    limit = state.max_prompt_chars
+    if limit is not None and length > limit:
+        raise APIError(
+            400,
+            f"The prompt is {length} characters long; this server takes at most {limit} "
+            f"(its context is {state.max_model_len} tokens)",
+            param=max(lengths, key=lambda name: lengths[name]),
+            code="context_length_exceeded",
+            wai_code=3006,
+            wai_status=413,
+        )
+
+
+def check_prompt_length(
+    state: ServerState, prompt_len: int, max_tokens: int, param: str, max_tokens_param: str | None = None
+) -> int:
+    """Raise a 400 when the prompt leaves no room to generate; return max_tokens clamped to the context.
+
+    `max_tokens_param`: the field the client set max_tokens with, on the OpenAI routes: there a prompt plus
+    max_tokens beyond the context is a 400 naming it, as OpenAI answers (a default max_tokens, and the Workers
+    AI route, are clamped).
+    """
+    if max_tokens_param is not None and prompt_len + max_tokens > state.max_model_len:
+        raise APIError(
+            400,
+            f"{max_tokens_param} is too large: the prompt is {prompt_len} tokens and this model's context is "
+            f"{state.max_model_len} tokens, so at most {max(0, state.max_model_len - prompt_len)} can be generated "
+            f"(got {max_tokens})",
+            param=max_tokens_param,
+            code="invalid_value",
+        )
     if prompt_len >= state.max_model_len:
         raise APIError(
             400,
@@ -80,6 +142,11 @@ def check_prompt_length(state: ServerState, prompt_len: int, max_tokens: int, pa
             wai_status=413,
         )
     return max(0, min(max_tokens, state.max_model_len - prompt_len))
+
+
+def explicit_max_tokens(req: Any, *names: str) -> str | None:
+    """The first of `names` the request set (its max_tokens field), None when it left them all out."""
+    return next((name for name in names if getattr(req, name, None) is not None), None)
 
 
 def harmony_sampling_params(state: ServerState, **kwargs: Any) -> SamplingParams:
@@ -143,6 +210,23 @@ def structured_spec(
     )
 
 
+def compile_grammar(state: ServerState, spec: StructuredOutputSpec | None) -> None:
+    """Compile a request's grammar during its preparation (off the event loop), bounded in time: the engine
+    then finds it cached when the request is submitted. A grammar still compiling after `grammar_timeout_s`
+    is a 400 naming the field it came from (llguidance's limits end the compile itself soon after)."""
+    compile_now = getattr(state.engine, "compile_grammar", None)
+    if spec is None or compile_now is None:
+        return
+    future = state.grammar_pool.submit(compile_now, spec)
+    try:
+        future.result(timeout=state.grammar_timeout_s)
+    except concurrent.futures.TimeoutError:
+        param = spec.final_param if spec.final_schema is not None or not spec.tools else spec.tools[0].param
+        raise StructuredOutputError(
+            param, f"the schema is too complex: its grammar did not compile within {state.grammar_timeout_s:g} s"
+        ) from None
+
+
 def resolve_tools(tools: list[dict[str, Any]], tool_choice: Any) -> tuple[list[ToolSpec], str, str | None]:
     """(the tools normalized, tool_choice mode, named function) of a request (see `tool_choice_mode`)."""
     specs = normalize_tools(tools)
@@ -171,12 +255,13 @@ def prepare_harmony(
     response_format_param: str,
     max_tokens: int,
     prompt_param: str,
+    max_tokens_param: str | None = None,
 ) -> HarmonyPrompt:
     """The steps every harmony request takes once its prompt is rendered: its structured-output spec (JSON
     mode / schema, strict tools, a required or named tool call: enforced by the engine's grammar), the
-    prompt-length check and its sampling fields."""
+    prompt-length check and its sampling fields. `max_tokens_param`: see `check_prompt_length`."""
     spec = structured_spec(response_format, tools, tool_choice, response_format_param)
-    max_tokens = check_prompt_length(state, len(rendered), max_tokens, prompt_param)
+    max_tokens = check_prompt_length(state, len(rendered), max_tokens, prompt_param, max_tokens_param)
     sampling = {**sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE), "structured_output": spec}
     return HarmonyPrompt(rendered, spec, sampling)
 

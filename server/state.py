@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -16,6 +17,7 @@ from gptoss.engine.harmony.render import HarmonyEncoding
 from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import model_not_found, too_large
 from gptoss.server.metrics import ServerMetrics
+from gptoss.server.tokenizer_pool import PooledHarmonyEncoding
 from tokenizers import Tokenizer
 
 WORKERS_AI_MODEL_NAME = "@cf/openai/gpt-oss-120b"
@@ -69,14 +71,27 @@ class ServerState:
     response_store_size: int = 1024
     batch_store_size: int = 1024
     batch_ttl_s: float = 3600.0
+    # Text in one request's prompt fields (checked before tokenizing it; None: 8 characters per context token,
+    # more than any real text needs per token).
+    max_prompt_chars: int | None = None
+    prepare_workers: int = 4  # threads that parse, render, tokenize and compile grammars off the event loop
+    grammar_timeout_s: float = 5.0  # a grammar that does not compile in this time is a 400
     encoding: HarmonyEncoding = field(init=False)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
     responses: BoundedStore[str, Any] = field(init=False)
     batches: BoundedStore[str, Any] = field(init=False)
+    prepare_pool: ThreadPoolExecutor = field(init=False)
+    grammar_pool: ThreadPoolExecutor = field(init=False)
 
     def __post_init__(self) -> None:
-        self.encoding = HarmonyEncoding(self.tokenizer)
+        self.encoding = PooledHarmonyEncoding(self.tokenizer)  # large texts tokenized in worker processes
+        self.encoding.token_bytes(0)  # builds the id -> bytes table now (0.3 s for o200k), not in a first answer
+        if self.max_prompt_chars is None:
+            self.max_prompt_chars = 8 * self.max_model_len
+        self.prepare_pool = ThreadPoolExecutor(self.prepare_workers, thread_name_prefix="prepare")
+        # Grammar compiles (llguidance releases the GIL): two at a time, so slow ones cannot pile up threads.
+        self.grammar_pool = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
         self.responses = BoundedStore(self.response_store_size)
         self.batches = BoundedStore(self.batch_store_size, self.batch_ttl_s)
 

@@ -29,7 +29,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -54,9 +54,11 @@ from gptoss.server.serving import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     check_model,
+    check_prompt_chars,
     check_prompt_length,
     encode_raw,
     generate_raw,
+    off_loop,
     respond,
     run_until_disconnect,
     sampling_kwargs,
@@ -154,6 +156,7 @@ def prompt_result(content: str, tool_calls: list[Any], usage: dict[str, Any]) ->
 def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], SamplingParams]:
     """A `raw: true` prompt: the text as it is, no template; sampled like legacy completions."""
     check_model(state, req.model)
+    check_prompt_chars(state, prompt=req.prompt)
     ids = encode_raw(state, req.prompt)
     max_tokens = check_prompt_length(state, len(ids), req.max_tokens or DEFAULT_MAX_TOKENS, "prompt")
     kwargs = sampling_kwargs(req, max_tokens, DEFAULT_TEMPERATURE)
@@ -164,10 +167,10 @@ def prepare_raw(state: ServerState, req: PromptRequest) -> tuple[list[int], Samp
 async def run_prompt(state: ServerState, req: PromptRequest) -> dict[str, Any]:
     """Non-streaming prompt format."""
     if req.raw:
-        ids, params = prepare_raw(state, req)
+        ids, params = await off_loop(state, prepare_raw, state, req)
         result = await final_result(generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}"))
         return {"response": result.text, "usage": usage_brief(result.usage.openai()), "tool_calls": []}
-    plan = prepare_chat(state, prompt_as_chat(req))
+    plan = await off_loop(state, prepare_chat, state, prompt_as_chat(req), clamp_max_tokens=True)
     streams = start_chat(state, plan)
     collected = await collect(streams[0])
     return prompt_result(collected.content, collected.tool_calls, collected.usage.openai())
@@ -191,13 +194,13 @@ async def prompt_sse(streams: list[Any], admission: Admission) -> AsyncIterator[
     yield DONE
 
 
-def start_prompt(state: ServerState, req: PromptRequest) -> list[Any]:
-    """Submit a prompt-format request: raw text as it is, or a one-message chat."""
+def prepare_prompt(state: ServerState, req: PromptRequest) -> Callable[[], list[Any]]:
+    """Prepare a prompt-format request (raw text as it is, or a one-message chat); returns what submits it."""
     if req.raw:
         ids, params = prepare_raw(state, req)
-        return [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
-    plan = prepare_chat(state, prompt_as_chat(req))
-    return start_chat(state, plan)
+        return lambda: [generate_raw(state, ids, params, f"wai-{uuid.uuid4().hex}")]
+    plan = prepare_chat(state, prompt_as_chat(req), clamp_max_tokens=True)
+    return functools.partial(start_chat, state, plan)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,10 +251,12 @@ async def run_one(state: ServerState, body: dict[str, Any]) -> dict[str, Any]:
     if kind == "prompt":
         return await run_prompt(state, check_ranges(parse_body(PromptRequest, body), RANGES))
     if kind == "messages":
-        plan: ChatPlan = prepare_chat(state, check_ranges(parse_body(ChatCompletionRequest, body), RANGES))
+        chat_req = check_ranges(parse_body(ChatCompletionRequest, body), RANGES)
+        plan: ChatPlan = await off_loop(state, prepare_chat, state, chat_req, clamp_max_tokens=True)
         return await chat_completion(state, plan, start_chat(state, plan))
     if kind == "input":
-        rplan = prepare_responses(state, check_ranges(parse_body(ResponsesRequest, body), RANGES))
+        responses_req = check_ranges(parse_body(ResponsesRequest, body), RANGES)
+        rplan = await off_loop(state, prepare_responses, state, responses_req, clamp_max_tokens=True)
         return await run_response(state, rplan, start_responses(state, rplan))
     raise bad_request(f"a {kind} body cannot be nested in a batch", param="requests")
 
@@ -291,8 +296,10 @@ def _json_body(raw: bytes) -> dict[str, Any]:
         raise bad_request("Request body is empty; expected a JSON object")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Invalid JSON body: {exc}") from None
+    except RecursionError:  # nesting deeper than the interpreter's stack
+        raise bad_request("Invalid JSON body: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise bad_request(f"Invalid JSON body: {str(exc)[:200]}") from None
     if not isinstance(body, dict):
         raise bad_request("The body must be a JSON object")
     return body
@@ -301,7 +308,7 @@ def _json_body(raw: bytes) -> dict[str, Any]:
 async def run_model(request: Request, model: str) -> Response:
     state = get_state(request)
     state.check_model(model)
-    body = _json_body(await read_body(request))
+    body = await off_loop(state, _json_body, await read_body(request))
     queue = request.query_params.get("queueRequest", "").lower() in ("true", "1")
     kind = body_format(body)
     if kind in FORMAT_KEYS:
@@ -313,7 +320,7 @@ async def run_model(request: Request, model: str) -> Response:
         return JSONResponse(envelope(enqueue(state, items, model)))
     if kind == "batch":
         items = _batch_items(body, model)
-        with Admission(state):
+        with Admission(state, len(items)):
             result = await run_until_disconnect(request, run_batch(state, items))
         return JSONResponse(envelope(result))
     if body.get("stream") is True:
@@ -327,23 +334,28 @@ async def stream_one(request: Request, kind: str, body: dict[str, Any]) -> Respo
     """A streamed body in any of the three formats (its frames end with the usage trailer and `[DONE]`)."""
     state = get_state(request)
     if kind == "messages":
-        plan = prepare_chat(state, check_ranges(parse_body(ChatCompletionRequest, body), RANGES))
+        chat_req = check_ranges(parse_body(ChatCompletionRequest, body), RANGES)
+        plan = await off_loop(state, prepare_chat, state, chat_req, clamp_max_tokens=True)
         return await respond(
             request, functools.partial(start_chat, state, plan), frames=functools.partial(chat_sse, state, plan)
         )
     if kind == "input":
-        rplan = prepare_responses(state, check_ranges(parse_body(ResponsesRequest, body), RANGES))
+        responses_req = check_ranges(parse_body(ResponsesRequest, body), RANGES)
+        rplan = await off_loop(state, prepare_responses, state, responses_req, clamp_max_tokens=True)
         return await respond(
             request, lambda: [start_responses(state, rplan)], frames=functools.partial(responses_sse, state, rplan)
         )
-    req = check_ranges(parse_body(PromptRequest, body), RANGES)
-    return await respond(request, functools.partial(start_prompt, state, req), frames=prompt_sse)
+    start = await off_loop(state, prepare_prompt, state, check_ranges(parse_body(PromptRequest, body), RANGES))
+    return await respond(request, start, frames=prompt_sse)
 
 
 # ---- the batch queue ----
 
 
 def enqueue(state: ServerState, items: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    """Queue a batch: admitted now for every item (429 when the server is full), run in the background within
+    `batch_ttl_s` (a batch still unfinished then ends with an error), its result kept until it expires."""
+    admission = Admission(state, len(items))
     request_id = str(uuid.uuid4())
     entry: dict[str, Any] = {
         "status": "queued",
@@ -357,9 +369,13 @@ def enqueue(state: ServerState, items: list[dict[str, Any]], model: str) -> dict
     async def work() -> None:
         entry["status"] = "running"
         try:
-            entry["result"] = await run_batch(state, items)
+            entry["result"] = await asyncio.wait_for(run_batch(state, items), timeout=state.batch_ttl_s)
+        except TimeoutError:
+            entry["result"] = {"results": [], "error": f"the batch did not finish within {state.batch_ttl_s:g} s"}
         except Exception as exc:
             entry["result"] = {"results": [], "error": to_api_error(exc).message}
+        finally:
+            admission.release()
         entry["status"] = "done"
 
     task = asyncio.get_running_loop().create_task(work())

@@ -109,17 +109,25 @@ class ScriptedEngine:
             raise EngineOverloadedError("scripted overload")
         grammar = None
         if params.structured_output is not None:
-            if self._compiler is None:
-                from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
-
-                self._compiler = StructuredOutputCompiler(
-                    self.tokenizer, self.tokenizer.get_vocab_size(with_added_tokens=True)
-                )
-            grammar = self._compiler.new_state(params.structured_output)
+            grammar = self.compiler.new_state(params.structured_output)
         self.requests.append((request_id, list(prompt_token_ids), params))
         self.grammars.append(grammar)
         self.active.add(request_id)
         return self._run(request_id, list(prompt_token_ids), params, list(self.script), grammar)
+
+    @property
+    def compiler(self) -> Any:
+        if self._compiler is None:
+            from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
+
+            self._compiler = StructuredOutputCompiler(
+                self.tokenizer, self.tokenizer.get_vocab_size(with_added_tokens=True)
+            )
+        return self._compiler
+
+    def compile_grammar(self, spec: Any) -> None:
+        """As `AsyncEngine.compile_grammar`: compile into the cache (the server does it while preparing)."""
+        self.compiler.compile(spec)
 
     def _logprob(self, token_id: int) -> TokenLogprob:
         other = (token_id + 1) % self.tokenizer.get_vocab_size()

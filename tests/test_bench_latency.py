@@ -40,10 +40,11 @@ def test_bench_latency_on_tiny_checkpoint(
     rows = report["rows"]
     assert [(r["batch"], r["input"], r["output"]) for r in rows] == [(1, 8, 3), (3, 8, 3)]
     for row in rows:
-        for key in bench_latency.COLUMNS[3:-1]:
+        for key in bench_latency.COLUMNS[3:-2]:
             assert row[key] > 0, key
-        # The step's wall time splits into kernel time and the host's share (never negative).
-        assert row["host ms/step"] >= 0
+        # The step's wall time splits into kernel time and the host's share, neither negative (each is a
+        # difference of two runs: on a loaded 2-core machine with 2 decode steps either can round to 0).
+        assert row["device ms/step"] >= 0 and row["host ms/step"] >= 0
         assert row["device ms/step"] + row["host ms/step"] == pytest.approx(row["decode ms/step"], rel=1e-9)
         # The roofline floor is what the step's bytes take at the measured bandwidth.
         assert row["roofline ms/step"] == pytest.approx(

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
-from gptoss.engine.detokenizer import IncrementalDetokenizer, token_bytes
+from gptoss.engine.detokenizer import IncrementalDetokenizer, stop_prefix_len, token_bytes
 from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import build_tiny_tokenizer, load_tokenizer
 from tokenizers import Tokenizer
@@ -162,3 +162,37 @@ def test_random_stop_strings_match_reference(tiny_tokenizer: Tokenizer) -> None:
         first = min((full.find(s), s) for s in stops if s in full)
         expected = full[: first[0] + (len(first[1]) if include else 0)]
         assert joined == expected, (stops, include)
+
+
+def brute_force_stop_prefix_len(stops: tuple[str, ...], text: str) -> int:
+    """The longest suffix of `text` that is a proper prefix of a stop string, by trying every length."""
+    return max(
+        (n for stop in stops for n in range(1, min(len(stop) - 1, len(text)) + 1) if text.endswith(stop[:n])),
+        default=0,
+    )
+
+
+def test_stop_prefix_search_matches_brute_force() -> None:
+    rng = random.Random(5)
+    for _ in range(2000):
+        stops = tuple("".join(rng.choice("ab") for _ in range(rng.randrange(1, 9))) for _ in range(rng.randrange(1, 4)))
+        text = "".join(rng.choice("abc") for _ in range(rng.randrange(0, 12)))
+        assert stop_prefix_len(text, stops) == brute_force_stop_prefix_len(stops, text), (stops, text)
+
+
+def test_largest_allowed_stop_lists_cost_little_per_token(tiny_tokenizer: Tokenizer) -> None:
+    """16 stop strings of 256 characters built to nearly match the text at every length (the worst case of
+    the prefix search): 2,000 one-token steps stay far below a second (measured ~0.1 s)."""
+    import time
+
+    from gptoss.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+    stops = ["a" * (MAX_STOP_STRING_CHARS - 1 - i) + "b" for i in range(MAX_STOP_STRINGS)]
+    detok = IncrementalDetokenizer(tiny_tokenizer, SamplingParams(stop=stops))
+    token = tiny_tokenizer.encode("a", add_special_tokens=False).ids
+    start = time.perf_counter()
+    for _ in range(2000):
+        detok.add_tokens(token)
+    elapsed = time.perf_counter() - start
+    assert not detok.finished and len(detok.output_text) > 1000
+    assert elapsed < 1.0, f"{elapsed:.2f} s for 2,000 tokens"

@@ -195,19 +195,43 @@ def test_resume_after_kill(tmp_path: Path, tiny_checkpoint: Path, encoding, llm1
     assert all(r["usage"]["completion_tokens"] == 8 for r in results)
 
 
-def test_same_results_at_batch_1_and_16(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
+def invariance_requests(num: int) -> list[dict]:
+    """Sampled requests with logprobs whose prompts differ in length (a few tokens to a few hundred), so batches
+    mix prefill and decode rows and long prompts are prefilled in chunks."""
+    rows = []
+    for i in range(num):
+        row: dict = {"id": f"v{i}", "max_tokens": 2 + i % 5, "temperature": 1.0, "logprobs": 2}
+        text = " ".join(f"word{j * (i + 1) % 97}" for j in range(1 + (i * 37) % 70))
+        if i % 2:
+            row["messages"] = [{"role": "user", "content": text}]
+        else:
+            row.update(prompt=text, raw=True)
+        rows.append(row)
+    return rows
+
+
+def test_same_results_whatever_the_batch(tmp_path: Path, tiny_checkpoint: Path, encoding, llm16) -> None:
+    """The README's and --help's claim: identical files (tokens and logprobs, bit for bit) at any
+    --max-num-seqs, here 1, 3 and 16, with chunked prefill (a 64-token step budget) in one of them."""
     from gptoss.engine.llm import LLM
 
-    rows = mixed_requests(6)
+    rows = invariance_requests(16)
     path = write_jsonl(tmp_path / "in.jsonl", rows)
     outputs = []
-    for name, llm in (("b16", llm16), ("b1", LLM(tiny_checkpoint, max_num_seqs=1))):
+    llms = (
+        ("b16", llm16),
+        ("b3", LLM(tiny_checkpoint, max_num_seqs=3, max_num_batched_tokens=64)),
+        ("b1", LLM(tiny_checkpoint, max_num_seqs=1)),
+    )
+    for name, llm in llms:
         out = tmp_path / f"{name}.jsonl"
         generate_jsonl(path, out, llm, encoding, GenerateDefaults(seed=11), max_in_flight=40, include_raw=True)
         outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
-    tokens = [r["token_ids"] for r in read_results(tmp_path / "b1.jsonl")]
-    assert len({tuple(t) for t in tokens}) > 1  # sampled (temperature 1), not all the same
+    results = read_results(tmp_path / "b1.jsonl")
+    prompt_lengths = [r["usage"]["prompt_tokens"] for r in results]
+    assert min(prompt_lengths) < 16 and max(prompt_lengths) > 128  # one-tile prompts and chunked ones
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert len({tuple(r["token_ids"]) for r in results}) > 1  # sampled (temperature 1), not all the same
     # A different run seed changes the samples.
     generate_jsonl(
         path, tmp_path / "other.jsonl", llm16, encoding, GenerateDefaults(seed=12), max_in_flight=40, include_raw=True
@@ -264,6 +288,107 @@ def test_ctrl_c_keeps_finished_lines_and_frees_the_engine(tmp_path: Path, encodi
     again = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=5), max_in_flight=40)
     assert not again.interrupted and again.num_already_done == summary.num_finished
     assert [r["id"] for r in read_results(out)] == [r["id"] for r in rows]
+
+
+def test_resume_refuses_results_of_other_requests_or_flags(tmp_path: Path, encoding, llm16) -> None:
+    """Only ids were matched before: input B onto A's output kept A's results and exited 0, a changed
+    max_tokens was ignored, a short input onto a long output left the extra lines."""
+    rows = [{"id": f"f{i}", "prompt": f"Hello {i}", "raw": True, "max_tokens": 2} for i in range(4)]
+    a = write_jsonl(tmp_path / "a.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    generate_jsonl(a, out, llm16, encoding, GenerateDefaults(seed=1), max_in_flight=8)
+    finished = out.read_bytes()
+    assert all(len(r["fingerprint"]) == 32 for r in read_results(out))
+    no_model = lambda: pytest.fail("a refused resume must not load a model")  # noqa: E731
+
+    def refused(path: Path, defaults: GenerateDefaults, match: str) -> None:
+        with pytest.raises(generate.GenerateError, match=match):
+            generate_jsonl(path, out, no_model, encoding, defaults, max_in_flight=8)
+        assert out.read_bytes() == finished  # untouched
+
+    # The same ids with another prompt on one line.
+    changed = write_jsonl(tmp_path / "b.jsonl", [*rows[:2], {**rows[2], "prompt": "Goodbye"}, rows[3]])
+    refused(changed, GenerateDefaults(seed=1), r"1 of its 4 finished results .* id 'f2' \(line 3\)")
+    # The same input under another run flag (the default max_tokens, the seed).
+    refused(a, GenerateDefaults(seed=2), "4 of its 4 finished results")
+    refused(a, GenerateDefaults(seed=1, max_tokens=5), "4 of its 4 finished results")
+    # A shorter input: results of requests it does not have.
+    refused(write_jsonl(tmp_path / "c.jsonl", rows[:3]), GenerateDefaults(seed=1), "id 'f3' is not a request of")
+    # A file written without fingerprints (another tool, an older version).
+    out.write_bytes(b"".join(json.dumps({"id": r["id"], "text": ""}).encode() + b"\n" for r in rows))
+    finished = out.read_bytes()
+    refused(a, GenerateDefaults(seed=1), "has no fingerprint")
+    # --overwrite starts over; then the same command resumes with nothing to do.
+    summary = generate_jsonl(a, out, llm16, encoding, GenerateDefaults(seed=1), max_in_flight=8, overwrite=True)
+    assert (summary.num_already_done, summary.num_run) == (0, 4)
+    again = generate_jsonl(a, out, no_model, encoding, GenerateDefaults(seed=1), max_in_flight=8)
+    assert (again.num_already_done, again.num_run) == (4, 0)
+    # Key order and spacing of a line are not its content.
+    reordered = write_jsonl(tmp_path / "d.jsonl", [dict(reversed(list(row.items()))) for row in rows])
+    assert generate_jsonl(reordered, out, no_model, encoding, GenerateDefaults(seed=1), max_in_flight=8).num_run == 0
+
+
+def test_unwritable_output_is_one_line_and_leaves_no_temporary_file(
+    tmp_path: Path, tiny_checkpoint: Path, encoding, llm16, monkeypatch, capsys
+) -> None:
+    import errno
+
+    rows = [{"id": f"w{i}", "prompt": f"Hi {i}", "raw": True, "max_tokens": 1 + i} for i in range(5)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    # A folder that cannot be made (a file is in the way): the command says so in one line, exit status 1.
+    (tmp_path / "blocker").write_text("")
+    blocked = str(tmp_path / "blocker" / "out.jsonl")
+    status = generate.main([str(path), blocked, "--model", str(tiny_checkpoint), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and err[0].startswith("gptoss generate: cannot write ")
+    assert "blocker" in err[0] and "Traceback" not in err[0]
+
+    # The disk fills after two results: the finished lines stay whole, the engine is freed.
+    out = tmp_path / "out.jsonl"
+    real_append = ResultsFile.append
+    appended: list[str] = []
+
+    def append_until_full(self, record):
+        if len(appended) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        appended.append(record["id"])
+        real_append(self, record)
+
+    monkeypatch.setattr(ResultsFile, "append", append_until_full)
+    with pytest.raises(OSError, match="No space left"):
+        generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=2), max_in_flight=8)
+    assert [r["id"] for r in read_results(out)] == appended
+    assert not llm16.engine.has_unfinished_requests()
+    monkeypatch.setattr(ResultsFile, "append", real_append)
+
+    # Full while rewriting in input order: no stale temporary file, and the appended file still resumes.
+    def fsync_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(generate.os, "fsync", fsync_full)
+    with pytest.raises(OSError, match="No space left"):
+        generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=2), max_in_flight=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "in.jsonl", "out.jsonl"]
+    monkeypatch.undo()
+    summary = generate_jsonl(path, out, llm16, encoding, GenerateDefaults(seed=2), max_in_flight=8)
+    assert summary.num_already_done == 5 and [r["id"] for r in read_results(out)] == [r["id"] for r in rows]
+
+
+def test_failed_requests_make_the_exit_status_1(tmp_path: Path, tiny_checkpoint: Path, monkeypatch, capsys) -> None:
+    """The issue's run with NaN weights exited 0; a request that fails in the engine now counts."""
+    from gptoss.engine.outputs import RequestOutput
+
+    def failing_run(engine, jobs, on_finished, **kwargs):
+        for job in jobs:
+            on_finished(job, RequestOutput(job.id, job.prompt_token_ids, [], "", True, "error", error="broken"))
+
+    monkeypatch.setattr(generate, "run_engine", failing_run)
+    monkeypatch.setattr(generate, "make_llm", lambda args: type("FakeLLM", (), {"engine": None})())
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "hi", "raw": True}])
+    out = tmp_path / "out.jsonl"
+    status = generate.main([str(path), str(out), "--model", str(tiny_checkpoint), "--no-progress"])
+    assert status == 1 and "1 requests failed" in capsys.readouterr().err
+    assert read_results(out)[0]["finish_reason"] == "error"
 
 
 WEATHER_TOOL = {

@@ -82,6 +82,34 @@ def test_loader_error_names_every_bad_tensor(tiny_checkpoint: Path, tmp_path: Pa
         assert name in message
 
 
+def test_non_finite_weights_fail_the_load_unless_skipped(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A NaN in a dense weight, an infinity in a bias and a NaN e8m0 scale (0xFF) are each named; a model
+    with them would fail every request later (the sampler saw NaN logits)."""
+    config = ModelConfig.from_json(tiny_checkpoint)
+    merged: dict[str, torch.Tensor] = {}
+    for shard in tiny_checkpoint.glob("*.safetensors"):
+        merged.update(load_file(str(shard)))
+    merged["model.layers.1.self_attn.q_proj.weight"][3, 5] = float("nan")
+    merged["model.layers.0.mlp.experts.down_proj_bias"][0, 0] = float("inf")
+    merged["model.layers.2.mlp.experts.gate_up_proj_scales"][1, 2, 0] = 0xFF
+    save_file(merged, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    with pytest.raises(CheckpointError) as err:
+        load_weights(GptOssModel.create(config, torch.float32, "cpu"), tmp_path, progress=False)
+    message = str(err.value)
+    assert "non-finite values (NaN or infinity) in 3 tensors" in message
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight: 1 of",
+        "model.layers.0.mlp.experts.down_proj_bias: 1 of",
+        "model.layers.2.mlp.experts.gate_up_proj_scales: 1 of",
+    ):
+        assert name in message
+    # The opt-out loads it as it is.
+    model = GptOssModel.create(config, torch.float32, "cpu")
+    load_weights(model, tmp_path, progress=False, check_finite=False)
+    assert model.model.layers[1].self_attn.q_proj.weight[3, 5].isnan()
+
+
 def test_missing_checkpoint_folder_is_a_clear_error(tmp_path: Path) -> None:
     model = GptOssModel.create(preset("tiny"), torch.float32, "cpu")
     with pytest.raises(CheckpointError, match=r"no model\.safetensors\.index\.json"):

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
+from gptoss.kernels import moe
 from gptoss.kernels.moe import (
     _CONFIGS,
     BLOCK_K,
@@ -141,38 +142,150 @@ def test_route_bits_do_not_depend_on_the_batch() -> None:
 # ------------------------------------------------------------------------------------------------ layout
 
 
+def _rotl(words: torch.Tensor, r: int) -> torch.Tensor:
+    return ((words << r) | (words >> (32 - r))) & 0xFFFFFFFF
+
+
+def _decode_pairs(words: torch.Tensor) -> torch.Tensor:
+    """The kernel's bit operations on int64 words holding uint32 -> [..., 4 (pair j), 2 (half)] fp4 codes
+    (sign from bf16 bit 15, magnitude from bits 8..6 of each half)."""
+    m = 0x81C081C0
+    pairs = [words & m, _rotl(words, 12) & m, _rotl(words, 6) & m]
+    pairs.append((_rotl(words, 2) & 0x80C080C0) | (_rotl(words, 10) & 0x01000100))
+    o = torch.stack(pairs, dim=-1)
+    halves = torch.stack([o & 0xFFFF, o >> 16], dim=-1)
+    assert not (halves & ~0x81C0).any(), "bits outside sign / magnitude"
+    return ((halves >> 15) << 3) | ((halves >> 6) & 0x7)
+
+
+def _unpack_fragment_layout(w, k: int) -> torch.Tensor:
+    """Packed values -> [E, N_pad, K] fp4 codes, from the layout as documented in `_weight_tile`: memory row
+    32 h + 8 w + g is weight row 16 w + 8 h + g; lane t's word v of a row holds columns 32 v + 8 j + 2 t +
+    half of its tile (j, half from `_decode_pairs`)."""
+    experts, blocks, _ = w.values.shape
+    words = w.values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # [E, NB, K / 8]
+    codes = torch.zeros(experts, blocks * BLOCK_N, k, dtype=torch.int64)
+    offset = 0
+    for k0 in range(0, k, BLOCK_K):
+        groups = min(BLOCK_K, k - k0) // 32
+        tile = words[:, :, offset : offset + BLOCK_N * 4 * groups].reshape(experts, blocks, 2, 4, 8, 4, groups)
+        offset += BLOCK_N * 4 * groups
+        pairs = _decode_pairs(tile)  # [E, NB, h, w, g, t, v, j, half]
+        for h, wp, g, t, v, j, half in torch.cartesian_prod(*(torch.arange(s) for s in (2, 4, 8, 4, groups, 4, 2))):
+            rows = torch.arange(blocks) * BLOCK_N + 16 * wp + 8 * h + g
+            codes[:, rows, k0 + 32 * v + 8 * j + 2 * t + half] = pairs[:, :, h, wp, g, t, v, j, half]
+    return codes
+
+
 def test_pack_mxfp4_layout() -> None:
-    """Row block b, K tile j of the packed values is the checkpoint's rows b*BLOCK_N.., bytes j*BLOCK_K/2..;
-    the last K tile holds only the remaining columns; N is padded with zero rows (scale 127)."""
+    """Decoding the packed words with the kernel's bit operations and placing each value where the documented
+    layout says gives back every checkpoint code (full K tiles and a 64-column tail); N is padded with zero
+    rows (scale 127); scales follow the same row order."""
     experts, n, k = 2, 80, 2 * BLOCK_K + 64
     gen = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (experts, n, k // 32, 16), generator=gen, dtype=torch.uint8)
     scales = torch.randint(0, 256, (experts, n, k // 32), generator=gen, dtype=torch.uint8)
     w = pack_mxfp4(blocks, scales, torch.zeros(experts, n))
     assert w.values.shape == (experts, 2, BLOCK_N * k // 2) and w.wide_scales
-    flat = blocks.reshape(experts, n, k // 2)
-    tile1 = w.values[1, 0, BLOCK_N * BLOCK_K // 2 : BLOCK_N * BLOCK_K].view(BLOCK_N, BLOCK_K // 2)
-    assert torch.equal(tile1, flat[1, :BLOCK_N, BLOCK_K // 2 : BLOCK_K])
-    last = w.values[0, 1, BLOCK_N * BLOCK_K :].view(BLOCK_N, 32)
-    assert torch.equal(last[: n - BLOCK_N], flat[0, BLOCK_N:, BLOCK_K:]) and not last[n - BLOCK_N :].any()
-    last_scales = w.scales[0, 1, BLOCK_N * BLOCK_K // 16 :].view(BLOCK_N, 2)
-    assert torch.equal(last_scales[: n - BLOCK_N], scales[0, BLOCK_N:, 8:])
-    assert (last_scales[n - BLOCK_N :] == 127).all()
+    flat = blocks.reshape(experts, n, k // 2).to(torch.int64)
+    codes = torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(experts, n, k)
+    unpacked = _unpack_fragment_layout(w, k)
+    assert torch.equal(unpacked[:, :n], codes) and not unpacked[:, n:].any()
+    # scales: tile-major, memory row order (h, w, g), the tail tile with its 2 groups per row
+    tail = w.scales[0, 1, BLOCK_N * 8 :].view(2, 4, 8, 2).permute(1, 0, 2, 3).reshape(BLOCK_N, 2)
+    assert torch.equal(tail[: n - BLOCK_N], scales[0, BLOCK_N:, 8:]) and (tail[n - BLOCK_N :] == 127).all()
+    tile1 = w.scales[1, 0, BLOCK_N * 4 : BLOCK_N * 8].view(2, 4, 8, 4).permute(1, 0, 2, 3).reshape(BLOCK_N, 4)
+    assert torch.equal(tile1, scales[1, :BLOCK_N, 4:8])
+
+
+def test_asm_decode_register_order_is_the_logical_tile() -> None:
+    """The GPU path's renaming (inline PTX outputs r0 = pairs 0, 1 and r1 = pairs 2, 3 of each 4-byte word,
+    joined, reshaped to (h, w, g, t, v, i1, i0, u), permuted (1, 0, 2, 4, 7, 5, 3, 6)) yields the weight
+    tile in row / column order: emulated here with torch on one packed tile."""
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (1, BLOCK_N, BLOCK_K // 32, 16), generator=gen, dtype=torch.uint8)
+    w = pack_mxfp4(blocks, torch.full((1, BLOCK_N, BLOCK_K // 32), 127, dtype=torch.uint8), torch.zeros(1, BLOCK_N))
+    words = w.values.view(torch.int32).to(torch.int64).reshape(BLOCK_N, 16) & 0xFFFFFFFF
+    pairs = _decode_pairs(words)  # [64 memory rows, 16 words (t, v), 4 (j), 2 (half)]
+    # per byte i = 2 i1 + i0 of a word: r_u holds pair 2 u + i1, half i0
+    r = pairs.reshape(BLOCK_N, 16, 2, 2, 2).permute(0, 1, 3, 4, 2).reshape(BLOCK_N, 64, 2)  # [.., byte, u]
+    tile = r.reshape(2, 4, 8, 4, 4, 2, 2, 2).permute(1, 0, 2, 4, 7, 5, 3, 6).reshape(BLOCK_N, BLOCK_K)
+    flat = blocks[0].reshape(BLOCK_N, BLOCK_K // 2).to(torch.int64)
+    assert torch.equal(tile, torch.stack([flat & 0xF, flat >> 4], dim=-1).reshape(BLOCK_N, BLOCK_K))
+
+
+def _run_ptx(asm: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Emulate the few PTX instructions the decode's inline asm uses on 32-bit values; `mov.b32 {a, b}, r`
+    splits r into its low (a) and high (b) 16 bits. Returns every register, operands `$n` included."""
+    regs = dict(inputs)
+    mask = 0xFFFFFFFF
+
+    def val(token: str) -> int:
+        return int(token, 0) if token[0].isdigit() else regs[token]
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":
+            lo, hi = rest[rest.index("{") + 1 : rest.index("}")].replace(" ", "").split(",")
+            r = val(rest.rsplit(",", 1)[1].strip())
+            regs[lo], regs[hi] = r & 0xFFFF, r >> 16
+            continue
+        d, *args = [a.strip() for a in rest.split(",")]
+        a = [val(x) for x in args]
+        if op == "and.b32":
+            regs[d] = a[0] & a[1]
+        elif op == "or.b32":
+            regs[d] = a[0] | a[1]
+        elif op == "shl.b32":
+            regs[d] = (a[0] << a[1]) & mask
+        elif op == "shr.u32":
+            regs[d] = a[0] >> a[1]
+        elif op == "add.u32":
+            regs[d] = (a[0] + a[1]) & mask
+        elif op == "shf.l.wrap.b32":  # funnel shift of (hi = a[1] : lo = a[0]) left by n, the high word kept
+            n = a[2] & 31
+            regs[d] = (((a[1] << 32 | a[0]) << n) >> 32) & mask
+        else:
+            raise AssertionError(f"PTX instruction not emulated: {op}")
+    return regs
+
+
+def test_inline_ptx_decode_matches_the_bit_operations() -> None:
+    """The GPU's inline PTX (`_DECODE_PTX`, `_SCALE_PTX`) computes what the pure-Triton path and the packing
+    assume: outputs $0..$7 are pairs 0..3 (low half first) of `_decode_pairs`, and $0..$3 of the scale asm are
+    the bf16 patterns of 2^(s - 1) for bytes 0..3 of the scale word (s <= 128)."""
+    gen = torch.Generator().manual_seed(3)
+    words = [*torch.randint(0, 1 << 32, (64,), generator=gen, dtype=torch.int64).tolist(), 0, 0xFFFFFFFF]
+    for word in words:
+        regs = _run_ptx(moe._DECODE_PTX.value, {"$8": word})
+        pairs = _decode_pairs(torch.tensor([word]))[0]  # [4, 2] codes
+        for j in range(4):
+            for half in range(2):
+                bits = regs[f"${2 * j + half}"]
+                assert bits & ~0x81C0 == 0
+                assert ((bits >> 15) << 3 | (bits >> 6) & 7) == pairs[j, half].item(), (hex(word), j, half)
+    for scales in ([0, 1, 127, 128], [126, 3, 100, 64], [128, 128, 0, 0]):
+        word = scales[0] | scales[1] << 8 | scales[2] << 16 | scales[3] << 24
+        regs = _run_ptx(moe._SCALE_PTX.value, {"$4": word})
+        for i, s in enumerate(scales):
+            factor = torch.tensor([regs[f"${i}"]], dtype=torch.int16).view(torch.bfloat16).float().item()
+            assert factor == 2.0 ** (s - 1), (scales, i)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp32 dots are tf32 on the GPU: exact only in the interpreter")
-def test_decode_is_exact_for_every_code_and_scale() -> None:
+@pytest.mark.parametrize("hidden", [256, 320])  # two full K tiles; and a 64-column tail tile after them
+def test_decode_is_exact_for_every_code_and_scale(hidden: int) -> None:
     """fp32 math (interpreter) reproduces mxfp4_dequantize bit for bit for all 256 byte values and every
     e8m0 scale 0..250 (beyond, 6 * 2^(s-127) overflows fp32; scales > 128 take the second multiply), one
     expert through the down-projection matmul with one-hot activation rows."""
-    hidden = 256
     codes = torch.arange(256, dtype=torch.uint8).repeat(hidden // 2 * 64 // 256 + 1)[: 64 * hidden // 2]
     blocks = codes.view(1, 64, hidden // 32, 16)
     scales = (torch.arange(64 * hidden // 32) % 251).to(torch.uint8).view(1, 64, hidden // 32)
     weights = mxfp4_dequantize(blocks, scales)[0]  # [64, hidden]
     w2 = pack_mxfp4(blocks.to(DEVICE), scales.to(DEVICE), torch.zeros(1, 64, device=DEVICE))
-    from gptoss.kernels import moe
-
     partials = torch.empty(1, 16, 64, device=DEVICE)
     routing = moe_route(torch.zeros(16, 1, device=DEVICE), 1, 16)
     matmul = moe._kernels()[0]
@@ -188,7 +301,7 @@ def test_decode_is_exact_for_every_code_and_scale() -> None:
             routing.sorted_pairs, routing.tile_expert, routing.tile_row_start, routing.expert_offsets,
             64, 7.0, 1.702,
             K=hidden, TOP_K=1, GATHER_A=False, SWIGLU=False, FP32_MATH=True, WIDE_SCALES=w2.wide_scales,
-            SUBTILES=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=1,
+            ASM_DECODE=False, SUBTILES=1, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT_K=1,
         )  # fmt: skip
         assert torch.equal(partials[0].cpu(), weights[:, col0 : col0 + 16].T), col0
 

@@ -78,3 +78,19 @@ def test_is_stop_token() -> None:
     ignoring = SamplingParams(stop_token_ids=[200002], ignore_eos=True)
     assert not ignoring.is_stop_token(199999, eos_token_ids=(199999,))
     assert ignoring.is_stop_token(200002, eos_token_ids=(199999,))
+
+
+def test_stop_lists_are_bounded_and_the_error_names_the_field() -> None:
+    """Stop strings are checked on the engine thread after every token: 500k of them slowed every client 7x."""
+    from gptoss.engine.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
+    SamplingParams(stop=["x"] * MAX_STOP_STRINGS, stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)))
+    SamplingParams(stop="y" * MAX_STOP_STRING_CHARS)
+    for kwargs, field, message in (
+        ({"stop": ["x"] * (MAX_STOP_STRINGS + 1)}, "stop", f"at most {MAX_STOP_STRINGS} stop strings"),
+        ({"stop": ["ok", "y" * (MAX_STOP_STRING_CHARS + 1)]}, "stop", f"at most {MAX_STOP_STRING_CHARS} characters"),
+        ({"stop_token_ids": list(range(MAX_STOP_TOKEN_IDS + 1))}, "stop_token_ids", "at most"),
+    ):
+        with pytest.raises(SamplingParamsError) as err:
+            SamplingParams(**kwargs)
+        assert err.value.param == field and message in str(err.value)

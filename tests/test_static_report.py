@@ -104,3 +104,40 @@ def test_no_torch_op_between_kernels() -> None:
     from gptoss.benchmarks.static_report import torch_ops_per_layer
 
     assert torch_ops_per_layer() == 0
+
+
+_FALLBACK_SCRIPT = """
+import dataclasses, os
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from gptoss.benchmarks import static_report
+from gptoss.kernels import moe
+from gptoss.kernels.launch_spec import ModelShape
+scenario = [s for s in static_report._scenarios() if s.name == "decode-1 ctx1k"][0]
+for spec in moe.launch_specs(ModelShape(), scenario):
+    if spec.name.startswith("moe.matmul"):
+        for asm, wide in ((True, False), (False, False), (True, True)):
+            constants = {**spec.constants, "ASM_DECODE": asm, "WIDE_SCALES": wide}
+            c = static_report.compile_spec(dataclasses.replace(spec, constants=constants))
+            print("ROW|{}|{}|{}|{}|{}".format(spec.name, asm, wide, c.spills, c.loop_instructions), flush=True)
+"""
+
+
+def test_moe_decode_fallback_compiles_without_spills() -> None:
+    """The pure-Triton e2m1 decode (ASM_DECODE=False, the fallback to the inline PTX) and the decode of a
+    checkpoint with scales > 128 (WIDE_SCALES) compile for sm_90 on the installed triton without spills; the
+    inline PTX one has the shorter main loop."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if not _has_nvidia_backend("", env):
+        pytest.skip("triton has no NVIDIA backend / ptxas")
+    proc = subprocess.run(
+        [sys.executable, "-c", _FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [line.split("|")[1:] for line in proc.stdout.splitlines() if line.startswith("ROW|")]
+    assert len(rows) == 6, proc.stdout
+    loops = {}
+    for name, asm, wide, spills, loop in rows:
+        assert int(spills) == 0, f"{name} (ASM_DECODE={asm}, WIDE_SCALES={wide}) spills {spills} bytes"
+        loops[name, asm == "True", wide == "True"] = int(loop)
+    for name, _, _ in loops:
+        assert loops[name, True, False] <= loops[name, False, False], loops

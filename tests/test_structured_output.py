@@ -819,6 +819,23 @@ def test_sync_and_mask_fn_protocol(tiny) -> None:
     assert torch.equal(fresh([bad]), compiler.new_state(spec).allowed_token_mask())
 
 
+def test_schemas_past_the_compile_limits_are_refused_naming_the_field(tiny) -> None:
+    """A schema whose grammar passes llguidance's size limit, and absurd minimum counts, are 400s (a 35 KB
+    schema of nested oneOf constants held the engine 91 s; minItems 10^9 was accepted)."""
+    alternatives = [{"oneOf": [{"const": f"v{i}_{j}_{k}"} for k in range(30)]} for i in range(30) for j in range(30)]
+    for schema, words in (
+        ({"type": "object", "properties": {"p": {"oneOf": alternatives}}}, "too large"),
+        ({"type": "array", "items": {"type": "string", "minLength": 10**9}}, "minLength 1000000000"),
+        ({"type": "object", "properties": {"a": {"type": "array", "minItems": 20_000}}}, "minItems 20000"),
+    ):
+        spec = StructuredOutputSpec.from_request(
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+        )
+        with pytest.raises(StructuredOutputError) as err:
+            tiny[0].new_state(spec)
+        assert err.value.param == "response_format.json_schema.schema" and words in err.value.message
+
+
 def test_undeclared_function_cannot_be_called(tiny) -> None:
     """tool_choice auto, non-strict tools: the grammar holds the header alone, so a call can only name a
     declared function (never `analysis$location` or a tool the request did not declare)."""

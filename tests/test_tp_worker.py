@@ -50,7 +50,7 @@ def test_tp2_server_answers_every_api_then_fails_fast_when_a_worker_dies(tiny_ch
 
         assert_every_api_answers(base, max_tokens=4)
 
-        body = {"prompt": "Hello", "max_tokens": 5000, "ignore_eos": True, "stream": True}
+        body = {"prompt": "Hello", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         events = []
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as stream:
             lines = stream.iter_lines()

@@ -12,6 +12,7 @@ is a message with role "tool", `name="functions.NAME"`, `recipient="assistant"`,
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -26,6 +27,9 @@ MODEL_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 KNOWLEDGE_CUTOFF = "2024-06"
 # The content type openai-harmony renders for a JSON tool call: ` <|constrain|>json` in the header.
 JSON_CALL_CONTENT_TYPE = "<|constrain|>json"
+# Function names as OpenAI accepts them: they are spliced into the prompt (`to=functions.NAME`), so a newline,
+# a special token or 100k characters must not get through.
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 class HarmonyInputError(RequestError):
@@ -183,6 +187,12 @@ def normalize_tool(tool: Any, param: str) -> ToolSpec:
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise HarmonyInputError(f"{param} has no function name", f"{param}.name")
+    if not TOOL_NAME.fullmatch(name):
+        shown = name if len(name) <= 80 else name[:80] + "..."
+        raise HarmonyInputError(
+            f"{param}.name {shown!r} is not a valid function name: 1 to 64 characters among a-z, A-Z, 0-9, _ and -",
+            f"{param}.name",
+        )
     description = spec.get("description") or ""
     if not isinstance(description, str):
         raise HarmonyInputError(f"{param}.description must be a string", f"{param}.description")

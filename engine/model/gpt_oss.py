@@ -148,7 +148,8 @@ class Attention(nn.Module):
             batch_invariant=batch_invariant,
             backend=backend,
         )
-        return self.o_proj(attn.view(num_tokens, -1), batch_invariant, backend)
+        # reshape is a view: every path returns a contiguous [T, Hq, D].
+        return self.o_proj(attn.reshape(num_tokens, -1), batch_invariant, backend)
 
 
 class MXFP4Experts(nn.Module):

@@ -131,12 +131,34 @@ def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, Any]]:
                 yield name, f.get_slice(name)
 
 
-def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool = True) -> None:
-    """Copy every checkpoint tensor (this rank's share of it) into the model's parameter of the same name."""
+# An e8m0 scale byte of 0xFF is NaN (OCP MX spec); dequantised as an exponent it would be 2^128 = inf.
+E8M0_NAN = 0xFF
+
+
+def _count_non_finite(name: str, param: torch.Tensor) -> torch.Tensor:
+    """How many of a loaded parameter's values are NaN or infinite (a 0-dim tensor on the parameter's device):
+    float tensors directly, MXFP4 scales by their NaN byte. Packed fp4 blocks are always finite."""
+    if param.dtype.is_floating_point:
+        return (~torch.isfinite(param)).sum()
+    if name.endswith("_scales"):
+        return (param == E8M0_NAN).sum()
+    return torch.zeros((), dtype=torch.int64, device=param.device)
+
+
+def load_weights(
+    model: GptOssModel, checkpoint_dir: str | Path, progress: bool = True, check_finite: bool = True
+) -> None:
+    """Copy every checkpoint tensor (this rank's share of it) into the model's parameter of the same name.
+
+    With `check_finite`, every value is checked as it lands (on the device, read back once at the end): a NaN
+    or infinity in a weight would make every request fail later, so it fails the load here, naming the
+    tensors. Skipping the check saves one pass over the weights.
+    """
     shards = checkpoint_shards(checkpoint_dir)
     specs = checkpoint_tensor_specs(model.config)
     validate_checkpoint(shards, specs)
     params = dict(model.named_parameters())
+    non_finite: dict[str, torch.Tensor] = {}
     with tqdm(
         total=sum(p.nbytes for p in model.parameters()),  # this rank's share
         unit="B",
@@ -147,7 +169,17 @@ def load_weights(model: GptOssModel, checkpoint_dir: str | Path, progress: bool 
     ) as bar:
         for name, tensor_slice in _iter_checkpoint(shards):
             load_parameter(model, name, tensor_slice)
+            if check_finite:
+                non_finite[name] = _count_non_finite(name, params[name])
             bar.update(params[name].nbytes)
+    if non_finite:
+        counts = dict(zip(non_finite, torch.stack(list(non_finite.values())).tolist(), strict=True))
+        bad = [f"{name}: {count} of {params[name].numel()}" for name, count in sorted(counts.items()) if count]
+        if bad:
+            raise CheckpointError(
+                f"non-finite values (NaN or infinity) in {len(bad)} tensors of {checkpoint_dir} "
+                "(a corrupt or mis-converted checkpoint):\n  " + "\n  ".join(bad)
+            )
     model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs
 
 

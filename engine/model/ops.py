@@ -57,14 +57,18 @@ def linear(
 
     cuBLAS picks its algorithm (and split-K) from the row count, so a row's bits depend on the batch; in
     batch-invariant mode CUDA tensors go through the Triton kernel, whose per-element reduction order depends
-    on K only (it accumulates in fp32 and rounds once, to out_dtype). Otherwise torch (cuBLAS is faster when
-    the bits may depend on the batch).
+    on K only (it accumulates in fp32 and rounds once, to out_dtype); CPU tensors go through torch in tiles of
+    one fixed shape (a CPU BLAS likewise picks its kernel from the row count). Otherwise torch (cuBLAS is
+    faster when the bits may depend on the batch).
     """
     if batch_invariant and use_triton(x, backend):
         from gptoss.kernels.matmul import linear as triton_linear
 
         return triton_linear(x, weight, bias, out_dtype=out_dtype)
-    out = torch.nn.functional.linear(x, weight, bias)
+    if batch_invariant and not x.is_cuda:
+        out = reference.linear_fixed_shape(x, weight, bias)
+    else:
+        out = torch.nn.functional.linear(x, weight, bias)
     return out if out_dtype is None else out.to(out_dtype)
 
 

@@ -5,6 +5,7 @@ See the package docstring for the grammar and for how the engine uses these.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import llguidance
 import numpy as np
@@ -151,6 +153,30 @@ class _CompiledGrammar:
     matcher: llguidance.LLMatcher  # pristine; each request gets a deep copy
 
 
+# Compile-time bounds, so that one request's schema cannot hold a CPU and gigabytes: llguidance's own limits
+# (below its defaults of 500k grammar symbols and 250k lexer states, about 1-2 kB each), and a cap on the
+# minimum counts a schema may demand (a reply cannot hold 10^9 items anyway; such bounds only cost).
+PARSER_LIMITS = llguidance.LLParserLimits(max_grammar_size=200_000, max_lexer_states=50_000)
+MAX_SCHEMA_MINIMUM = 10_000
+_MINIMUM_KEYWORDS = ("minItems", "minLength", "minProperties", "minContains")
+
+
+def excessive_minimum(schema: Any) -> str | None:
+    """A message for the first `minItems` / `minLength` / ... above `MAX_SCHEMA_MINIMUM` anywhere in `schema`."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for keyword in _MINIMUM_KEYWORDS:
+                value = node.get(keyword)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_MINIMUM:
+                    return f"{keyword} {value} is more than this server allows ({MAX_SCHEMA_MINIMUM})"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 class StructuredOutputCompiler:
     """Compiles specs into matchers for one tokenizer; compiled grammars are kept in a bounded LRU cache.
 
@@ -195,7 +221,7 @@ class StructuredOutputCompiler:
             if tool.schema is not None:
                 self._check_schema(tool.schema, True, tool.param)
         grammar = harmony_grammar(spec)
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=PARSER_LIMITS)
         if matcher.is_error():
             raise StructuredOutputError(spec.final_param, f"cannot compile the grammar: {matcher.get_error()}")
         compiled = _CompiledGrammar(grammar, matcher)
@@ -222,8 +248,13 @@ class StructuredOutputCompiler:
 
     def _schema_error(self, schema_json: str, strict: bool) -> str | None:
         """None if llguidance accepts the schema, else a message naming what is wrong or unsupported."""
+        too_large = excessive_minimum(json.loads(schema_json))
+        if too_large is not None:
+            return too_large
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json_with_options(schema_json, strict))
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+            grammar, self.ll_tokenizer, limits=PARSER_LIMITS
+        )
         if is_error:
             detail = messages[0].split("\n")[0] if messages else "unknown error"
             detail = detail.removeprefix("failed to compile JSON schema: ")

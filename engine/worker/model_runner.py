@@ -50,7 +50,8 @@ class ModelRunnerOutput:
     (entry j is the logprob of prompt token `first_prompt_index[seq_id] + j`)."""
 
     sampled: dict[int, TokenLogprob] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its logits mask could not be built
+    failed: dict[int, str] = field(default_factory=dict)  # seq_id -> why its token could not be sampled
+    num_non_finite: int = 0  # sampling rows whose logits had a NaN or infinity (a broken model, not a request)
     prompt_logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
     first_prompt_index: dict[int, int] = field(default_factory=dict)
 
@@ -258,7 +259,8 @@ class ModelRunner:
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
-            load_weights(self.model, args.model, progress=args.load_progress)
+            load_weights(self.model, args.model, progress=args.load_progress, check_finite=args.check_weights)
+        self.model.batch_invariant = args.batch_invariant
         if self.device.type == "cpu":
             set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         # Rank 0 hands out block ids for all ranks: each must hold as many as the smallest cache.
@@ -485,11 +487,19 @@ class ModelRunner:
             seq.prompt_token_array if p.repetition_penalty != 1.0 else () for seq, p in zip(seqs, params, strict=True)
         ]
         batch = SamplingBatch.build(params, outputs, logits.shape[-1], logits.device, prompt_token_ids=prompts)
+        # A NaN or infinity in a row (broken weights, an overflow) would sample garbage, even an id outside the
+        # vocabulary: such rows are sampled from zeros instead and their requests fail with a clear error.
+        # Checked on the device; read back with the tokens (no extra wait).
+        finite = torch.isfinite(logits).all(dim=-1)
+        logits = torch.where(finite.unsqueeze(1), logits, 0.0)
         result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out, grammar))
-        token_ids, logprobs, top_ids, top_values = _to_host_lists(
-            result.sampled_token_ids, result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs
+        token_ids, logprobs, top_ids, top_values, finite_rows = _to_host_lists(
+            result.sampled_token_ids, result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs, finite
         )
         for i, seq in enumerate(seqs):
+            if not finite_rows[i]:
+                out.num_non_finite += 1
+                out.failed[seq.seq_id] = "the model produced non-finite logits (NaN or infinity) for this request"
             k = seq.sampling_params.logprobs or 0
             top = dict(zip(top_ids[i][:k], top_values[i][:k], strict=True)) if k and top_ids and top_values else {}
             logprob = logprobs[i] if logprobs is not None else float("nan")  # nan: not asked for, not reported
