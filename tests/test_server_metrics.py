@@ -3,6 +3,9 @@ stats summed and per replica, and the vLLM-named series beside ours."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from gptoss.engine.metrics import MetricsSnapshot
 from gptoss.server.metrics import ServerMetrics
 from prometheus_client.parser import text_string_to_metric_families
@@ -85,3 +88,15 @@ def test_without_replicas_vllm_series_are_engine_0() -> None:
     got = samples(ServerMetrics().render(replica(2, 1, {}), None, "m"))
     assert got["vllm:num_requests_running", frozenset({("model_name", "m"), ("engine", "0")})] == 2
     assert not any(name.startswith("gptoss_engine_replica_") for name, _ in got)
+
+
+def test_readme_vllm_names_are_exported() -> None:
+    """Every vLLM name README's metrics table documents is a series of /metrics, and so is every ours."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| vLLM (v1), also exported |") :].split("\n\n")[0]
+    documented = set(re.findall(r"`((?:vllm:|gptoss_)[a-z0-9_:]+)", table))
+    assert len(documented) >= 20
+    text = ServerMetrics().render(replica(1, 0, {"stop": 1}), None, "m")
+    exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    exported |= {f.name for f in text_string_to_metric_families(text)}
+    assert documented <= exported, documented - exported
