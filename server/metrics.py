@@ -34,6 +34,19 @@ PREFIX = "gptoss"
 # but older Prometheus servers do not know the version string).
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
+# vLLM's (v1) names of the engine's numbers: (name, kind, our engine stat, meaning). README lists the pairs.
+_USAGE = "Used KV blocks / total, 0..1 (the fullest block group)."
+VLLM_ENGINE_SERIES = (
+    ("vllm:num_requests_running", "gauge", "num_running", "Requests in the batch."),
+    ("vllm:num_requests_waiting", "gauge", "num_waiting", "Requests queued."),
+    ("vllm:kv_cache_usage_perc", "gauge", "kv_cache_usage", _USAGE),
+    ("vllm:gpu_cache_usage_perc", "gauge", "kv_cache_usage", _USAGE + " vLLM v0's name."),
+    ("vllm:prefix_cache_queries", "counter", "prompt_tokens_total", "Prompt tokens looked up in the prefix cache."),
+    ("vllm:prefix_cache_hits", "counter", "prefix_hit_tokens_total", "Prompt tokens served from the prefix cache."),
+    ("vllm:num_preemptions", "counter", "num_preemptions_total", "Sequences preempted (KV cache full)."),
+    ("vllm:prompt_tokens", "counter", "prompt_tokens_total", "Prompt tokens of admitted requests."),
+    ("vllm:generation_tokens", "counter", "generation_tokens_total", "Generated tokens."),
+)
 # Labels of the engine's dict-valued stats: KV block counts are per block group, finished requests per reason.
 _DICT_LABELS = {"requests_finished_total": "reason"}
 # Engine stats named `*_total` that are gauges, not counters (a capacity, not a count of events).
@@ -163,49 +176,12 @@ class EngineCollector(Collector):
         data-parallel replica) on the engine's series. README lists the pairs."""
         engines = [(str(r), s) for r, s in enumerate(replicas)] if replicas else [("0", stats)]
 
-        def engine_family(name: str, kind: str, doc: str, read: Any) -> Metric:
+        for name, kind, key, doc in VLLM_ENGINE_SERIES:
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = cls(name, doc, labels=["model_name", "engine"])
             for engine, s in engines:
-                family.add_metric([model_name, engine], float(read(s)))
-            return family
-
-        yield engine_family(
-            "vllm:num_requests_running", "gauge", "Requests in the batch.", lambda s: s.get("num_running", 0)
-        )
-        yield engine_family("vllm:num_requests_waiting", "gauge", "Requests queued.", lambda s: s.get("num_waiting", 0))
-        usage = "Used KV blocks / total, 0..1 (the fullest block group)."
-        yield engine_family("vllm:kv_cache_usage_perc", "gauge", usage, lambda s: s.get("kv_cache_usage", 0.0))
-        yield engine_family(
-            "vllm:gpu_cache_usage_perc", "gauge", usage + " vLLM v0's name.", lambda s: s.get("kv_cache_usage", 0.0)
-        )
-        yield engine_family(
-            "vllm:prefix_cache_queries",
-            "counter",
-            "Prompt tokens looked up in the prefix cache.",
-            lambda s: s.get("prompt_tokens_total", 0),
-        )
-        yield engine_family(
-            "vllm:prefix_cache_hits",
-            "counter",
-            "Prompt tokens served from the prefix cache.",
-            lambda s: s.get("prefix_hit_tokens_total", 0),
-        )
-        yield engine_family(
-            "vllm:num_preemptions",
-            "counter",
-            "Sequences preempted (KV cache full).",
-            lambda s: s.get("num_preemptions_total", 0),
-        )
-        yield engine_family(
-            "vllm:generation_tokens", "counter", "Generated tokens.", lambda s: s.get("generation_tokens_total", 0)
-        )
-        yield engine_family(
-            "vllm:prompt_tokens",
-            "counter",
-            "Prompt tokens of admitted requests.",
-            lambda s: s.get("prompt_tokens_total", 0),
-        )
+                family.add_metric([model_name, engine], float(s.get(key, 0)))
+            yield family
         success = CounterMetricFamily(
             "vllm:request_success", "Finished requests by reason.", labels=["model_name", "engine", "finished_reason"]
         )
