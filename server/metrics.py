@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -32,7 +31,7 @@ THROUGHPUT_WINDOW_S = 10.0
 PREFIX = "gptoss"
 # The Prometheus text format every scraper reads (prometheus_client's newest default, 1.0.0, is the same text
 # but older Prometheus servers do not know the version string).
-CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # vLLM's (v1) names of the engine's numbers: (name, kind, our engine stat, meaning). README lists the pairs.
 _USAGE = "Used KV blocks / total, 0..1 (the fullest block group)."
