@@ -202,6 +202,7 @@ class ReplicaClient:
         self._events = events_in
         self._control_lock = threading.Lock()
         self._validation_lock = threading.Lock()
+        self._gone_lock = threading.Lock()
         self.scheduler = _SchedulerView()
         self.fatal_error: str | None = None
         self._fatal_listeners: list[Callable[[str], None]] = []
@@ -241,7 +242,10 @@ class ReplicaClient:
 
     def _gone_reason(self) -> str:
         """Why the replica's pipes closed: its exit code when it has exited (it has, or soon will)."""
-        self.process.join(GONE_JOIN_S)
+        # One thread at a time: two threads reaping the same child race (the loser's waitpid fails and its
+        # join returns with no exit code, which would read as a hung replica).
+        with self._gone_lock:
+            self.process.join(GONE_JOIN_S)
         if self.process.exitcode is None:
             return f"data-parallel replica {self.index} stopped answering"
         return f"data-parallel replica {self.index} exited (code {self.process.exitcode})"
