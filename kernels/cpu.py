@@ -141,8 +141,12 @@ def moe(
     swiglu_limit: float = 7.0,
     swiglu_alpha: float = 1.702,
     cache: ExpertCache | None = None,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
-    """`kernels.reference.moe_reference`, with cached dequantised experts and one combine (math in fp32)."""
+    """`kernels.reference.moe_reference`, with cached dequantised experts and one combine (math in fp32).
+
+    `batch_invariant`: each expert's rows go through its matmuls in fixed-shape tiles, so a token's bits do not
+    depend on how many others chose the expert; otherwise in one matmul per expert (faster)."""
     cache = EXPERT_CACHE if cache is None else cache
     num_tokens, hidden = x.shape
     expert_ids, expert_weights = route_topk(router_logits, top_k)
@@ -175,7 +179,8 @@ def moe(
         end = start + count
         weights = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
         # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
-        out_sorted[start:end] = map_row_tiles(functools.partial(expert_mlp, weights), rows[start:end])
+        mlp = functools.partial(expert_mlp, weights)
+        out_sorted[start:end] = map_row_tiles(mlp, rows[start:end]) if batch_invariant else mlp(rows[start:end])
         start = end
     # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
     # order per token (elementwise: a batched matmul over the tokens would split its work by their number).

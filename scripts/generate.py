@@ -39,7 +39,8 @@ that cannot be written (read-only folder, full disk) stops the run with one line
 finished and no temporary file.
 
 Determinism: a request without its own `seed` gets one derived from the run's `--seed` (default 0) and its id,
-so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
+so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default with
+CUDA; on CPU pass --batch-invariant)
 two runs on the same machine and device (the same GPU, or the CPU with `--num-threads 1`) give identical
 files, tokens and logprobs bit for bit, whatever `--max-num-seqs` and `--max-num-batched-tokens` are, and a
 resumed run continues exactly (tested on the tiny model on one CPU thread). With several CPU threads only

@@ -395,3 +395,15 @@ def test_kernel_backend_is_checked(tiny_checkpoint) -> None:
     args = parser.parse_args(["--model", str(tiny_checkpoint), "--kernel-backend", "triton"])
     assert engine_args_from_cli(args).kernel_backend == "triton"
     assert engine_args_from_cli(parser.parse_args(["--model", str(tiny_checkpoint)])).kernel_backend == "auto"
+
+
+def test_batch_invariance_default_follows_the_device() -> None:
+    """On by default with CUDA (the Triton kernels cost nothing for it); off on CPU, where it means fixed-shape
+    row tiles in every matmul; asked for either way with `batch_invariant=True` / `--batch-invariant`."""
+    import torch
+    from gptoss.engine import EngineArgs
+
+    assert EngineArgs(model="m").resolve_batch_invariant(torch.device("cuda"))
+    assert not EngineArgs(model="m").resolve_batch_invariant(torch.device("cpu"))
+    assert EngineArgs(model="m", batch_invariant=True).resolve_batch_invariant(torch.device("cpu"))
+    assert not EngineArgs(model="m", batch_invariant=False).resolve_batch_invariant(torch.device("cuda"))

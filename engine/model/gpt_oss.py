@@ -243,6 +243,7 @@ class MoE(nn.Module):
             packed=experts.packed,
             backend=backend,
             expert_start=experts.expert_start,
+            batch_invariant=batch_invariant,
             # This rank's partial stays fp32 through the sum over ranks: one rounding, as on one GPU.
             out_dtype=torch.float32 if parallel else None,
         )

@@ -161,6 +161,7 @@ def moe(
     backend: str = "auto",
     expert_start: int = 0,
     out_dtype: torch.dtype | None = None,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
     """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference.
 
@@ -182,4 +183,4 @@ def moe(
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
     if w1_blocks.shape[0] != router_logits.shape[1] or out_dtype is not None:
         return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **ep)
-    return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+    return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, batch_invariant=batch_invariant)

@@ -254,13 +254,13 @@ class ModelRunner:
         self.model = GptOssModel.create(
             config, self.dtype, self.device, parallel.rank, parallel.world_size, parallel.device_group
         )
-        self.model.batch_invariant = args.batch_invariant
+        self.model.batch_invariant = args.resolve_batch_invariant(self.device)
         self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
             randomize_weights(self.model, seed=args.seed)
         else:
             load_weights(self.model, args.model, progress=args.load_progress, check_finite=args.check_weights)
-        self.model.batch_invariant = args.batch_invariant
+        self.model.batch_invariant = args.resolve_batch_invariant(self.device)
         if self.device.type == "cpu":
             set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
         # Rank 0 hands out block ids for all ranks: each must hold as many as the smallest cache.
