@@ -360,7 +360,7 @@ def linear(
     partial, counters = out, out  # unused unless split_ctas
     if split_ctas:
         partial = torch.empty(splits, num_rows, n, dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device, tiles)
+        counters = split_counters(x.device, tiles)
     _kernel()[(tiles * splits if split_ctas else tiles,)](
         x, x.stride(0), x.stride(1),
         weight, weight.stride(0), weight.stride(1),
@@ -377,12 +377,14 @@ def linear(
     return out
 
 
-# Per device, the split-K tile counters: zeroed once, re-armed to 0 by each tile's last CTA, so a launch (or a
-# CUDA-graph replay) needs no memset. One stream at a time uses them (the engine runs one per device).
+# Per device, the counters of the last-CTA reductions (split-K tiles here, decode attention's splits in
+# kernels/attention.py): zeroed once, re-armed to 0 by the CTA that takes the last ticket, so a launch (or a
+# CUDA-graph replay) needs no memset. Launches on one stream use them in turn (the engine runs one a device).
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least `tiles` int32 counters on `device`, all 0 (the kernels leave them so)."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < tiles:
         counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
