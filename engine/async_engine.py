@@ -45,6 +45,7 @@ from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError, RequestFailedError
 from gptoss.engine.llm_engine import LLMEngine
@@ -115,8 +116,12 @@ class AsyncEngine:
         self._num_running = 0
         self._stopped = threading.Event()
         self._dead_reason: str | None = None
+        self._owns_engine = engine is None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
+        add_fatal_listener = getattr(self.engine, "add_fatal_listener", None)
+        if add_fatal_listener is not None:
+            add_fatal_listener(self._on_fatal)
 
     @classmethod
     def from_llm_engine(cls, engine: LLMEngine) -> AsyncEngine:
@@ -166,6 +171,11 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added and not yet finished (running or waiting): the load a router balances."""
+        return len(self._streams)
+
     def compile_grammar(self, spec: Any) -> None:
         """Compile a structured-output spec into the engine's grammar cache now, from any thread (the server's
         preparation pool), so that `add_request` on the event loop finds it compiled. Raises
@@ -183,11 +193,25 @@ class AsyncEngine:
         return self._metrics
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the loop thread; unfinished streams raise EngineDeadError."""
+        """Stop the loop thread; unfinished streams raise EngineDeadError. An engine built here is shut down too
+        (its tensor-parallel workers stop) once the loop has exited."""
         self._stopped.set()
         self._inbox.put(("stop", None))
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+            if self._owns_engine and not self._thread.is_alive():
+                self.engine.shutdown()
+
+    def _on_fatal(self, reason: str) -> None:
+        """The engine cannot step any more (a worker died or hung): fail every stream now, even if the loop
+        thread is stuck in a collective, and refuse new requests (`is_alive` turns False: /health 503)."""
+        self._dead_reason = reason
+        with self._streams_lock:
+            self._stopped.set()
+            streams = list(self._streams)
+        for request_id in streams:
+            self._deliver(request_id, EngineDeadError(reason), final=True)
+        self._inbox.put(("stop", None))
 
     # ---- the loop (engine thread) -----------------------------------------------------------------
 
@@ -227,6 +251,11 @@ class AsyncEngine:
                     self._streams.pop(payload, None)
 
     def _run(self) -> None:
+        device = getattr(getattr(self.engine, "runner", None), "device", None)
+        if device is not None and device.type == "cuda":
+            # CUDA's current device is per thread: this one's must be the model's (cuda:1 for a replica there),
+            # or kernels would launch on cuda:0.
+            torch.cuda.set_device(device)
         try:
             while not self._stopped.is_set():
                 block = not self.engine.has_unfinished_requests()

@@ -9,6 +9,9 @@ With sliding-window layers the memory is split between two block pools: the slid
 running sequence needs for its window plus a prefill chunk (at most a quarter of the memory, at least a tenth,
 whose surplus keeps prefix-cache entries), the full-attention pool the rest. `num_blocks` gives both pools that
 many blocks.
+
+With tensor parallelism every rank sizes its own cache the same way, from its own memory and for the KV
+heads it holds (`kv_cache_gb` is per rank); the ranks then take the smallest block count of them all.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class EngineArgs:
     check_weights: bool = True  # refuse a checkpoint with NaN/inf weights (one pass over them at load)
     enforce_eager: bool = False  # no CUDA graphs (they are used for decode steps on CUDA otherwise)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
+    tensor_parallel_size: int = 1  # ranks (GPUs) one replica is split over; rank 0 schedules and samples
+    data_parallel_size: int = 1  # replica processes behind one server (engine/data_parallel.py), each on its own GPUs
     # On CPU: dequantised MXFP4 experts kept between steps (kernels/cpu.py), at most this many GiB (0: none).
     cpu_expert_cache_gb: float = 4.0
 
@@ -85,6 +90,8 @@ class EngineArgs:
             "max_num_batched_tokens",
             "max_num_waiting",
             "max_cuda_graph_batch_size",
+            "tensor_parallel_size",
+            "data_parallel_size",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -158,7 +165,10 @@ def split_kv_budget(args: EngineArgs, config: ModelConfig, budget_bytes: int, kv
     from gptoss.engine.worker.kv_cache import kv_bytes_per_block
 
     groups = block_groups(config)
-    bytes_per = {g: kv_bytes_per_block(config, args.block_size, kv_dtype, layer_type=g) for g in groups}
+    bytes_per = {
+        g: kv_bytes_per_block(config, args.block_size, kv_dtype, args.tensor_parallel_size, layer_type=g)
+        for g in groups
+    }
     equal = budget_bytes // sum(bytes_per.values())
     if SLIDING not in groups or FULL not in groups:
         return {g: int(equal) for g in groups}
@@ -184,6 +194,9 @@ def activation_reserve_bytes(args: EngineArgs, config: ModelConfig, dtype: torch
     reserve = max(MIN_ACTIVATION_RESERVE_BYTES, tokens * per_token + logits)
     if not args.enforce_eager:
         reserve += cuda_graph_pool_bytes(args, config)
+    if args.tensor_parallel_size > 1:
+        # A fixed-order reduction all-gathers every rank's fp32 partial of the step's hidden states.
+        reserve += args.tensor_parallel_size * tokens * config.hidden_size * 4
     return reserve
 
 

@@ -14,7 +14,9 @@
     `add_request(..., logits_mask_fn=f)` is a further, arbitrary constraint: `f(output_token_ids)` -> bool
     mask [vocab] (or None), ANDed with the grammar's.
   - `has_unfinished_requests()`, `metrics_snapshot()`, `unhealthy_reason()` (set while every recent step
-    failed: a broken model, as opposed to a bad request).
+    failed: a broken model, as opposed to a bad request), `shutdown()` (stops tensor-parallel workers).
+With `tensor_parallel_size > 1` this process is rank 0: it schedules and samples, and the other ranks
+(spawned here, or started by torchrun) execute each step's plan (engine/worker/tp_worker.py).
 Each request has exactly one sequence (n > 1 is served by adding n requests; prefix caching shares the prompt).
 """
 
@@ -33,14 +35,16 @@ from gptoss.engine.core.block_manager import BlockManager
 from gptoss.engine.core.scheduler import Scheduler, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.detokenizer import IncrementalDetokenizer
+from gptoss.engine.distributed.parallel_state import SINGLE
 from gptoss.engine.engine_args import EngineArgs, block_groups
-from gptoss.engine.errors import InvalidRequestError
+from gptoss.engine.errors import EngineDeadError, InvalidRequestError
 from gptoss.engine.metrics import EngineMetrics, MetricsSnapshot
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.outputs import RequestOutput, TokenLogprob
 from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import load_tokenizer
 from gptoss.engine.worker.model_runner import ModelRunner, ModelRunnerOutput
+from gptoss.engine.worker.tp_worker import TensorParallelWorkers
 
 if TYPE_CHECKING:
     from gptoss.engine.structured_output.grammar import StructuredOutputCompiler
@@ -72,11 +76,19 @@ class LLMEngine:
     """Scheduler + block manager + model runner + output processing; single-threaded (see module docstring)."""
 
     def __init__(self, args: EngineArgs) -> None:
+        if args.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1: replicas are run by DataParallelEngine (engine/data_parallel.py)")
         self.args = args
         self.config = ModelConfig.from_json(args.model)
         self.tokenizer = load_tokenizer(args.tokenizer or args.model)
         self.eos_token_ids = eos_token_ids(args.model, self.config)
-        self.runner = ModelRunner(args, self.config)
+        self.workers: TensorParallelWorkers | None = None
+        # Set when the engine can no longer step (a tensor-parallel worker died or hung); listeners are told once.
+        self.fatal_error: str | None = None
+        self._fatal_listeners: list[Callable[[str], None]] = []
+        if args.tensor_parallel_size > 1:
+            self.workers = TensorParallelWorkers(args, on_failure=self._fail)
+        self.runner = ModelRunner(args, self.config, self.workers.parallel if self.workers else SINGLE)
         groups = block_groups(self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, args.block_size, groups, args.enable_prefix_caching)
         for name, window in groups.items():
@@ -198,6 +210,8 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.fatal_error is not None:
+            raise EngineDeadError(self.fatal_error)
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
@@ -211,9 +225,15 @@ class LLMEngine:
             logger.exception("model step failed; failing the %d requests in it", len(plan.scheduled))
             self.metrics.step_errors_total += 1
             self._record_step_health(f"model step failed: {type(exc).__name__}: {exc}")
+            # A collective fails when a peer died: say so rather than pass on the transport's message.
+            failure = self.workers.detect_failure() if self.workers is not None else None
+            if self.workers is not None and failure is None:
+                # The other ranks may be waiting in a collective this rank never reached: the group is out of
+                # step, so no later step can run. Fatal (the server exits and is restarted).
+                self._fail(f"model step failed on rank 0 with tensor parallelism: {type(exc).__name__}: {exc}")
             outputs = []
             for item in plan.scheduled:
-                item.seq.error = f"model step failed: {type(exc).__name__}: {exc}"
+                item.seq.error = failure or f"model step failed: {type(exc).__name__}: {exc}"
                 self._finish(item.seq, "error")
                 outputs.append(self._make_output(item.seq))
             return outputs
@@ -325,6 +345,26 @@ class LLMEngine:
             self._pending_text.pop(seq.seq_id, None)
             self._admitted.discard(seq.seq_id)
         return out
+
+    def add_fatal_listener(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(reason)` (from another thread) when the engine becomes unable to step."""
+        self._fatal_listeners.append(listener)
+        if self.fatal_error is not None:
+            listener(self.fatal_error)
+
+    def _fail(self, reason: str) -> None:
+        self.fatal_error = reason
+        for listener in list(self._fatal_listeners):
+            try:
+                listener(reason)
+            except Exception:
+                logger.exception("fatal-error listener failed")
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one GPU); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
 
     # ---- observability ----------------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ class SamplingParamsError(RequestError):
         self.param = param
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        # Picklable (it crosses to the server from a data-parallel replica's process).
+        return (type(self), (self.param, self.message))
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

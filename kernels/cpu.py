@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +34,18 @@ from gptoss.kernels.reference import (
 DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
 
 
-class ExpertCache:
-    """Dequantised fp32 expert weights, least recently used first out once `budget_bytes` would be exceeded.
+Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w1 (halves), its bias, w2, its bias
 
-    An entry is made from source tensors (packed blocks and scales, or a bias) and remembers them by weak
-    reference and version counter: it is served only to those very tensors (a new model's weights at a freed
-    model's address are not), and only while nothing was written into them in place (a reload). Entries of
-    tensors that were freed are dropped at the next miss. Inference-mode tensors keep no version counter.
+
+class ExpertCache:
+    """Dequantised fp32 experts of MoE layers, least recently used first out once `budget_bytes` would be
+    exceeded. One entry is one expert of one layer: w1 `[2I, H]` (gate rows, then up rows: a contiguous
+    SwiGLU), its bias, w2 `[H, I]` (divided by the SwiGLU's alpha) and its bias.
+
+    A layer is known by its packed tensors, by weak reference and version counter (`layer`, once per MoE call):
+    its entries serve only those very tensors (a new model's weights at a freed model's address never get a
+    freed model's experts), and only while nothing was written into them in place (a reload). A layer's
+    entries go when it changes or its tensors are freed. Inference-mode tensors keep no version counter.
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_EXPERT_CACHE_BYTES) -> None:
@@ -48,59 +53,59 @@ class ExpertCache:
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
-        # (id of the first source, what) -> (weak references to the sources, their versions, the value)
-        self._entries: OrderedDict[tuple[int, object], tuple[tuple[weakref.ref, ...], int, torch.Tensor]] = (
-            OrderedDict()
-        )
+        self._layers: dict[int, tuple[tuple[weakref.ref, ...], int]] = {}  # id -> (sources, their versions)
+        self._entries: OrderedDict[tuple[int, Hashable], Expert] = OrderedDict()  # (layer id, expert) -> tensors
 
-    def lookup(self, source: tuple[torch.Tensor, ...], what: object, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """The cached `make()` for (`source` tensors, `what`), made and kept (within budget) when missing."""
-        key = (id(source[0]), what)
-        version = sum(_version(t) for t in source)
-        entry = self._entries.get(key)
-        if entry is not None:
-            refs, entry_version, value = entry
-            if entry_version == version and all(ref() is t for ref, t in zip(refs, source, strict=True)):
-                self.hits += 1
-                self._entries.move_to_end(key)
-                return value
-            self._drop(key)
+    def layer(self, sources: tuple[torch.Tensor, ...]) -> int:
+        """The key of the MoE layer whose packed tensors (and biases) are `sources`; stale entries dropped."""
+        key = id(sources[0])
+        version = sum(_version(t) for t in sources)
+        known = self._layers.get(key)
+        if known is not None:
+            refs, known_version = known
+            if known_version == version and all(ref() is t for ref, t in zip(refs, sources, strict=True)):
+                return key
+        self._drop_layers([key] + [k for k, (refs, _) in self._layers.items() if any(ref() is None for ref in refs)])
+        self._layers[key] = (tuple(weakref.ref(t) for t in sources), version)
+        return key
+
+    def expert(self, layer: int, expert: Hashable, make: Callable[[], Expert]) -> Expert:
+        """Expert `expert` of `layer` (a `layer` key), made and kept (within budget) when missing."""
+        key = (layer, expert)
+        value = self._entries.get(key)
+        if value is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return value
         self.misses += 1
-        self._drop_dead()
         value = make()
-        size = value.numel() * value.element_size()
+        size = _nbytes(value)
         if size <= self.budget_bytes:
             self.shrink_to(self.budget_bytes - size)
-            self._entries[key] = (tuple(weakref.ref(t) for t in source), version, value)
+            self._entries[key] = value
             self.used_bytes += size
         return value
 
-    def _drop(self, key: tuple[int, object]) -> None:
-        _, _, value = self._entries.pop(key)
-        self.used_bytes -= value.numel() * value.element_size()
-
-    def _drop_dead(self) -> None:
-        for key in [key for key, (refs, _, _) in self._entries.items() if any(ref() is None for ref in refs)]:
-            self._drop(key)
-
-    def get(self, blocks: torch.Tensor, scales: torch.Tensor, expert: int, deinterleave: bool = False) -> torch.Tensor:
-        """`[rows, cols]` fp32 weights of `expert` from its packed `blocks` / `scales` (`[E, rows, cols/32, 16]`);
-        `deinterleave`: the even rows first, then the odd ones (gate/up of w1 as two contiguous halves)."""
-
-        def make() -> torch.Tensor:
-            weight = mxfp4_dequantize(blocks[expert], scales[expert])
-            return _deinterleave(weight, dim=0) if deinterleave else weight
-
-        return self.lookup((blocks, scales), (expert, deinterleave), make)
+    def _drop_layers(self, layers: list[int]) -> None:
+        dropped = set(layers)
+        for key in [key for key in self._entries if key[0] in dropped]:
+            self.used_bytes -= _nbytes(self._entries.pop(key))
+        for layer in dropped:
+            self._layers.pop(layer, None)
 
     def shrink_to(self, budget_bytes: int) -> None:
         """Drop least recently used entries until at most `budget_bytes` are held."""
         while self._entries and self.used_bytes > budget_bytes:
-            self._drop(next(iter(self._entries)))
+            self.used_bytes -= _nbytes(self._entries.popitem(last=False)[1])
 
     def clear(self) -> None:
         self._entries.clear()
+        self._layers.clear()
         self.used_bytes = 0
+
+
+def _nbytes(tensors: Expert) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _deinterleave(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -142,21 +147,22 @@ def moe(
     num_tokens, hidden = x.shape
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     x32 = x.to(torch.float32)
-    # w1's gate/up rows (and bias) are used as two halves, gate first, so the SwiGLU reads contiguous columns.
-    w1_bias32 = cache.lookup((w1_bias,), "bias", lambda: _deinterleave(w1_bias.to(torch.float32), dim=1))
-    w2_bias32 = w2_bias.to(torch.float32)
+    layer = cache.layer((w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias))
 
-    def swiglu_halves(h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        gate = gate.clamp_(max=swiglu_limit)
-        up = up.clamp_(min=-swiglu_limit, max=swiglu_limit).add_(1)
-        return up.mul_(gate * torch.sigmoid(swiglu_alpha * gate))
+    def dequantize(expert: int) -> Expert:
+        w1 = _deinterleave(mxfp4_dequantize(w1_blocks[expert], w1_scales[expert]), dim=0)
+        b1 = _deinterleave(w1_bias[expert].to(torch.float32), dim=0)
+        # The SwiGLU's 1 / alpha (see below) is folded into w2 once, rather than applied to every activation.
+        w2 = mxfp4_dequantize(w2_blocks[expert], w2_scales[expert]) / swiglu_alpha
+        return w1, b1, w2, w2_bias[expert].to(torch.float32)
 
-    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
-        w1 = cache.get(w1_blocks, w1_scales, expert, deinterleave=True)
-        act = swiglu_halves(torch.nn.functional.linear(rows, w1, w1_bias32[expert]))
-        w2 = cache.get(w2_blocks, w2_scales, expert)
-        return torch.nn.functional.linear(act, w2, w2_bias32[expert])
+    def expert_mlp(weights: Expert, rows: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = weights
+        gate, up = torch.nn.functional.linear(rows, w1, b1).chunk(2, dim=-1)
+        # (up + 1) * gate * sigmoid(alpha * gate) = (up + 1) * silu(alpha * gate) / alpha, the / alpha in w2.
+        silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
+        act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
+        return torch.nn.functional.linear(act, w2, b2)
 
     flat_experts = expert_ids.flatten()
     # Token-slot pairs grouped by expert: one sort, then contiguous runs.
@@ -167,8 +173,9 @@ def moe(
     start = 0
     for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
         end = start + count
+        weights = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
         # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
-        out_sorted[start:end] = map_row_tiles(functools.partial(expert_mlp, expert), rows[start:end])
+        out_sorted[start:end] = map_row_tiles(functools.partial(expert_mlp, weights), rows[start:end])
         start = end
     # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
     # order per token (elementwise: a batched matmul over the tokens would split its work by their number).

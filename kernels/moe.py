@@ -1063,29 +1063,41 @@ def fused_moe(
     swiglu_alpha: float = 1.702,
     config: MoeConfig | None = None,
     split_k: int | None = None,
+    expert_start: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The gpt-oss MoE block in Triton; same contract as `kernels.reference.moe_reference` with the experts
     packed by `pack_mxfp4` (w1: gate/up interleaved `[E, 2I, H]`, w2: `[E, H, I]`).
 
-    x: `[T, H]` (bf16, fp16 or fp32); router_logits: `[T, E]`. Returns `[T, H]` in x's dtype, bit-identical
-    for a token alone or in any batch. `config` and `split_k` override the launch table and
-    `split_k_for` (tests).
+    x: `[T, H]` (bf16, fp16 or fp32); router_logits: `[T, E]`. Returns `[T, H]` in `out_dtype` (default x's
+    dtype), bit-identical for a token alone or in any batch. `config` and `split_k` override the launch table
+    and `split_k_for` (tests).
+
+    Expert parallel: w1/w2 may hold only experts `expert_start .. expert_start + E' - 1`. Routing runs over all
+    E experts as usual; then the other experts' tiles are dropped (tile_expert -1: their programs exit), the
+    local ones renumbered, and the combine sees the other slots with weight 0 (their partials stay 0): the
+    result is this shard's part of the sum over the k slots, with no change to the kernels.
     """
     if x.dim() != 2 or router_logits.dim() != 2 or router_logits.shape[0] != x.shape[0]:
         raise ValueError(f"x {tuple(x.shape)} and router_logits {tuple(router_logits.shape)} must be [T, H], [T, E]")
     num_tokens, hidden = x.shape
     num_experts = router_logits.shape[1]
+    local_experts = w1.num_experts
     intermediate = w1.n // 2
     if w1.k != hidden or w2.n != hidden or w2.k != intermediate or w1.n != 2 * intermediate:
         raise ValueError(f"w1 [{w1.n}, {w1.k}] and w2 [{w2.n}, {w2.k}] do not fit hidden {hidden}")
-    if w1.num_experts != num_experts or w2.num_experts != num_experts:
-        raise ValueError(f"router has {num_experts} experts, weights {w1.num_experts} and {w2.num_experts}")
+    if w2.num_experts != local_experts or not (expert_start >= 0 and expert_start + local_experts <= num_experts):
+        raise ValueError(
+            f"weights of experts {expert_start}..{expert_start + local_experts - 1} (w2: {w2.num_experts}) "
+            f"not among the router's {num_experts}"
+        )
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k {top_k} must be in 1..{num_experts}")
     if not x.is_cuda and not interpreting():
         raise RuntimeError("fused_moe needs CUDA tensors (or TRITON_INTERPRET=1); use moe_reference on CPU")
+    out_dtype = out_dtype or x.dtype
     if num_tokens == 0:
-        return x.new_empty(0, hidden)
+        return x.new_empty(0, hidden, dtype=out_dtype)
 
     matmul_kernel, combine_kernel, _, _ = _kernels()
     fp32_math = interpreting()
@@ -1094,6 +1106,22 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     num_slots = routing.tile_expert.numel()
     tiles = (routing.sorted_pairs, routing.tile_expert, routing.tile_row_start, routing.expert_offsets)
+    expert_ids, expert_weights = routing.expert_ids, routing.expert_weights
+    expert_parallel = local_experts != num_experts
+    if expert_parallel:
+        end = expert_start + local_experts
+        tile_expert = routing.tile_expert
+        mine = (tile_expert >= expert_start) & (tile_expert < end)
+        # The matmul reads offsets[local + 1] as the end of local expert `local`'s rows: a view from the start.
+        tiles = (
+            routing.sorted_pairs,
+            torch.where(mine, tile_expert - expert_start, -1).to(torch.int32),
+            routing.tile_row_start,
+            routing.expert_offsets[expert_start:],
+        )
+        local = (expert_ids >= expert_start) & (expert_ids < end)
+        expert_ids = torch.where(local, expert_ids - expert_start, 0).to(torch.int32)
+        expert_weights = torch.where(local, expert_weights, 0.0)
     launch = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     constants = {
         "TOP_K": top_k,
@@ -1135,7 +1163,9 @@ def fused_moe(
     )
 
     split_k = split_k or split_k_for(intermediate, hidden, top_k)
-    partials = torch.empty(split_k, num_pairs, hidden, dtype=torch.float32, device=x.device)
+    # Expert parallel: the partials of slots routed to other ranks are never written and must read as 0.
+    alloc = torch.zeros if expert_parallel else torch.empty
+    partials = alloc(split_k, num_pairs, hidden, dtype=torch.float32, device=x.device)
     matmul_kernel[(triton.cdiv(hidden, BLOCK_N), num_slots, split_k)](
         act,
         act.stride(0),
@@ -1165,15 +1195,15 @@ def fused_moe(
         **launch,
     )
 
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=x.device)
     block_t = 16 if fp32_math else COMBINE_BLOCK_T  # the interpreter pays per program: bigger tiles there
     block_h = min(1024 // block_t, triton.next_power_of_2(hidden)) if not fp32_math else triton.next_power_of_2(hidden)
     combine_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
         partials,
         partials.stride(0),
         partials.stride(1),
-        routing.expert_ids,
-        routing.expert_weights,
+        expert_ids,
+        expert_weights,
         w2.bias,
         w2.bias.stride(0),
         out,

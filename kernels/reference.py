@@ -151,11 +151,16 @@ def moe_reference(
     top_k: int,
     swiglu_limit: float = 7.0,
     swiglu_alpha: float = 1.702,
+    expert_start: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The gpt-oss MoE block on `x` `[T, H]` with MXFP4 experts; returns `[T, H]` in x's dtype.
+    """The gpt-oss MoE block on `x` `[T, H]` with MXFP4 experts; returns `[T, H]` in `out_dtype` (x's dtype
+    by default).
 
-    w1: `[E, 2I, H/32, 16]` blocks, `[E, 2I, H/32]` scales, bias `[E, 2I]` (gate/up interleaved rows);
-    w2: `[E, H, I/32, 16]` blocks, `[E, H, I/32]` scales, bias `[E, H]`.
+    router_logits: `[T, E]`; w1: `[E', 2I, H/32, 16]` blocks, `[E', 2I, H/32]` scales, bias `[E', 2I]`
+    (gate/up interleaved rows); w2: `[E', H, I/32, 16]` blocks, `[E', H, I/32]` scales, bias `[E', H]`.
+    The weights hold experts `expert_start .. expert_start + E' - 1` (E' = E unless expert parallel): slots
+    routed elsewhere contribute nothing, so the result is this shard's part of the sum over the k slots.
     Experts are dequantised one at a time (only those some token chose), math in fp32, each expert's rows in
     fixed-shape tiles (batch-invariant, see `map_row_tiles`).
     """
@@ -163,15 +168,19 @@ def moe_reference(
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
     x32 = x.to(torch.float32)
+    local_experts = range(expert_start, expert_start + w1_blocks.shape[0])
     for expert in torch.unique(expert_ids).tolist():
+        if expert not in local_experts:
+            continue
         token_idx, slot = torch.nonzero(expert_ids == expert, as_tuple=True)
-        w1 = mxfp4_dequantize(w1_blocks[expert], w1_scales[expert])
-        w2 = mxfp4_dequantize(w2_blocks[expert], w2_scales[expert])
-        b1, b2 = w1_bias[expert].to(torch.float32), w2_bias[expert].to(torch.float32)
+        local = expert - expert_start
+        w1 = mxfp4_dequantize(w1_blocks[local], w1_scales[local])
+        w2 = mxfp4_dequantize(w2_blocks[local], w2_scales[local])
+        b1, b2 = w1_bias[local].to(torch.float32), w2_bias[local].to(torch.float32)
         mlp = functools.partial(expert_mlp, w1=w1, b1=b1, w2=w2, b2=b2, limit=swiglu_limit, alpha=swiglu_alpha)
         y = map_row_tiles(mlp, x32[token_idx])
         out.index_add_(0, token_idx, y * expert_weights[token_idx, slot, None])
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
 def write_kv_reference(

@@ -178,6 +178,33 @@ def bench_rows(llm: Any, args: argparse.Namespace, bandwidth: float) -> list[dic
     return rows
 
 
+def tensor_parallel_report(llm: Any) -> dict[str, Any]:
+    """This run's rank: its weight bytes and KV tokens (measured); and per-rank weights, KV capacity and batch-1
+    tokens/s predicted on H100s (NVLink 450 GB/s per direction) at each world size 1/2/4/8 the model splits over."""
+    from gptoss.engine.model.config import FULL
+    from gptoss.engine.model.roofline import format_tensor_parallel, splits_over, tensor_parallel_estimate
+
+    runner = llm.engine.runner
+    config = llm.engine.config
+    weight_bytes = sum(p.nbytes for p in runner.model.parameters())
+    pool = FULL if FULL in runner.num_blocks else next(iter(runner.num_blocks))
+    kv_tokens = runner.num_blocks[pool] * runner.block_size
+    estimates = [tensor_parallel_estimate(config, n) for n in (1, 2, 4, 8) if splits_over(config, n)]
+    text = (
+        f"tensor parallel {runner.parallel.world_size}: {weight_bytes / 1e9:.3f} GB of weights per rank, "
+        f"KV cache of {kv_tokens:,d} tokens per rank (measured)\n"
+        "predicted on H100 SXM (3.35 TB/s, NVLink 450 GB/s per direction, 10 us per collective):\n"
+        + format_tensor_parallel(estimates)
+    )
+    return {
+        "world_size": runner.parallel.world_size,
+        "weight_bytes_per_rank": weight_bytes,
+        "kv_tokens_per_rank": kv_tokens,
+        "predicted_h100": [vars(e) | {"tokens_per_s": e.tokens_per_s} for e in estimates],
+        "text": text,
+    }
+
+
 def profile_table(llm: Any, batch: int, input_len: int, output_len: int, seed: int, row_limit: int = 25) -> str:
     """torch.profiler's per-op table (sorted by self time) of one generate, with the step count to divide by."""
     from torch.profiler import ProfilerActivity, profile
@@ -223,6 +250,8 @@ def run_bench_latency(args: argparse.Namespace) -> int:
     runner = llm.engine.runner
     breakdown = step_bytes(llm, rows[0]["batch"], rows[0]["input"] + rows[0]["output"] // 2)
     print(format_breakdown(breakdown, bandwidth))
+    tensor_parallel = tensor_parallel_report(llm)
+    print(tensor_parallel["text"])
     report: dict[str, Any] = {
         "device": device_name(device),
         "dtype": str(runner.dtype).removeprefix("torch."),
@@ -233,6 +262,7 @@ def run_bench_latency(args: argparse.Namespace) -> int:
         "config": llm.engine.config.to_hf_dict(),
         "rows": rows,
         "roofline_first_row": breakdown.as_dict(),
+        "tensor_parallel": {k: v for k, v in tensor_parallel.items() if k != "text"},
     }
     if args.profile:
         table = profile_table(llm, rows[0]["batch"], rows[0]["input"], rows[0]["output"], args.seed)

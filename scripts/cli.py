@@ -135,9 +135,13 @@ def _add_make_checkpoint(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from gptoss.engine.worker.tp_worker import is_torchrun_worker, run_worker_from_env
     from gptoss.scripts.errors import UsageError
     from gptoss.server.flags import port_problem
 
+    if is_torchrun_worker():  # ranks > 0 of a torchrun launch execute rank 0's step plans; rank 0 serves
+        run_worker_from_env(engine_args_from_cli(args))
+        return 0
     problem = port_problem(args.host, args.port)  # before minutes of loading, not after
     if problem is not None:
         raise UsageError(f"--host/--port: {problem}; stop what uses it or choose another --port")
@@ -145,12 +149,40 @@ def _serve(args: argparse.Namespace) -> int:
     engine_args = engine_args_from_cli(args)
     args.model = engine_args.model  # the server reads the tokenizer from the resolved folder
     from gptoss.engine.async_engine import AsyncEngine
+    from gptoss.engine.data_parallel import DataParallelEngine
     from gptoss.server.app import run_server
 
-    engine = AsyncEngine(engine_args)
+    engine = DataParallelEngine(engine_args) if engine_args.data_parallel_size > 1 else AsyncEngine(engine_args)
+    for llm_engine in getattr(engine, "engines", None) or [engine.engine]:
+        llm_engine.add_fatal_listener(lambda reason, e=llm_engine: _exit_soon(e, reason))
     print(serve_banner(args, engine, model_given), file=sys.stderr, flush=True)
     run_server(args, engine=engine)
     return 0
+
+
+# After a fatal engine error the in-flight requests have already been failed; their error responses get this
+# long to go out before the process ends.
+FATAL_EXIT_GRACE_S = 2.0
+
+
+def _exit_soon(llm_engine: object, reason: str) -> None:
+    """A tensor-parallel worker died or hung: stop the other workers and exit non-zero (a supervisor restarts
+    the server). Not through uvicorn's shutdown: it re-raises SIGTERM, and a hung collective may never end."""
+    import os
+    import threading
+
+    print(f"gptoss serve: {reason}; exiting with status 1 in {FATAL_EXIT_GRACE_S:.0f} s", file=sys.stderr)
+
+    def exit_now() -> None:
+        workers = getattr(llm_engine, "workers", None)
+        if workers is not None:
+            workers.kill()
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(FATAL_EXIT_GRACE_S, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def _gib(num_bytes: int) -> str:
@@ -158,8 +190,10 @@ def _gib(num_bytes: int) -> str:
 
 
 def serve_banner(args: argparse.Namespace, engine: Any, model_given: bool) -> str:
-    """What `gptoss serve` is about to serve: model, device, dtype, memory, batch, URL."""
-    llm_engine = engine.engine
+    """What `gptoss serve` is about to serve: model, device, dtype, memory, batch, URL (per rank and replica:
+    the first replica's rank 0)."""
+    engines = getattr(engine, "engines", None) or [engine.engine]
+    llm_engine = engines[0]
     runner = llm_engine.runner
     if args.random_weights and not model_given:
         source = f"preset {args.preset}, random weights drawn on the device (no checkpoint)"
@@ -177,7 +211,9 @@ def serve_banner(args: argparse.Namespace, engine: Any, model_given: bool) -> st
             f"gptoss serve: {source}",
             f"  model      {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"{config.num_local_experts} experts (top {config.num_experts_per_tok}), vocab {config.vocab_size}",
-            f"  device     {runner.device}, dtype {str(runner.dtype).removeprefix('torch.')}",
+            f"  device     {runner.device}, dtype {str(runner.dtype).removeprefix('torch.')}"
+            + (f", tensor parallel {runner.parallel.world_size}" if runner.parallel.world_size > 1 else "")
+            + (f", {len(engines)} data-parallel replicas" if len(engines) > 1 else ""),
             f"  memory     weights {_gib(runner.weight_bytes)}, KV cache {_gib(runner.kv_cache_bytes)} ({kv_dtype})",
             f"  batch      max {llm_engine.args.max_num_seqs} sequences, max {llm_engine.max_model_len} tokens each",
             f"  listening  {url}{where} as model {args.served_model_name!r}; "

@@ -134,7 +134,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--batch-invariant",
         action=argparse.BooleanOptionalAction,
         default=defaults.batch_invariant,
-        help="bit-identical results whatever the batch, on one device and thread count (default on)",
+        help="bit-identical results whatever the batch, on one GPU or one CPU thread (default on)",
     )
     group.add_argument(
         "--kernel-backend",
@@ -145,6 +145,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     group.add_argument("--seed", type=int, default=defaults.seed, help="generator of unseeded sampling")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=defaults.tensor_parallel_size,
+        help="GPUs one replica is split over (worker processes are started here; under torchrun, the world size)",
+    )
+    group.add_argument(
+        "--data-parallel-size",
+        "-dp",
+        type=int,
+        default=defaults.data_parallel_size,
+        help="engine replicas behind the server (gptoss serve), each a process on its own tensor-parallel-size GPUs",
+    )
     group.add_argument(
         "--skip-weight-check",
         dest="check_weights",

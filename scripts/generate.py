@@ -40,9 +40,11 @@ finished and no temporary file.
 
 Determinism: a request without its own `seed` gets one derived from the run's `--seed` (default 0) and its id,
 so its tokens depend only on its prompt and parameters: with the engine's batch-invariant mode (the default)
-two runs on the same machine and device (CPU with the same thread count, or the same GPU) give identical
+two runs on the same machine and device (the same GPU, or the CPU with `--num-threads 1`) give identical
 files, tokens and logprobs bit for bit, whatever `--max-num-seqs` and `--max-num-batched-tokens` are, and a
-resumed run continues exactly. A different `--seed` gives different samples.
+resumed run continues exactly (tested on the tiny model on one CPU thread). With several CPU threads only
+`--max-num-seqs` may change: other prefill chunks can move a few logprobs in their last bits. A different
+`--seed` gives different samples.
 """
 
 # For developers: the continuous-batching driver (`run_engine`) and the output file (`ResultsFile`) below are

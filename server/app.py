@@ -214,7 +214,11 @@ def _add_misc_routes(app: FastAPI) -> None:
         state = get_state(request)
         snapshot = state.engine.metrics()
         stats = snapshot.to_dict() if hasattr(snapshot, "to_dict") else dict(snapshot or {})
-        return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
+        # Data parallel (engine/data_parallel.py): each replica's numbers too, labelled replica="r".
+        replica_metrics = getattr(state.engine, "replica_metrics", None)
+        per_replica = [s.to_dict() for s in replica_metrics()] if replica_metrics is not None else None
+        text = state.metrics.render(stats, per_replica)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

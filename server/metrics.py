@@ -86,8 +86,11 @@ class ServerMetrics:
         while self._recent_tokens and self._recent_tokens[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent_tokens.popleft()
 
-    def render(self, engine_stats: dict[str, Any] | None = None) -> str:
-        """The whole exposition text: server counters and histograms, then the engine's numeric stats."""
+    def render(
+        self, engine_stats: dict[str, Any] | None = None, replica_stats: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The whole exposition text: server counters and histograms, then the engine's numeric stats (summed
+        over data-parallel replicas), then with several replicas each one's as `..._engine_replica_*{replica=}`."""
         p = PREFIX
         lines = [
             f"# HELP {p}_requests_total HTTP requests by endpoint and status code.",
@@ -123,6 +126,9 @@ class ServerMetrics:
             lines += hist.lines(f"{p}_{name}")
         for key, value in sorted((engine_stats or {}).items()):
             lines += _engine_stat_lines(f"{p}_engine_{_metric_name(key)}", str(key), value)
+        for key in sorted(replica_stats[0] if replica_stats else ()):
+            per_replica = [(f'replica="{r}"', stats.get(key)) for r, stats in enumerate(replica_stats or [])]
+            lines += _engine_stat_lines(f"{p}_engine_replica_{_metric_name(key)}", str(key), per_replica)
         return "\n".join(lines) + "\n"
 
 
@@ -135,12 +141,20 @@ def _metric_name(key: str) -> str:
 
 
 def _engine_stat_lines(name: str, key: str, value: Any) -> list[str]:
-    """One engine stat as a gauge/counter; dict values become one labelled sample per key."""
+    """One engine stat as a gauge/counter; dict values become one labelled sample per key. A list of
+    (label, value) pairs is one stat per replica (`label` is `replica="r"`)."""
     kind = "counter" if key.endswith("_total") else "gauge"
-    if isinstance(value, dict):
-        samples = [(v, f'{{{_DICT_LABELS.get(key, "group")}="{_escape(str(k))}"}}') for k, v in sorted(value.items())]
-    else:
-        samples = [(value, "")]
+    per_replica = value if isinstance(value, list) else [("", value)]
+    samples = []
+    for replica, v in per_replica:
+        if isinstance(v, dict):
+            label = _DICT_LABELS.get(key, "group")
+            samples += [
+                (x, ",".join(filter(None, (replica, f'{label}="{_escape(str(k))}"')))) for k, x in sorted(v.items())
+            ]
+        else:
+            samples.append((v, replica))
+    samples = [(v, f"{{{labels}}}" if labels else "") for v, labels in samples]
     samples = [(v, labels) for v, labels in samples if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if not samples:
         return []

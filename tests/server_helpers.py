@@ -254,3 +254,22 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
     },
 }
+
+
+def assert_every_api_answers(base_url: str, max_tokens: int = 3) -> None:
+    """One small non-streaming request per API shape (Chat Completions, Responses, Workers AI), each a 200
+    with at least one generated token (multi-GPU server tests)."""
+    import httpx
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = httpx.post(
+        f"{base_url}/v1/chat/completions", json={"messages": messages, "max_tokens": max_tokens}, timeout=60
+    )
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] >= 1, chat.text
+    body = {"input": "Hi", "max_output_tokens": max_tokens}
+    responses = httpx.post(f"{base_url}/v1/responses", json=body, timeout=60)
+    assert responses.status_code == 200 and responses.json()["usage"]["output_tokens"] >= 1, responses.text
+    body = {"prompt": "Hi", "max_tokens": max_tokens}
+    workers_ai = httpx.post(f"{base_url}/ai/run/@cf/openai/gpt-oss-120b", json=body, timeout=60)
+    assert workers_ai.status_code == 200, workers_ai.text
+    assert workers_ai.json()["result"]["usage"]["completion_tokens"] >= 1

@@ -52,6 +52,10 @@ def test_bench_latency_on_tiny_checkpoint(
         )
     assert report["bandwidth_measured"] and report["copy_bandwidth_bytes_per_s"] > 1e8
     assert report["roofline_first_row"]["total"] > 0
+    tensor_parallel = report["tensor_parallel"]
+    assert tensor_parallel["world_size"] == 1 and tensor_parallel["kv_tokens_per_rank"] > 0
+    # The tiny preset's 6 heads and 6 experts split over 1 and 2 ranks only.
+    assert [e["world_size"] for e in tensor_parallel["predicted_h100"]] == [1, 2]
     assert "aten::" in report["profile"]
     printed = capsys.readouterr().out
     assert "% roofline" in printed and "decode step, batch 1" in printed

@@ -33,7 +33,9 @@ class PagedRunner:
 
     def __init__(self, model: GptOssModel, seed: int = 0) -> None:
         self.model = model
-        self.caches = allocate_kv_caches(model.config, NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu")
+        self.caches = allocate_kv_caches(
+            model.config, NUM_BLOCKS, BLOCK_SIZE, torch.float32, "cpu", world_size=model.world_size
+        )
         free = list(range(NUM_BLOCKS))
         random.Random(seed).shuffle(free)
         self.free_blocks = free

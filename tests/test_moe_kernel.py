@@ -348,6 +348,25 @@ def test_all_tokens_on_one_expert(top_k: int) -> None:
     check_against_reference(inputs, top_k)
 
 
+def test_expert_parallel_shards_sum_to_the_whole() -> None:
+    """Each rank's experts (a contiguous quarter) give its fp32 part; the parts add up to the full MoE, in the
+    kernel as in the reference (which shares the contract: slots routed to other ranks add nothing)."""
+    inputs = make_moe_inputs(9, 8, 64, 96, torch.float32, seed=11)
+    full = moe_reference(**inputs, top_k=2)
+    expert_tensors = [k for k in inputs if k.startswith("w")]
+    parts, reference_parts = [], []
+    for start in range(0, 8, 2):
+        shard = {k: v[start : start + 2] if k in expert_tensors else v for k, v in inputs.items()}
+        kwargs = {"expert_start": start, "out_dtype": torch.float32}
+        parts.append(run_fused(shard, 2, **kwargs))
+        reference_parts.append(moe_reference(**shard, top_k=2, **kwargs))
+    assert all(p.dtype == torch.float32 for p in parts)
+    assert rel_error(sum(reference_parts), full) < 1e-6
+    assert rel_error(sum(parts), full) < REL_TOL[torch.float32]
+    with pytest.raises(ValueError, match="not among"):
+        run_fused({k: v[6:] if k in expert_tensors else v for k, v in inputs.items()}, 2, expert_start=7)
+
+
 def test_swiglu_clamps_are_applied() -> None:
     """Large biases push gate/up past the +-7 clamps, so a missing clamp would show."""
     inputs = make_moe_inputs(6, 4, 64, 64, torch.float32, seed=9)

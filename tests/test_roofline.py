@@ -8,10 +8,13 @@ from gptoss.engine.model.roofline import (
     decode_ceiling,
     decode_step_bytes,
     expected_active_experts,
+    expected_max_experts_per_rank,
     expert_bytes,
     format_breakdown,
     kv_bytes_per_seq,
     main,
+    splits_over,
+    tensor_parallel_estimate,
 )
 
 
@@ -85,3 +88,38 @@ def test_breakdown_text_and_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert "5.003 GB" in text and "tokens/s" in text
     assert main(["--preset", "gpt-oss-20b", "--bandwidth-gbs", "1000"]) == 0
     assert "total" in capsys.readouterr().out
+
+
+def test_expected_max_experts_per_rank() -> None:
+    config = preset("tiny").replace(num_local_experts=8, num_experts_per_tok=2)
+    # 2 of 8 experts over 2 ranks of 4: both on one rank with probability 2 * C(4, 2) / C(8, 2) = 12/28.
+    assert expected_max_experts_per_rank(config, 2) == pytest.approx(1 + 12 / 28)
+    big = preset("gpt-oss-120b")
+    assert expected_max_experts_per_rank(big, 1) == pytest.approx(4)
+    assert expected_max_experts_per_rank(big, 128) == pytest.approx(1)
+    assert 1 < expected_max_experts_per_rank(big, 8) < expected_max_experts_per_rank(big, 2) < 4
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8, 16])
+def test_tensor_parallel_weight_bytes_match_a_ranks_parameters(world_size: int) -> None:
+    """The estimate's resident bytes are exactly what rank 0's share of the model allocates (bf16, on meta)."""
+    import torch
+    from gptoss.engine.model.gpt_oss import GptOssModel
+
+    config = preset("gpt-oss-120b")
+    model = GptOssModel.create(config, torch.bfloat16, "meta", rank=0, world_size=world_size)
+    allocated = sum(p.numel() * p.element_size() for p in model.parameters())
+    estimate = tensor_parallel_estimate(config, world_size)
+    assert estimate.weight_bytes_per_rank == pytest.approx(allocated, rel=1e-9)
+    assert estimate.kv_bytes_per_token_per_rank == 36 * 2 * max(1, 8 // world_size) * 64 * 2
+
+
+def test_tensor_parallel_table(capsys: pytest.CaptureFixture[str]) -> None:
+    config = preset("gpt-oss-120b")
+    one, eight = tensor_parallel_estimate(config, 1), tensor_parallel_estimate(config, 8)
+    assert one.collective_seconds == 0 and one.tokens_per_s == pytest.approx(670, rel=0.01)
+    assert eight.decode_bytes_per_rank < one.decode_bytes_per_rank / 4  # experts, heads and vocab all split
+    assert eight.kv_tokens_per_rank > 100 * one.kv_tokens_per_rank  # 8x less KV per token, 57 GB more room
+    assert splits_over(config, 8) and splits_over(config, 16) and not splits_over(config, 3)
+    assert main(["--tensor-parallel", "1,2,4,8"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5

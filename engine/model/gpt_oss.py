@@ -13,18 +13,31 @@ input norm (or the final norm), so no add runs on its own. q/k/v share one weigh
 once after loading (`Attention.fuse_qkv`); the per-projection parameters stay (as views into it) so the loader
 and a tensor-parallel split per rank see the checkpoint's names and shapes.
 
-Multi-GPU: every layer takes `rank` and `world_size`. Attention splits its heads over ranks (column-parallel
-q/k/v, row-parallel o_proj with an all-reduce); the unembedding and the experts are not split yet, so
-`world_size > 1` is refused until the expert-parallel MoE lands.
+Multi-GPU (tensor parallel): every layer takes `rank` and `world_size` and loads only its share of the weights
+(engine/model/parallel_layers.py). Attention splits its heads (column-parallel q/k/v, row-parallel o_proj),
+the MoE its experts (expert parallel; the router is replicated so every rank routes identically), the
+embedding and unembedding the vocabulary. Each layer's attention and MoE end in one sum over ranks, in a fixed
+order in batch-invariant mode (engine/distributed/collectives.py), so every rank holds the full hidden state.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from gptoss.engine.distributed.collectives import reduce_sum
 from gptoss.engine.model import ops
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
+from gptoss.engine.model.parallel_layers import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    attention_heads,
+    even_shard,
+)
 from gptoss.engine.worker.kv_cache import KVCache
 from gptoss.kernels.reference import MXFP4_BLOCK, rope_cos_sin, yarn_inv_freq
 from torch import nn
@@ -50,24 +63,29 @@ def _linear(in_features: int, out_features: int, bias: bool, dtype: torch.dtype)
 
 
 class Attention(nn.Module):
-    """GQA attention with sinks; sliding-window or full by layer type. Heads are split over ranks."""
+    """GQA attention with sinks; sliding-window or full by layer type. Heads are split over ranks (KV heads
+    replicated when there are more ranks than KV heads)."""
 
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        rank: int,
+        world_size: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
-        if config.num_key_value_heads % world_size:
-            raise ValueError(f"{config.num_key_value_heads} KV heads do not split over {world_size} ranks")
         self.layer_type = config.layer_types[layer]
         self.sliding_window = config.window_of_layer(layer)
-        self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads // world_size
-        self.num_kv_heads = config.num_key_value_heads // world_size
+        self.head_dim = d = config.head_dim
+        self.q_head_start, self.num_heads, kv_head_start, self.num_kv_heads = attention_heads(config, rank, world_size)
         self.scale = config.head_dim**-0.5
-        self.world_size = world_size
         h = config.hidden_size
-        self.q_proj = _linear(h, self.num_heads * self.head_dim, True, dtype)
-        self.k_proj = _linear(h, self.num_kv_heads * self.head_dim, True, dtype)
-        self.v_proj = _linear(h, self.num_kv_heads * self.head_dim, True, dtype)
-        self.o_proj = _linear(self.num_heads * self.head_dim, h, True, dtype)
+        self.q_proj = ColumnParallelLinear(h, self.num_heads * d, self.q_head_start * d, True, dtype)
+        self.k_proj = ColumnParallelLinear(h, self.num_kv_heads * d, kv_head_start * d, True, dtype)
+        self.v_proj = ColumnParallelLinear(h, self.num_kv_heads * d, kv_head_start * d, True, dtype)
+        self.o_proj = RowParallelLinear(self.num_heads * d, h, self.q_head_start * d, dtype, world_size, group)
         # Sinks stay fp32: they join an fp32 softmax denominator.
         self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
         self.qkv_weight: torch.Tensor | None = None  # [q; k; v] `[(Hq + 2 Hkv) * D, H]`, made by fuse_qkv
@@ -88,6 +106,10 @@ class Attention(nn.Module):
             p.bias.data = bias[start : start + rows]
             start += rows
         self.qkv_weight, self.qkv_bias = weight, bias
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """The sinks of this rank's query heads."""
+        param.copy_(loaded[self.q_head_start : self.q_head_start + self.num_heads])
 
     def forward(
         self,
@@ -126,17 +148,13 @@ class Attention(nn.Module):
             batch_invariant=batch_invariant,
             backend=backend,
         )
-        attn = attn.reshape(num_tokens, -1)  # a view: every path returns contiguous [T, Hq, D]
-        if self.world_size == 1:
-            return ops.linear(attn, self.o_proj.weight, self.o_proj.bias, batch_invariant, backend=backend)
-        out = ops.linear(attn, self.o_proj.weight, None, batch_invariant, backend=backend)
-        dist.all_reduce(out)
-        # The bias is added once, after the reduction, not once per rank.
-        return out + self.o_proj.bias
+        # reshape is a view: every path returns a contiguous [T, Hq, D].
+        return self.o_proj(attn.reshape(num_tokens, -1), batch_invariant, backend)
 
 
 class MXFP4Experts(nn.Module):
-    """The experts' packed weights, as stored in the checkpoint; biases in fp32 (they are added in fp32).
+    """This rank's experts (`num_local_experts / world_size` whole experts from `expert_start`), as stored in
+    the checkpoint; biases in fp32 (they are added in fp32).
 
     When the Triton MoE runs them (kernel_backend "auto" on CUDA, or "triton"), `pack_for_kernels` (called by
     the loader once the weights are in) re-lays values and scales on the device into the MoE kernel's tiled
@@ -145,9 +163,10 @@ class MXFP4Experts(nn.Module):
     torch reference reads it).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, rank: int = 0, world_size: int = 1) -> None:
         super().__init__()
-        h, i, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+        self.expert_start, e = even_shard(config.num_local_experts, rank, world_size, "experts")
+        h, i = config.hidden_size, config.intermediate_size
         half_block = MXFP4_BLOCK // 2
         u8 = torch.uint8
         self.gate_up_proj_blocks = nn.Parameter(
@@ -179,20 +198,37 @@ class MXFP4Experts(nn.Module):
             packed.append(weights)
         self.packed = tuple(packed)
 
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """Every expert tensor is `[E, ...]`: this rank's experts are a contiguous run of its first dim."""
+        param.copy_(loaded[self.expert_start : self.expert_start + param.shape[0]])
+
 
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+    """Expert-parallel MoE: the router is replicated (every rank routes every token identically), each rank
+    runs the tokens' slots that chose its experts, and one sum over ranks combines them."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        rank: int = 0,
+        world_size: int = 1,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.router = _linear(config.hidden_size, config.num_local_experts, True, dtype)
-        self.experts = MXFP4Experts(config)
+        self.experts = MXFP4Experts(config, rank, world_size)
         self.top_k = config.num_experts_per_tok
         self.swiglu_limit = config.swiglu_limit
         self.swiglu_alpha = config.swiglu_alpha
+        self.world_size = world_size
+        self.group = group
 
     def forward(self, x: torch.Tensor, batch_invariant: bool, backend: str) -> torch.Tensor:
         """`x` `[T, H]` (normalised) -> `[T, H]`."""
         experts = self.experts
-        return ops.moe(
+        parallel = self.world_size > 1
+        out = ops.moe(
             x,
             ops.linear(x, self.router.weight, self.router.bias, batch_invariant, backend=backend),
             experts.gate_up_proj_blocks,
@@ -206,16 +242,30 @@ class MoE(nn.Module):
             self.swiglu_alpha,
             packed=experts.packed,
             backend=backend,
+            expert_start=experts.expert_start,
+            # This rank's partial stays fp32 through the sum over ranks: one rounding, as on one GPU.
+            out_dtype=torch.float32 if parallel else None,
         )
+        if not parallel:
+            return out
+        return reduce_sum(out, self.world_size, self.group, fixed_order=batch_invariant).to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        dtype: torch.dtype,
+        rank: int,
+        world_size: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, layer, dtype, rank, world_size)
+        self.self_attn = Attention(config, layer, dtype, rank, world_size, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MoE(config, dtype)
+        self.mlp = MoE(config, dtype, rank, world_size, group)
 
     def forward(
         self,
@@ -237,12 +287,15 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, rank: int, world_size: int) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, rank: int, world_size: int, group: dist.ProcessGroup | None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.embed_tokens.requires_grad_(False)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, dtype, rank, world_size, group
+        )
         self.layers = nn.ModuleList(
-            DecoderLayer(config, layer, dtype, rank, world_size) for layer in range(config.num_hidden_layers)
+            DecoderLayer(config, layer, dtype, rank, world_size, group) for layer in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -250,22 +303,26 @@ class Backbone(nn.Module):
 class GptOssModel(nn.Module):
     """gpt-oss for causal LM. Build it with `GptOssModel.create` (no init work on the weights), then load.
 
-    Parameters use the checkpoint's names; `forward` returns final hidden states and `compute_logits` the
-    fp32 logits of the rows that sample.
+    Parameters use the checkpoint's names (each rank's hold its share: see parallel_layers); `forward` returns
+    final hidden states and `compute_logits` the fp32 logits of the rows that sample. With `world_size > 1`
+    every rank calls both with the same inputs (they run collectives over `group`, default the world).
     """
 
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, rank: int = 0, world_size: int = 1
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype = torch.bfloat16,
+        rank: int = 0,
+        world_size: int = 1,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if world_size > 1:
-            raise NotImplementedError("multi-GPU gpt-oss (expert-parallel MoE) is not implemented yet")
         self.config = config
         self.dtype = dtype
         self.rank = rank
         self.world_size = world_size
-        self.model = Backbone(config, dtype, rank, world_size)
-        self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype)
+        self.model = Backbone(config, dtype, rank, world_size, group)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype, rank, world_size, group)
         self.batch_invariant = True
         # "auto", "triton" or "torch" (ops.use_triton); the runner sets EngineArgs.kernel_backend before loading:
         # the MoE weights' layout depends on it.
@@ -281,11 +338,12 @@ class GptOssModel(nn.Module):
         device: torch.device | str,
         rank: int = 0,
         world_size: int = 1,
+        group: dist.ProcessGroup | None = None,
     ) -> GptOssModel:
-        """Allocate the model on `device` with uninitialised weights (built on `meta`, so nothing is computed
-        for weights that the loader overwrites anyway)."""
+        """Allocate the model (rank's share of it) on `device` with uninitialised weights (built on `meta`, so
+        nothing is computed for weights that the loader overwrites anyway)."""
         with torch.device("meta"):
-            model = cls(config, dtype, rank, world_size)
+            model = cls(config, dtype, rank, world_size, group)
         model.to_empty(device=device)
         model.eval()
         return model
@@ -348,11 +406,4 @@ class GptOssModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """`[N, H]` -> `[N, V]` fp32 (batch-invariant on CUDA: written in fp32 straight from the accumulator)."""
-        return ops.linear(
-            hidden,
-            self.lm_head.weight,
-            None,
-            self.batch_invariant,
-            out_dtype=torch.float32,
-            backend=self.kernel_backend,
-        )
+        return self.lm_head(hidden, self.batch_invariant, self.kernel_backend)

@@ -4,6 +4,8 @@ Shards are found through `model.safetensors.index.json` (or a single `model.safe
 checked first, so a bad checkpoint fails at once with one error naming every missing, unexpected or
 mis-shaped tensor. Then tensors stream one at a time from disk to the device: host memory holds one tensor,
 never the whole checkpoint (65 GB for 120b). MXFP4 expert tensors are copied as the uint8 bytes they are.
+With tensor parallelism each layer's `weight_loader` reads only its rank's slice (`safe_open(...).get_slice`),
+so a rank's host memory never holds a whole sharded tensor either.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from gptoss.engine.model.checkpoint_layout import TensorSpec, checkpoint_tensor_specs, random_tensor
 from gptoss.engine.model.gpt_oss import GptOssModel
+from gptoss.engine.model.parallel_layers import load_parameter
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -116,14 +120,15 @@ def validate_checkpoint(shards: dict[str, Path], specs: list[TensorSpec]) -> Non
         raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
 
 
-def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_checkpoint(shards: dict[str, Path]) -> Iterator[tuple[str, Any]]:
+    """(name, safetensors slice) of every tensor, shard file by shard file; nothing is read until sliced."""
     by_file: dict[Path, list[str]] = {}
     for name, file in shards.items():
         by_file.setdefault(file, []).append(name)
     for file in sorted(by_file):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in by_file[file]:
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 # An e8m0 scale byte of 0xFF is NaN (OCP MX spec); dequantised as an exponent it would be 2^128 = inf.
@@ -143,7 +148,7 @@ def _count_non_finite(name: str, param: torch.Tensor) -> torch.Tensor:
 def load_weights(
     model: GptOssModel, checkpoint_dir: str | Path, progress: bool = True, check_finite: bool = True
 ) -> None:
-    """Copy every checkpoint tensor into the model's parameter of the same name, on the model's device.
+    """Copy every checkpoint tensor (this rank's share of it) into the model's parameter of the same name.
 
     With `check_finite`, every value is checked as it lands (on the device, read back once at the end): a NaN
     or infinity in a weight would make every request fail later, so it fails the load here, naming the
@@ -153,16 +158,20 @@ def load_weights(
     specs = checkpoint_tensor_specs(model.config)
     validate_checkpoint(shards, specs)
     params = dict(model.named_parameters())
-    total_bytes = sum(spec.num_bytes for spec in specs)
     non_finite: dict[str, torch.Tensor] = {}
     with tqdm(
-        total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not progress, leave=False
+        total=sum(p.nbytes for p in model.parameters()),  # this rank's share
+        unit="B",
+        unit_scale=True,
+        desc="loading weights",
+        disable=not progress,
+        leave=False,
     ) as bar:
-        for name, tensor in _iter_checkpoint(shards):
-            params[name].copy_(tensor, non_blocking=False)
+        for name, tensor_slice in _iter_checkpoint(shards):
+            load_parameter(model, name, tensor_slice)
             if check_finite:
                 non_finite[name] = _count_non_finite(name, params[name])
-            bar.update(tensor.numel() * tensor.element_size())
+            bar.update(params[name].nbytes)
     if non_finite:
         counts = dict(zip(non_finite, torch.stack(list(non_finite.values())).tolist(), strict=True))
         bad = [f"{name}: {count} of {params[name].numel()}" for name, count in sorted(counts.items()) if count]
@@ -180,7 +189,7 @@ def randomize_weights(model: GptOssModel, seed: int = 0) -> None:
     device = model.device
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    params = dict(model.named_parameters())
     for spec in checkpoint_tensor_specs(model.config):
-        params[spec.name].copy_(random_tensor(spec, generator, device))
+        # Every rank draws the full tensor from the same seed and keeps its share: all ranks agree.
+        load_parameter(model, spec.name, random_tensor(spec, generator, device))
     model.finish_loading()  # fused q/k/v weight; MoE weights in the Triton kernel's layout when it runs

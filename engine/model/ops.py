@@ -159,18 +159,27 @@ def moe(
     packed: tuple | None = None,
     *,
     backend: str = "auto",
+    expert_start: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The MXFP4 mixture of experts on `[T, H]`; see kernels.reference.moe_reference.
 
     The Triton kernel reads `packed` (w1, w2 `kernels.moe.Mxfp4Weights`, made at load by
     `MXFP4Experts.pack_for_kernels` when the model's backend runs it; the blocks/scales arguments then hold the
     same packed bytes). It is batch-invariant in every mode. The torch path, `kernels.cpu.moe` (the reference,
-    with cached dequantised experts), reads the checkpoint layout."""
+    with cached dequantised experts), reads the checkpoint layout.
+
+    Expert parallel: the weights hold experts `expert_start ..` only (router_logits still cover all experts);
+    the result is then the sum over the slots routed to those experts, in `out_dtype` (default x's dtype). On
+    the torch path that is the reference itself (tensor parallelism there is for tests)."""
+    ep = {"expert_start": expert_start, "out_dtype": out_dtype}
     if use_triton(x, backend):
         if packed is None:
             raise RuntimeError("MoE weights are not packed for the Triton kernel: call GptOssModel.pack_experts()")
         from gptoss.kernels.moe import fused_moe
 
-        return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha)
+        return fused_moe(x, router_logits, packed[0], packed[1], top_k, swiglu_limit, swiglu_alpha, **ep)
     args = (x, router_logits, w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias, top_k)
+    if w1_blocks.shape[0] != router_logits.shape[1] or out_dtype is not None:
+        return reference.moe_reference(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha, **ep)
     return cpu.moe(*args, swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)

@@ -16,11 +16,18 @@ sequence's KV cache. The count per step:
 For gpt-oss-120b at batch 1 and an empty context, with bf16 weights: 1.906 GB experts, 1.912 GB attention,
 1.158 GB unembedding, 0.027 GB router and norms: 5.00 GB per token, so about 670 tokens/s at 3.35 TB/s
 (an H100's peak) is the ceiling of a single stream.
+
+Tensor parallel over N GPUs (`tensor_parallel_estimate`): each rank streams its share (1/N of the attention
+heads and of the vocabulary, KV heads replicated past their count; its own experts, so at batch 1 a layer waits
+for the rank that drew the most of the k routed experts), and every layer pays two fixed-order reductions (an
+all-gather of fp32 partials, see engine/distributed/collectives.py), each a latency `collective_latency_s`
+plus its bytes over the GPU link. Predictions, not measurements: nothing here has run on more than one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass
 
 from gptoss.engine.model.config import PRESETS, ModelConfig, preset
@@ -157,6 +164,141 @@ def decode_step_bytes(
     )
 
 
+def expected_max_experts_per_rank(config: ModelConfig, world_size: int) -> float:
+    """At batch 1, the expected most experts one rank runs in a layer: `k` distinct experts drawn uniformly
+    from `E`, split in `world_size` equal groups (the ranks). E[max] = sum over m of P(max > m), and
+    P(max <= m) counts the draws with at most m per group: the x^k coefficient of (sum_c<=m C(g, c) x^c)^N."""
+    experts, k = config.num_local_experts, config.num_experts_per_tok
+    group = experts // world_size
+    total = math.comb(experts, k)
+
+    def draws_with_at_most(m: int) -> int:
+        poly = [1]
+        factor = [math.comb(group, c) for c in range(min(m, group) + 1)]
+        for _ in range(world_size):
+            nxt = [0] * min(len(poly) + len(factor) - 1, k + 1)
+            for i, a in enumerate(poly):
+                for j, b in enumerate(factor):
+                    if i + j <= k:
+                        nxt[i + j] += a * b
+            poly = nxt
+        return poly[k] if len(poly) > k else 0
+
+    return sum(1 - draws_with_at_most(m) / total for m in range(k))
+
+
+@dataclass(frozen=True)
+class TensorParallelEstimate:
+    """One rank of a tensor-parallel replica on paper: what it holds, what it caches, how fast batch 1 decodes."""
+
+    world_size: int
+    weight_bytes_per_rank: float  # resident: its experts, heads, vocabulary rows, replicated router and norms
+    kv_bytes_per_token_per_rank: float  # K and V of one token in every layer, for the KV heads it holds
+    kv_tokens_per_rank: int  # tokens its KV cache holds (every rank the same; all layers counted as full)
+    decode_bytes_per_rank: float  # batch-1 step at the given context, expert count at its expected maximum
+    collective_seconds: float  # batch-1 step: 2 reductions per layer, the embedding sum, the logits gather
+    step_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.step_seconds
+
+
+def tensor_parallel_estimate(
+    config: ModelConfig,
+    world_size: int,
+    hbm_bytes: float = 80e9,
+    memory_utilization: float = 0.9,
+    reserve_bytes: float = 4e9,
+    bandwidth_bytes_per_s: float = 3.35e12,
+    link_bytes_per_s: float = 450e9,
+    collective_latency_s: float = 10e-6,
+    context_len: int = 0,
+    weight_bytes: float = 2,
+    kv_bytes: float = 2,
+) -> TensorParallelEstimate:
+    """Per-rank memory and batch-1 decode speed of gpt-oss split over `world_size` GPUs (see module docstring).
+
+    Defaults: H100 SXM (80 GB, 3.35 TB/s HBM3 peak, NVLink 4 at 450 GB/s per direction), bf16 weights and KV
+    cache, expert biases in fp32 (as loaded), `reserve_bytes` kept for activations and CUDA graphs, and
+    ~10 us per small NCCL collective inside a CUDA graph (an assumption to replace with a measurement).
+    """
+    n = world_size
+    layers, hidden, d = config.num_hidden_layers, config.hidden_size, config.head_dim
+    q_heads = config.num_attention_heads // n
+    kv_heads = max(1, config.num_key_value_heads // n)
+    vocab_rows = -(-config.vocab_size // n)
+    attention = (
+        ((q_heads + 2 * kv_heads) * d * hidden + hidden * q_heads * d) * weight_bytes
+        + ((q_heads + 2 * kv_heads) * d + hidden) * weight_bytes
+        + q_heads * 4
+    )
+    router_norms = (
+        layers * (config.num_local_experts * (hidden + 1) + 2 * hidden) * weight_bytes + hidden * weight_bytes
+    )
+    resident = (
+        layers * attention
+        + layers * (config.num_local_experts // n) * expert_bytes(config, bias_bytes=4)
+        + 2 * vocab_rows * hidden * weight_bytes  # embedding and unembedding rows
+        + router_norms
+    )
+    kv_per_token = layers * 2 * kv_heads * d * kv_bytes
+    kv_tokens = int(max(0.0, hbm_bytes * memory_utilization - resident - reserve_bytes) // kv_per_token)
+
+    seen = sum(
+        min(context_len + 1, w) + 1 if (w := config.window_of_layer(i)) is not None else context_len + 2
+        for i in range(layers)
+    )
+    decode = (
+        layers * expected_max_experts_per_rank(config, n) * expert_bytes(config, bias_bytes=4)
+        + layers * attention
+        + vocab_rows * hidden * weight_bytes  # unembedding
+        + router_norms
+        + seen * 2 * kv_heads * d * kv_bytes
+    )
+    collectives = 0.0
+    if n > 1:
+        partial = hidden * 4  # one token's fp32 partial
+        gather = collective_latency_s + (n - 1) * partial / link_bytes_per_s
+        embedding = collective_latency_s + 2 * (n - 1) / n * hidden * weight_bytes / link_bytes_per_s
+        logits = collective_latency_s + (n - 1) * vocab_rows * 4 / link_bytes_per_s
+        collectives = 2 * layers * gather + embedding + logits
+    step = decode / bandwidth_bytes_per_s + collectives
+    return TensorParallelEstimate(n, resident, kv_per_token, kv_tokens, decode, collectives, step)
+
+
+def splits_over(config: ModelConfig, world_size: int) -> bool:
+    """Whether heads and experts split evenly over `world_size` ranks (KV heads split or replicate)."""
+    kv = config.num_key_value_heads
+    return (
+        config.num_attention_heads % world_size == 0
+        and config.num_local_experts % world_size == 0
+        and (kv % world_size == 0 or world_size % kv == 0)
+    )
+
+
+def format_tensor_parallel(estimates: list[TensorParallelEstimate]) -> str:
+    """A table: one line per world size (KV tokens: what every rank, hence the replica, holds)."""
+    header = "TP | weights/rank GB | KV/token/rank KB | KV tokens | batch-1 GB/rank | collectives ms | step ms | tok/s"
+    lines = [header]
+    for e in estimates:
+        lines.append(
+            " | ".join(
+                [
+                    f"{e.world_size:2d}",
+                    f"{e.weight_bytes_per_rank / 1e9:15.2f}",
+                    f"{e.kv_bytes_per_token_per_rank / 1e3:16.1f}",
+                    f"{e.kv_tokens_per_rank:9,d}",
+                    f"{e.decode_bytes_per_rank / 1e9:15.3f}",
+                    f"{e.collective_seconds * 1e3:14.3f}",
+                    f"{e.step_seconds * 1e3:7.3f}",
+                    f"{e.tokens_per_s:5.0f}",
+                ]
+            )
+        )
+    return "\n".join(lines)
+
+
 def decode_ceiling(step: DecodeStepBytes, bandwidth_bytes_per_s: float) -> Ceiling:
     """The fastest a decode step can run when it only has to stream its bytes at `bandwidth_bytes_per_s`."""
     if bandwidth_bytes_per_s <= 0:
@@ -195,8 +337,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-bytes", type=float, default=2)
     parser.add_argument("--kv-bytes", type=float, default=2)
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="memory bandwidth in GB/s")
+    parser.add_argument(
+        "--tensor-parallel",
+        default=None,
+        help="comma-separated world sizes (e.g. 1,2,4,8): per-rank memory and batch-1 speed on H100s instead",
+    )
     args = parser.parse_args(argv)
     config = ModelConfig.from_json(args.config) if args.config else preset(args.preset)
+    if args.tensor_parallel:
+        bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else 3.35e12
+        sizes = [int(n) for n in args.tensor_parallel.split(",")]
+        print(
+            format_tensor_parallel(
+                [
+                    tensor_parallel_estimate(
+                        config, n, bandwidth_bytes_per_s=bandwidth, context_len=args.context, kv_bytes=args.kv_bytes
+                    )
+                    for n in sizes
+                ]
+            )
+        )
+        return 0
     step = decode_step_bytes(config, args.batch, args.context, args.weight_bytes, args.kv_bytes)
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else None
     print(format_breakdown(step, bandwidth))
@@ -210,9 +371,13 @@ __all__ = [
     "decode_ceiling",
     "decode_step_bytes",
     "expected_active_experts",
+    "expected_max_experts_per_rank",
     "expert_bytes",
     "format_breakdown",
+    "format_tensor_parallel",
     "kv_bytes_per_seq",
+    "splits_over",
+    "tensor_parallel_estimate",
 ]
 
 if __name__ == "__main__":

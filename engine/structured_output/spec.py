@@ -34,6 +34,10 @@ class StructuredOutputError(RequestError):
         self.param = param
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        # Picklable (it crosses to the server from a data-parallel replica's process).
+        return (type(self), (self.param, self.message))
+
     @property
     def client_message(self) -> str:
         return self.message  # the field is named in the error's `param`

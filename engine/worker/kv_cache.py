@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from gptoss.engine.model.config import ModelConfig
+from gptoss.engine.model.parallel_layers import kv_heads_per_rank
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -17,7 +18,7 @@ def kv_bytes_per_block(
 ) -> int:
     """Bytes one block id costs across all layers (of `layer_type`, or all layers), K and V, on one rank."""
     num_layers = sum(1 for t in config.layer_types if layer_type is None or t == layer_type)
-    per_layer = 2 * (config.num_key_value_heads // world_size) * block_size * config.head_dim
+    per_layer = 2 * kv_heads_per_rank(config, world_size) * block_size * config.head_dim
     return num_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
@@ -29,10 +30,9 @@ def allocate_kv_caches(
     device: torch.device | str,
     world_size: int = 1,
 ) -> list[KVCache]:
-    """One zeroed (k_cache, v_cache) pair per layer; `num_blocks` per layer type or one number for all."""
-    if config.num_key_value_heads % world_size:
-        raise ValueError(f"{config.num_key_value_heads} KV heads do not split over {world_size} ranks")
-    kv_heads = config.num_key_value_heads // world_size
+    """One zeroed (k_cache, v_cache) pair per layer for one rank's KV heads; `num_blocks` per layer type or one
+    number for all."""
+    kv_heads = kv_heads_per_rank(config, world_size)
     caches: list[KVCache] = []
     for layer_type in config.layer_types:
         blocks = num_blocks[layer_type] if isinstance(num_blocks, dict) else num_blocks

@@ -1,5 +1,10 @@
 """Executes one scheduler plan: builds the step's tensors, runs the model, samples.
 
+With tensor parallelism (`ParallelContext.world_size > 1`) every rank has a ModelRunner over its share of the
+weights and KV cache. Rank 0 turns the scheduler's plan into a `StepPlan` (the step's host tensors and which
+hidden rows need logits), broadcasts it, and all ranks `run_step` it (their collectives meet inside); only
+rank 0 samples, computes logprobs and runs the grammar. The other ranks loop in engine/worker/tp_worker.py.
+
 Owns the model weights, the paged KV caches (one (k, v) pair per layer, `[num_blocks, Hkv, block_size, D]`,
 one block pool per layer type) and the sampler. `execute(plan)` returns, per sequence that samples this step,
 its next token (with logprobs), and for sequences that asked for prompt logprobs the logprobs of the prompt
@@ -17,6 +22,7 @@ import numpy as np
 import torch
 from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
+from gptoss.engine.distributed.parallel_state import SINGLE, ParallelContext, broadcast_object, min_over_ranks
 from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
 from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
@@ -90,6 +96,54 @@ class StepInputs:
                 slot_mapping={g: move(t) for g, t in batch.slot_mapping.items()},
             ),
         )
+
+
+@dataclass
+class StepPlan:
+    """One step as every rank runs it: the step's host tensors, and in order the hidden-state rows whose logits
+    are computed (`(begin, end)`: a slice of rows; a list: those rows gathered)."""
+
+    inputs: StepInputs
+    logits_rows: list[tuple[int, int] | list[int]]
+
+    def to_wire(self) -> tuple:
+        """A picklable copy with numpy arrays for tensors (torch tensors pickle ~10x slower); tensors shared
+        between layer types stay shared (pickle's memo keeps one array)."""
+        arrays: dict[int, np.ndarray] = {}
+
+        def array(t: torch.Tensor) -> np.ndarray:
+            return arrays.setdefault(id(t), t.numpy())
+
+        b = self.inputs.batch
+        return (
+            array(self.inputs.input_ids),
+            array(self.inputs.positions),
+            array(b.query_start_loc),
+            array(b.seq_lens),
+            {g: array(t) for g, t in b.block_tables.items()},
+            {g: array(t) for g, t in b.slot_mapping.items()},
+            b.max_query_len,
+            b.max_seq_len,
+            self.logits_rows,
+        )
+
+    @classmethod
+    def from_wire(cls, wire: tuple) -> StepPlan:
+        input_ids, positions, query_start_loc, seq_lens, block_tables, slot_mapping, max_q, max_s, rows = wire
+        tensors: dict[int, torch.Tensor] = {}
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return tensors.setdefault(id(a), torch.from_numpy(a))
+
+        batch = ForwardBatch(
+            query_start_loc=tensor(query_start_loc),
+            seq_lens=tensor(seq_lens),
+            block_tables={g: tensor(a) for g, a in block_tables.items()},
+            slot_mapping={g: tensor(a) for g, a in slot_mapping.items()},
+            max_query_len=max_q,
+            max_seq_len=max_s,
+        )
+        return cls(StepInputs(tensor(input_ids), tensor(positions), batch), rows)
 
 
 class HostBlockTables:
@@ -188,15 +242,18 @@ class HostBlockTables:
 class ModelRunner:
     """Loads the model and KV caches for `args`; `execute` runs one step."""
 
-    def __init__(self, args: EngineArgs, config: ModelConfig) -> None:
+    def __init__(self, args: EngineArgs, config: ModelConfig, parallel: ParallelContext = SINGLE) -> None:
         self.args = args
         self.config = config
-        self.device = args.resolve_device()
+        self.parallel = parallel
+        self.device = parallel.device(args.resolve_device())
         self.dtype = args.resolve_dtype(self.device)
         self.block_size = args.block_size
         if args.kernel_backend == "triton" and self.device.type != "cuda":
             ops.enable_triton_interpreter()
-        self.model = GptOssModel.create(config, self.dtype, self.device)
+        self.model = GptOssModel.create(
+            config, self.dtype, self.device, parallel.rank, parallel.world_size, parallel.device_group
+        )
         self.model.batch_invariant = args.batch_invariant
         self.model.kernel_backend = args.kernel_backend  # before loading: it picks the MoE weights' layout
         if args.random_weights:
@@ -206,10 +263,16 @@ class ModelRunner:
         self.model.batch_invariant = args.batch_invariant
         if self.device.type == "cpu":
             set_expert_cache_budget(int(args.cpu_expert_cache_gb * (1 << 30)))
-        self.num_blocks = num_kv_blocks(args, config, self.device, self.dtype)
+        # Rank 0 hands out block ids for all ranks: each must hold as many as the smallest cache.
+        self.num_blocks = min_over_ranks(num_kv_blocks(args, config, self.device, self.dtype), parallel)
         # A model with one layer type has one pool; the other type's key is never read.
         self.kv_caches = allocate_kv_caches(
-            config, self.num_blocks, args.block_size, args.resolve_kv_dtype(self.dtype), self.device
+            config,
+            self.num_blocks,
+            args.block_size,
+            args.resolve_kv_dtype(self.dtype),
+            self.device,
+            parallel.world_size,
         )
         self.host_block_tables = HostBlockTables(list(self.num_blocks))
         generator = torch.Generator(device=self.device)
@@ -319,30 +382,61 @@ class ModelRunner:
         # Structured-output rows: their bitmasks are computed on a worker thread (llguidance drops the GIL)
         # while this thread builds the inputs and launches the forward; `_sample` waits for them.
         grammar = self._submit_grammar_bitmasks([item.seq for item in plan.scheduled if item.samples], out)
-        inputs = self.prepare_inputs(plan)
+        # The rows that need logits, in the order they are computed: prompt-logprob chunks, then sampling rows.
+        logits_rows: list[tuple[int, int] | list[int]] = []
+        prompt_spans: list[tuple[ScheduledSequence, int, int]] = []
+        row = 0
+        sample_rows: list[int] = []
+        samplers: list[ScheduledSequence] = []
+        for item in plan.scheduled:
+            span = self._prompt_logprob_span(item) if item.seq.want_prompt_logprobs else None
+            if span is not None:
+                first, last = span
+                prompt_spans.append((item, first, last))
+                begin, end = row + first - 1 - item.start, row + last - item.start
+                logits_rows.extend(
+                    (b, min(b + PROMPT_LOGITS_CHUNK, end)) for b in range(begin, end, PROMPT_LOGITS_CHUNK)
+                )
+            row += item.num_new_tokens
+            if item.samples:
+                sample_rows.append(row - 1)
+                samplers.append(item)
+        if samplers:
+            logits_rows.append((0, row) if len(sample_rows) == row else sample_rows)
+        step = StepPlan(self.prepare_inputs(plan), logits_rows)
+        if self.parallel.world_size > 1:
+            broadcast_object(step.to_wire(), self.parallel)
+        logits = self.run_step(step)
+        chunks = iter(logits)
+        for item, first, last in prompt_spans:
+            num_chunks = -(-(last - first + 1) // PROMPT_LOGITS_CHUNK)
+            self._prompt_logprobs(item, first, [next(chunks) for _ in range(num_chunks)], out)
+        if samplers:
+            self._sample(logits[-1], samplers, out, grammar)
+        return out
+
+    @torch.inference_mode()
+    def run_step(self, step: StepPlan) -> list[torch.Tensor]:
+        """The forward pass of `step` and the fp32 logits `[rows, V]` of each entry of `step.logits_rows`.
+
+        With tensor parallelism every rank calls this with the same plan (the collectives inside pair up).
+        """
+        inputs = step.inputs
         graphs = self.graph_runner
         if graphs is not None and graphs.fits(inputs.batch):
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.batch)
         else:
             inputs = inputs.to(self.device)
             hidden = self.model.forward(inputs.input_ids, inputs.positions, inputs.batch, self.kv_caches)
-        row = 0
-        sample_rows: list[int] = []
-        samplers: list[ScheduledSequence] = []
-        for item in plan.scheduled:
-            if item.seq.want_prompt_logprobs:
-                self._prompt_logprobs(item, hidden[row : row + item.num_new_tokens], out)
-            row += item.num_new_tokens
-            if item.samples:
-                sample_rows.append(row - 1)
-                samplers.append(item)
-        if not samplers:
-            return out
-        if len(sample_rows) < row:
-            # Non-blocking: a plain torch.tensor(..., device=cuda) would wait for the forward to finish.
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.int64).to(hidden.device, non_blocking=True)]
-        self._sample(self.model.compute_logits(hidden), samplers, out, grammar)
-        return out
+        logits = []
+        for rows in step.logits_rows:
+            if isinstance(rows, tuple):
+                selected = hidden[rows[0] : rows[1]]
+            else:
+                # Non-blocking: a plain torch.tensor(..., device=cuda) would wait for the forward to finish.
+                selected = hidden[torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)]
+            logits.append(self.model.compute_logits(selected))
+        return logits
 
     def _submit_grammar_bitmasks(
         self, seqs: list, out: ModelRunnerOutput
@@ -451,19 +545,28 @@ class ModelRunner:
                 out.failed[seq.seq_id] = f"logits mask failed: {type(exc).__name__}: {exc}"
         return mask
 
-    def _prompt_logprobs(self, item: ScheduledSequence, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        """Logprobs of the prompt tokens at positions start+1 .. end (those this chunk's rows predict)."""
+    @staticmethod
+    def _prompt_logprob_span(item: ScheduledSequence) -> tuple[int, int] | None:
+        """(first, last) prompt indices, inclusive, of the prompt tokens whose logprobs this chunk's rows
+        predict (positions start+1 .. end), or None when there are none; row `p - 1 - start` predicts p."""
         seq = item.seq
         first = max(item.start + 1, len(seq.prompt_logprobs))  # prompt index of the first predicted token
         last = min(item.end, seq.num_prompt_tokens - 1)  # inclusive
-        if last < first:
-            return
+        return None if last < first else (first, last)
+
+    def _prompt_logprobs(
+        self, item: ScheduledSequence, first: int, logits_chunks: list[torch.Tensor], out: ModelRunnerOutput
+    ) -> None:
+        """Logprobs of the prompt tokens from index `first` on, from the logits of the rows predicting them
+        (`PROMPT_LOGITS_CHUNK` rows per chunk)."""
+        seq = item.seq
         k = seq.sampling_params.prompt_logprobs or 0
         entries: list[TokenLogprob] = []
-        rows = hidden[first - 1 - item.start : last - item.start]
-        targets = torch.tensor(seq.token_ids[first : last + 1], dtype=torch.int64).to(hidden.device, non_blocking=True)
-        for begin in range(0, rows.shape[0], PROMPT_LOGITS_CHUNK):
-            logits = self.model.compute_logits(rows[begin : begin + PROMPT_LOGITS_CHUNK])
+        device = logits_chunks[0].device
+        num_rows = sum(chunk.shape[0] for chunk in logits_chunks)
+        targets = torch.tensor(seq.token_ids[first : first + num_rows], dtype=torch.int64).to(device, non_blocking=True)
+        for i, logits in enumerate(logits_chunks):
+            begin = i * PROMPT_LOGITS_CHUNK
             result = compute_prompt_logprobs(logits, targets[begin : begin + PROMPT_LOGITS_CHUNK], k)
             values = result.token_logprobs.tolist()
             top_ids = result.top_logprob_ids.tolist() if result.top_logprob_ids is not None else None
