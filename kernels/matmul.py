@@ -76,11 +76,11 @@ def _linear_kernel(
     if SPLIT_CTAS:  # split-major grid: programs [s * tiles, (s + 1) * tiles) compute split s of every tile
         tiles = num_m * num_n
         first_split = pid // tiles
-        end_split = first_split + 1
         pid = pid % tiles
+        LOCAL_SPLITS: tl.constexpr = 1
     else:
         first_split = 0
-        end_split = SPLIT_K
+        LOCAL_SPLITS: tl.constexpr = SPLIT_K
     tiles_per_group = GROUP_M * num_n
     group = pid // tiles_per_group
     first_m = group * GROUP_M
@@ -103,18 +103,20 @@ def _linear_kernel(
     # sums are then added in split order, p0 + p1 + ... (here, or by the last CTA below: the same fp32 adds
     # in the same order, so a row has the same bits whichever way its batch size picks). Masked lanes load 0
     # and add exact zeros.
+    # Constant trip counts (and no tensor loop bounds, which triton 3.6's interpreter rejects): this program's
+    # splits, then each split's BLOCK_K steps; K is masked only where the splits overrun it.
     total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for split in range(first_split, end_split):
-        k_lo = split * K_PER_SPLIT
+    for i in range(LOCAL_SPLITS):
+        k_lo = (first_split + i) * K_PER_SPLIT
         x_ptrs = x_base + k_lo * stride_xk
         w_ptrs = w_base + k_lo * stride_wk
         acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for k0 in range(k_lo, tl.minimum(k_lo + K_PER_SPLIT, K), BLOCK_K):
-            if K % BLOCK_K == 0:
+        for step in range(K_PER_SPLIT // BLOCK_K):
+            if SPLIT_K * K_PER_SPLIT == K:
                 a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
                 b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
             else:
-                k_left = K - k0
+                k_left = K - k_lo - step * BLOCK_K
                 a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
                 b = tl.load(w_ptrs, mask=n_mask[None, :] & (offs_k[:, None] < k_left), other=0.0)
             if FP32_MATH:
@@ -124,7 +126,7 @@ def _linear_kernel(
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
         # The first split is taken as is (0.0 + -0.0 would flip a sign bit).
-        total = acc if SPLIT_K == 1 else tl.where(split == first_split, acc, total + acc)
+        total = acc if LOCAL_SPLITS == 1 else tl.where(i == 0, acc, total + acc)
 
     write = True
     if SPLIT_CTAS:
