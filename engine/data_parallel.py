@@ -40,6 +40,9 @@ from gptoss.engine.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 STARTUP_POLL_S = 1.0
+# A replica whose pipes closed is exiting; a killed process with a large heap can take seconds to be reaped on a
+# loaded machine, and until then its exit code is unknown.
+GONE_JOIN_S = 5.0
 
 
 def replica_args(args: EngineArgs) -> list[EngineArgs]:
@@ -238,7 +241,7 @@ class ReplicaClient:
 
     def _gone_reason(self) -> str:
         """Why the replica's pipes closed: its exit code when it has exited (it has, or soon will)."""
-        self.process.join(STARTUP_POLL_S)
+        self.process.join(GONE_JOIN_S)
         if self.process.exitcode is None:
             return f"data-parallel replica {self.index} stopped answering"
         return f"data-parallel replica {self.index} exited (code {self.process.exitcode})"

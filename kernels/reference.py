@@ -241,8 +241,13 @@ def map_row_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -
     results concatenated: `[T, N]`. `fn` must treat rows independently."""
     num_rows = x.shape[0]
     tiles = max(1, math.ceil(num_rows / ROW_TILE))
-    padded = x.new_zeros(tiles * ROW_TILE, x.shape[1])
-    padded[:num_rows] = x
+    if num_rows == tiles * ROW_TILE:
+        padded = x  # whole tiles already: no copy (each tile's values, and so its bits, are the same)
+    else:
+        padded = x.new_zeros(tiles * ROW_TILE, x.shape[1])
+        padded[:num_rows] = x
+    if tiles == 1:
+        return fn(padded)[:num_rows]
     return torch.cat([fn(tile) for tile in padded.split(ROW_TILE)])[:num_rows]
 
 

@@ -45,6 +45,7 @@ from gptoss.server.connections import install_repeat_filter, uvicorn_config
 from gptoss.server.engine_client import EngineClient
 from gptoss.server.errors import APIError, error_response, install_error_handlers, too_large, unauthorized
 from gptoss.server.flags import DEFAULT_HEADER_TIMEOUT_S, add_serve_arguments
+from gptoss.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gptoss.server.openai_chat import chat_prompt_ids
 from gptoss.server.protocol_openai import DetokenizeRequest, TokenizeRequest, parse_body
 from gptoss.server.serving import check_prompt_chars, encode_raw, off_loop
@@ -217,8 +218,8 @@ def _add_misc_routes(app: FastAPI) -> None:
         # Data parallel (engine/data_parallel.py): each replica's numbers too, labelled replica="r".
         replica_metrics = getattr(state.engine, "replica_metrics", None)
         per_replica = [s.to_dict() for s in replica_metrics()] if replica_metrics is not None else None
-        text = state.metrics.render(stats, per_replica)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        text = state.metrics.render(stats, per_replica, state.served_model_name)
+        return PlainTextResponse(text, media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -69,7 +69,7 @@ class Submitted(Generic[T]):
     async def aclose(self) -> None:
         if not self._started:
             self._started = True
-            self.state.metrics.aborted_total += 1
+            self.state.metrics.aborted.inc()
             with contextlib.suppress(Exception):
                 self.state.engine.abort(self.request_id)
         await self._inner.aclose()  # type: ignore[attr-defined]
@@ -111,13 +111,13 @@ async def _timed_outputs(
                 if output.finished:
                     finished = True
                     metrics.e2e.observe(time.monotonic() - start)
-                    metrics.prompt_tokens_total += num_prompt_tokens
+                    metrics.prompt_tokens.inc(num_prompt_tokens)
                 yield output
                 if finished:
                     return
     finally:
         if not finished:
-            metrics.aborted_total += 1
+            metrics.aborted.inc()
             with contextlib.suppress(Exception):
                 state.engine.abort(request_id)
 

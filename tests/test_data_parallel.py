@@ -13,6 +13,7 @@ import pytest
 from gptoss.engine import LLM, EngineArgs, SamplingParams
 from gptoss.engine.data_parallel import DataParallelEngine, replica_args, sum_snapshots
 from gptoss.engine.metrics import MetricsSnapshot
+from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import assert_every_api_answers, serve
 
 ENGINE_ARGS = {"num_blocks": 64, "block_size": 8, "max_num_seqs": 4, "max_num_batched_tokens": 128}
@@ -80,15 +81,16 @@ def test_server_over_two_replicas_answers_every_api(replicas: DataParallelEngine
     try:
         assert_every_api_answers(base, max_tokens=3)
         assert httpx.get(f"{base}/health").status_code == 200
-        metrics = httpx.get(f"{base}/metrics").text
-        replica_tokens = [
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("gptoss_engine_replica_generation_tokens_total{")
-        ]
-        total = next(line for line in metrics.splitlines() if line.startswith("gptoss_engine_generation_tokens_total "))
-        assert len(replica_tokens) == 2 and sum(replica_tokens) == float(total.split()[-1])
-        assert 'gptoss_engine_replica_kv_blocks_total{replica="1",group="full_attention"}' in metrics
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
+        per_replica = {
+            s.labels["replica"]: s.value for s in families["gptoss_engine_replica_generation_tokens"].samples
+        }
+        (total,) = families["gptoss_engine_generation_tokens"].samples
+        assert set(per_replica) == {"0", "1"} and sum(per_replica.values()) == total.value > 0
+        vllm = {s.labels["engine"]: s.value for s in families["vllm:generation_tokens"].samples}
+        assert vllm == per_replica
+        kv = families["gptoss_engine_replica_kv_blocks_total"].samples
+        assert {(s.labels["replica"], s.labels["group"]) for s in kv} >= {("1", "full_attention")}
     finally:
         server.server.should_exit = True
         server.thread.join(10)

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from openai import AuthenticationError, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server_helpers import API_KEY, HARMONY_ANSWER, encode
 
@@ -158,15 +159,34 @@ def test_disconnect_mid_stream_frees_blocks(live_server):
 
 
 def test_metrics_content(live_server):
-    client(live_server).chat.completions.create(
-        model="gpt-oss-120b", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
-    )
+    before = httpx.get(live_server.base_url + "/metrics").text
+    for _ in range(3):
+        client(live_server).chat.completions.create(
+            model="gpt-oss-120b", max_tokens=3, messages=[{"role": "user", "content": "hi"}]
+        )
     r = httpx.get(live_server.base_url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    assert metric(text, "gptoss_requests_total", '{endpoint="/v1/chat/completions",status="200"}') >= 1
-    assert metric(text, "gptoss_time_to_first_token_seconds_count") >= 1
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # prometheus_client's own parser
+    assert metric(text, "gptoss_requests_total", '{endpoint="/v1/chat/completions",status="200"}') >= 3
+    for name in ("gptoss_time_to_first_token_seconds_count", "gptoss_request_latency_seconds_count"):
+        assert metric(text, name) - metric(before, name) == 3, name
     assert metric(text, "gptoss_inter_token_latency_seconds_count") >= 1
+    vllm = '{model_name="gpt-oss-120b"}'
+    assert metric(text, "vllm:e2e_request_latency_seconds_count", vllm) == metric(
+        text, "gptoss_request_latency_seconds_count"
+    )
+    for name in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_hits",
+        "vllm:prefix_cache_queries",
+    ):
+        assert name in families, name
     for name in (
         "gptoss_engine_num_waiting",
         "gptoss_engine_prefix_hit_tokens_total",
