@@ -19,8 +19,9 @@ Kernels:
   Programs find their sequence by binary search over `query_start_loc` (no host sync), and loop only over the
   keys the tile can see: from the first query's window start (never a block wholly before it: on windowed
   layers such blocks may be freed) to the last query's position. The sink initialises the running max and sum.
-- `_decode_split_kernel` + `_decode_combine_kernel`: one query per sequence, its keys split into chunks
-  (flash-decoding) so that one long sequence still fills the GPU; the combine adds the sink to the denominator.
+- `_decode_split_kernel`: one query per sequence, its keys split into chunks (flash-decoding) so that one long
+  sequence still fills the GPU; the last split of a (sequence, KV head) to finish combines them (one launch),
+  adding the sink to the denominator.
 
 Batch invariance (`batch_invariant=True`, the default): a sequence's output is bit-identical alone or in any
 batch. Query tiles are local to each sequence; decode split counts are a function of the sequence's own
@@ -48,6 +49,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from gptoss.kernels.matmul import split_counters
 
 LOG2E = 1.4426950408889634
 # Finite stand-in for -inf as the initial running max: keeps exp2(m_old - m_new) NaN-free for rows that have
@@ -76,8 +78,6 @@ DECODE_PROGRAMS_PER_SM = 4
 # RoPE + KV write: one token a program, [Hq + Hkv -> 128, 32] halves (gpt-oss): 8 warps, 16 fp32 values a thread
 # per half (4 warps spill 8 bytes under triton 3.6).
 ROPE_NUM_WARPS = 8
-# The combine holds a [64 splits, 64 dims] fp32 tile: 4 warps -> 32 values a thread.
-COMBINE_NUM_WARPS = 4
 
 
 def _tile_n(head_dim: int) -> int:
@@ -458,6 +458,9 @@ def _prefill_kernel(
 
 @triton.jit
 def _decode_split_kernel(
+    out_ptr,  # [T, Hq, D]: written by the last split of each (sequence, KV head)
+    counter_ptr,  # int32 [S * Hkv], zero between launches: splits of a (sequence, KV head) done so far
+    sinks_ptr,  # [Hq]
     part_acc_ptr,  # [S, Hq, num_splits_alloc, D] fp32, unnormalised
     part_max_ptr,  # [S, Hq, num_splits_alloc] fp32 (log2 domain)
     part_sum_ptr,  # [S, Hq, num_splits_alloc] fp32
@@ -478,6 +481,8 @@ def _decode_split_kernel(
     stride_vch,
     stride_vcs,
     stride_bt,
+    stride_ot,
+    stride_oh,
     stride_ps,
     stride_ph,
     stride_pn,
@@ -492,6 +497,7 @@ def _decode_split_kernel(
     TILE_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr,
     MIN_SPLIT_KEYS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next_pow2(MAX_SPLITS): fixed per model, so the combine's reduction tree is too
     HAS_WINDOW: tl.constexpr,
     CHECK_Q_LEN: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -499,7 +505,13 @@ def _decode_split_kernel(
 ):
     """Persistent: program p takes the work items p, p + P, p + 2P, ... (item = (sequence, KV head, split slot)),
     so a grid bounded by the longest possible sequence (CUDA graphs: max_model_len) costs a few scalar loads
-    per unused slot instead of a CTA launch. What an item computes does not depend on which program runs it."""
+    per unused slot instead of a CTA launch. What an item computes does not depend on which program runs it.
+
+    The combine is folded in (no second launch): after storing its partial, an item takes a ticket on its
+    (sequence, KV head) counter (acq_rel, after a CTA barrier so every thread's partial is stored first); the
+    item that takes the last ticket combines the GROUP heads from all the splits' partials, which it reads
+    in the fixed [BLOCK_S] layout (so the sum does not depend on which split finished last), then re-arms the
+    counter to 0 for the next launch (CUDA-graph replays need no memset)."""
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         split = item % grid_splits
         kv_head = (item // grid_splits) % num_kv_heads
@@ -522,6 +534,17 @@ def _decode_split_kernel(
                 seq, kv_head, split, q_begin, seq_len, key_lo + split * per_split, per_split,
                 GROUP, BLOCK_G, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, TILE_N, HAS_WINDOW, UPCAST, DOT_PRECISION,
             )  # fmt: skip
+            tl.debug_barrier()
+            pair = seq * num_kv_heads + kv_head
+            if tl.atomic_add(counter_ptr + pair, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                for g in range(GROUP):
+                    _combine_head(
+                        out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr,
+                        seq, kv_head * GROUP + g, q_begin, num_splits,
+                        stride_ot, stride_oh, stride_ps, stride_ph, stride_pn,
+                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_S, UPCAST,
+                    )  # fmt: skip
+                tl.store(counter_ptr + pair, 0)
 
 
 @triton.jit
@@ -568,55 +591,29 @@ def _decode_split_item(
 
 
 @triton.jit
-def _decode_combine_kernel(
-    out_ptr,  # [T, Hq, D]
-    part_acc_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    sinks_ptr,
-    query_start_loc_ptr,
-    seq_lens_ptr,
-    window,
-    stride_ot,
-    stride_oh,
-    stride_ps,
-    stride_ph,
-    stride_pn,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    TILE_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr,
-    MIN_SPLIT_KEYS: tl.constexpr,
-    BLOCK_S: tl.constexpr,  # next_pow2(MAX_SPLITS): fixed per model, so the reduction tree is too
-    HAS_WINDOW: tl.constexpr,
-    CHECK_Q_LEN: tl.constexpr,
-    INTERPRETED: tl.constexpr,
-):
-    """One program per (sequence, query head): all its splits' partials are loaded at once as a
-    [BLOCK_S, D] tile and reduced over the split axis. The reduction tree depends on BLOCK_S (a constant of
-    the launch table, not of the batch) and unused splits add exact zeros, so the order is fixed."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_begin = tl.load(query_start_loc_ptr + seq)
-    if CHECK_Q_LEN:
-        if tl.load(query_start_loc_ptr + seq + 1) - q_begin != 1:
-            return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    key_lo = 0
-    if HAS_WINDOW:
-        key_lo = tl.maximum(seq_len - window, 0)
-    num_splits, _ = _decode_num_splits(seq_len - key_lo, MAX_SPLITS, MIN_SPLIT_KEYS, TILE_N)
+def _combine_head(
+    out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, sinks_ptr,
+    seq, head, q_begin, num_splits,
+    stride_ot, stride_oh, stride_ps, stride_ph, stride_pn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """The output row of one (sequence, query head) from its splits' partials with the sink: all of them loaded
+    at once as a [BLOCK_S, D] tile and reduced over the split axis. The reduction tree depends on BLOCK_S (a
+    constant of the launch table, not of the batch) and unused splits add exact zeros, so the order is fixed.
+    Loads bypass L1 (.cg): other SMs wrote the partials, and this SM's L1 may hold an earlier launch's lines."""
     splits = tl.arange(0, BLOCK_S)
     used = splits < num_splits
     part = seq.to(tl.int64) * stride_ps + head * stride_ph + splits * stride_pn  # [BLOCK_S]
-    part_max = tl.load(part_max_ptr + part, mask=used, other=-1.0e30)
-    part_sum = tl.load(part_sum_ptr + part, mask=used, other=0.0)
+    part_max = tl.load(part_max_ptr + part, mask=used, other=-1.0e30, cache_modifier=".cg")
+    part_sum = tl.load(part_sum_ptr + part, mask=used, other=0.0, cache_modifier=".cg")
     sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
     m_all = tl.maximum(_max0(part_max, INTERPRETED), sink)
     weight = tl.where(used, tl.exp2(part_max - m_all), 0.0)
     l_all = tl.exp2(sink - m_all) + _sum0(part_sum * weight, INTERPRETED)
     dims = tl.arange(0, HEAD_DIM_PAD)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=used[:, None], other=0.0)
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM_PAD + dims[None, :], mask=used[:, None], other=0.0, cache_modifier=".cg"
+    )
     acc = _sum0(acc * weight[:, None], INTERPRETED)  # [HEAD_DIM_PAD]
     l_all = tl.where(l_all == 0.0, 1.0, l_all)
     tl.store(
@@ -758,9 +755,9 @@ def _decode_plan(
 
 def launch_specs(model, scenario) -> list:
     """The attention launches of one step in `scenario` at `model`'s shapes (kernels.launch_spec types), for
-    benchmarks/static_report.py: RoPE + KV write, then prefill, or the decode split and combine on full and on
-    sliding-window layers. Decode grids are sized by the exact context (eager); under CUDA graphs the split
-    kernel gets max_model_len as its bound and skips the extra work items (it is persistent)."""
+    benchmarks/static_report.py: RoPE + KV write, then prefill, or the decode split kernel (its combine folded
+    in) on full and on sliding-window layers. Decode grids are sized by the exact context (eager); under CUDA
+    graphs the split kernel gets max_model_len as its bound and skips the extra work items (it is persistent)."""
     from gptoss.kernels.launch_spec import LaunchSpec
 
     tokens, d = scenario.tokens, model.head_dim
@@ -830,31 +827,21 @@ def launch_specs(model, scenario) -> list:
         split_constants = {"TILE_N": tile_n, "MAX_SPLITS": max_splits, "MIN_SPLIT_KEYS": min_split_keys,
                            "HAS_WINDOW": window is not None, "CHECK_Q_LEN": False, "HEAD_DIM": d,
                            "HEAD_DIM_PAD": _next_pow2(d)}  # fmt: skip
+        # The partials are written once and read back once by the combining item; then the output row.
+        total = kv_bytes + 2 * partial_bytes + tokens * model.q_heads * d * 2
         specs.append(
             LaunchSpec(
-                name=f"attn.decode_split ({kind})",
+                name=f"attn.decode_split (+combine, {kind})",
                 kernel=_decode_split_kernel,
-                pointers={**kv_ptrs, **parts, "q_ptr": "*bf16"},
+                pointers={**kv_ptrs, **parts, "q_ptr": "*bf16", "out_ptr": "*bf16", "counter_ptr": "*i32"},
                 constants={"GROUP": group, "BLOCK_G": max(16, _next_pow2(group)), "BLOCK_SIZE": block_size,
-                           "UPCAST": False, "DOT_PRECISION": "tf32", **split_constants},
+                           "BLOCK_S": _next_pow2(max_splits), "UPCAST": False, "DOT_PRECISION": "tf32",
+                           **split_constants},
                 num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES, ctas=programs,
-                bytes_per_cta=(kv_bytes + partial_bytes) / programs, total_bytes=kv_bytes + partial_bytes,
-                launches_per_step=count,
-                aligned=("stride_qt", "stride_qh", "stride_ps", "stride_ph", *cache_strides),
+                bytes_per_cta=total / programs, total_bytes=total, launches_per_step=count,
+                aligned=("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_ps", "stride_ph",
+                         *cache_strides),
                 notes={"work_items": str(items)},
-            )
-        )  # fmt: skip
-        specs.append(
-            LaunchSpec(
-                name=f"attn.decode_combine ({kind})",
-                kernel=_decode_combine_kernel,
-                pointers={"out_ptr": "*bf16", **parts, "sinks_ptr": "*fp32", "query_start_loc_ptr": "*i32",
-                          "seq_lens_ptr": "*i32"},
-                constants={"BLOCK_S": _next_pow2(max_splits), "INTERPRETED": False, **split_constants},
-                num_warps=COMBINE_NUM_WARPS, num_stages=1, ctas=tokens * model.q_heads,
-                bytes_per_cta=partial_bytes / (tokens * model.q_heads),
-                total_bytes=partial_bytes + tokens * model.q_heads * d * 2, launches_per_step=count,
-                aligned=("stride_ot", "stride_oh", "stride_ps", "stride_ph"),
             )
         )  # fmt: skip
     return specs
@@ -896,23 +883,19 @@ def _launch_decode(
     part_max = torch.empty(num_seqs, num_q_heads, grid_splits, device=query.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     num_items = num_seqs * num_kv_heads * grid_splits
+    counters = split_counters(query.device, num_seqs * num_kv_heads)
     _decode_split_kernel[(min(num_items, DECODE_PROGRAMS_PER_SM * _num_sms(query.device)),)](
+        out, counters, sinks,
         part_acc, part_max, part_sum, query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
         scale_log2e, window,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), part_max.stride(0), part_max.stride(1), part_max.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), part_max.stride(0), part_max.stride(1),
+        part_max.stride(2),
         num_kv_heads, grid_splits, num_items,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, TILE_N=tile_n, MAX_SPLITS=max_splits, MIN_SPLIT_KEYS=min_split_keys,
-        HAS_WINDOW=has_window, CHECK_Q_LEN=check_q_len, UPCAST=upcast, DOT_PRECISION=precision,
-        num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES,
-    )  # fmt: skip
-    _decode_combine_kernel[(num_seqs, num_q_heads)](
-        out, part_acc, part_max, part_sum, sinks, query_start_loc, seq_lens, window,
-        out.stride(0), out.stride(1), part_max.stride(0), part_max.stride(1), part_max.stride(2),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, TILE_N=tile_n, MAX_SPLITS=max_splits,
-        MIN_SPLIT_KEYS=min_split_keys, BLOCK_S=_next_pow2(max_splits), HAS_WINDOW=has_window,
-        CHECK_Q_LEN=check_q_len, INTERPRETED=upcast, num_warps=COMBINE_NUM_WARPS,
+        BLOCK_S=_next_pow2(max_splits), HAS_WINDOW=has_window, CHECK_Q_LEN=check_q_len, UPCAST=upcast,
+        DOT_PRECISION=precision, num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip

@@ -28,7 +28,7 @@ constexpr upcasts the operands there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -51,6 +51,8 @@ def _linear_kernel(
     out_ptr,
     stride_om,
     stride_on,  # out [M, N]
+    partial_ptr,  # SPLIT_CTAS: fp32 [SPLIT_K, M, N] workspace, one partial sum per K split
+    counter_ptr,  # SPLIT_CTAS: int32 [tiles], zero between launches: splits of a tile done so far
     M,  # rows: not specialised on (see `_kernel`), so no M gets its own compiled variant
     N,
     K: tl.constexpr,  # a layer constant: the K loop has a known trip count, and no K mask when it divides
@@ -61,6 +63,9 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # K splits: a function of the layer (N, K, dtype) only, never of M
+    K_PER_SPLIT: tl.constexpr,  # K elements per split, a multiple of BLOCK_K (the last split may be shorter)
+    SPLIT_CTAS: tl.constexpr,  # one CTA per (tile, split) + last-CTA reduction, else the splits in one CTA
 ):
     # Tile order: groups of GROUP_M row tiles; inside a group the row tiles of one N tile are consecutive
     # programs, so they run together and share the weight tile through L2 (at decode, M <= GROUP_M * BLOCK_M,
@@ -68,6 +73,14 @@ def _linear_kernel(
     pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
+    if SPLIT_CTAS:  # split-major grid: programs [s * tiles, (s + 1) * tiles) compute split s of every tile
+        tiles = num_m * num_n
+        first_split = pid // tiles
+        pid = pid % tiles
+        LOCAL_SPLITS: tl.constexpr = 1
+    else:
+        first_split = 0
+        LOCAL_SPLITS: tl.constexpr = SPLIT_K
     tiles_per_group = GROUP_M * num_n
     group = pid // tiles_per_group
     first_m = group * GROUP_M
@@ -82,32 +95,65 @@ def _linear_kernel(
     n_mask = offs_n < N
     # int64 row offsets: lm_head's weight has 201088 x 2880 = 5.8e8 elements, logits M x 201088 pass 2^31
     # at M > 10k.
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
+    x_base = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_base = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BLOCK_K, BLOCK_N]
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    # The only reduction: one fp32 accumulator per element, K in order, BLOCK_K at a time (the MMA chains
-    # its k16 steps into `acc`). Masked lanes load 0 and add exact zeros.
-    for k0 in range(0, K, BLOCK_K):
-        if K % BLOCK_K == 0:
-            a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_left = K - k0
-            a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            b = tl.load(w_ptrs, mask=n_mask[None, :] & (offs_k[:, None] < k_left), other=0.0)
-        if FP32_MATH:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    # The only reductions, both in a fixed order: inside a split one fp32 accumulator per element runs over
+    # the split's K range in order, BLOCK_K at a time (the MMA chains its k16 steps into `acc`); the splits'
+    # sums are then added in split order, p0 + p1 + ... (here, or by the last CTA below: the same fp32 adds
+    # in the same order, so a row has the same bits whichever way its batch size picks). Masked lanes load 0
+    # and add exact zeros.
+    # Constant trip counts (and no tensor loop bounds, which triton 3.6's interpreter rejects): this program's
+    # splits, then each split's BLOCK_K steps; K is masked only where the splits overrun it.
+    total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for i in range(LOCAL_SPLITS):
+        k_lo = (first_split + i) * K_PER_SPLIT
+        x_ptrs = x_base + k_lo * stride_xk
+        w_ptrs = w_base + k_lo * stride_wk
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for step in range(K_PER_SPLIT // BLOCK_K):
+            if SPLIT_K * K_PER_SPLIT == K:
+                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_left = K - k_lo - step * BLOCK_K
+                a = tl.load(x_ptrs, mask=m_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(w_ptrs, mask=n_mask[None, :] & (offs_k[:, None] < k_left), other=0.0)
+            if FP32_MATH:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+            else:
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        # The first split is taken as is (0.0 + -0.0 would flip a sign bit).
+        total = acc if LOCAL_SPLITS == 1 else tl.where(i == 0, acc, total + acc)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    write = True
+    if SPLIT_CTAS:
+        # Each split CTA writes its partial; the last of a tile's splits to finish (a counter per tile, taken
+        # with acq_rel after a CTA barrier: every thread's partial is stored before the release) sums all of
+        # them in split order from L2 (.cg: another SM wrote them, this SM's L1 may hold an old launch's lines)
+        # and writes the output. It then re-arms the counter, so CUDA-graph replays start from 0.
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        # int32 offsets: the launcher splits across CTAs only while SPLIT_K * M * N < 2^31.
+        tile_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(partial_ptr + first_split * M * N + tile_offs, total, mask=mn_mask)
+        tl.debug_barrier()
+        tile = pid_m * num_n + pid_n
+        done = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        write = done == SPLIT_K - 1
+        if write:
+            total = tl.load(partial_ptr + tile_offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            for split in range(1, SPLIT_K):
+                total += tl.load(partial_ptr + split * M * N + tile_offs, mask=mn_mask, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + tile, 0)
+
+    if write:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)
+            total = total + bias.to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 _JITTED: dict[bool, object] = {}
@@ -140,6 +186,11 @@ class MatmulConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    # K splits (`split_k_for`: a function of the layer's N and dtype, the same in every row bucket) and
+    # whether each split gets its own CTA (decode: more CTAs stream the weight) or one CTA runs them all in
+    # turn (bigger batches: enough tiles already, no workspace). Both sum the splits in the same order.
+    split_k: int = 1
+    split_ctas: bool = False
 
 
 # Shared memory budget for the operand stages of one CTA (H100: 227 KiB per block).
@@ -158,9 +209,28 @@ def instr_n_for(n: int) -> int:
     return 16
 
 
+def split_k_for(n: int, block_n: int, target_ctas: int = 132) -> int:
+    """K splits for a layer of N outputs whose decode tiles are `block_n` wide: enough that one row tile
+    launches >= `target_ctas` CTAs (an H100 has 132 SMs). A function of the layer only, never of the batch:
+    o_proj (N = 2880, 90 tiles) 2 -> 180 CTAs; router (128, 8 tiles) 17 (at K = 2880 and BLOCK_K = 256
+    capped at the 12 K blocks, `k_per_split`: 96 CTAs); q/k/v (5120, 160 tiles) and lm_head 1."""
+    return triton.cdiv(target_ctas, triton.cdiv(n, block_n))
+
+
+def k_per_split(k: int, block_k: int, split_k: int) -> int:
+    """K elements each split covers: whole BLOCK_K steps, so every split but the last runs unmasked. The
+    splits actually launched are `cdiv(k, k_per_split(...))` (<= split_k: never an empty split)."""
+    return triton.cdiv(triton.cdiv(k, block_k), split_k) * block_k
+
+
 def pick_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
     """Tile sizes for `num_rows` x `n` outputs: `gpu_config`, or one fixed config in the interpreter."""
-    return _INTERPRETER_CONFIG if interpreting() else gpu_config(num_rows, n, dtype)
+    if not interpreting():
+        return gpu_config(num_rows, n, dtype)
+    # Splits even in the interpreter (fewer: few programs run fastest there), so CPU tests run that path.
+    c = _INTERPRETER_CONFIG
+    split = split_k_for(n, c.block_n, target_ctas=4)
+    return replace(c, split_k=split, split_ctas=split > 1 and num_rows <= c.block_m)
 
 
 def gpu_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
@@ -173,9 +243,12 @@ def gpu_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> Ma
     # K step: 256 B of each weight row per stage (512 B for the narrowest layers): k/v_proj and the
     # router have too few N tiles to fill the GPU, so each CTA needs more bytes in flight to stream fast.
     block_k = (64 if fp32 else 128) * (2 if instr == 16 else 1)
+    split = split_k_for(n, instr)  # from the decode tile (block_n = instr), so the same in every bucket
     if num_rows <= 64:
         block_m, block_n = 64, instr
-    elif num_rows <= 256 or fp32:  # fp32 (tests, debugging): 128-row FMA tiles would spill
+    # fp32 (tests, debugging): 128-row FMA tiles would spill; so would 128-row tiles of split layers, which
+    # hold two accumulators (the splits' running sum and the current split's) in 64 registers a thread.
+    elif num_rows <= 256 or fp32 or split > 1:
         block_m, block_n = 64, max(instr, min(128, 4 * instr))
     else:
         block_m, block_n = 128, max(instr, min(128, 4 * instr))
@@ -183,8 +256,9 @@ def gpu_config(num_rows: int, n: int, dtype: torch.dtype = torch.bfloat16) -> Ma
     stage_bytes = (block_m + block_n) * block_k * (4 if fp32 else 2)
     stages = max(2, min(4, _SMEM_BUDGET // stage_bytes))
     return MatmulConfig(
-        block_m=block_m, block_n=block_n, block_k=block_k, instr_n=instr, num_warps=warps, num_stages=stages
-    )
+        block_m=block_m, block_n=block_n, block_k=block_k, instr_n=instr, num_warps=warps, num_stages=stages,
+        split_k=split, split_ctas=split > 1 and num_rows <= 64,
+    )  # fmt: skip
 
 
 def invariant_configs(n: int, dtype: torch.dtype = torch.bfloat16) -> list[MatmulConfig]:
@@ -209,20 +283,27 @@ def launch_specs(model, scenario) -> list:
     for name, n, k, bias, count in layers:
         rows = scenario.tokens if scenario.decode or name != "dense.lm_head" else 1
         c = gpu_config(rows, n)
-        ctas = triton.cdiv(rows, c.block_m) * triton.cdiv(n, c.block_n)
+        step = k_per_split(k, c.block_k, c.split_k)
+        splits = triton.cdiv(k, step)
+        split_ctas = c.split_ctas and splits > 1
+        ctas = triton.cdiv(rows, c.block_m) * triton.cdiv(n, c.block_n) * (splits if split_ctas else 1)
+        k_per_cta = step if split_ctas else k
+        # Split across CTAs: each split's fp32 partials are written once and read back once (from L2).
+        workspace = 2 * splits * rows * n * 4 if split_ctas else 0
         specs.append(
             LaunchSpec(
                 name=name,
                 kernel=_linear_kernel,
                 pointers={**dict.fromkeys(("x_ptr", "w_ptr", "bias_ptr"), "*bf16"),
-                          "out_ptr": "*bf16" if bias else "*fp32"},
+                          "out_ptr": "*bf16" if bias else "*fp32", "partial_ptr": "*fp32", "counter_ptr": "*i32"},
                 # Unit strides of contiguous tensors are specialised to 1 at launch.
                 constants={"stride_xk": 1, "stride_wk": 1, "stride_on": 1, "K": k, "HAS_BIAS": bias,
                            "FP32_MATH": False, "DOT_PRECISION": "tf32", "BLOCK_M": c.block_m, "BLOCK_N": c.block_n,
-                           "BLOCK_K": c.block_k, "GROUP_M": c.group_m},
+                           "BLOCK_K": c.block_k, "GROUP_M": c.group_m, "SPLIT_K": splits, "K_PER_SPLIT": step,
+                           "SPLIT_CTAS": split_ctas},
                 num_warps=c.num_warps, num_stages=c.num_stages, ctas=ctas,
-                bytes_per_cta=c.block_n * k * 2 + c.block_m * k * 2,
-                total_bytes=n * k * 2 + rows * (k + n) * 2,
+                bytes_per_cta=(c.block_n + c.block_m) * k_per_cta * 2,
+                total_bytes=n * k * 2 + rows * (k + n) * 2 + workspace,
                 launches_per_step=count, aligned=("stride_xm", "stride_wn", "stride_om", "N"),
             )
         )  # fmt: skip
@@ -273,19 +354,44 @@ def linear(
         return out.copy_(bias.float().expand(num_rows, n) if bias is not None else torch.zeros_like(out))
 
     config = config or pick_config(num_rows, n, x.dtype)
-    grid = (triton.cdiv(num_rows, config.block_m) * triton.cdiv(n, config.block_n),)
-    _kernel()[grid](
+    step = k_per_split(k, config.block_k, config.split_k)
+    splits = triton.cdiv(k, step)
+    tiles = triton.cdiv(num_rows, config.block_m) * triton.cdiv(n, config.block_n)
+    # Across CTAs only where the kernel's int32 workspace offsets hold; in one CTA the bits are the same.
+    split_ctas = config.split_ctas and splits > 1 and splits * num_rows * n < 2**31
+    partial, counters = out, out  # unused unless split_ctas
+    if split_ctas:
+        partial = torch.empty(splits, num_rows, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, tiles)
+    _kernel()[(tiles * splits if split_ctas else tiles,)](
         x, x.stride(0), x.stride(1),
         weight, weight.stride(0), weight.stride(1),
         bias if bias is not None else out,
         out, out.stride(0), out.stride(1),
+        partial, counters,
         num_rows, n,
         K=k, HAS_BIAS=bias is not None, FP32_MATH=interpreting(),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        SPLIT_K=splits, K_PER_SPLIT=step, SPLIT_CTAS=split_ctas,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+# Per device, the counters of the last-CTA reductions (split-K tiles here, decode attention's splits in
+# kernels/attention.py): zeroed once, re-armed to 0 by the CTA that takes the last ticket, so a launch (or a
+# CUDA-graph replay) needs no memset. Launches on one stream use them in turn (the engine runs one a device).
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least `tiles` int32 counters on `device`, all 0 (the kernels leave them so)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def linear_reference(

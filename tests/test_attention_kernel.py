@@ -231,6 +231,21 @@ def test_graph_sized_split_grid_gives_the_same_bits() -> None:
     assert rel_err(exact, paged_attention_reference(*batch.args())) < REL_TOL[torch.float32]
 
 
+def test_folded_combine_rearms_its_counters() -> None:
+    """The combine runs in the split kernel, by the item that takes a (sequence, KV head)'s last ticket: in a
+    mixed batch (prefill sequences take no tickets) and in a decode batch, every counter is back at 0 after
+    the launch, so a second launch (a CUDA-graph replay) gives the same bits, and those match the reference."""
+    from gptoss.kernels.matmul import _COUNTERS
+
+    for q_lens, ctx_lens in (([9, 1, 1, 3], [0, 150, 20, 50]), ([1, 1, 1], [70, 3, 130])):
+        batch = Batch(q_lens, ctx_lens, num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=16,
+                      dtype=torch.float32, seed=13)  # fmt: skip
+        first = attention.paged_attention(*batch.args())
+        assert int(_COUNTERS[first.device].abs().sum()) == 0
+        assert torch.equal(first, attention.paged_attention(*batch.args()))
+        assert rel_err(first, paged_attention_reference(*batch.args())) < REL_TOL[torch.float32]
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_not_batch_invariant_mode_matches_reference(window: int | None) -> None:
     batch = Batch([4, 1, 9, 1], [3, 20, 0, 40], num_q_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
@@ -311,17 +326,18 @@ def test_decode_split_edges(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_decode_fills_the_gpu_at_1k() -> None:
     """At gpt-oss-120b's shapes a 1k context at batch 1 runs >= 128 split programs (132 SMs), the combine
-    reduces over a fixed BLOCK_S, and a grid bounded by a long max_model_len (CUDA graphs) at batch 256 stays
-    DECODE_PROGRAMS_PER_SM programs an SM, each looping over its work items. (The launches compile for sm_90
-    without spills: tests/test_static_report.py.)"""
+    (folded into the split kernel) reduces over a fixed BLOCK_S, and a grid bounded by a long max_model_len
+    (CUDA graphs) at batch 256 stays DECODE_PROGRAMS_PER_SM programs an SM, each looping over its work items.
+    (The launches compile for sm_90 without spills: tests/test_static_report.py.)"""
     from gptoss.kernels.launch_spec import ModelShape, Scenario
 
     specs = {spec.name: spec for spec in attention.launch_specs(ModelShape(), Scenario("d", 1, 1024, True))}
-    assert specs["attn.decode_split (full)"].ctas == 128
-    assert specs["attn.decode_split (sliding)"].ctas == 8 * 2  # 128 keys: 2 splits of 64
-    assert specs["attn.decode_combine (full)"].constants["BLOCK_S"] == attention.DECODE_MAX_SPLITS
+    assert specs["attn.decode_split (+combine, full)"].ctas == 128
+    assert specs["attn.decode_split (+combine, sliding)"].ctas == 8 * 2  # 128 keys: 2 splits of 64
+    assert specs["attn.decode_split (+combine, full)"].constants["BLOCK_S"] == attention.DECODE_MAX_SPLITS
+    assert not [name for name in specs if "combine" in name and "split" not in name]  # no second launch
     long = {spec.name: spec for spec in attention.launch_specs(ModelShape(), Scenario("d", 1, 32768, True))}
-    assert long["attn.decode_split (full)"].ctas == 8 * attention.DECODE_MAX_SPLITS
+    assert long["attn.decode_split (+combine, full)"].ctas == 8 * attention.DECODE_MAX_SPLITS
     *_, grid_splits = attention._decode_plan(256, 8, 64, 131072, None, True, 132)
     assert grid_splits == attention.DECODE_MAX_SPLITS  # 256 x 8 x 64 work items over 4 x 132 programs
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,14 +23,17 @@ if not torch.cuda.is_available():
 import pytest
 from gptoss.engine.model import ops
 from gptoss.kernels.matmul import (
+    _COUNTERS,
     MatmulConfig,
     gpu_config,
     instr_n_for,
     interpreting,
     invariant_configs,
+    k_per_split,
     launch_specs,
     linear,
     linear_reference,
+    pick_config,
 )
 
 DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
@@ -172,6 +176,56 @@ def test_batch_invariance_across_tile_configs() -> None:
     outs = [linear(x, weight, b, config=config) for config in configs]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_k_across_ctas_and_in_one_cta_give_the_same_bits(dtype: torch.dtype) -> None:
+    """Split-K: each split's partial sum is reduced in split order, by the tile's last CTA (decode) or inside
+    one CTA (bigger batches): the same fp32 adds, so the same bits; both close to the reference. K = 200 in
+    32-wide K blocks over 4 splits: 64, 64, 64 and a masked 8-wide tail."""
+    x, weight, b = make_inputs(70, 48, 200, dtype, True, seed=7)
+    config = pick_config(1, 48, dtype)
+    if DEVICE == "cpu":
+        assert config.split_k == 4 and config.split_ctas
+    base = replace(config, split_k=4)
+    across, inside = replace(base, split_ctas=True), replace(base, split_ctas=False)
+    unsplit = replace(base, split_k=1, split_ctas=False)
+    ref = linear_reference(x, weight, b, out_dtype=torch.float32)
+    for rows in (1, 5, 70):
+        out_across = linear(x[:rows], weight, b, config=across)
+        assert torch.equal(out_across, linear(x[:rows], weight, b, config=inside)), rows
+        assert torch.equal(out_across, linear(x[:rows], weight, b, config=across)), "counters not re-armed"
+        assert rel_error(out_across, ref[:rows]) < REL_TOL[dtype]
+        assert rel_error(linear(x[:rows], weight, b, config=unsplit), ref[:rows]) < REL_TOL[dtype]
+    assert int(_COUNTERS[x.device].abs().sum()) == 0  # every tile's last CTA reset its counter
+
+
+def test_split_k_rows_bit_identical_alone_and_in_batches() -> None:
+    """A split layer (N = 48: 4 splits in the interpreter) keeps a row's bits alone (split across CTAs) and in
+    batches past one row tile (the splits inside one CTA), padded batches included."""
+    n, k = 48, 200
+    x, weight, b = make_inputs(130, n, k, torch.bfloat16, True, seed=8)
+    if DEVICE == "cpu":
+        assert pick_config(1, n).split_ctas and not pick_config(33, n).split_ctas
+    _check_rows_invariant(x, weight, b, [3, 32, 33, 64, 130], [0, 2, 31, 32, 63, 129])
+
+
+def test_split_k_depends_on_the_layer_only() -> None:
+    """The split count is one per layer (N, dtype), whatever the batch; o_proj and the router launch more CTAs
+    at batch 1 than without it, o_proj >= 132."""
+    from gptoss.kernels.launch_spec import ModelShape, Scenario
+
+    for _, n, _ in MODEL_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            configs = [gpu_config(rows, n, dtype) for rows in (1, 8, 64, 65, 256, 257, 4096)]
+            assert len({c.split_k for c in configs}) == 1
+            assert all(c.split_ctas == (c.split_k > 1) for c in configs[:3])  # decode buckets: across CTAs
+            assert not any(c.split_ctas for c in configs[3:])
+    assert gpu_config(1, 2880).split_k == 2 and gpu_config(1, 201088).split_k == gpu_config(1, 5120).split_k == 1
+    specs = {spec.name: spec for spec in launch_specs(ModelShape(), Scenario("d", 1, 1024, True))}
+    assert specs["dense.o_proj"].ctas >= 132 and specs["dense.o_proj"].constants["SPLIT_K"] == 2
+    assert specs["dense.router"].ctas >= 12 * 8 and specs["dense.router"].constants["SPLIT_CTAS"]
+    assert k_per_split(2880, 256, 17) == 256 and k_per_split(4096, 128, 2) == 2048
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA: the real shapes and tile table")
@@ -349,8 +403,9 @@ def build(n, k, cfg, dtype, out_dtype, has_bias):
     # pointers) divisible by 16; M never (do_not_specialize).
     constants = dict(stride_xk=1, stride_wk=1, stride_on=1, K=k, HAS_BIAS=has_bias, FP32_MATH=False,
                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=cfg[0], BLOCK_N=cfg[1],
-                     BLOCK_K=cfg[2], GROUP_M=8)
-    pointers = dict(x_ptr="*" + dtype, w_ptr="*" + dtype, bias_ptr="*" + dtype, out_ptr="*" + out_dtype)
+                     BLOCK_K=cfg[2], GROUP_M=8, SPLIT_K=cfg[5], K_PER_SPLIT=cfg[6], SPLIT_CTAS=cfg[7])
+    pointers = dict(x_ptr="*" + dtype, w_ptr="*" + dtype, bias_ptr="*" + dtype, out_ptr="*" + out_dtype,
+                    partial_ptr="*fp32", counter_ptr="*i32")
     signature = {a: "constexpr" if a in constants else pointers.get(a, "i32") for a in names}
     aligned = [*pointers, "stride_xm", "stride_wn", "stride_om"] + (["N"] if n % 16 == 0 else [])
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
@@ -373,20 +428,24 @@ def test_table_compiles_for_sm90_with_one_mma_shape_per_layer(label: str, python
     more warp groups, same instruction per warp group). One representative N per MMA width."""
     if not _ptxas_available(pythonpath):
         pytest.skip(f"triton ({label}) has no NVIDIA backend / ptxas")
+
+    def cfg(c: MatmulConfig, k: int) -> tuple:
+        step = k_per_split(k, c.block_k, c.split_k)
+        splits = -(-k // step)
+        return (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, splits, step, c.split_ctas and splits > 1)
+
     cases = []
     for layer, n, k, dtype, out_dtype, bias in [
         ("lm_head", 201088, 2880, "bf16", "fp32", False),
         ("q_proj", 4096, 2880, "bf16", "bf16", True),
         ("k_proj", 512, 2880, "bf16", "bf16", True),
+        ("o_proj", 2880, 4096, "bf16", "bf16", True),  # split-K: 2 splits
+        ("router", 128, 2880, "bf16", "bf16", True),  # split-K: 12 splits
     ]:
         for c in invariant_configs(n, torch.bfloat16):
-            cases.append(
-                (layer, n, k, dtype, out_dtype, bias, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
-            )
+            cases.append((layer, n, k, dtype, out_dtype, bias, cfg(c, k)))
     c = invariant_configs(4096, torch.float32)[-1]  # the fp32 (FMA) path compiles too
-    cases.append(
-        ("q_proj_fp32", 4096, 2880, "fp32", "fp32", True, (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
-    )
+    cases.append(("q_proj_fp32", 4096, 2880, "fp32", "fp32", True, cfg(c, 2880)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)

@@ -72,14 +72,15 @@ def test_moe_launches_compile_without_spills(label: str, pythonpath: str) -> Non
 
 @pytest.mark.parametrize("label,pythonpath", _triton_dirs(), ids=[d[0] for d in _triton_dirs()])
 def test_fused_and_attention_launches_compile_without_spills(label: str, pythonpath: str) -> None:
-    """add+RMSNorm, the fused q/k/v GEMM (N = 5120), RoPE + KV write, decode split/combine (full and sliding
-    layers, 1k and 32k contexts) and prefill."""
-    only = {"norm.add_rms_norm", "dense.qkv_proj", "attn.rope_write_kv", "attn.decode_split", "attn.decode_combine",
-            "attn.prefill"}  # fmt: skip
+    """add+RMSNorm, the fused q/k/v GEMM (N = 5120), the split-K o_proj and router GEMMs, RoPE + KV write,
+    decode split + folded combine (full and sliding layers, 1k and 32k contexts) and prefill."""
+    only = {"norm.add_rms_norm", "dense.qkv_proj", "dense.o_proj", "dense.router", "attn.rope_write_kv",
+            "attn.decode_split", "attn.prefill"}  # fmt: skip
     rows = _compiled_rows(label, pythonpath, {"decode-1 ctx1k", "decode-1 ctx32k", "prefill-2048"}, only)
     kernels = {kernel for _, kernel, *_ in rows}
-    assert {"attn.decode_split (full)", "attn.decode_combine (sliding)", "attn.prefill (sliding)",
-            "norm.add_rms_norm", "dense.qkv_proj", "attn.rope_write_kv"} <= kernels, kernels  # fmt: skip
+    assert {"attn.decode_split (+combine, full)", "attn.decode_split (+combine, sliding)", "attn.prefill (sliding)",
+            "norm.add_rms_norm", "dense.qkv_proj", "dense.o_proj", "dense.router",
+            "attn.rope_write_kv"} <= kernels, kernels  # fmt: skip
     _assert_fits(label, rows)
 
 
