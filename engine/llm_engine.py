@@ -36,13 +36,14 @@ from gptoss.engine.core.scheduler import Scheduler, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.detokenizer import IncrementalDetokenizer
 from gptoss.engine.distributed.parallel_state import SINGLE
-from gptoss.engine.engine_args import EngineArgs, block_groups
+from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.errors import EngineDeadError, InvalidRequestError
 from gptoss.engine.metrics import EngineMetrics, MetricsSnapshot
 from gptoss.engine.model.config import ModelConfig
 from gptoss.engine.outputs import RequestOutput, TokenLogprob
 from gptoss.engine.sampling_params import SamplingParams
 from gptoss.engine.tokenizer import load_tokenizer
+from gptoss.engine.worker.memory import block_groups
 from gptoss.engine.worker.model_runner import ModelRunner, ModelRunnerOutput
 from gptoss.engine.worker.tp_worker import TensorParallelWorkers
 

@@ -4,7 +4,7 @@
 than the public API so offline users can do more: `top_k` -1 or 0 means "disabled" and any larger value is
 allowed, `temperature` may exceed 5, `seed` may be any non-negative int, `max_tokens` may be 0 when
 `prompt_logprobs` is requested (echo / scoring without generating). The public API's ranges
-(shared/docs/api.md) are the server's request models' (server/protocol_openai.py).
+(the Workers AI API reference) are the server's request models' (server/protocol_openai.py).
 
 It raises `SamplingParamsError` (a `ValueError`) whose `param` attribute names the offending field, so a
 server can answer a 400 that names it. Fields set after construction are not re-checked: call `validate()`.

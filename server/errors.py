@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("server")
 
-# Workers AI error codes (shared/docs/api.md).
+# Workers AI error codes (the Workers AI API reference).
 WAI_BAD_INPUT = 5006
 WAI_NO_MODEL = 5007
 WAI_NO_LORA = 5005

@@ -1,6 +1,6 @@
 """Pydantic request models of the OpenAI-shaped routes: Chat Completions, Responses, legacy Completions, tokenize.
 
-Validation lives here: types, required fields and OpenAI's own ranges (shared/docs/api.md: temperature 0..2,
+Validation lives here: types, required fields and OpenAI's own ranges (OpenAI's API reference: temperature 0..2,
 top_p in (0, 1], seed any 64-bit integer, frequency/presence penalty -2..2, top_logprobs 0..20, max_tokens
 >= 1; the extensions as vLLM has them: top_k -1 or 0 = off else >= 1, min_p 0..1, repetition_penalty >= 0).
 The fields allow the union of both APIs' ranges; each route narrows them with `check_ranges` (OpenAI routes:

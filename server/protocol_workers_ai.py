@@ -1,7 +1,7 @@
 """Pydantic request models of the Workers AI run route's own formats (prompt, batch, queue polling).
 
 The `messages` and `input` formats reuse `ChatCompletionRequest` / `ResponsesRequest` (server/protocol_openai.py);
-which format a body is in is decided by its keys (`workers_ai.body_format`). Ranges as in shared/docs/api.md
+which format a body is in is decided by its keys (`workers_ai.body_format`). Ranges as in the Workers AI reference
 (`RANGES`).
 """
 
@@ -13,7 +13,7 @@ from gptoss.server.protocol_openai import APIModel, ChatResponseFormat, Reasonin
 from pydantic import Field
 
 MAX_BATCH_REQUESTS = 256
-# The run route's ranges (shared/docs/api.md's table), applied with `protocol_openai.check_ranges` on top of the
+# The run route's ranges (the Workers AI reference's table), applied with `protocol_openai.check_ranges` on top of the
 # request models' own bounds (the union of these and OpenAI's).
 RANGES: dict[str, tuple[float, float]] = {
     "temperature": (0.0, 5.0),

@@ -176,9 +176,10 @@ def test_double_free_is_caught():
 @pytest.mark.parametrize("gb", [0.05, 1.0, 60.0])
 def test_kv_budget_split_fits_and_favours_full_attention(gb):
     import torch
-    from gptoss.engine.engine_args import EngineArgs, split_kv_budget
+    from gptoss.engine.engine_args import EngineArgs
     from gptoss.engine.model.config import preset
     from gptoss.engine.worker.kv_cache import kv_bytes_per_block
+    from gptoss.engine.worker.memory import split_kv_budget
 
     config = preset("gpt-oss-120b")
     args = EngineArgs(model="unused")

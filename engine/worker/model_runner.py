@@ -23,7 +23,7 @@ import torch
 from gptoss.engine.core.scheduler import ScheduledSequence, SchedulerOutput
 from gptoss.engine.core.sequence import Sequence
 from gptoss.engine.distributed.parallel_state import SINGLE, ParallelContext, broadcast_object, min_over_ranks
-from gptoss.engine.engine_args import EngineArgs, num_kv_blocks
+from gptoss.engine.engine_args import EngineArgs
 from gptoss.engine.model import ops
 from gptoss.engine.model.config import FULL, SLIDING, ModelConfig
 from gptoss.engine.model.forward_batch import ForwardBatch
@@ -32,6 +32,7 @@ from gptoss.engine.model.loader import load_weights, randomize_weights
 from gptoss.engine.outputs import TokenLogprob
 from gptoss.engine.worker.cuda_graphs import DecodeGraphRunner, capture_sizes
 from gptoss.engine.worker.kv_cache import allocate_kv_caches
+from gptoss.engine.worker.memory import num_kv_blocks
 from gptoss.engine.worker.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 from gptoss.kernels.cpu import set_expert_cache_budget
 
