@@ -146,9 +146,10 @@ def moe(
     """`kernels.reference.moe_reference`, with cached dequantised experts and one combine (math in fp32).
 
     `batch_invariant`: each expert's rows go through its matmuls in fixed-shape tiles, so a token's bits do not
-    depend on how many others chose the expert; otherwise in one matmul per expert (faster)."""
+    depend on how many others chose the expert; otherwise in one matmul per expert, or, for small models, all
+    active experts in two batched matmuls (faster)."""
     cache = EXPERT_CACHE if cache is None else cache
-    num_tokens, hidden = x.shape
+    num_tokens = x.shape[0]
     expert_ids, expert_weights = route_topk(router_logits, top_k)
     x32 = x.to(torch.float32)
     layer = cache.layer((w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias))
@@ -173,21 +174,77 @@ def moe(
     order = torch.argsort(flat_experts, stable=True)
     experts, counts = torch.unique_consecutive(flat_experts[order], return_counts=True)
     rows = x32[order // top_k]  # [T*k, H], grouped by expert
-    out_sorted = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=x.device)
-    start = 0
-    for expert, count in zip(experts.tolist(), counts.tolist(), strict=True):
-        end = start + count
-        weights = cache.expert(layer, (expert, swiglu_alpha), lambda e=expert: dequantize(e))
-        # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
-        mlp = functools.partial(expert_mlp, weights)
-        out_sorted[start:end] = map_row_tiles(mlp, rows[start:end]) if batch_invariant else mlp(rows[start:end])
-        start = end
+    expert_list, count_list = experts.tolist(), counts.tolist()
+
+    def weights_of(expert: int) -> Expert:
+        return cache.expert(layer, (expert, swiglu_alpha), lambda: dequantize(expert))
+
+    values_per_expert = 2 * (w1_blocks[0].numel() + w2_blocks[0].numel())  # two e2m1 values a byte
+    if not batch_invariant and len(expert_list) > 1 and len(expert_list) * values_per_expert <= BATCHED_EXPERTS_MAX:
+        # The stacked weights of this set of experts are kept like one expert's (at batch 16 and up it is
+        # mostly the same set: all of a small model's experts).
+        stacked = cache.expert(
+            layer,
+            ("stacked", tuple(expert_list), swiglu_alpha),
+            lambda: _stack_experts([weights_of(e) for e in expert_list]),
+        )
+        out_sorted = _batched_experts(stacked, rows, counts, swiglu_limit, swiglu_alpha)
+    else:
+        weights = [weights_of(e) for e in expert_list]
+        out_sorted = _expert_loop(weights, rows, count_list, expert_mlp, batch_invariant)
     # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
     # order per token (elementwise: a batched matmul over the tokens would split its work by their number).
     per_slot = torch.empty_like(out_sorted)
     per_slot[order] = out_sorted
     combined = (per_slot.view(num_tokens, top_k, -1) * expert_weights.unsqueeze(-1)).sum(dim=1)
     return combined.to(x.dtype)
+
+
+# Small models are op-bound on a CPU: their active experts run as two batched matmuls (rows padded to the
+# busiest expert's count) instead of a handful of ops per expert, when the stacked weights are this small.
+BATCHED_EXPERTS_MAX = 16 << 20  # weight values of the active experts
+
+
+def _stack_experts(weights: list[Expert]) -> Expert:
+    """Experts' (w1 `[2I, H]`, b1, w2 `[H, I]`, b2) as batched-matmul operands: `[E, H, 2I]`, `[E, 1, 2I]`,
+    `[E, I, H]`, `[E, 1, H]`."""
+    w1, b1, w2, b2 = (torch.stack([w[i] for w in weights]) for i in range(4))
+    return w1.transpose(1, 2).contiguous(), b1.unsqueeze(1), w2.transpose(1, 2).contiguous(), b2.unsqueeze(1)
+
+
+def _batched_experts(
+    stacked: Expert, rows: torch.Tensor, counts: torch.Tensor, swiglu_limit: float, swiglu_alpha: float
+) -> torch.Tensor:
+    """Rows `[N, H]` grouped by expert (`counts` per expert, in order) through their experts, batched."""
+    w1, b1, w2, b2 = stacked
+    num_experts = w1.shape[0]
+    group = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    within = torch.arange(rows.shape[0], device=rows.device) - torch.repeat_interleave(starts, counts)
+    padded = rows.new_zeros(num_experts, int(counts.max()), rows.shape[1])
+    padded[group, within] = rows
+    gate, up = torch.baddbmm(b1, padded, w1).chunk(2, dim=-1)
+    silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
+    act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
+    return torch.baddbmm(b2, act, w2)[group, within]
+
+
+def _expert_loop(
+    weights: list[Expert],
+    rows: torch.Tensor,
+    counts: list[int],
+    expert_mlp: Callable[[Expert, torch.Tensor], torch.Tensor],
+    batch_invariant: bool,
+) -> torch.Tensor:
+    out_sorted = torch.empty_like(rows)
+    start = 0
+    for expert_weights, count in zip(weights, counts, strict=True):
+        end = start + count
+        # In fixed-shape row tiles: a token's bits must not depend on how many others chose this expert.
+        mlp = functools.partial(expert_mlp, expert_weights)
+        out_sorted[start:end] = map_row_tiles(mlp, rows[start:end]) if batch_invariant else mlp(rows[start:end])
+        start = end
+    return out_sorted
 
 
 def write_kv(
@@ -213,6 +270,7 @@ def paged_attention(
     sinks: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    batch_invariant: bool = True,
 ) -> torch.Tensor:
     """`kernels.reference.paged_attention_reference`, with the decoding sequences (one query each) batched.
 
@@ -232,7 +290,16 @@ def paged_attention(
     if plan.prefill is not None:
         rows, seqs, starts = plan.prefill
         out[rows] = paged_attention_reference(
-            query[rows], k_cache, v_cache, block_tables[seqs], starts, seq_lens[seqs], sinks, scale, sliding_window
+            query[rows],
+            k_cache,
+            v_cache,
+            block_tables[seqs],
+            starts,
+            seq_lens[seqs],
+            sinks,
+            scale,
+            sliding_window,
+            fixed_key_tile=batch_invariant,  # a prompt's bits the same however it is chunked
         )
     return out
 

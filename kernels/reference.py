@@ -283,6 +283,7 @@ def attention_with_sinks(
     sinks: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    fixed_key_tile: bool = True,
 ) -> torch.Tensor:
     """Causal GQA attention of one sequence's queries `[Tq, Hq, D]` at ascending `query_positions` `[Tq]` over
     its first `seq_len` keys/values in the paged caches, with per-head sink logits `[Hq]` joining the softmax
@@ -293,6 +294,8 @@ def attention_with_sinks(
     makes a key tile wholly masked for a row an exact no-op for it: which tiles a query tile visits (it depends
     on its neighbours) changes no bit. Every matmul has one shape, so each query's output is batch-invariant.
     Windowed layers read no block before the earliest query's window (those may be freed).
+    `fixed_key_tile=False` ends the last key tile at the block of the last key (a short prompt's tile is then
+    smaller than ATTENTION_KEY_TILE): faster, but the bits then depend on how the prompt was chunked.
     """
     num_queries, num_q_heads, head_dim = query.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
@@ -327,8 +330,10 @@ def attention_with_sinks(
         users = [i for i in range(num_q_tiles) if first_key[i] < k1 and last_pos[i] >= k0]
         if not users:
             continue
-        key = gather_kv_tile(k_cache, block_table, k0, key_tile, live).permute(1, 2, 0)
-        value = gather_kv_tile(v_cache, block_table, k0, key_tile, live).transpose(0, 1)
+        if not fixed_key_tile:
+            k1 = min(k1, math.ceil((last_pos[-1] + 1) / block_size) * block_size)
+        key = gather_kv_tile(k_cache, block_table, k0, k1 - k0, live).permute(1, 2, 0)
+        value = gather_kv_tile(v_cache, block_table, k0, k1 - k0, live).transpose(0, 1)
         key, value = key.contiguous(), value.contiguous()  # [Hkv, D, kt], [Hkv, kt, D]
         key_positions = torch.arange(k0, k1, device=query.device)
         for i in users:
@@ -359,6 +364,7 @@ def paged_attention_reference(
     sinks: torch.Tensor,
     scale: float,
     sliding_window: int | None,
+    fixed_key_tile: bool = True,
 ) -> torch.Tensor:
     """Attention for a flat batch of queries `[T, Hq, D]` from many sequences over the paged KV cache.
 
@@ -374,6 +380,15 @@ def paged_attention_reference(
             continue
         positions = torch.arange(seq_len - (q_end - q_begin), seq_len, device=query.device)
         out[q_begin:q_end] = attention_with_sinks(
-            query[q_begin:q_end], positions, k_cache, v_cache, block_tables[s], seq_len, sinks, scale, sliding_window
+            query[q_begin:q_end],
+            positions,
+            k_cache,
+            v_cache,
+            block_tables[s],
+            seq_len,
+            sinks,
+            scale,
+            sliding_window,
+            fixed_key_tile,
         )
     return out

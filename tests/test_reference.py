@@ -59,7 +59,7 @@ class PagedSequence:
             self.key, self.value, self.k_cache, self.v_cache, (slots + torch.arange(seq_len) % BLOCK_SIZE)
         )
 
-    def attend(self, q_begin: int, q_end: int, window: int | None) -> torch.Tensor:
+    def attend(self, q_begin: int, q_end: int, window: int | None, fixed_key_tile: bool = True) -> torch.Tensor:
         """Queries `q_begin:q_end`, the cache holding the keys up to `q_end` (as in a prefill chunk)."""
         positions = torch.arange(q_begin, q_end)
         return reference.attention_with_sinks(
@@ -72,6 +72,7 @@ class PagedSequence:
             self.sinks,
             HEAD_DIM**-0.5,
             window,
+            fixed_key_tile,
         )
 
 
@@ -82,11 +83,12 @@ def small_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(reference, "ATTENTION_KEY_TILE", 8)
 
 
+@pytest.mark.parametrize("fixed_key_tile", [True, False])
 @pytest.mark.parametrize("window", [None, 5, 13])
-def test_tiled_attention_matches_the_dense_formula(small_tiles: None, window: int | None) -> None:
+def test_tiled_attention_matches_the_dense_formula(small_tiles: None, window: int | None, fixed_key_tile: bool) -> None:
     seq = PagedSequence(61, seed=0)
     for q_begin, q_end in [(0, 61), (0, 1), (37, 61), (60, 61), (22, 29)]:
-        out = seq.attend(q_begin, q_end, window)
+        out = seq.attend(q_begin, q_end, window, fixed_key_tile)
         expected = dense_attention(
             seq.query[q_begin:q_end],
             seq.key[:q_end],

@@ -140,7 +140,7 @@ def paged_attention(
             max_seq_len=max_seq_len,
         )
     return cpu.paged_attention(
-        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window
+        query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window, batch_invariant
     )
 
 
