@@ -68,6 +68,18 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def _function_call_item(call_id: str, name: str) -> dict[str, Any]:
+    """A streamed function_call item as it opens: arguments follow as deltas."""
+    return {
+        "id": _id("fc"),
+        "type": "function_call",
+        "call_id": call_id,
+        "name": name,
+        "arguments": "",
+        "status": "in_progress",
+    }
+
+
 @dataclass
 class ResponsesPlan:
     model: str
@@ -268,16 +280,7 @@ class ResponseBuilder:
             )
         elif isinstance(event, ToolCallStarted):
             out += self._close()
-            out += self._open_item(
-                {
-                    "id": _id("fc"),
-                    "type": "function_call",
-                    "call_id": event.call_id,
-                    "name": event.name,
-                    "arguments": "",
-                    "status": "in_progress",
-                }
-            )
+            out += self._open_item(_function_call_item(event.call_id, event.name))
         elif isinstance(event, ToolCallArgumentsDelta) and self._open is not None:
             self._text += event.delta
             out.append(
@@ -291,16 +294,7 @@ class ResponseBuilder:
         elif isinstance(event, ToolCallDone):
             if self._open is None or self._open["type"] != "function_call":  # (no start seen: open it now)
                 out += self._close()
-                out += self._open_item(
-                    {
-                        "id": _id("fc"),
-                        "type": "function_call",
-                        "call_id": event.call_id,
-                        "name": event.name,
-                        "arguments": "",
-                        "status": "in_progress",
-                    }
-                )
+                out += self._open_item(_function_call_item(event.call_id, event.name))
             self._text = event.arguments
             out += self._close(None if event.complete else "incomplete")
         elif isinstance(event, Finished):
