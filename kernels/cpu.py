@@ -6,9 +6,12 @@ Where the references favour clarity, a CPU decode step paid for it in two places
   (`set_expert_cache_budget`, from `EngineArgs.cpu_expert_cache_gb`), w1's gate and up rows as two halves
   (a contiguous SwiGLU); tokens are grouped by expert with one sort, and each token's k expert outputs are
   combined by one weighted sum (no `index_add_` per expert);
-- attention looped over sequences in Python, a dozen small ops each. Decoding sequences (one query each, the
-  steady state of continuous batching) here go in batches of equal span: one gather of the keys/values each
-  query sees and two batched matmuls per batch; sequences with several queries still take the reference.
+- attention looped over sequences in Python, a dozen small ops each, and RoPE and the KV write recomputed their
+  indices on every layer. Here sequences whose queries see keys in the same pattern (every decoding sequence
+  of a span; equal prompts) go in batches: one gather of the keys/values they see and two batched matmuls
+  (prompts only without batch invariance, and within a memory bound: else the tiled reference); RoPE rotates
+  q and k heads together; what depends only on the step (cos/sin rows, cache rows, the grouping) is made by
+  the first layer that needs it and reused by the others (`_StepMemo`).
 
 Both stay batch-invariant as the references are (a token's result never depends on the rest of the step),
 which the engine's default mode promises.
@@ -21,6 +24,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from gptoss.kernels.reference import (
@@ -247,17 +251,129 @@ def _expert_loop(
     return out_sorted
 
 
+# ------------------------------------------------------------------------------------------------- attention
+# The caches `[num_blocks, Hkv, block_size, D]` are read and written as `[num_blocks * Hkv * block_size, D]`:
+# the D values of (block b, KV head h, offset o) are row `(b * Hkv + h) * block_size + o`. One `index_select` of
+# precomputed rows gathers what a batch of sequences sees, in the layout the batched matmuls want; advanced
+# indexing on dims 0 and 2 (`cache[blocks, :, offsets]`) cost five times as much.
+
+
+class _StepMemo:
+    """Small values derived from one step's index tensors (positions, slot mapping, block tables, lengths),
+    made on the first layer that needs them and reused by the step's other layers.
+
+    An entry serves only equal contents (one compare per small tensor, about a microsecond): the tensors may be
+    buffers rewritten in place between steps (the decode graph runner's), and a freed tensor's address may come
+    back with other contents. The last `size` entries are kept (a step's layer types read different tables).
+    Lookups never mutate, and an insert rebinds the list in one step, so concurrent engines cannot corrupt it.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._entries: list[tuple[Hashable, tuple[torch.Tensor, ...], Any]] = []  # newest first
+
+    def get(
+        self,
+        key: Hashable,
+        sources: tuple[torch.Tensor, ...],
+        make: Callable[[], Any],
+        valid: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """The value made by `make` for `key` and the contents of `sources` (made now if unknown or not `valid`)."""
+        for entry_key, saved, value in self._entries:
+            if entry_key == key and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                for a, b in zip(saved, sources, strict=True)
+            ):
+                if valid is None or valid(value):
+                    return value
+                break
+        value = make()
+        self._entries = [(key, tuple(t.clone() for t in sources), value), *self._entries][: self.size]
+        return value
+
+
+_STEP_MEMO = _StepMemo()
+
+
+def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """Rows of a cache viewed as `[-1, D]` for `blocks` / `offsets` `[..., N]`: `[..., Hkv, N]` (KV head major)."""
+    heads = torch.arange(num_kv_heads, device=blocks.device).view(-1, 1)
+    return (blocks.unsqueeze(-2) * num_kv_heads + heads) * block_size + offsets.unsqueeze(-2)
+
+
+def _rope_rows(
+    positions: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin at `positions` `[T]` in `dtype`, over whole heads `[T, 1, D]`: `(cos, cos)` and `(-sin, sin)`,
+    so that RoPE is `x * cos + swap_halves(x) * sin`. Once per step (every layer rotates the same positions)."""
+
+    def make() -> tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor]:
+        cos, sin = cos_table[positions].to(dtype), sin_table[positions].to(dtype)
+        whole_cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
+        signed_sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
+        return weakref.ref(cos_table), weakref.ref(sin_table), whole_cos, signed_sin
+
+    # The tables are the model's (a few MB at gpt-oss-120b's 131k positions): known by identity, not content.
+    key = ("rope", id(cos_table), id(sin_table), _version(cos_table), _version(sin_table), dtype)
+    value = _STEP_MEMO.get(key, (positions,), make, lambda v: v[0]() is cos_table and v[1]() is sin_table)
+    return value[2], value[3]
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+) -> torch.Tensor:
+    """`kernels.reference.rope_write_kv_reference`, bit for bit, in a few ops: q and k heads (adjacent in the
+    fused projection) rotated together, the cos/sin rows gathered once per step. Returns the rotated queries
+    `[T, Hq, D]` (a view into the rotated q and k heads, not contiguous across tokens)."""
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
+    heads = qkv.view(qkv.shape[0], num_q_heads + 2 * num_kv_heads, head_dim)
+    cos, sin = _rope_rows(positions, cos_table, sin_table, qkv.dtype)
+    x = heads[:, : num_q_heads + num_kv_heads]
+    # The reference's products and sums in the same dtype: first*cos - second*sin is first*cos + second*(-sin)
+    # exactly (negation is exact), second*cos + first*sin as it is.
+    rotated = x * cos
+    rotated += x.roll(head_dim // 2, dims=-1).mul_(sin)
+    write_kv(rotated[:, num_q_heads:], heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
+    return rotated[:, :num_q_heads]
+
+
 def write_kv(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """`kernels.reference.write_kv_reference`; without the padding mask when no slot is negative."""
-    if int(slot_mapping.min()) < 0:
+    """`kernels.reference.write_kv_reference`: keys/values `[T, Hkv, D]` stored at `slot_mapping` `[T]` (negative:
+    skipped), by cache rows computed once per step."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         write_kv_reference(key, value, k_cache, v_cache, slot_mapping)
         return
-    block_size = k_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, offsets] = key.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = value.to(v_cache.dtype)
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+
+    def make() -> tuple[torch.Tensor | None, torch.Tensor]:
+        slots = slot_mapping.to(torch.int64)
+        keep = None
+        if bool((slots < 0).any()):
+            keep = torch.nonzero(slots >= 0).flatten()
+            slots = slots[keep]
+        slots = slots[:, None]  # one key per token: rows [T', Hkv, 1]
+        return keep, _cache_rows(slots // block_size, slots % block_size, num_kv_heads, block_size).squeeze(-1)
+
+    keep, rows = _STEP_MEMO.get(("write", num_kv_heads, block_size), (slot_mapping,), make)  # rows [T', Hkv]
+    if keep is not None:
+        key, value = key.index_select(0, keep), value.index_select(0, keep)
+    k_cache.view(-1, head_dim).index_put_((rows,), key if key.dtype == k_cache.dtype else key.to(k_cache.dtype))
+    v_cache.view(-1, head_dim).index_put_((rows,), value if value.dtype == v_cache.dtype else value.to(v_cache.dtype))
+
+
+# Scores, probabilities and gathered keys/values of one dense attention call stay under this many bytes; a
+# sequence that needs more goes through the tiled reference (a long prompt: memory stays one tile of scores).
+DENSE_ATTENTION_BYTES = 8 << 20
 
 
 def paged_attention(
@@ -272,25 +388,41 @@ def paged_attention(
     sliding_window: int | None,
     batch_invariant: bool = True,
 ) -> torch.Tensor:
-    """`kernels.reference.paged_attention_reference`, with the decoding sequences (one query each) batched.
+    """`kernels.reference.paged_attention_reference`, with sequences batched.
 
-    Batch-invariant: which path a sequence takes depends on itself only (one query: decode; more: the
-    reference), and decoding sequences are batched only with others that see as many keys (their last
-    `sliding_window`, or their whole length), so no padding enters a sum and a sequence's result is the same
-    whatever else is in the step. In steady decoding most sequences share a span (every sliding layer past
-    the window; equal lengths on full layers), so this is a few batched matmuls per layer.
+    Sequences whose queries see keys in the same pattern (as many queries, as many keys from the first one
+    each sees: equal causal/window masks) go together: one gather of their keys and values and two batched
+    matmuls, scores held whole (bounded by `DENSE_ATTENTION_BYTES`, split by sequences beyond it). In steady
+    decoding that is one or two groups per layer (every sliding layer past the window shares a span, and so do
+    equal lengths on full layers); a batch of equal prompts is one group.
+
+    `batch_invariant`: prompts (several queries) then take the tiled reference with its fixed key tile, as
+    their bits must not depend on how a prompt was chunked; decoding sequences (one query) are still batched,
+    only with sequences of their own span (no padding enters a sum), so a sequence's result is the same
+    whatever else is in the step. Without it, prompts within the memory bound are batched too, and the
+    reference's last key tile ends at the last block.
     """
-    plan = _attention_plan(block_tables, seq_lens, query_start_loc, k_cache.shape[2], sliding_window)
-    if plan.prefill is None and len(plan.groups) == 1 and plan.groups[0][0].numel() == query.shape[0]:
-        _, blocks, offsets = plan.groups[0]  # the usual decode step: every query row, in order, one group
-        return _decode_group(query, k_cache, v_cache, blocks, offsets, sinks, scale)
-    out = torch.empty_like(query)
-    for rows, blocks, offsets in plan.groups:
-        out[rows] = _decode_group(query[rows], k_cache, v_cache, blocks, offsets, sinks, scale)
-    if plan.prefill is not None:
-        rows, seqs, starts = plan.prefill
+    num_q_heads = query.shape[1]
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return paged_attention_reference(
+            query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, sinks, scale, sliding_window,
+            fixed_key_tile=batch_invariant,
+        )  # fmt: skip
+    plan = _attention_plan(
+        block_tables, seq_lens, query_start_loc, k_cache.shape, num_q_heads, sliding_window, batch_invariant
+    )
+    if plan.tiled is None and len(plan.groups) == 1 and plan.groups[0].rows.numel() == query.shape[0]:
+        # One group holding every query row (in order): the usual decode step, or a batch of equal prompts.
+        return _dense_attention(query, k_cache, v_cache, plan.groups[0], sinks, scale, sliding_window)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    for group in plan.groups:
+        out[group.rows] = _dense_attention(
+            query.index_select(0, group.rows), k_cache, v_cache, group, sinks, scale, sliding_window
+        )
+    if plan.tiled is not None:
+        rows, seqs, starts = plan.tiled
         out[rows] = paged_attention_reference(
-            query[rows],
+            query.index_select(0, rows),
             k_cache,
             v_cache,
             block_tables[seqs],
@@ -304,82 +436,146 @@ def paged_attention(
     return out
 
 
-def _decode_group(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    blocks: torch.Tensor,
-    offsets: torch.Tensor,
-    sinks: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Queries `[S, Hq, D]` (one per sequence, its last position) over the keys at `blocks` / `offsets` `[S, L]`
-    (the L positions each sees): `[S, Hq, D]`."""
-    num_seqs, num_q_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
-    # Advanced indices on dims 0 and 2: [S, L, Hkv, D].
-    keys = k_cache[blocks, :, offsets].to(torch.float32).permute(0, 2, 3, 1)  # [S, Hkv, D, L]
-    values = v_cache[blocks, :, offsets].to(torch.float32).transpose(1, 2)  # [S, Hkv, L, D]
-    q = query.to(torch.float32).view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.matmul(q, keys).mul_(scale)  # [S, Hkv, G, L]
-    sink_column = sinks.to(torch.float32).view(1, num_kv_heads, group, 1).expand(num_seqs, -1, -1, 1)
-    probs = torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1)[..., :-1]
-    return torch.matmul(probs, values).view(num_seqs, num_q_heads, head_dim).to(query.dtype)
+@dataclass
+class _Group:
+    """Sequences attended to together: each has `num_queries` queries (its last positions) and sees its last
+    `num_keys` keys, the same mask relative to the first of them."""
+
+    rows: torch.Tensor  # their query rows [S * Tq], sequence by sequence
+    num_seqs: int
+    num_queries: int
+    num_keys: int
+    kv_rows: torch.Tensor  # their keys' cache rows [S * Hkv * Lk] (see `_cache_rows`)
 
 
 @dataclass
 class _AttentionPlan:
     """How one step's sequences go through attention on a layer type (shared by its layers)."""
 
-    # Decoding sequences with equal spans: (their query rows [S], block ids [S, L], offsets [S, L]).
-    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    # Sequences with several queries: (their query rows, their indices, their query starts from 0), or None.
-    prefill: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
-
-
-# The last plan per window and block size: every layer of a type reads the same block tables and lengths, so
-# the plan is made once per step, not once per layer. It is reused only for equal contents (three small
-# compares), as the tensors may be buffers rewritten in place between steps (the decode graph runner's).
-_PLAN_MEMO: dict[tuple[int | None, int], tuple[tuple[torch.Tensor, ...], _AttentionPlan]] = {}
+    groups: list[_Group]
+    # Sequences for the tiled reference: (their query rows, their indices, their query starts from 0), or None.
+    tiled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 def _attention_plan(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     query_start_loc: torch.Tensor,
-    block_size: int,
+    cache_shape: torch.Size,
+    num_q_heads: int,
     sliding_window: int | None,
+    batch_invariant: bool,
 ) -> _AttentionPlan:
+    """The step's plan for a layer type, made once per step (every layer of a type reads the same tables)."""
+    _, num_kv_heads, block_size, head_dim = cache_shape
+    key = ("attention", sliding_window, num_kv_heads, block_size, head_dim, num_q_heads, batch_invariant)
     sources = (block_tables, seq_lens, query_start_loc)
-    memo = _PLAN_MEMO.get((sliding_window, block_size))
-    if memo is not None and all(
-        a.shape == b.shape and torch.equal(a, b) for a, b in zip(memo[0], sources, strict=True)
-    ):
-        return memo[1]
+    make = functools.partial(
+        _make_attention_plan, *sources, num_kv_heads, block_size, head_dim, num_q_heads, sliding_window, batch_invariant
+    )
+    return _STEP_MEMO.get(key, sources, make)
+
+
+def _make_attention_plan(
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    num_kv_heads: int,
+    block_size: int,
+    head_dim: int,
+    num_q_heads: int,
+    sliding_window: int | None,
+    batch_invariant: bool,
+) -> _AttentionPlan:
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    by_span: dict[int, list[int]] = {}
-    prefill: list[int] = []
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    tiled: list[int] = []
     for seq, length in enumerate(lens):
         num_queries = starts[seq + 1] - starts[seq]
-        if num_queries == 1:
-            by_span.setdefault(min(length, sliding_window or length), []).append(seq)
-        elif num_queries > 1:
-            prefill.append(seq)
+        if num_queries == 0:
+            continue
+        # Keys from the first query's window on (the earlier blocks may be freed); Lk >= Tq.
+        num_keys = length if sliding_window is None else min(length, num_queries + sliding_window - 1)
+        fits = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim) <= DENSE_ATTENTION_BYTES
+        if fits and (num_queries == 1 or not batch_invariant):
+            by_shape.setdefault((num_queries, num_keys), []).append(seq)
+        else:
+            tiled.append(seq)
     tables = block_tables.to(torch.int64)
     groups = []
-    for span, seqs in by_span.items():
-        index = torch.tensor(seqs, dtype=torch.int64)
-        first = torch.tensor([lens[s] - span for s in seqs], dtype=torch.int64)
-        positions = first[:, None] + torch.arange(span)[None, :]  # [S, span]
-        blocks = tables[index].gather(1, positions // block_size)
-        groups.append((torch.tensor([starts[s] for s in seqs]), blocks, positions % block_size))
-    prefill_plan = None
-    if prefill:
-        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in prefill])
-        sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in prefill])
-        prefill_plan = (rows, torch.tensor(prefill), torch.cumsum(sizes, 0).to(query_start_loc.dtype))
-    plan = _AttentionPlan(groups, prefill_plan)
-    _PLAN_MEMO[(sliding_window, block_size)] = (tuple(t.clone() for t in sources), plan)
-    return plan
+    for (num_queries, num_keys), seqs in by_shape.items():
+        per_seq = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim)
+        chunk = max(1, DENSE_ATTENTION_BYTES // per_seq)
+        for i in range(0, len(seqs), chunk):
+            part = seqs[i : i + chunk]
+            index = torch.tensor(part, dtype=torch.int64)
+            first_key = torch.tensor([lens[s] - num_keys for s in part], dtype=torch.int64)
+            positions = first_key[:, None] + torch.arange(num_keys)  # [S, Lk]
+            blocks = tables.index_select(0, index).gather(1, positions // block_size)
+            kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
+            first_row = torch.tensor([starts[s] for s in part], dtype=torch.int64)
+            rows = (first_row[:, None] + torch.arange(num_queries)).flatten()
+            groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows))
+    tiled_plan = None
+    if tiled:
+        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in tiled])
+        sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in tiled])
+        tiled_plan = (rows, torch.tensor(tiled), torch.cumsum(sizes, 0).to(query_start_loc.dtype))
+    return _AttentionPlan(groups, tiled_plan)
+
+
+def _dense_bytes(
+    num_seqs: int, num_queries: int, num_keys: int, num_q_heads: int, num_kv_heads: int, head_dim: int
+) -> int:
+    """fp32 bytes `_dense_attention` holds for these sizes: scores three times over (scores, with the sink
+    column, probabilities) and the gathered keys and values."""
+    return 4 * num_seqs * num_keys * (3 * num_q_heads * num_queries + 2 * num_kv_heads * head_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _hidden_keys(num_queries: int, num_keys: int, group: int, sliding_window: int | None) -> torch.Tensor:
+    """`[Tq * G, Lk]` True where a query row (query by query, the G heads of a KV group within) must not see a
+    key: after it (causal) or `sliding_window` or more before it. Queries are the last Tq of the Lk positions.
+    Shared between calls: never written to."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys).repeat_interleave(group)[:, None]
+    key_pos = torch.arange(num_keys)[None, :]
+    hidden = key_pos > query_pos
+    if sliding_window is not None:
+        hidden |= key_pos <= query_pos - sliding_window
+    return hidden
+
+
+def _dense_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: _Group,
+    sinks: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Attention of one group's queries `[S * Tq, Hq, D]` (any strides) over their keys: `[S * Tq, Hq, D]`
+    contiguous, in the query's dtype. Math in fp32, the sink logit a column of the softmax."""
+    _, num_q_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[1]
+    group_size = num_q_heads // num_kv_heads
+    num_seqs, num_queries, num_keys = group.num_seqs, group.num_queries, group.num_keys
+    batch = num_seqs * num_kv_heads  # one matmul per (sequence, KV head)
+    keys = k_cache.view(-1, head_dim).index_select(0, group.kv_rows).view(batch, num_keys, head_dim)
+    values = v_cache.view(-1, head_dim).index_select(0, group.kv_rows).view(batch, num_keys, head_dim)
+    if keys.dtype != torch.float32:
+        keys, values = keys.float(), values.float()
+    q = query.reshape(num_seqs, num_queries, num_kv_heads, group_size, head_dim).transpose(1, 2)
+    q = q.reshape(batch, num_queries * group_size, head_dim)  # rows: query, then head within the KV group
+    if q.dtype != torch.float32:
+        q = q.float()
+    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
+    if num_queries > 1:
+        scores.masked_fill_(_hidden_keys(num_queries, num_keys, group_size, sliding_window), float("-inf"))
+    sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
+    sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :num_keys]
+    out = torch.bmm(probs, values).view(num_seqs, num_kv_heads, num_queries, group_size, head_dim)
+    out = out.transpose(1, 2).reshape(num_seqs * num_queries, num_q_heads, head_dim)
+    return out if out.dtype == query.dtype else out.to(query.dtype)

@@ -96,13 +96,14 @@ def rope_write_kv(
     backend: str = "auto",
 ) -> torch.Tensor:
     """RoPE on the fused projection's q and k heads, k and v stored to the cache; returns q `[T, Hq, D]`.
-    See kernels.reference.rope_write_kv_reference."""
+    See kernels.reference.rope_write_kv_reference (the torch path: kernels.cpu.rope_write_kv, equal to it bit for
+    bit; its q is a view, not contiguous across tokens)."""
     args = (qkv, positions, cos_table, sin_table, k_cache, v_cache, slot_mapping, num_q_heads)
     if use_triton(qkv, backend):
         from gptoss.kernels.attention import rope_write_kv as triton_rope_write_kv
 
         return triton_rope_write_kv(*args)
-    return reference.rope_write_kv_reference(*args, write=cpu.write_kv)
+    return cpu.rope_write_kv(*args)
 
 
 def paged_attention(
