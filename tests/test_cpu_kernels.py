@@ -102,3 +102,118 @@ def test_attention_is_batch_invariant_and_mixes_prefill_and_decode() -> None:
                 seq_lens[seq : seq + 1], sinks, 0.3, w,
             )  # fmt: skip
             assert torch.equal(alone, both[rows]), (w, seq)
+
+
+def random_paged_kv(
+    g: torch.Generator, num_blocks: int = 64, kv_heads: int = 2, block: int = 4, dim: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.randn(num_blocks, kv_heads, block, dim, generator=g),
+        torch.randn(num_blocks, kv_heads, block, dim, generator=g),
+    )
+
+
+def ragged_step(g: torch.Generator, q_lens: list[int], seq_lens: list[int], heads: int, dim: int, num_blocks: int):
+    """Query rows, query starts, lengths and block tables (distinct random blocks) of one step."""
+    max_blocks = -(-max(seq_lens) // 4)
+    tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * max_blocks].view(len(seq_lens), -1)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), heads, dim, generator=g)
+    return query, starts, torch.tensor(seq_lens, dtype=torch.int32), tables.to(torch.int32)
+
+
+# A step of every kind at once: equal prompts (one batched group), a prompt chunk over earlier keys, prompts whose
+# lengths are no multiple of the block size (4), decoding sequences of equal and unequal spans, a sequence with
+# no query this step.
+RAGGED_Q_LENS = [5, 5, 3, 1, 1, 1, 7, 0, 2]
+RAGGED_SEQ_LENS = [5, 5, 11, 9, 9, 14, 7, 6, 22]
+
+
+@pytest.mark.parametrize("window", [None, 3, 6])
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int | None, batch_invariant: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    heads, dim = 6, 8
+    k_cache, v_cache = random_paged_kv(g, dim=dim)
+    sinks = torch.randn(heads, generator=g)
+    query, starts, seq_lens, tables = ragged_step(g, RAGGED_Q_LENS, RAGGED_SEQ_LENS, heads, dim, 64)
+    args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, window)
+    expected = reference.paged_attention_reference(query, *args)
+    got = cpu.paged_attention(query, *args, batch_invariant=batch_invariant)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Queries given as a strided view (as `cpu.rope_write_kv` returns them) give the same bits.
+    padded = torch.cat((query, torch.randn(query.shape[0], 2, dim, generator=g)), dim=1)
+    assert torch.equal(cpu.paged_attention(padded[:, :heads], *args, batch_invariant=batch_invariant), got)
+
+
+def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups larger than `DENSE_ATTENTION_BYTES` are split by sequences, and a sequence that alone exceeds it
+    (a long prompt) goes through the tiled reference: the same results either way."""
+    g = torch.Generator().manual_seed(4)
+    heads, dim = 4, 8
+    k_cache, v_cache = random_paged_kv(g, dim=dim)
+    sinks = torch.randn(heads, generator=g)
+    query, starts, seq_lens, tables = ragged_step(g, [6, 6, 6, 1, 1, 1, 30], [6, 6, 6, 9, 9, 9, 30], heads, dim, 64)
+    args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, None)
+    unbounded = cpu.paged_attention(query, *args, batch_invariant=False)
+    bound = cpu._dense_bytes(3, 1, 9, heads, 2, dim)  # three decoding sequences, one 6-token prompt
+    assert cpu._dense_bytes(1, 6, 6, heads, 2, dim) <= bound < cpu._dense_bytes(2, 6, 6, heads, 2, dim)
+    monkeypatch.setattr(cpu, "DENSE_ATTENTION_BYTES", bound)
+    plan = cpu._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, None, False)
+    assert [(grp.num_seqs, grp.num_queries) for grp in plan.groups] == [(1, 6)] * 3 + [(3, 1)]
+    assert plan.tiled is not None and plan.tiled[1].tolist() == [6]  # the 30-token prompt
+    bounded = cpu.paged_attention(query, *args, batch_invariant=False)
+    torch.testing.assert_close(bounded, unbounded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bounded, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
+
+
+def test_step_memo_follows_tensors_rewritten_in_place() -> None:
+    """Block tables, lengths and slot mappings reused as buffers (rewritten in place between steps, as the decode
+    graph runner's are) never get the previous step's plan or cache rows."""
+    g = torch.Generator().manual_seed(5)
+    heads, dim = 4, 8
+    k_cache, v_cache = random_paged_kv(g, dim=dim)
+    sinks = torch.randn(heads, generator=g)
+    query, starts, seq_lens, tables = ragged_step(g, [1, 1], [7, 9], heads, dim, 64)
+    for _ in range(2):
+        args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, 4)
+        got = cpu.paged_attention(query, *args, batch_invariant=False)
+        torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
+        seq_lens.add_(1)  # the next decode step in the same buffers
+        tables.copy_(tables.flip(0))
+    key, value = torch.randn(2, 2, 2, dim, generator=g)
+    slots = torch.tensor([5, 30])
+    for _ in range(2):
+        cpu.write_kv(key, value, k_cache, v_cache, slots)
+        expected_k, expected_v = k_cache.clone(), v_cache.clone()
+        reference.write_kv_reference(key, value, expected_k, expected_v, slots)
+        assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+        slots.copy_(torch.tensor([-1, 41]))  # another step: one padding slot
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_is_the_reference_bit_for_bit(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(6)
+    heads, kv_heads, dim, tokens = 6, 2, 8, 7
+    k_cache, v_cache = (t.to(dtype) for t in random_paged_kv(g, kv_heads=kv_heads, dim=dim))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    positions = torch.tensor([3, 4, 5, 6, 0, 1, 9])
+    slots = torch.tensor([3, 4, 5, 6, -1, 17, 50])  # a padding token writes nothing
+    angles = torch.randn(16, dim // 2, generator=g)
+    cos_table, sin_table = angles.cos(), angles.sin()
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    expected = reference.rope_write_kv_reference(
+        qkv, positions, cos_table, sin_table, expected_k, expected_v, slots, heads
+    )
+    for _ in range(2):  # the second layer of a step: cos/sin rows and cache rows from the step memo
+        got = cpu.rope_write_kv(qkv, positions, cos_table, sin_table, k_cache, v_cache, slots, heads)
+        assert torch.equal(got, expected)
+        assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    # New tables (another model) at positions already seen are not answered from the memo.
+    cos_table, sin_table = sin_table.clone(), cos_table.clone()
+    expected = reference.rope_write_kv_reference(
+        qkv, positions, cos_table, sin_table, expected_k, expected_v, slots, heads
+    )
+    assert torch.equal(
+        cpu.rope_write_kv(qkv, positions, cos_table, sin_table, k_cache, v_cache, slots, heads), expected
+    )
