@@ -298,8 +298,14 @@ _STEP_MEMO = _StepMemo()
 
 def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
     """Rows of a cache viewed as `[-1, D]` for `blocks` / `offsets` `[..., N]`: `[..., Hkv, N]` (KV head major)."""
-    heads = torch.arange(num_kv_heads, device=blocks.device).view(-1, 1)
-    return (blocks.unsqueeze(-2) * num_kv_heads + heads) * block_size + offsets.unsqueeze(-2)
+    first_head = blocks * (num_kv_heads * block_size) + offsets
+    return first_head.unsqueeze(-2) + _head_rows(num_kv_heads, block_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _head_rows(num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """`[Hkv, 1]`: how many rows past KV head 0's each head's row is (shared between calls: never written to)."""
+    return (torch.arange(num_kv_heads) * block_size).view(-1, 1)
 
 
 def _rope_rows(
@@ -356,9 +362,8 @@ def write_kv(
     _, num_kv_heads, block_size, head_dim = k_cache.shape
 
     def make() -> tuple[torch.Tensor | None, torch.Tensor]:
-        slots = slot_mapping.to(torch.int64)
-        keep = None
-        if bool((slots < 0).any()):
+        slots, keep = slot_mapping, None
+        if slots.numel() and int(slots.min()) < 0:
             keep = torch.nonzero(slots >= 0).flatten()
             slots = slots[keep]
         slots = slots[:, None]  # one key per token: rows [T', Hkv, 1]
@@ -502,20 +507,18 @@ def _make_attention_plan(
             by_shape.setdefault((num_queries, num_keys), []).append(seq)
         else:
             tiled.append(seq)
-    tables = block_tables.to(torch.int64)
     groups = []
     for (num_queries, num_keys), seqs in by_shape.items():
         per_seq = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim)
         chunk = max(1, DENSE_ATTENTION_BYTES // per_seq)
         for i in range(0, len(seqs), chunk):
             part = seqs[i : i + chunk]
-            index = torch.tensor(part, dtype=torch.int64)
-            first_key = torch.tensor([lens[s] - num_keys for s in part], dtype=torch.int64)
+            tables = block_tables if len(part) == len(lens) else block_tables[part]  # all: in order
+            first_key = torch.tensor([lens[s] - num_keys for s in part])
             positions = first_key[:, None] + torch.arange(num_keys)  # [S, Lk]
-            blocks = tables.index_select(0, index).gather(1, positions // block_size)
+            blocks = tables.gather(1, positions // block_size)
             kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
-            first_row = torch.tensor([starts[s] for s in part], dtype=torch.int64)
-            rows = (first_row[:, None] + torch.arange(num_queries)).flatten()
+            rows = torch.tensor([starts[s] + q for s in part for q in range(num_queries)])
             groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows))
     tiled_plan = None
     if tiled:
