@@ -299,13 +299,13 @@ _STEP_MEMO = _StepMemo()
 def _cache_rows(blocks: torch.Tensor, offsets: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
     """Rows of a cache viewed as `[-1, D]` for `blocks` / `offsets` `[..., N]`: `[..., Hkv, N]` (KV head major)."""
     first_head = blocks * (num_kv_heads * block_size) + offsets
-    return first_head.unsqueeze(-2) + _head_rows(num_kv_heads, block_size)
+    return first_head.unsqueeze(-2) + _head_rows(num_kv_heads, block_size, blocks.device)
 
 
 @functools.lru_cache(maxsize=16)
-def _head_rows(num_kv_heads: int, block_size: int) -> torch.Tensor:
+def _head_rows(num_kv_heads: int, block_size: int, device: torch.device) -> torch.Tensor:
     """`[Hkv, 1]`: how many rows past KV head 0's each head's row is (shared between calls: never written to)."""
-    return (torch.arange(num_kv_heads) * block_size).view(-1, 1)
+    return (torch.arange(num_kv_heads, device=device) * block_size).view(-1, 1)
 
 
 def _rope_rows(
@@ -492,6 +492,7 @@ def _make_attention_plan(
     sliding_window: int | None,
     batch_invariant: bool,
 ) -> _AttentionPlan:
+    device = block_tables.device
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     by_shape: dict[tuple[int, int], list[int]] = {}
@@ -514,17 +515,17 @@ def _make_attention_plan(
         for i in range(0, len(seqs), chunk):
             part = seqs[i : i + chunk]
             tables = block_tables if len(part) == len(lens) else block_tables[part]  # all: in order
-            first_key = torch.tensor([lens[s] - num_keys for s in part])
-            positions = first_key[:, None] + torch.arange(num_keys)  # [S, Lk]
+            first_key = torch.tensor([lens[s] - num_keys for s in part], device=device)
+            positions = first_key[:, None] + torch.arange(num_keys, device=device)  # [S, Lk]
             blocks = tables.gather(1, positions // block_size)
             kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
-            rows = torch.tensor([starts[s] + q for s in part for q in range(num_queries)])
+            rows = torch.tensor([starts[s] + q for s in part for q in range(num_queries)], device=device)
             groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows))
     tiled_plan = None
     if tiled:
-        rows = torch.cat([torch.arange(starts[s], starts[s + 1]) for s in tiled])
+        rows = torch.tensor([row for s in tiled for row in range(starts[s], starts[s + 1])], device=device)
         sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in tiled])
-        tiled_plan = (rows, torch.tensor(tiled), torch.cumsum(sizes, 0).to(query_start_loc.dtype))
+        tiled_plan = (rows, torch.tensor(tiled, device=device), torch.cumsum(sizes, 0).to(query_start_loc))
     return _AttentionPlan(groups, tiled_plan)
 
 
@@ -537,12 +538,14 @@ def _dense_bytes(
 
 
 @functools.lru_cache(maxsize=64)
-def _hidden_keys(num_queries: int, num_keys: int, group: int, sliding_window: int | None) -> torch.Tensor:
+def _hidden_keys(
+    num_queries: int, num_keys: int, group: int, sliding_window: int | None, device: torch.device
+) -> torch.Tensor:
     """`[Tq * G, Lk]` True where a query row (query by query, the G heads of a KV group within) must not see a
     key: after it (causal) or `sliding_window` or more before it. Queries are the last Tq of the Lk positions.
     Shared between calls: never written to."""
-    query_pos = torch.arange(num_keys - num_queries, num_keys).repeat_interleave(group)[:, None]
-    key_pos = torch.arange(num_keys)[None, :]
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device).repeat_interleave(group)[:, None]
+    key_pos = torch.arange(num_keys, device=device)[None, :]
     hidden = key_pos > query_pos
     if sliding_window is not None:
         hidden |= key_pos <= query_pos - sliding_window
@@ -575,7 +578,9 @@ def _dense_attention(
         q = q.float()
     scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
     if num_queries > 1:
-        scores.masked_fill_(_hidden_keys(num_queries, num_keys, group_size, sliding_window), float("-inf"))
+        scores.masked_fill_(
+            _hidden_keys(num_queries, num_keys, group_size, sliding_window, scores.device), float("-inf")
+        )
     sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
     sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :num_keys]
