@@ -260,13 +260,15 @@ def _batched_experts(
     act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
     outputs = torch.baddbmm(b2, act, w2)  # [E, m, H]
     if dense:
+        # Each token's weighted sum over the experts: [T, 1, E] @ [T, E, H].
         weights = x32.new_zeros(num_tokens, num_experts).scatter_(1, expert_ids, expert_weights)
-        per_token = outputs.transpose(0, 1)  # [T, E, H]
+        combined = torch.bmm(weights.unsqueeze(1), outputs.transpose(0, 1)).view(num_tokens, hidden)
     else:
-        weights = expert_weights
-        per_token = outputs.view(-1, hidden).index_select(0, slot_rows).view(num_tokens, top_k, hidden)
-    # Each token's weighted sum: [T, 1, n] @ [T, n, H].
-    return torch.bmm(weights.unsqueeze(1), per_token).view(num_tokens, hidden).to(x.dtype)
+        # Each token's weighted sum over its k slots, elementwise (a batched matmul of T tiny products is
+        # slower here).
+        per_slot = outputs.view(-1, hidden).index_select(0, slot_rows).view(num_tokens, top_k, hidden)
+        combined = (per_slot * expert_weights.unsqueeze(-1)).sum(dim=1)
+    return combined.to(x.dtype)
 
 
 def _expert_loop(
