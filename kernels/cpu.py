@@ -439,15 +439,16 @@ def paged_attention(
 
     Sequences whose queries see keys in the same pattern (as many queries, as many keys from the first one
     each sees: equal causal/window masks) go together: one gather of their keys and values and two batched
-    matmuls, scores held whole (bounded by `DENSE_ATTENTION_BYTES`, split by sequences beyond it). In steady
-    decoding that is one or two groups per layer (every sliding layer past the window shares a span, and so do
-    equal lengths on full layers); a batch of equal prompts is one group.
+    matmuls, scores held whole (bounded by `DENSE_ATTENTION_BYTES`, split by sequences beyond it; a sequence
+    beyond it alone, a long prompt, takes the tiled reference). A batch of equal prompts is one group.
 
-    `batch_invariant`: prompts (several queries) then take the tiled reference with its fixed key tile, as
-    their bits must not depend on how a prompt was chunked; decoding sequences (one query) are still batched,
-    only with sequences of their own span (no padding enters a sum), so a sequence's result is the same
-    whatever else is in the step. Without it, prompts within the memory bound are batched too, and the
-    reference's last key tile ends at the last block.
+    `batch_invariant`: prompts (several queries) take the tiled reference with its fixed key tile, as their
+    bits must not depend on how a prompt was chunked; decoding sequences (one query) are batched only with
+    sequences of their own span (no padding enters a sum), so a sequence's result is the same whatever else is
+    in the step: in steady decoding one or two groups per layer (every sliding layer past the window shares a
+    span, and so do equal lengths on full layers). Without it, prompts within the memory bound are batched by
+    shape, all decoding sequences go in one group (shorter spans padded in front, their padding masked), and
+    the reference's last key tile ends at the last block.
     """
     num_q_heads = query.shape[1]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -460,12 +461,10 @@ def paged_attention(
     )
     if plan.tiled is None and len(plan.groups) == 1 and plan.groups[0].rows.numel() == query.shape[0]:
         # One group holding every query row (in order): the usual decode step, or a batch of equal prompts.
-        return _dense_attention(query, k_cache, v_cache, plan.groups[0], sinks, scale, sliding_window)
+        return _dense_attention(query, k_cache, v_cache, plan.groups[0], sinks, scale)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for group in plan.groups:
-        out[group.rows] = _dense_attention(
-            query.index_select(0, group.rows), k_cache, v_cache, group, sinks, scale, sliding_window
-        )
+        out[group.rows] = _dense_attention(query.index_select(0, group.rows), k_cache, v_cache, group, sinks, scale)
     if plan.tiled is not None:
         rows, seqs, starts = plan.tiled
         out[rows] = paged_attention_reference(
@@ -485,14 +484,18 @@ def paged_attention(
 
 @dataclass
 class _Group:
-    """Sequences attended to together: each has `num_queries` queries (its last positions) and sees its last
-    `num_keys` keys, the same mask relative to the first of them."""
+    """Sequences attended to together: each has `num_queries` queries (its last positions) and is given its
+    last `num_keys` keys, the same mask relative to the first of them (decoding sequences without batch
+    invariance: each its own span, padded in front to the longest)."""
 
     rows: torch.Tensor  # their query rows [S * Tq], sequence by sequence
     num_seqs: int
     num_queries: int
     num_keys: int
     kv_rows: torch.Tensor  # their keys' cache rows [S * Hkv * Lk] (see `_cache_rows`)
+    # Scores to drop, broadcast over [S, Hkv, Tq * G, Lk]: None (all seen: one query, equal spans), the causal
+    # and window mask `[Tq * G, Lk]` of several queries, or `[S, 1, 1, Lk]` marking padding before short spans.
+    hidden: torch.Tensor | None
 
 
 @dataclass
@@ -537,7 +540,9 @@ def _make_attention_plan(
     device = block_tables.device
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    by_shape: dict[tuple[int, int], list[int]] = {}
+    # (queries, keys) -> sequences; (1, None): decoding sequences of any span (without batch invariance: padded).
+    by_shape: dict[tuple[int, int | None], list[int]] = {}
+    spans: dict[int, int] = {}
     tiled: list[int] = []
     for seq, length in enumerate(lens):
         num_queries = starts[seq + 1] - starts[seq]
@@ -547,22 +552,35 @@ def _make_attention_plan(
         num_keys = length if sliding_window is None else min(length, num_queries + sliding_window - 1)
         fits = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim) <= DENSE_ATTENTION_BYTES
         if fits and (num_queries == 1 or not batch_invariant):
-            by_shape.setdefault((num_queries, num_keys), []).append(seq)
+            padded = num_queries == 1 and not batch_invariant
+            by_shape.setdefault((num_queries, None if padded else num_keys), []).append(seq)
+            spans[seq] = num_keys
         else:
             tiled.append(seq)
     groups = []
-    for (num_queries, num_keys), seqs in by_shape.items():
-        per_seq = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim)
+    for (num_queries, shape_keys), seqs in by_shape.items():
+        longest = shape_keys or max(spans[s] for s in seqs)
+        per_seq = _dense_bytes(1, num_queries, longest, num_q_heads, num_kv_heads, head_dim)
         chunk = max(1, DENSE_ATTENTION_BYTES // per_seq)
         for i in range(0, len(seqs), chunk):
             part = seqs[i : i + chunk]
+            num_keys = shape_keys or max(spans[s] for s in part)
             tables = block_tables if len(part) == len(lens) else block_tables[part]  # all: in order
-            first_key = torch.tensor([lens[s] - num_keys for s in part], device=device)
-            positions = first_key[:, None] + torch.arange(num_keys, device=device)  # [S, Lk]
+            positions = torch.tensor([lens[s] - num_keys for s in part], device=device)[:, None]
+            positions = positions + torch.arange(num_keys, device=device)  # [S, Lk]
+            hidden = None
+            if num_queries > 1:
+                hidden = _hidden_keys(num_queries, num_keys, num_q_heads // num_kv_heads, sliding_window, device)
+            elif any(spans[s] != num_keys for s in part):
+                # Padding in front of a shorter span: hidden, and read from the span's first key (positions before
+                # it may be negative or in freed blocks).
+                first_key = torch.tensor([lens[s] - spans[s] for s in part], device=device)[:, None]
+                hidden = (positions < first_key).view(len(part), 1, 1, num_keys)
+                positions = torch.maximum(positions, first_key)
             blocks = tables.gather(1, positions // block_size)
             kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
             rows = torch.tensor([starts[s] + q for s in part for q in range(num_queries)], device=device)
-            groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows))
+            groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows, hidden))
     tiled_plan = None
     if tiled:
         rows = torch.tensor([row for s in tiled for row in range(starts[s], starts[s + 1])], device=device)
@@ -601,7 +619,6 @@ def _dense_attention(
     group: _Group,
     sinks: torch.Tensor,
     scale: float,
-    sliding_window: int | None,
 ) -> torch.Tensor:
     """Attention of one group's queries `[S * Tq, Hq, D]` (any strides) over their keys: `[S * Tq, Hq, D]`
     contiguous, in the query's dtype. Math in fp32, the sink logit a column of the softmax."""
@@ -619,10 +636,8 @@ def _dense_attention(
     if q.dtype != torch.float32:
         q = q.float()
     scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
-    if num_queries > 1:
-        scores.masked_fill_(
-            _hidden_keys(num_queries, num_keys, group_size, sliding_window, scores.device), float("-inf")
-        )
+    if group.hidden is not None:
+        scores.view(num_seqs, num_kv_heads, -1, num_keys).masked_fill_(group.hidden, float("-inf"))
     sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
     sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
     probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :num_keys]

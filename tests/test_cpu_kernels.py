@@ -148,6 +148,12 @@ def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int 
     expected = reference.paged_attention_reference(query, *args)
     got = cpu.paged_attention(query, *args, batch_invariant=batch_invariant)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    plan = cpu._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, window, batch_invariant)
+    decoding = [(grp.num_seqs, grp.num_keys, grp.hidden is None) for grp in plan.groups if grp.num_queries == 1]
+    if not batch_invariant:  # one group; on full layers spans 9, 9, 14 padded to 14
+        assert decoding == ([(3, 14, False)] if window is None else [(3, window, True)])
+    else:  # by span
+        assert decoding == ([(2, 9, True), (1, 14, True)] if window is None else [(3, window, True)])
     # Queries given as a strided view (as `cpu.rope_write_kv` returns them) give the same bits.
     padded = torch.cat((query, torch.randn(query.shape[0], 2, dim, generator=g)), dim=1)
     assert torch.equal(cpu.paged_attention(padded[:, :heads], *args, batch_invariant=batch_invariant), got)
