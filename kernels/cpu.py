@@ -459,12 +459,16 @@ def paged_attention(
     plan = _attention_plan(
         block_tables, seq_lens, query_start_loc, k_cache.shape, num_q_heads, sliding_window, batch_invariant
     )
-    if plan.tiled is None and len(plan.groups) == 1 and plan.groups[0].rows.numel() == query.shape[0]:
-        # One group holding every query row (in order): the usual decode step, or a batch of equal prompts.
+    if plan.in_order == query.shape[0]:
+        # One group of every query row, in order, no padding: the usual decode step, or a batch of equal prompts.
         return _dense_attention(query, k_cache, v_cache, plan.groups[0], sinks, scale)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     for group in plan.groups:
-        out[group.rows] = _dense_attention(query.index_select(0, group.rows), k_cache, v_cache, group, sinks, scale)
+        result = _dense_attention(query.index_select(0, group.rows), k_cache, v_cache, group, sinks, scale)
+        if group.keep is None:
+            out[group.rows] = result
+        else:
+            out[group.targets] = result.index_select(0, group.keep)
     if plan.tiled is not None:
         rows, seqs, starts = plan.tiled
         out[rows] = paged_attention_reference(
@@ -484,18 +488,21 @@ def paged_attention(
 
 @dataclass
 class _Group:
-    """Sequences attended to together: each has `num_queries` queries (its last positions) and is given its
-    last `num_keys` keys, the same mask relative to the first of them (decoding sequences without batch
-    invariance: each its own span, padded in front to the longest)."""
+    """Sequences attended to together, as if each had `num_queries` queries (its last positions) and its last
+    `num_keys` keys: one causal/window mask relative to the first key. With batch invariance they have exactly
+    these shapes; without it shorter ones are padded in front (padding queries repeat the sequence's first
+    query, their results dropped; padding keys repeat its first key, masked)."""
 
-    rows: torch.Tensor  # their query rows [S * Tq], sequence by sequence
+    rows: torch.Tensor  # the query rows gathered [S * Tq], sequence by sequence
     num_seqs: int
     num_queries: int
     num_keys: int
     kv_rows: torch.Tensor  # their keys' cache rows [S * Hkv * Lk] (see `_cache_rows`)
-    # Scores to drop, broadcast over [S, Hkv, Tq * G, Lk]: None (all seen: one query, equal spans), the causal
-    # and window mask `[Tq * G, Lk]` of several queries, or `[S, 1, 1, Lk]` marking padding before short spans.
+    # Scores to drop, broadcast over [S, Hkv, Tq * G, Lk]: None (one query each, equal spans), the causal and
+    # window mask `[Tq * G, Lk]`, or with padded keys `[S, 1, Tq * G or 1, Lk]`.
     hidden: torch.Tensor | None
+    keep: torch.Tensor | None = None  # which of the S * Tq results are real queries (None: all)
+    targets: torch.Tensor | None = None  # and their query rows
 
 
 @dataclass
@@ -505,6 +512,12 @@ class _AttentionPlan:
     groups: list[_Group]
     # Sequences for the tiled reference: (their query rows, their indices, their query starts from 0), or None.
     tiled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    in_order: int = -1  # one group of rows 0 .. in_order - 1 in order, without padding; else -1
+
+
+# Without batch invariance, sequences of other shapes share a group while its padded scores stay within twice
+# their own plus this many elements (small groups cost their ops more than their sizes).
+PADDING_SLACK_SCORES = 1 << 16
 
 
 def _attention_plan(
@@ -537,12 +550,10 @@ def _make_attention_plan(
     sliding_window: int | None,
     batch_invariant: bool,
 ) -> _AttentionPlan:
-    device = block_tables.device
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
-    # (queries, keys) -> sequences; (1, None): decoding sequences of any span (without batch invariance: padded).
-    by_shape: dict[tuple[int, int | None], list[int]] = {}
-    spans: dict[int, int] = {}
+    shapes: dict[int, tuple[int, int]] = {}  # sequence -> (queries, keys)
+    buckets: dict[tuple[int, int] | bool, list[int]] = {}  # exact shape, or (without batch invariance) prompt?
     tiled: list[int] = []
     for seq, length in enumerate(lens):
         num_queries = starts[seq + 1] - starts[seq]
@@ -550,43 +561,100 @@ def _make_attention_plan(
             continue
         # Keys from the first query's window on (the earlier blocks may be freed); Lk >= Tq.
         num_keys = length if sliding_window is None else min(length, num_queries + sliding_window - 1)
-        fits = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim) <= DENSE_ATTENTION_BYTES
-        if fits and (num_queries == 1 or not batch_invariant):
-            padded = num_queries == 1 and not batch_invariant
-            by_shape.setdefault((num_queries, None if padded else num_keys), []).append(seq)
-            spans[seq] = num_keys
-        else:
+        small = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim) <= DENSE_ATTENTION_BYTES
+        if not small or (num_queries > 1 and batch_invariant):
             tiled.append(seq)
-    groups = []
-    for (num_queries, shape_keys), seqs in by_shape.items():
-        longest = shape_keys or max(spans[s] for s in seqs)
-        per_seq = _dense_bytes(1, num_queries, longest, num_q_heads, num_kv_heads, head_dim)
-        chunk = max(1, DENSE_ATTENTION_BYTES // per_seq)
-        for i in range(0, len(seqs), chunk):
-            part = seqs[i : i + chunk]
-            num_keys = shape_keys or max(spans[s] for s in part)
-            tables = block_tables if len(part) == len(lens) else block_tables[part]  # all: in order
-            positions = torch.tensor([lens[s] - num_keys for s in part], device=device)[:, None]
-            positions = positions + torch.arange(num_keys, device=device)  # [S, Lk]
-            hidden = None
-            if num_queries > 1:
-                hidden = _hidden_keys(num_queries, num_keys, num_q_heads // num_kv_heads, sliding_window, device)
-            elif any(spans[s] != num_keys for s in part):
-                # Padding in front of a shorter span: hidden, and read from the span's first key (positions before
-                # it may be negative or in freed blocks).
-                first_key = torch.tensor([lens[s] - spans[s] for s in part], device=device)[:, None]
-                hidden = (positions < first_key).view(len(part), 1, 1, num_keys)
-                positions = torch.maximum(positions, first_key)
-            blocks = tables.gather(1, positions // block_size)
-            kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
-            rows = torch.tensor([starts[s] + q for s in part for q in range(num_queries)], device=device)
-            groups.append(_Group(rows, len(part), num_queries, num_keys, kv_rows, hidden))
+            continue
+        shapes[seq] = (num_queries, num_keys)
+        buckets.setdefault(num_queries > 1 if not batch_invariant else (num_queries, num_keys), []).append(seq)
+
+    # Sequences in a bucket join a group in turn while it stays within the memory bound and its padded scores
+    # within twice their own (plus a slack); prompts sorted by shape first, like with like.
+    parts: list[list[int]] = []
+    for seqs in buckets.values():
+        if not batch_invariant and shapes[seqs[0]][0] > 1:
+            seqs = sorted(seqs, key=shapes.__getitem__)
+        part: list[int] = []
+        most_queries = most_keys = own = 0
+        for seq in seqs:
+            num_queries, num_keys = shapes[seq]
+            queries, keys, scores = (
+                max(most_queries, num_queries),
+                max(most_keys, num_keys),
+                own + num_queries * num_keys,
+            )
+            size = len(part) + 1
+            bytes_ = _dense_bytes(size, queries, keys, num_q_heads, num_kv_heads, head_dim)
+            padding = num_q_heads * (size * queries * keys - 2 * scores)
+            if part and (bytes_ > DENSE_ATTENTION_BYTES or padding > PADDING_SLACK_SCORES):
+                parts.append(part)
+                part, queries, keys, scores = [], num_queries, num_keys, num_queries * num_keys
+            part.append(seq)
+            most_queries, most_keys, own = queries, keys, scores
+        parts.append(part)
+    make_group = functools.partial(
+        _make_group,
+        shapes=shapes,
+        lens=lens,
+        starts=starts,
+        block_tables=block_tables,
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
+        num_q_heads=num_q_heads,
+        sliding_window=sliding_window,
+    )
+    groups = [make_group(part) for part in parts]
     tiled_plan = None
+    device = block_tables.device
     if tiled:
         rows = torch.tensor([row for s in tiled for row in range(starts[s], starts[s + 1])], device=device)
         sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in tiled])
         tiled_plan = (rows, torch.tensor(tiled, device=device), torch.cumsum(sizes, 0).to(query_start_loc))
-    return _AttentionPlan(groups, tiled_plan)
+    in_order = -1
+    if not tiled and len(groups) == 1 and groups[0].keep is None and parts[0] == list(shapes):
+        in_order = starts[-1]  # every sequence with queries, in order, unpadded: rows 0 .. T-1
+    return _AttentionPlan(groups, tiled_plan, in_order)
+
+
+def _make_group(
+    part: list[int],
+    shapes: dict[int, tuple[int, int]],
+    lens: list[int],
+    starts: list[int],
+    block_tables: torch.Tensor,
+    num_kv_heads: int,
+    block_size: int,
+    num_q_heads: int,
+    sliding_window: int | None,
+) -> _Group:
+    """The group of sequences `part` (see `_Group`), shorter ones padded in front to the longest."""
+    device = block_tables.device
+    num_queries = max(shapes[s][0] for s in part)
+    num_keys = max(shapes[s][1] for s in part)
+    num_seqs = len(part)
+    tables = block_tables if num_seqs == len(lens) else block_tables[part]  # every sequence: in order
+    positions = torch.tensor([lens[s] - num_keys for s in part], device=device)[:, None]
+    positions = positions + torch.arange(num_keys, device=device)  # [S, Lk]
+    hidden = None
+    if num_queries > 1:
+        hidden = _hidden_keys(num_queries, num_keys, num_q_heads // num_kv_heads, sliding_window, device)
+    if any(shapes[s][1] != num_keys for s in part):
+        # Keys before a shorter span's first are hidden and read from that first key (positions before it may be
+        # negative or in freed blocks).
+        first_key = torch.tensor([lens[s] - shapes[s][1] for s in part], device=device)[:, None]
+        padding = (positions < first_key).view(num_seqs, 1, 1, num_keys)
+        hidden = padding if hidden is None else padding | hidden
+        positions = torch.maximum(positions, first_key)
+    blocks = tables.gather(1, positions // block_size)
+    kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
+    # Query slot t of a sequence with q queries is its query t - (Tq - q); padding slots repeat query 0.
+    rows = [starts[s] + max(0, t - num_queries + shapes[s][0]) for s in part for t in range(num_queries)]
+    group = _Group(torch.tensor(rows, device=device), num_seqs, num_queries, num_keys, kv_rows, hidden)
+    if any(shapes[s][0] != num_queries for s in part):
+        keep = [i * num_queries + t for i, s in enumerate(part) for t in range(num_queries - shapes[s][0], num_queries)]
+        group.keep = torch.tensor(keep, device=device)
+        group.targets = group.rows[group.keep]
+    return group
 
 
 def _dense_bytes(

@@ -150,8 +150,10 @@ def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int 
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     plan = cpu._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, window, batch_invariant)
     decoding = [(grp.num_seqs, grp.num_keys, grp.hidden is None) for grp in plan.groups if grp.num_queries == 1]
-    if not batch_invariant:  # one group; on full layers spans 9, 9, 14 padded to 14
+    prompts = [(grp.num_seqs, grp.keep is None) for grp in plan.groups if grp.num_queries > 1]
+    if not batch_invariant:  # one group each; on full layers spans 9, 9, 14 padded to 14, prompts to 7 queries
         assert decoding == ([(3, 14, False)] if window is None else [(3, window, True)])
+        assert prompts == [(5, False)]
     else:  # by span
         assert decoding == ([(2, 9, True), (1, 14, True)] if window is None else [(3, window, True)])
     # Queries given as a strided view (as `cpu.rope_write_kv` returns them) give the same bits.
