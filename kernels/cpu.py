@@ -437,18 +437,17 @@ def paged_attention(
 ) -> torch.Tensor:
     """`kernels.reference.paged_attention_reference`, with sequences batched.
 
-    Sequences whose queries see keys in the same pattern (as many queries, as many keys from the first one
-    each sees: equal causal/window masks) go together: one gather of their keys and values and two batched
-    matmuls, scores held whole (bounded by `DENSE_ATTENTION_BYTES`, split by sequences beyond it; a sequence
-    beyond it alone, a long prompt, takes the tiled reference). A batch of equal prompts is one group.
+    Sequences go in groups (`_Group`): one gather of the keys and values each sees and two batched matmuls per
+    group, scores held whole (bounded by `DENSE_ATTENTION_BYTES`, groups split by sequences beyond it; a
+    sequence beyond it alone, a long prompt, takes the tiled reference).
 
-    `batch_invariant`: prompts (several queries) take the tiled reference with its fixed key tile, as their
-    bits must not depend on how a prompt was chunked; decoding sequences (one query) are batched only with
-    sequences of their own span (no padding enters a sum), so a sequence's result is the same whatever else is
-    in the step: in steady decoding one or two groups per layer (every sliding layer past the window shares a
-    span, and so do equal lengths on full layers). Without it, prompts within the memory bound are batched by
-    shape, all decoding sequences go in one group (shorter spans padded in front, their padding masked), and
-    the reference's last key tile ends at the last block.
+    `batch_invariant`: a group holds sequences of one shape only (as many queries, as many keys seen), so no
+    padding enters a sum and a sequence's bits do not depend on the rest of the step: decoding sequences by
+    span (in steady decoding one or two groups per layer: every sliding layer past the window shares a span,
+    and so do equal lengths on full layers); prompts take the tiled reference with its fixed key tile, as their
+    bits must not depend on how a prompt was chunked either. Without it, all decoding sequences share a group,
+    and so do prompts within 2x their own scores (`PADDING_SLACK_SCORES`), shorter ones padded at the end and
+    masked; the reference's last key tile ends at the last block.
     """
     num_q_heads = query.shape[1]
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -489,9 +488,9 @@ def paged_attention(
 @dataclass
 class _Group:
     """Sequences attended to together, as if each had `num_queries` queries (its last positions) and its last
-    `num_keys` keys: one causal/window mask relative to the first key. With batch invariance they have exactly
-    these shapes; without it shorter ones are padded in front (padding queries repeat the sequence's first
-    query, their results dropped; padding keys repeat its first key, masked)."""
+    `num_keys` keys: one gather and two batched matmuls. With batch invariance they have exactly these shapes;
+    without it shorter ones are padded at the end (padding queries repeat the sequence's last query, their
+    results dropped; padding keys repeat its last key, hidden from its queries)."""
 
     rows: torch.Tensor  # the query rows gathered [S * Tq], sequence by sequence
     num_seqs: int
@@ -499,7 +498,7 @@ class _Group:
     num_keys: int
     kv_rows: torch.Tensor  # their keys' cache rows [S * Hkv * Lk] (see `_cache_rows`)
     # Scores to drop, broadcast over [S, Hkv, Tq * G, Lk]: None (one query each, equal spans), the causal and
-    # window mask `[Tq * G, Lk]`, or with padded keys `[S, 1, Tq * G or 1, Lk]`.
+    # window mask `[Tq * G, Lk]` of equal shapes, or one per sequence `[S, 1, Tq * G, Lk]` when padded.
     hidden: torch.Tensor | None
     keep: torch.Tensor | None = None  # which of the S * Tq results are real queries (None: all)
     targets: torch.Tensor | None = None  # and their query rows
@@ -627,31 +626,40 @@ def _make_group(
     num_q_heads: int,
     sliding_window: int | None,
 ) -> _Group:
-    """The group of sequences `part` (see `_Group`), shorter ones padded in front to the longest."""
+    """The group of sequences `part` (see `_Group`), shorter ones padded at the end to the longest."""
     device = block_tables.device
     num_queries = max(shapes[s][0] for s in part)
     num_keys = max(shapes[s][1] for s in part)
     num_seqs = len(part)
-    tables = block_tables if num_seqs == len(lens) else block_tables[part]  # every sequence: in order
-    positions = torch.tensor([lens[s] - num_keys for s in part], device=device)[:, None]
-    positions = positions + torch.arange(num_keys, device=device)  # [S, Lk]
+    group_size = num_q_heads // num_kv_heads
+    in_order = part == list(range(len(lens)))
+    tables = block_tables if in_order else block_tables[part]
+    first_key = torch.tensor([lens[s] - shapes[s][1] for s in part], device=device)[:, None]
+    key_slots = torch.arange(num_keys, device=device)
+    positions = first_key + key_slots  # [S, Lk]
     hidden = None
-    if num_queries > 1:
-        hidden = _hidden_keys(num_queries, num_keys, num_q_heads // num_kv_heads, sliding_window, device)
-    if any(shapes[s][1] != num_keys for s in part):
-        # Keys before a shorter span's first are hidden and read from that first key (positions before it may be
-        # negative or in freed blocks).
-        first_key = torch.tensor([lens[s] - shapes[s][1] for s in part], device=device)[:, None]
-        padding = (positions < first_key).view(num_seqs, 1, 1, num_keys)
-        hidden = padding if hidden is None else padding | hidden
-        positions = torch.maximum(positions, first_key)
+    if all(shapes[s] == (num_queries, num_keys) for s in part):
+        if num_queries > 1:
+            hidden = _hidden_keys(num_queries, num_keys, group_size, sliding_window, device)
+    else:
+        # Padding keys repeat the last key (positions past it may be in unallocated blocks) and are hidden from
+        # real queries. Key slot j of a sequence with q queries over k keys is seen by query slot t when
+        # j <= k - q + t (and, windowed, j > k - q + t - window): past a short span for every real query.
+        last_key = torch.tensor([lens[s] - 1 for s in part], device=device)[:, None]
+        positions = torch.minimum(positions, last_key)
+        offset = torch.tensor([shapes[s][1] - shapes[s][0] for s in part], device=device)[:, None]
+        query_pos = offset + torch.arange(num_queries, device=device).repeat_interleave(group_size)  # [S, Tq*G]
+        hidden = key_slots > query_pos[..., None]  # [S, Tq*G, Lk]
+        if sliding_window is not None:
+            hidden |= key_slots <= query_pos[..., None] - sliding_window
+        hidden = hidden.unsqueeze(1)  # over the KV heads
     blocks = tables.gather(1, positions // block_size)
     kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
-    # Query slot t of a sequence with q queries is its query t - (Tq - q); padding slots repeat query 0.
-    rows = [starts[s] + max(0, t - num_queries + shapes[s][0]) for s in part for t in range(num_queries)]
+    # A sequence's queries first, padding slots repeating its last (their results dropped).
+    rows = [starts[s] + min(t, shapes[s][0] - 1) for s in part for t in range(num_queries)]
     group = _Group(torch.tensor(rows, device=device), num_seqs, num_queries, num_keys, kv_rows, hidden)
     if any(shapes[s][0] != num_queries for s in part):
-        keep = [i * num_queries + t for i, s in enumerate(part) for t in range(num_queries - shapes[s][0], num_queries)]
+        keep = [i * num_queries + t for i, s in enumerate(part) for t in range(shapes[s][0])]
         group.keep = torch.tensor(keep, device=device)
         group.targets = group.rows[group.keep]
     return group
@@ -708,7 +716,9 @@ def _dense_attention(
         scores.view(num_seqs, num_kv_heads, -1, num_keys).masked_fill_(group.hidden, float("-inf"))
     sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
     sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :num_keys]
+    # The sink first and padding keys (exact zeros after the softmax) last: a real key's place in the sums, and so
+    # its rounding, is the same however far a group is padded.
+    probs = torch.softmax(torch.cat((sink, scores), dim=-1), dim=-1)[..., 1:]
     out = torch.bmm(probs, values).view(num_seqs, num_kv_heads, num_queries, group_size, head_dim)
     out = out.transpose(1, 2).reshape(num_seqs * num_queries, num_q_heads, head_dim)
     return out if out.dtype == query.dtype else out.to(query.dtype)

@@ -129,6 +129,21 @@ def ragged_step(g: torch.Generator, q_lens: list[int], seq_lens: list[int], head
     return query, starts, torch.tensor(seq_lens, dtype=torch.int32), tables.to(torch.int32)
 
 
+def poison_all_but_live_keys(
+    caches: tuple[torch.Tensor, ...], tables: torch.Tensor, q_lens: list[int], seq_lens: list[int], window: int | None
+) -> None:
+    """NaN in every cache slot but the keys some query of the step sees: reading any other slot (past a
+    sequence's end, before its window, another sequence's) shows in the output."""
+    block = caches[0].shape[2]
+    live = torch.zeros(caches[0].shape[0], block, dtype=torch.bool)
+    for seq, (num_queries, length) in enumerate(zip(q_lens, seq_lens, strict=True)):
+        first = 0 if window is None else max(0, length - num_queries - window + 1)
+        for pos in range(first, length if num_queries else first):
+            live[int(tables[seq, pos // block]), pos % block] = True
+    for cache in caches:
+        cache.masked_fill_(~live[:, None, :, None], float("nan"))
+
+
 # A step of every kind at once: equal prompts (one batched group), a prompt chunk over earlier keys, prompts whose
 # lengths are no multiple of the block size (4), decoding sequences of equal and unequal spans, a sequence with
 # no query this step.
@@ -144,6 +159,7 @@ def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int 
     k_cache, v_cache = random_paged_kv(g, dim=dim)
     sinks = torch.randn(heads, generator=g)
     query, starts, seq_lens, tables = ragged_step(g, RAGGED_Q_LENS, RAGGED_SEQ_LENS, heads, dim, 64)
+    poison_all_but_live_keys((k_cache, v_cache), tables, RAGGED_Q_LENS, RAGGED_SEQ_LENS, window)
     args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, window)
     expected = reference.paged_attention_reference(query, *args)
     got = cpu.paged_attention(query, *args, batch_invariant=batch_invariant)
@@ -159,6 +175,25 @@ def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int 
     # Queries given as a strided view (as `cpu.rope_write_kv` returns them) give the same bits.
     padded = torch.cat((query, torch.randn(query.shape[0], 2, dim, generator=g)), dim=1)
     assert torch.equal(cpu.paged_attention(padded[:, :heads], *args, batch_invariant=batch_invariant), got)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_batched_attention_of_unequal_prompts_alone_in_a_step(window: int | None) -> None:
+    """Every sequence a prompt, in an order their sorting by shape changes (one padded group), over caches
+    holding NaN wherever no query may read."""
+    g = torch.Generator().manual_seed(7)
+    heads, dim = 4, 8
+    q_lens = seq_lens = [6, 3, 9, 2, 6]
+    k_cache, v_cache = random_paged_kv(g, dim=dim)
+    sinks = torch.randn(heads, generator=g)
+    query, starts, lens, tables = ragged_step(g, q_lens, seq_lens, heads, dim, 64)
+    poison_all_but_live_keys((k_cache, v_cache), tables, q_lens, seq_lens, window)
+    args = (k_cache, v_cache, tables, starts, lens, sinks, 0.3, window)
+    got = cpu.paged_attention(query, *args, batch_invariant=False)
+    assert [
+        grp.num_seqs for grp in cpu._make_attention_plan(tables, lens, starts, 2, 4, dim, heads, window, False).groups
+    ] == [5]
+    torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: pytest.MonkeyPatch) -> None:
