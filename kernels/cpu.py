@@ -673,7 +673,7 @@ def _dense_bytes(
     return 4 * num_seqs * num_keys * (3 * num_q_heads * num_queries + 2 * num_kv_heads * head_dim)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # each at most DENSE_ATTENTION_BYTES / 12 bytes
 def _hidden_keys(
     num_queries: int, num_keys: int, group: int, sliding_window: int | None, device: torch.device
 ) -> torch.Tensor:
