@@ -362,7 +362,7 @@ def _rope_rows(
         signed_sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
         return weakref.ref(cos_table), weakref.ref(sin_table), whole_cos, signed_sin
 
-    # The tables are the model's (a few MB at gpt-oss-120b's 131k positions): known by identity, not content.
+    # The tables are the model's (16 MB each at gpt-oss-120b's 131k positions): known by identity, not content.
     key = ("rope", id(cos_table), id(sin_table), _version(cos_table), _version(sin_table), dtype)
     value = _STEP_MEMO.get(key, (positions,), make, lambda v: v[0]() is cos_table and v[1]() is sin_table)
     return value[2], value[3]
@@ -716,8 +716,9 @@ def _dense_attention(
         scores.view(num_seqs, num_kv_heads, -1, num_keys).masked_fill_(group.hidden, float("-inf"))
     sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
     sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
-    # The sink first and padding keys (exact zeros after the softmax) last: a real key's place in the sums, and so
-    # its rounding, is the same however far a group is padded.
+    # The sink first and padding keys (exact zeros after the softmax) last: a real key keeps its place in the
+    # softmax's sums however far its group is padded (a decoding sequence's bits then did not depend on its
+    # group here; a BLAS may still block the padded matmuls otherwise, so that is not promised).
     probs = torch.softmax(torch.cat((sink, scores), dim=-1), dim=-1)[..., 1:]
     out = torch.bmm(probs, values).view(num_seqs, num_kv_heads, num_queries, group_size, head_dim)
     out = out.transpose(1, 2).reshape(num_seqs * num_queries, num_q_heads, head_dim)
