@@ -707,8 +707,11 @@ def _dense_attention(
     values = v_cache.view(-1, head_dim).index_select(0, group.kv_rows).view(batch, num_keys, head_dim)
     if keys.dtype != torch.float32:
         keys, values = keys.float(), values.float()
-    q = query.reshape(num_seqs, num_queries, num_kv_heads, group_size, head_dim).transpose(1, 2)
-    q = q.reshape(batch, num_queries * group_size, head_dim)  # rows: query, then head within the KV group
+    if num_queries == 1:  # [S, Hq, D] is already [S, Hkv, G, D]
+        q = query.reshape(batch, group_size, head_dim)
+    else:  # rows: query, then head within the KV group
+        q = query.reshape(num_seqs, num_queries, num_kv_heads, group_size, head_dim).transpose(1, 2)
+        q = q.reshape(batch, num_queries * group_size, head_dim)
     if q.dtype != torch.float32:
         q = q.float()
     scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
@@ -720,6 +723,10 @@ def _dense_attention(
     # softmax's sums however far its group is padded (a decoding sequence's bits then did not depend on its
     # group here; a BLAS may still block the padded matmuls otherwise, so that is not promised).
     probs = torch.softmax(torch.cat((sink, scores), dim=-1), dim=-1)[..., 1:]
-    out = torch.bmm(probs, values).view(num_seqs, num_kv_heads, num_queries, group_size, head_dim)
-    out = out.transpose(1, 2).reshape(num_seqs * num_queries, num_q_heads, head_dim)
+    out = torch.bmm(probs, values)  # [batch, Tq * G, D]
+    if num_queries == 1:
+        out = out.view(num_seqs, num_q_heads, head_dim)
+    else:
+        out = out.view(num_seqs, num_kv_heads, num_queries, group_size, head_dim).transpose(1, 2)
+        out = out.reshape(num_seqs * num_queries, num_q_heads, head_dim)
     return out if out.dtype == query.dtype else out.to(query.dtype)
