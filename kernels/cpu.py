@@ -306,13 +306,14 @@ class _StepMemo:
 
     An entry serves only equal contents (one compare per small tensor, about a microsecond): the tensors may be
     buffers rewritten in place between steps (the decode graph runner's), and a freed tensor's address may come
-    back with other contents. The last `size` entries are kept (a step's layer types read different tables).
-    Lookups never mutate, and an insert rebinds the list in one step, so concurrent engines cannot corrupt it.
+    back with other contents. The last `per_key` entries of a key are kept (a step's layer types may read
+    different tables under one key), for the last `keys` keys. Lookups never mutate and an insert rebinds a
+    key's tuple in one step, so concurrent engines cannot corrupt it.
     """
 
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self._entries: list[tuple[Hashable, tuple[torch.Tensor, ...], Any]] = []  # newest first
+    def __init__(self, keys: int = 16, per_key: int = 2) -> None:
+        self.keys, self.per_key = keys, per_key
+        self._entries: dict[Hashable, tuple[tuple[tuple[torch.Tensor, ...], Any], ...]] = {}  # newest first
 
     def get(
         self,
@@ -322,16 +323,18 @@ class _StepMemo:
         valid: Callable[[Any], bool] | None = None,
     ) -> Any:
         """The value made by `make` for `key` and the contents of `sources` (made now if unknown or not `valid`)."""
-        for entry_key, saved, value in self._entries:
-            if entry_key == key and all(
-                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
-                for a, b in zip(saved, sources, strict=True)
-            ):
+        entries = self._entries.get(key, ())
+        for saved, value in entries:
+            for a, b in zip(saved, sources, strict=True):
+                if a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b):  # equal: shapes too
+                    break
+            else:
                 if valid is None or valid(value):
                     return value
-                break
         value = make()
-        self._entries = [(key, tuple(t.clone() for t in sources), value), *self._entries][: self.size]
+        if key not in self._entries and len(self._entries) >= self.keys:
+            self._entries.pop(next(iter(self._entries)), None)  # the oldest key
+        self._entries[key] = ((tuple(t.clone() for t in sources), value), *entries)[: self.per_key]
         return value
 
 
