@@ -557,43 +557,48 @@ def _make_attention_plan(
     shapes: dict[int, tuple[int, int]] = {}  # sequence -> (queries, keys)
     buckets: dict[tuple[int, int] | bool, list[int]] = {}  # exact shape, or (without batch invariance) prompt?
     tiled: list[int] = []
+    per_head = 4 * 2 * num_kv_heads * head_dim  # keys and values of one key, fp32 (see `_dense_bytes`)
     for seq, length in enumerate(lens):
         num_queries = starts[seq + 1] - starts[seq]
         if num_queries == 0:
             continue
         # Keys from the first query's window on (the earlier blocks may be freed); Lk >= Tq.
         num_keys = length if sliding_window is None else min(length, num_queries + sliding_window - 1)
-        small = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim) <= DENSE_ATTENTION_BYTES
+        small = num_keys * (12 * num_q_heads * num_queries + per_head) <= DENSE_ATTENTION_BYTES
         if not small or (num_queries > 1 and batch_invariant):
             tiled.append(seq)
             continue
         shapes[seq] = (num_queries, num_keys)
         buckets.setdefault(num_queries > 1 if not batch_invariant else (num_queries, num_keys), []).append(seq)
 
-    # Sequences in a bucket join a group in turn while it stays within the memory bound and its padded scores
+    # A bucket's sequences join a group in turn while it stays within the memory bound and its padded scores
     # within twice their own (plus a slack); prompts sorted by shape first, like with like.
-    parts: list[list[int]] = []
+    parts: list[tuple[list[int], int, int, bool]] = []  # sequences, queries, keys, padded
     for seqs in buckets.values():
-        if not batch_invariant and shapes[seqs[0]][0] > 1:
+        if len({shapes[s] for s in seqs}) == 1:  # one shape (steady decoding, equal prompts): no padding
+            num_queries, num_keys = shapes[seqs[0]]
+            per_seq = _dense_bytes(1, num_queries, num_keys, num_q_heads, num_kv_heads, head_dim)
+            chunk = max(1, DENSE_ATTENTION_BYTES // per_seq)
+            parts += [(seqs[i : i + chunk], num_queries, num_keys, False) for i in range(0, len(seqs), chunk)]
+            continue
+        if shapes[seqs[0]][0] > 1:
             seqs = sorted(seqs, key=shapes.__getitem__)
         part: list[int] = []
         most_queries = most_keys = own = 0
         for seq in seqs:
             num_queries, num_keys = shapes[seq]
-            queries, keys, scores = (
-                max(most_queries, num_queries),
-                max(most_keys, num_keys),
-                own + num_queries * num_keys,
-            )
-            size = len(part) + 1
+            queries, keys = max(most_queries, num_queries), max(most_keys, num_keys)
+            scores, size = own + num_queries * num_keys, len(part) + 1
             bytes_ = _dense_bytes(size, queries, keys, num_q_heads, num_kv_heads, head_dim)
-            padding = num_q_heads * (size * queries * keys - 2 * scores)
-            if part and (bytes_ > DENSE_ATTENTION_BYTES or padding > PADDING_SLACK_SCORES):
-                parts.append(part)
+            if part and (
+                bytes_ > DENSE_ATTENTION_BYTES
+                or num_q_heads * (size * queries * keys - 2 * scores) > PADDING_SLACK_SCORES
+            ):
+                parts.append((part, most_queries, most_keys, True))
                 part, queries, keys, scores = [], num_queries, num_keys, num_queries * num_keys
             part.append(seq)
             most_queries, most_keys, own = queries, keys, scores
-        parts.append(part)
+        parts.append((part, most_queries, most_keys, True))
     make_group = functools.partial(
         _make_group,
         shapes=shapes,
@@ -605,7 +610,7 @@ def _make_attention_plan(
         num_q_heads=num_q_heads,
         sliding_window=sliding_window,
     )
-    groups = [make_group(part) for part in parts]
+    groups = [make_group(*part) for part in parts]
     tiled_plan = None
     device = block_tables.device
     if tiled:
@@ -613,13 +618,16 @@ def _make_attention_plan(
         sizes = torch.tensor([0] + [starts[s + 1] - starts[s] for s in tiled])
         tiled_plan = (rows, torch.tensor(tiled, device=device), torch.cumsum(sizes, 0).to(query_start_loc))
     in_order = -1
-    if not tiled and len(groups) == 1 and groups[0].keep is None and parts[0] == list(shapes):
+    if not tiled and len(groups) == 1 and groups[0].keep is None and parts[0][0] == list(shapes):
         in_order = starts[-1]  # every sequence with queries, in order, unpadded: rows 0 .. T-1
     return _AttentionPlan(groups, tiled_plan, in_order)
 
 
 def _make_group(
     part: list[int],
+    num_queries: int,
+    num_keys: int,
+    padded: bool,
     shapes: dict[int, tuple[int, int]],
     lens: list[int],
     starts: list[int],
@@ -629,19 +637,17 @@ def _make_group(
     num_q_heads: int,
     sliding_window: int | None,
 ) -> _Group:
-    """The group of sequences `part` (see `_Group`), shorter ones padded at the end to the longest."""
+    """The group of sequences `part` (see `_Group`) with up to `num_queries` queries and `num_keys` keys each,
+    `padded`: shorter ones padded at the end (else all have these shapes)."""
     device = block_tables.device
-    num_queries = max(shapes[s][0] for s in part)
-    num_keys = max(shapes[s][1] for s in part)
     num_seqs = len(part)
     group_size = num_q_heads // num_kv_heads
-    in_order = part == list(range(len(lens)))
-    tables = block_tables if in_order else block_tables[part]
+    tables = block_tables if part == list(range(len(lens))) else block_tables[part]
     first_key = torch.tensor([lens[s] - shapes[s][1] for s in part], device=device)[:, None]
     key_slots = torch.arange(num_keys, device=device)
     positions = first_key + key_slots  # [S, Lk]
     hidden = None
-    if all(shapes[s] == (num_queries, num_keys) for s in part):
+    if not padded:
         if num_queries > 1:
             hidden = _hidden_keys(num_queries, num_keys, group_size, sliding_window, device)
     else:
@@ -658,10 +664,12 @@ def _make_group(
         hidden = hidden.unsqueeze(1)  # over the KV heads
     blocks = tables.gather(1, positions // block_size)
     kv_rows = _cache_rows(blocks, positions % block_size, num_kv_heads, block_size).flatten()
-    # A sequence's queries first, padding slots repeating its last (their results dropped).
-    rows = [starts[s] + min(t, shapes[s][0] - 1) for s in part for t in range(num_queries)]
+    if num_queries == 1:
+        rows = [starts[s] for s in part]
+    else:  # a sequence's queries first, padding slots repeating its last (their results dropped)
+        rows = [starts[s] + min(t, shapes[s][0] - 1) for s in part for t in range(num_queries)]
     group = _Group(torch.tensor(rows, device=device), num_seqs, num_queries, num_keys, kv_rows, hidden)
-    if any(shapes[s][0] != num_queries for s in part):
+    if padded and any(shapes[s][0] != num_queries for s in part):
         keep = [i * num_queries + t for i, s in enumerate(part) for t in range(shapes[s][0])]
         group.keep = torch.tensor(keep, device=device)
         group.targets = group.rows[group.keep]
