@@ -387,13 +387,14 @@ def rope_write_kv(
     num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     heads = qkv.view(qkv.shape[0], num_q_heads + 2 * num_kv_heads, head_dim)
     cos, sin = _rope_rows(positions, cos_table, sin_table, qkv.dtype)
-    x = heads[:, : num_q_heads + num_kv_heads]
+    x, value = heads.split((num_q_heads + num_kv_heads, num_kv_heads), dim=1)
     # The reference's products and sums in the same dtype: first*cos - second*sin is first*cos + second*(-sin)
     # exactly (negation is exact), second*cos + first*sin as it is.
     rotated = x * cos
     rotated += x.roll(head_dim // 2, dims=-1).mul_(sin)
-    write_kv(rotated[:, num_q_heads:], heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
-    return rotated[:, :num_q_heads]
+    query, key = rotated.split((num_q_heads, num_kv_heads), dim=1)
+    write_kv(key, value, k_cache, v_cache, slot_mapping)
+    return query
 
 
 def write_kv(
@@ -699,6 +700,28 @@ def _hidden_keys(
     return hidden
 
 
+# Decoding's sink columns by (sinks, sequences): made once per layer and batch size, not once per step, and
+# kept while those very sinks live unwritten (by weak reference and version counter; inference-mode tensors keep
+# no version counter, as with `ExpertCache`).
+_SINK_COLUMNS: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _sink_column(sinks: torch.Tensor, num_seqs: int, num_queries: int, num_kv_heads: int) -> torch.Tensor:
+    """Each score row's sink logit, fp32 `[S * Hkv, Tq * G, 1]` (rows as in `_dense_attention`)."""
+    group_size = sinks.shape[0] // num_kv_heads
+    if num_queries == 1:  # decoding: kept while the layer's sinks are alive and unchanged
+        known = _SINK_COLUMNS.get((id(sinks), num_seqs))
+        if known is not None and known[0]() is sinks and known[1] == _version(sinks):
+            return known[2]
+    column = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
+    column = column.expand(num_seqs, -1, num_queries, -1).reshape(num_seqs * num_kv_heads, -1, 1)
+    if num_queries == 1:
+        if len(_SINK_COLUMNS) >= 1024:  # layers x batch sizes seen; a new model's start over
+            _SINK_COLUMNS.clear()
+        _SINK_COLUMNS[(id(sinks), num_seqs)] = (weakref.ref(sinks), _version(sinks), column)
+    return column
+
+
 def _dense_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -728,8 +751,7 @@ def _dense_attention(
     scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
     if group.hidden is not None:
         scores.view(num_seqs, num_kv_heads, -1, num_keys).masked_fill_(group.hidden, float("-inf"))
-    sink = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
-    sink = sink.expand(num_seqs, -1, num_queries, -1).reshape(batch, num_queries * group_size, 1)
+    sink = _sink_column(sinks, num_seqs, num_queries, num_kv_heads)  # [batch, Tq * G, 1]
     # The sink first and padding keys (exact zeros after the softmax) last: a real key keeps its place in the
     # softmax's sums however far its group is padded (a decoding sequence's bits then did not depend on its
     # group here; a BLAS may still block the padded matmuls otherwise, so that is not promised).

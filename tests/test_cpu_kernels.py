@@ -219,7 +219,7 @@ def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: 
 
 def test_step_memo_follows_tensors_rewritten_in_place() -> None:
     """Block tables, lengths and slot mappings reused as buffers (rewritten in place between steps, as the decode
-    graph runner's are) never get the previous step's plan or cache rows."""
+    graph runner's are) never get the previous step's plan or cache rows; nor sinks their old columns."""
     g = torch.Generator().manual_seed(5)
     heads, dim = 4, 8
     k_cache, v_cache = random_paged_kv(g, dim=dim)
@@ -231,6 +231,11 @@ def test_step_memo_follows_tensors_rewritten_in_place() -> None:
         torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
         seq_lens.add_(1)  # the next decode step in the same buffers
         tables.copy_(tables.flip(0))
+    # A layer's sinks written in place (a reload) are read again, not served from the sink columns kept.
+    sinks.add_(1.0)
+    args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, 4)
+    got = cpu.paged_attention(query, *args, batch_invariant=False)
+    torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
     key, value = torch.randn(2, 2, 2, dim, generator=g)
     slots = torch.tensor([5, 30])
     for _ in range(2):
