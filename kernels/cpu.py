@@ -741,14 +741,17 @@ def _dense_attention(
     values = v_cache.view(-1, head_dim).index_select(0, group.kv_rows).view(batch, num_keys, head_dim)
     if keys.dtype != torch.float32:
         keys, values = keys.float(), values.float()
-    if num_queries == 1:  # [S, Hq, D] is already [S, Hkv, G, D]
-        q = query.reshape(batch, group_size, head_dim)
+    if num_queries == 1:
+        # [S, Hq, D] is already [S, Hkv, G, D]; the scale goes on q, in the copy made anyway (the same bits for
+        # gpt-oss's 1/8, a power of two; a rounding apart otherwise).
+        q = query * scale if query.dtype == torch.float32 else query.float().mul_(scale)
+        scores = torch.bmm(q.reshape(batch, group_size, head_dim), keys.transpose(1, 2))  # [batch, G, Lk]
     else:  # rows: query, then head within the KV group
         q = query.reshape(num_seqs, num_queries, num_kv_heads, group_size, head_dim).transpose(1, 2)
         q = q.reshape(batch, num_queries * group_size, head_dim)
-    if q.dtype != torch.float32:
-        q = q.float()
-    scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
+        if q.dtype != torch.float32:
+            q = q.float()
+        scores = torch.bmm(q, keys.transpose(1, 2)).mul_(scale)  # [batch, Tq * G, Lk]
     if group.hidden is not None:
         scores.view(num_seqs, num_kv_heads, -1, num_keys).masked_fill_(group.hidden, float("-inf"))
     sink = _sink_column(sinks, num_seqs, num_queries, num_kv_heads)  # [batch, Tq * G, 1]
