@@ -196,6 +196,21 @@ def test_batched_attention_of_unequal_prompts_alone_in_a_step(window: int | None
     torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_invariant", [False, True])
+def test_batched_attention_in_bfloat16(batch_invariant: bool) -> None:
+    """bf16 queries and caches: math in fp32 as the reference's, the result rounded once to bf16."""
+    g = torch.Generator().manual_seed(8)
+    heads, dim = 6, 8
+    k_cache, v_cache = (t.to(torch.bfloat16) for t in random_paged_kv(g, dim=dim))
+    sinks = torch.randn(heads, generator=g)
+    query, starts, seq_lens, tables = ragged_step(g, RAGGED_Q_LENS, RAGGED_SEQ_LENS, heads, dim, 64)
+    query = query.to(torch.bfloat16)
+    args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, 6)
+    got = cpu.paged_attention(query, *args, batch_invariant=batch_invariant)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-2, atol=1e-2)
+
+
 def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups larger than `DENSE_ATTENTION_BYTES` are split by sequences, and a sequence that alone exceeds it
     (a long prompt) goes through the tiled reference: the same results either way."""
