@@ -209,18 +209,16 @@ def rope_write_kv_reference(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     num_q_heads: int,
-    write: Callable[..., None] | None = None,
 ) -> torch.Tensor:
     """RoPE on the q and k heads of a fused projection `[T, (Hq + 2 Hkv) * D]` at `positions` `[T]` (tables
     `[max_positions, D/2]`, cast to qkv's dtype first as transformers does); keys and values stored at
-    `slot_mapping` by `write` (default `write_kv_reference`; the CPU path passes its faster equivalent).
-    Returns the rotated queries `[T, Hq, D]`."""
+    `slot_mapping`. Returns the rotated queries `[T, Hq, D]`."""
     num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[3]
     heads = qkv.view(qkv.shape[0], num_q_heads + 2 * num_kv_heads, head_dim)
     cos, sin = cos_table[positions].to(qkv.dtype), sin_table[positions].to(qkv.dtype)
     query = apply_rope(heads[:, :num_q_heads], cos, sin)
     key = apply_rope(heads[:, num_q_heads : num_q_heads + num_kv_heads], cos, sin)
-    (write or write_kv_reference)(key, heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
+    write_kv_reference(key, heads[:, num_q_heads + num_kv_heads :], k_cache, v_cache, slot_mapping)
     return query
 
 
