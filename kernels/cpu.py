@@ -7,11 +7,12 @@ Where the references favour clarity, a CPU decode step paid for it in two places
   (a contiguous SwiGLU); tokens are grouped by expert with one sort, and each token's k expert outputs are
   combined by one weighted sum (no `index_add_` per expert);
 - attention looped over sequences in Python, a dozen small ops each, and RoPE and the KV write recomputed their
-  indices on every layer. Here sequences whose queries see keys in the same pattern (every decoding sequence
-  of a span; equal prompts) go in batches: one gather of the keys/values they see and two batched matmuls
-  (prompts only without batch invariance, and within a memory bound: else the tiled reference); RoPE rotates
-  q and k heads together; what depends only on the step (cos/sin rows, cache rows, the grouping) is made by
-  the first layer that needs it and reused by the others (`_StepMemo`).
+  indices on every layer. Here sequences go through attention in groups (`paged_attention`): one gather of
+  the keys/values they see and two batched matmuls per group, within a memory bound (else the tiled
+  reference); with batch invariance a group holds one shape only and prompts take the tiled reference,
+  without it all decoding sequences are one group and prompts share groups too, padded. RoPE rotates q and k
+  heads together; what depends only on the step (cos/sin rows, cache rows, the grouping) is made by the first
+  layer that needs it and reused by the others (`_StepMemo`).
 
 Both stay batch-invariant as the references are (a token's result never depends on the rest of the step),
 which the engine's default mode promises.
