@@ -14,7 +14,7 @@ Usage (model runner, once per step):
 Processing order (per row, all vectorised over the batch): allowed-token mask (-inf where False), repetition
 penalty (prompt + output tokens), frequency/presence penalties (output tokens), temperature, top_k, top_p,
 min_p, then sampling. Greedy rows (temperature < 1e-5) take the argmax of the penalised logits; ties go to
-the lowest token id (torch.argmax returns the first maximum).
+the lowest token id (`greedy_token_ids`: the first maximum).
 
 Randomness: inverse-CDF sampling with ONE uniform number per row: the token is the first index whose running
 sum of (unnormalised, fp64) probabilities reaches u * total. Rows of requests with a `seed` get u from a
@@ -313,6 +313,13 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
+def greedy_token_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row, `[N, V]` -> `[N]` int64: the first maximum (the lowest id on a tie; a NaN counts as
+    the maximum), as `argmax` gives. Through `max(dim)` because torch's CPU `argmax` is ~3x slower (5 ms against
+    1.6 ms for 16 x 201k fp32 logits on one thread); same ids on every device."""
+    return logits.max(dim=-1).indices
+
+
 class Sampler:
     """Samples one token per row; see the module docstring. Stateless apart from the unseeded generator."""
 
@@ -366,7 +373,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Processed logits [N, V] -> token ids [N] int64: inverse CDF on random rows, argmax on greedy."""
         if batch.all_greedy:
-            return logits.argmax(dim=-1)
+            return greedy_token_ids(logits)
         num_rows = logits.shape[0]
         # One uniform in (0, 1] per row; seeded rows get theirs from (seed, step) alone.
         uniform = 1.0 - torch.rand(num_rows, dtype=torch.float64, device=logits.device, generator=self.generator)
@@ -383,7 +390,7 @@ class Sampler:
         sampled = torch.searchsorted(cdf, target).squeeze(1)
         if batch.any_greedy:
             assert batch.greedy is not None
-            sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(batch.greedy, greedy_token_ids(logits), sampled)
         return sampled
 
 
