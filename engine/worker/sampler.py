@@ -65,7 +65,7 @@ def seeded_uniform(seed: int, step: int) -> float:
     return ((key >> 11) + 1) * 2.0**-53
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingBatch:
     """Per-row sampling metadata on the logits' device, built once per step by `build`.
 
@@ -74,23 +74,23 @@ class SamplingBatch:
 
     num_rows: int
     vocab_size: int
-    temperature: torch.Tensor | None  # [N] fp32, 1.0 on greedy rows; None when every row is greedy
-    greedy: torch.Tensor | None  # [N] bool; None when every row is greedy
+    temperature: torch.Tensor | None = None  # [N] fp32, 1.0 on greedy rows; None when every row is greedy
+    greedy: torch.Tensor | None = None  # [N] bool; None when every row is greedy
     all_greedy: bool
     any_greedy: bool
     # top_k / top_p apply to `filter_rows` only (non-greedy rows that use either).
-    filter_rows: torch.Tensor | None  # [R] int64
-    top_k: torch.Tensor | None  # [R] int64, vocab_size where disabled; None if no row uses top_k
+    filter_rows: torch.Tensor | None = None  # [R] int64
+    top_k: torch.Tensor | None = None  # [R] int64, vocab_size where disabled; None if no row uses top_k
     max_top_k: int  # max of `top_k` (known on the host: reading it back from the device would stall)
-    top_p: torch.Tensor | None  # [R] fp32, 1.0 where disabled; None if no row uses top_p
-    min_p: torch.Tensor | None  # [N] fp32 (0 on greedy rows)
-    repetition_penalty: torch.Tensor | None  # [N] fp32
-    seen_token_mask: torch.Tensor | None  # [N, V] bool: token in prompt or output (rows with rep. penalty)
-    frequency_penalty: torch.Tensor | None  # [N] fp32
-    presence_penalty: torch.Tensor | None  # [N] fp32
-    output_token_counts: torch.Tensor | None  # [N, V] fp32
-    seeded_rows: torch.Tensor | None  # [S] int64 row indices of non-greedy rows with a seed
-    seeded_uniforms: torch.Tensor | None  # [S] fp64 in (0, 1], `seeded_uniform(seed, step)` of each
+    top_p: torch.Tensor | None = None  # [R] fp32, 1.0 where disabled; None if no row uses top_p
+    min_p: torch.Tensor | None = None  # [N] fp32 (0 on greedy rows)
+    repetition_penalty: torch.Tensor | None = None  # [N] fp32
+    seen_token_mask: torch.Tensor | None = None  # [N, V] bool: token in prompt or output (rows with rep. penalty)
+    frequency_penalty: torch.Tensor | None = None  # [N] fp32
+    presence_penalty: torch.Tensor | None = None  # [N] fp32
+    output_token_counts: torch.Tensor | None = None  # [N, V] fp32
+    seeded_rows: torch.Tensor | None = None  # [S] int64 row indices of non-greedy rows with a seed
+    seeded_uniforms: torch.Tensor | None = None  # [S] fp64 in (0, 1], `seeded_uniform(seed, step)` of each
     max_num_logprobs: int  # K = max over rows of `logprobs` (0: none requested)
     # Whether any row reports logprobs: the [N, V] logsumexp is skipped when none does.
     want_logprobs: bool = True
@@ -113,6 +113,18 @@ class SamplingBatch:
         num_rows = len(params)
         if len(output_token_ids) != num_rows:
             raise ValueError(f"{num_rows} params but {len(output_token_ids)} output_token_ids lists")
+        if all(p.is_greedy and not p.uses_penalties and p.logprobs is None for p in params):
+            # The usual batch, where an argmax is all the sampler does: one pass over the rows, not one per option
+            # (a step's host work counts on a small model).
+            return cls(
+                num_rows=num_rows,
+                vocab_size=vocab_size,
+                all_greedy=True,
+                any_greedy=num_rows > 0,
+                max_top_k=vocab_size,
+                max_num_logprobs=0,
+                want_logprobs=False,
+            )
         device = torch.device(device)
         greedy_list = [p.is_greedy for p in params]
         all_greedy = all(greedy_list)
@@ -326,7 +338,6 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator  # for unseeded rows; None = torch's default generator of the device
 
-    @torch.no_grad()
     def __call__(
         self, logits: torch.Tensor, batch: SamplingBatch, allowed_token_mask: torch.Tensor | None = None
     ) -> SamplerOutput:
@@ -336,7 +347,9 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[0] != batch.num_rows:
             raise ValueError(f"logits {tuple(logits.shape)} do not match a batch of {batch.num_rows} rows")
-        logits = logits.float()
+        # Detached, nothing below records autograd history: what `torch.no_grad` would ensure, without entering
+        # and leaving a grad mode every step (the engine calls this in inference mode anyway).
+        logits = logits.detach().float()
         processed = self.process_logits(logits, batch, allowed_token_mask)
         sampled = self._sample(processed, batch)
         sampled_logprobs = top_logprob_ids = top_logprobs = None
