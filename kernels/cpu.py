@@ -34,6 +34,17 @@ from gptoss.kernels.reference import (
 DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernels.reference.add_rms_norm_reference` in two ops rather than nine: torch's own RMSNorm on the fp32
+    sum (the same math; tests/test_cpu_kernels.py checks it against the reference)."""
+    summed = x if residual is None else x + residual
+    x32 = summed.to(torch.float32)
+    normed = torch.nn.functional.rms_norm(x32, (x32.shape[-1],), weight.to(torch.float32), eps)
+    return normed.to(x.dtype), summed
+
+
 Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # w1 (halves), its bias, w2, its bias
 
 
@@ -147,11 +158,9 @@ def moe(
 
     `batch_invariant`: each expert's rows go through its matmuls in fixed-shape tiles, so a token's bits do not
     depend on how many others chose the expert; otherwise in one matmul per expert, or, for small models, all
-    active experts in two batched matmuls (faster)."""
+    experts in two batched matmuls (`_batched_experts`, fewer ops)."""
     cache = EXPERT_CACHE if cache is None else cache
-    num_tokens = x.shape[0]
-    expert_ids, expert_weights = route_topk(router_logits, top_k)
-    x32 = x.to(torch.float32)
+    num_tokens, num_experts = router_logits.shape
     layer = cache.layer((w1_blocks, w1_scales, w1_bias, w2_blocks, w2_scales, w2_bias))
 
     def dequantize(expert: int) -> Expert:
@@ -160,6 +169,16 @@ def moe(
         # The SwiGLU's 1 / alpha (see below) is folded into w2 once, rather than applied to every activation.
         w2 = mxfp4_dequantize(w2_blocks[expert], w2_scales[expert]) / swiglu_alpha
         return w1, b1, w2, w2_bias[expert].to(torch.float32)
+
+    values_per_expert = 2 * (w1_blocks[0].numel() + w2_blocks[0].numel())  # two e2m1 values a byte
+    if not batch_invariant and num_experts * values_per_expert <= BATCHED_EXPERTS_MAX:
+        stacked = cache.expert(
+            layer, ("all", swiglu_alpha), lambda: _stack_experts([dequantize(e) for e in range(num_experts)])
+        )
+        return _batched_experts(x, router_logits, stacked, top_k, swiglu_limit, swiglu_alpha)
+
+    expert_ids, expert_weights = route_topk(router_logits, top_k)
+    x32 = x.to(torch.float32)
 
     def expert_mlp(weights: Expert, rows: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = weights
@@ -174,24 +193,8 @@ def moe(
     order = torch.argsort(flat_experts, stable=True)
     experts, counts = torch.unique_consecutive(flat_experts[order], return_counts=True)
     rows = x32[order // top_k]  # [T*k, H], grouped by expert
-    expert_list, count_list = experts.tolist(), counts.tolist()
-
-    def weights_of(expert: int) -> Expert:
-        return cache.expert(layer, (expert, swiglu_alpha), lambda: dequantize(expert))
-
-    values_per_expert = 2 * (w1_blocks[0].numel() + w2_blocks[0].numel())  # two e2m1 values a byte
-    if not batch_invariant and len(expert_list) > 1 and len(expert_list) * values_per_expert <= BATCHED_EXPERTS_MAX:
-        # The stacked weights of this set of experts are kept like one expert's (at batch 16 and up it is
-        # mostly the same set: all of a small model's experts).
-        stacked = cache.expert(
-            layer,
-            ("stacked", tuple(expert_list), swiglu_alpha),
-            lambda: _stack_experts([weights_of(e) for e in expert_list]),
-        )
-        out_sorted = _batched_experts(stacked, rows, counts, swiglu_limit, swiglu_alpha)
-    else:
-        weights = [weights_of(e) for e in expert_list]
-        out_sorted = _expert_loop(weights, rows, count_list, expert_mlp, batch_invariant)
+    weights = [cache.expert(layer, (e, swiglu_alpha), lambda e=e: dequantize(e)) for e in experts.tolist()]
+    out_sorted = _expert_loop(weights, rows, counts.tolist(), expert_mlp, batch_invariant)
     # Back to token-major order: row t*k + j is token t's j-th expert; then each token's weighted sum, in slot
     # order per token (elementwise: a batched matmul over the tokens would split its work by their number).
     per_slot = torch.empty_like(out_sorted)
@@ -200,9 +203,14 @@ def moe(
     return combined.to(x.dtype)
 
 
-# Small models are op-bound on a CPU: their active experts run as two batched matmuls (rows padded to the
-# busiest expert's count) instead of a handful of ops per expert, when the stacked weights are this small.
-BATCHED_EXPERTS_MAX = 16 << 20  # weight values of the active experts
+# Small models are op-bound on a CPU: without batch invariance all their experts are kept stacked and the
+# step's token slots go through them as two batched matmuls, a dozen ops whatever the routing, when the layer's
+# experts hold at most this many weight values (a tiny model's 6 experts: 0.3M; one gpt-oss-120b expert: 50M).
+BATCHED_EXPERTS_MAX = 16 << 20
+# Few tokens (decode) go through every expert rather than only their own when the extra multiply-adds are at
+# most this many: on a CPU that is cheaper than the ~8 ops that gather each slot's row and scatter it back
+# (measured on a 2-core Xeon VM, fp32, one thread: batch 1 91 vs 210 us, batch 16 210 vs 270 us, even near 64).
+DENSE_EXTRA_MACS_MAX = 8 << 20
 
 
 def _stack_experts(weights: list[Expert]) -> Expert:
@@ -213,20 +221,54 @@ def _stack_experts(weights: list[Expert]) -> Expert:
 
 
 def _batched_experts(
-    stacked: Expert, rows: torch.Tensor, counts: torch.Tensor, swiglu_limit: float, swiglu_alpha: float
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    stacked: Expert,
+    top_k: int,
+    swiglu_limit: float,
+    swiglu_alpha: float,
 ) -> torch.Tensor:
-    """Rows `[N, H]` grouped by expert (`counts` per expert, in order) through their experts, batched."""
+    """The MoE of `x` `[T, H]` over all of a layer's experts, `stacked` (`_stack_experts`), in two batched
+    matmuls over `[E, m, H]` rows. Dense (few tokens): every token is a row of every expert (m = T) and each
+    token's result the sum of all experts' outputs, weighted by its routing weight there (0 elsewhere).
+    Otherwise each token slot gets a row of its expert's slice (m: the busiest expert's slot count), one
+    `index_copy_` in and one `index_select` out."""
     w1, b1, w2, b2 = stacked
-    num_experts = w1.shape[0]
-    group = torch.repeat_interleave(torch.arange(num_experts, device=rows.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    within = torch.arange(rows.shape[0], device=rows.device) - torch.repeat_interleave(starts, counts)
-    padded = rows.new_zeros(num_experts, int(counts.max()), rows.shape[1])
-    padded[group, within] = rows
-    gate, up = torch.baddbmm(b1, padded, w1).chunk(2, dim=-1)
+    num_tokens, hidden = x.shape
+    num_experts, _, intermediate2 = w1.shape
+    # route_topk's routing, the ids kept int64 for indexing.
+    top_values, expert_ids = torch.topk(router_logits, top_k, dim=-1)
+    expert_weights = torch.softmax(top_values.to(torch.float32), dim=-1)
+    x32 = x.to(torch.float32)
+    extra_macs = num_tokens * (num_experts - top_k) * hidden * intermediate2 * 3 // 2
+    dense = extra_macs <= DENSE_EXTRA_MACS_MAX
+    if dense:
+        rows_per_expert = num_tokens
+        rows = x32.expand(num_experts, num_tokens, hidden)
+    else:
+        slot_experts = expert_ids.view(-1)  # slot t*k + j: token t's j-th expert
+        # Per slot, how many slots up to it chose its expert (1-based): its row within the expert's slice.
+        seen = (slot_experts[:, None] == torch.arange(num_experts, device=x.device)).cumsum(0)
+        rows_per_expert = int(seen[-1].max())
+        slot_rows = seen.gather(1, slot_experts[:, None]).view(-1).add_(slot_experts, alpha=rows_per_expert).sub_(1)
+        padded = x32.new_zeros(num_experts * rows_per_expert, hidden)
+        padded.index_copy_(0, slot_rows, x32.unsqueeze(1).expand(num_tokens, top_k, hidden).reshape(-1, hidden))
+        rows = padded.view(num_experts, rows_per_expert, hidden)
+    gate, up = torch.baddbmm(b1, rows, w1).chunk(2, dim=-1)
+    # (up + 1) * gate * sigmoid(alpha * gate) = (up + 1) * silu(alpha * gate) / alpha, the / alpha in w2.
     silu = torch.nn.functional.silu(gate.clamp_(max=swiglu_limit).mul_(swiglu_alpha), inplace=True)
     act = torch.addcmul(silu, up.clamp_(min=-swiglu_limit, max=swiglu_limit), silu)
-    return torch.baddbmm(b2, act, w2)[group, within]
+    outputs = torch.baddbmm(b2, act, w2)  # [E, m, H]
+    if dense:
+        # Each token's weighted sum over the experts: [T, 1, E] @ [T, E, H].
+        weights = x32.new_zeros(num_tokens, num_experts).scatter_(1, expert_ids, expert_weights)
+        combined = torch.bmm(weights.unsqueeze(1), outputs.transpose(0, 1)).view(num_tokens, hidden)
+    else:
+        # Each token's weighted sum over its k slots, elementwise (a batched matmul of T tiny products is
+        # slower here).
+        per_slot = outputs.view(-1, hidden).index_select(0, slot_rows).view(num_tokens, top_k, hidden)
+        combined = (per_slot * expert_weights.unsqueeze(-1)).sum(dim=1)
+    return combined.to(x.dtype)
 
 
 def _expert_loop(

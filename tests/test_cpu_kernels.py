@@ -23,8 +23,15 @@ def random_moe(tokens: int, hidden: int = 64, inter: int = 96, experts: int = 5,
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-@pytest.mark.parametrize("batch_invariant", [True, False])  # tiles per expert / all experts batched
-def test_moe_matches_reference(tokens: int, batch_invariant: bool) -> None:
+@pytest.mark.parametrize(
+    "batch_invariant, dense_macs",
+    [(True, None), (False, 0), (False, 1 << 40)],  # tiles per expert / slots gathered per expert / every expert
+)
+def test_moe_matches_reference(
+    tokens: int, batch_invariant: bool, dense_macs: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if dense_macs is not None:
+        monkeypatch.setattr(cpu, "DENSE_EXTRA_MACS_MAX", dense_macs)
     args = random_moe(tokens)
     cache = cpu.ExpertCache()
     expected = reference.moe_reference(*args, top_k=2)
@@ -102,3 +109,17 @@ def test_attention_is_batch_invariant_and_mixes_prefill_and_decode() -> None:
                 seq_lens[seq : seq + 1], sinks, 0.3, w,
             )  # fmt: skip
             assert torch.equal(alone, both[rows]), (w, seq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm_matches_reference(dtype: torch.dtype, with_residual: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 96, generator=g) * 3).to(dtype)
+    residual = torch.randn(7, 96, generator=g).to(dtype) if with_residual else None
+    weight = torch.randn(96, generator=g).to(dtype)
+    normed, summed = cpu.add_rms_norm(x, residual, weight, 1e-5)
+    expected_normed, expected_summed = reference.add_rms_norm_reference(x, residual, weight, 1e-5)
+    assert normed.dtype == dtype and torch.equal(summed, expected_summed)
+    # The same math; a fused kernel may round its fp32 steps differently (one fp32 ulp, before the cast).
+    torch.testing.assert_close(normed, expected_normed, rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)

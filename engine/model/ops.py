@@ -80,7 +80,7 @@ def add_rms_norm(
         from gptoss.kernels.norm import add_rms_norm as triton_add_rms_norm
 
         return triton_add_rms_norm(x, residual, weight, eps)
-    return reference.add_rms_norm_reference(x, residual, weight, eps)
+    return cpu.add_rms_norm(x, residual, weight, eps)
 
 
 def rope_write_kv(
