@@ -14,6 +14,7 @@ tokens this step's chunk predicts.
 from __future__ import annotations
 
 import logging
+import math
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -501,18 +502,24 @@ class ModelRunner:
         batch = SamplingBatch.build(params, outputs, logits.shape[-1], logits.device, prompt_token_ids=prompts)
         # A NaN or infinity in a row (broken weights, an overflow) would sample garbage, even an id outside the
         # vocabulary: such rows are sampled from zeros instead and their requests fail with a clear error.
-        # Computed on the device; read back with the tokens (no extra wait). A finite logit times 0 is 0, a NaN or
-        # an infinity times 0 is NaN: a row's `zero_sum` is 0 exactly when all its logits are finite. Two kernels,
-        # where `isfinite` is four over [N, V] and then a reduction (5x the time on a CPU at 16 x 201k).
-        zero_sums = (logits * 0).sum(dim=-1)
+        # A NaN reaches both a row's max and its min, +inf the max, -inf the min: two row reductions, read back
+        # with the tokens (no extra wait), say it exactly at a tenth of the cost of an [N, V] `isfinite` map and
+        # its reduction on a CPU.
+        row_max, row_min = logits.amax(dim=-1), logits.amin(dim=-1)
         if not batch.all_greedy:  # an argmax is an id in the vocabulary whatever its row holds
-            logits = torch.where((zero_sums == 0).unsqueeze(1), logits, 0.0)
+            finite = torch.isfinite(row_max) & torch.isfinite(row_min)
+            logits = torch.where(finite.unsqueeze(1), logits, 0.0)
         result = self.sampler(logits, batch, self._allowed_token_mask(seqs, logits, out, grammar))
-        token_ids, logprobs, top_ids, top_values, zero_sums_list = _to_host_lists(
-            result.sampled_token_ids, result.sampled_logprobs, result.top_logprob_ids, result.top_logprobs, zero_sums
+        token_ids, logprobs, top_ids, top_values, row_maxes, row_mins = _to_host_lists(
+            result.sampled_token_ids,
+            result.sampled_logprobs,
+            result.top_logprob_ids,
+            result.top_logprobs,
+            row_max,
+            row_min,
         )
         for i, seq in enumerate(seqs):
-            if zero_sums_list[i] != 0:  # NaN: a non-finite logit
+            if not (math.isfinite(row_maxes[i]) and math.isfinite(row_mins[i])):
                 out.num_non_finite += 1
                 out.failed[seq.seq_id] = "the model produced non-finite logits (NaN or infinity) for this request"
             k = seq.sampling_params.logprobs or 0
