@@ -30,11 +30,12 @@ the mask, penalties, temperature and filtering (what OpenAI reports and vLLM's d
 
 Cost notes: the sort needed by top_p (or top_k, which uses `torch.topk` when no row needs top_p) runs only on
 the rows that use them; the penalties' [N, V] count tensors are built only when a row uses a penalty (one flat
-index, one `index_add_`). An all-greedy batch builds no per-row tensor at all. Building a batch is Python over
+index, one `index_add_`). An all-greedy batch builds no per-row tensor at all, and one with neither penalties
+nor logprobs is sampled by a single argmax (no vocabulary-wide work besides). Building a batch is Python over
 the rows (and over the prompt/output token ids when penalties are on), never over V; its host tensors reach a
 CUDA device through pinned memory with non-blocking copies (the per-row [N] fp32 parameters packed in one), so
 building never waits for the forward still running on the device.
-Sampling holds one fp64 [N, V] temporary (8 * N * V bytes: 400 MB at N = 256, V = 201088).
+Random sampling holds one fp64 [N, V] temporary (8 * N * V bytes: 400 MB at N = 256, V = 201088).
 """
 
 from __future__ import annotations
