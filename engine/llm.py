@@ -67,7 +67,7 @@ class LLM:
                 # Feed the waiting queue as it drains: its bound (max_num_waiting) is for servers.
                 while pending and len(scheduler.waiting) < self.engine.args.max_num_waiting:
                     self.engine.add_request(*pending.popleft())
-                outputs = self.engine.step()
+                outputs = self.engine.step(finished_only=True)
                 # An empty step happens once after a sequence preempts itself; many in a row is a bug.
                 idle_steps = 0 if outputs or self.engine.scheduler.running else idle_steps + 1
                 if idle_steps > 100:

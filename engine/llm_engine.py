@@ -7,6 +7,8 @@
   - `step() -> list[RequestOutput]`: one scheduler plan, one model step; one output per request that got a
     token or finished in it (deltas plus cumulative fields). If the model step raises, the requests in that
     step finish with finish_reason "error" (message in `error`) and the engine stays usable.
+    `step(finished_only=True)`: only the outputs of the requests that finished (`LLM.generate` reads nothing
+    else), each as `step()` would have returned it.
   - `abort_request(request_id) -> RequestOutput | None`: finishes it ("abort") and frees its blocks at once.
   - structured output: a request whose `SamplingParams.structured_output` holds a spec gets a grammar state
     (compiled here, by `grammar_compiler`; an invalid schema raises `StructuredOutputError` from
@@ -210,7 +212,8 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """One scheduler plan and model step; see the module docstring (`finished_only` included)."""
         if self.fatal_error is not None:
             raise EngineDeadError(self.fatal_error)
         plan = self.scheduler.schedule()
@@ -242,7 +245,7 @@ class LLMEngine:
         if result.sampled:
             all_non_finite = result.num_non_finite == len(result.sampled)
             self._record_step_health("every row's logits were non-finite (NaN or infinity)" if all_non_finite else None)
-        outputs = self._process(plan, result)
+        outputs = self._process(plan, result, finished_only)
         num_prefill = sum(item.num_new_tokens for item in plan.scheduled if not item.samples or item.num_new_tokens > 1)
         self.metrics.record_step(num_prefill, len(result.sampled))
         return outputs
@@ -261,7 +264,7 @@ class LLMEngine:
             return None
         return f"the last {self.consecutive_failed_steps} model steps all failed: {self.last_step_error}"
 
-    def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+    def _process(self, plan: SchedulerOutput, result: ModelRunnerOutput, finished_only: bool) -> list[RequestOutput]:
         outputs = []
         for item in plan.scheduled:
             seq = item.seq
@@ -282,6 +285,12 @@ class LLMEngine:
                 logger.exception("output processing failed for request %s", seq.request_id)
                 seq.error = f"output processing failed: {type(exc).__name__}: {exc}"
                 self._finish(seq, "error")
+            if finished_only and not seq.is_finished:
+                # A running request's output copies all its tokens so far (O(length) per step); only its delta
+                # is dropped, so that its final output holds the same deltas as with every output built.
+                seq.num_reported_tokens = seq.num_output_tokens
+                self._pending_text[seq.seq_id] = ""
+                continue
             outputs.append(self._make_output(seq))
         return outputs
 

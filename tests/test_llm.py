@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -118,6 +119,35 @@ def test_finish_reasons_and_stops(llm):
     assert_pool_full(llm)
 
 
+def test_finished_only_steps_give_the_same_final_outputs(llm):
+    """`step(finished_only=True)` (what `generate` drives) returns nothing for running requests and each
+    finished request's output exactly as `step()` returns it: deltas, logprobs, stop strings included."""
+    engine = llm.engine
+    prompt = [10, 20, 30, 40]
+    text = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].text
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.0, stop=[text[3:5]] if len(text) >= 5 else []),
+        SamplingParams(max_tokens=9, temperature=0.9, seed=3, logprobs=2),
+        SamplingParams(max_tokens=5, temperature=0.0, logprobs=0, repetition_penalty=1.3),
+    ]
+
+    def final_outputs(finished_only: bool) -> dict[int, object]:
+        for i, p in enumerate(params):
+            engine.add_request(f"{finished_only}-{i}", [*prompt[i:], 50 + i], p)
+        finals = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step(finished_only=finished_only):
+                assert out.finished or not finished_only
+                if out.finished:
+                    finals[int(out.request_id.split("-")[1])] = dataclasses.replace(out, request_id="")
+        return finals
+
+    streamed, finished_only = final_outputs(False), final_outputs(True)
+    assert streamed == finished_only and len(streamed) == len(params)
+    assert len(text) < 5 or streamed[0].finish_reason == "stop"
+    assert_pool_full(llm)
+
+
 def test_refusals(llm):
     with pytest.raises(PromptTooLongError):
         llm.generate([[1] * 5000], SamplingParams(max_tokens=1))
@@ -168,21 +198,25 @@ def test_failed_step_fails_its_requests_only(llm, monkeypatch):
     assert len(good.token_ids) == 3
 
 
-def test_non_finite_logits_fail_their_request_only(llm, monkeypatch):
-    """A row of NaN logits fails its request with a clear error (never a token id outside the vocabulary); the
-    other rows of the step sample as usual, and one such step leaves the engine healthy."""
+@pytest.mark.parametrize(
+    ("temperature", "bad_value"), [(1.0, float("nan")), (0.0, float("nan")), (1.0, float("-inf")), (0.0, float("inf"))]
+)
+def test_non_finite_logits_fail_their_request_only(llm, monkeypatch, temperature, bad_value):
+    """A row with a NaN or an infinity among its logits fails its request with a clear error (never a token id
+    outside the vocabulary), greedy or not; the other rows of the step sample as usual, and one such step leaves
+    the engine healthy."""
     engine = llm.engine
     real = engine.runner.model.compute_logits
 
-    def first_row_nan(hidden):
+    def first_row_bad(hidden):
         logits = real(hidden)
         if logits.shape[0] == 2:
-            logits[0] = float("nan")
+            logits[0, 7] = bad_value
         return logits
 
-    monkeypatch.setattr(engine.runner.model, "compute_logits", first_row_nan)
-    engine.add_request("nan", [1, 2, 3], SamplingParams(max_tokens=1, temperature=1.0))
-    engine.add_request("fine", [4, 5, 6], SamplingParams(max_tokens=1, temperature=1.0))
+    monkeypatch.setattr(engine.runner.model, "compute_logits", first_row_bad)
+    engine.add_request("nan", [1, 2, 3], SamplingParams(max_tokens=1, temperature=temperature))
+    engine.add_request("fine", [4, 5, 6], SamplingParams(max_tokens=1, temperature=temperature))
     outs = {o.request_id: o for o in engine.step()}
     assert outs["nan"].finish_reason == "error" and "non-finite logits" in outs["nan"].error
     assert outs["nan"].token_ids == []

@@ -12,6 +12,7 @@ from gptoss.engine.worker.sampler import (
     Sampler,
     SamplingBatch,
     compute_prompt_logprobs,
+    greedy_token_ids,
     seeded_uniform,
 )
 
@@ -48,6 +49,17 @@ def test_greedy_ties_go_to_lowest_id() -> None:
     logits[1, [9, 1, 4]] = 2.0
     out = sample(logits, [SamplingParams(temperature=0.0)] * 2)
     assert out.sampled_token_ids.tolist() == [3, 1]
+
+
+def test_greedy_token_ids_are_argmax_on_ties_and_nan() -> None:
+    """`max(dim).indices` stands in for `argmax`: the same ids on ties spread over vector lanes and on NaN rows."""
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (7, 33, 729, 4099):
+        ties = torch.randint(0, 3, (8, vocab), generator=generator).float()
+        assert torch.equal(greedy_token_ids(ties), ties.argmax(dim=-1))
+        with_nan = torch.randn(4, vocab, generator=generator)
+        with_nan[torch.arange(4), torch.randint(0, vocab, (4,), generator=generator)] = float("nan")
+        assert torch.equal(greedy_token_ids(with_nan), with_nan.argmax(dim=-1))
 
 
 def test_greedy_rows_in_mixed_batch() -> None:

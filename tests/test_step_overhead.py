@@ -123,6 +123,11 @@ def test_all_greedy_batches_build_no_tensors():
     assert batch.all_greedy
     assert batch.temperature is None and batch.greedy is None and batch.filter_rows is None
     assert batch.seeded_rows is None and batch.min_p is None and batch.output_token_counts is None
+    assert not batch.want_logprobs and batch.max_num_logprobs == 0 and batch.any_greedy
+    # Logprobs (or a penalty) on one greedy row: the batch says so, still without per-row tensors.
+    params[1] = SamplingParams(temperature=0.0, logprobs=2)
+    batch = SamplingBatch.build(params, [[1, 2], []], 50, "cpu")
+    assert batch.all_greedy and batch.want_logprobs and batch.max_num_logprobs == 2 and batch.temperature is None
 
 
 def test_penalty_tensors_match_the_lists():
