@@ -409,6 +409,16 @@ def write_kv(
     _, num_kv_heads, block_size, head_dim = k_cache.shape
 
     def make() -> tuple[torch.Tensor | None, torch.Tensor]:
+        if slot_mapping.numel() * num_kv_heads <= SMALL_ROWS:
+            slots = slot_mapping.tolist()
+            kept = [i for i, slot in enumerate(slots) if slot >= 0]
+            rows = [
+                (slots[i] // block_size * num_kv_heads + h) * block_size + slots[i] % block_size
+                for i in kept
+                for h in range(num_kv_heads)
+            ]
+            keep = None if len(kept) == len(slots) else torch.tensor(kept, device=slot_mapping.device)
+            return keep, torch.tensor(rows, dtype=torch.int64, device=slot_mapping.device).view(-1, num_kv_heads)
         slots, keep = slot_mapping, None
         if slots.numel() and int(slots.min()) < 0:
             keep = torch.nonzero(slots >= 0).flatten()
@@ -422,6 +432,10 @@ def write_kv(
     k_cache.view(-1, head_dim).index_put_((rows,), key if key.dtype == k_cache.dtype else key.to(k_cache.dtype))
     v_cache.view(-1, head_dim).index_put_((rows,), value if value.dtype == v_cache.dtype else value.to(v_cache.dtype))
 
+
+# Up to this many cache rows, a step's rows are computed in Python: a dozen tensor ops on a few dozen numbers
+# cost more than the arithmetic (decoding at batch 1).
+SMALL_ROWS = 512
 
 # Scores, probabilities and gathered keys/values of one dense attention call stay under this many bytes; a
 # sequence that needs more goes through the tiled reference (a long prompt: memory stays one tile of scores).
@@ -644,6 +658,18 @@ def _make_group(
     device = block_tables.device
     num_seqs = len(part)
     group_size = num_q_heads // num_kv_heads
+    if not padded and num_queries == 1 and num_seqs * num_kv_heads * num_keys <= SMALL_ROWS:
+        kv_rows = []
+        for s in part:
+            first = lens[s] - num_keys
+            table = block_tables[s, first // block_size : (lens[s] - 1) // block_size + 1].tolist()
+            for head in range(num_kv_heads):
+                kv_rows += [
+                    (table[p // block_size - first // block_size] * num_kv_heads + head) * block_size + p % block_size
+                    for p in range(first, lens[s])
+                ]
+        rows = torch.tensor([starts[s] for s in part], device=device)
+        return _Group(rows, num_seqs, 1, num_keys, torch.tensor(kv_rows, device=device), None)
     tables = block_tables if part == list(range(len(lens))) else block_tables[part]
     first_key = torch.tensor([lens[s] - shapes[s][1] for s in part], device=device)[:, None]
     key_slots = torch.arange(num_keys, device=device)

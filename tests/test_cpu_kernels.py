@@ -151,9 +151,19 @@ RAGGED_Q_LENS = [5, 5, 3, 1, 1, 1, 7, 0, 2]
 RAGGED_SEQ_LENS = [5, 5, 11, 9, 9, 14, 7, 6, 22]
 
 
+@pytest.fixture(params=["python rows", "tensor rows"])
+def rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache rows computed in Python (few of them, as at batch 1) or by tensor ops (`cpu.SMALL_ROWS`)."""
+    if request.param == "tensor rows":
+        monkeypatch.setattr(cpu, "SMALL_ROWS", 0)
+    cpu._STEP_MEMO._entries.clear()  # plans made by the other path are not reused
+
+
 @pytest.mark.parametrize("window", [None, 3, 6])
 @pytest.mark.parametrize("batch_invariant", [False, True])
-def test_batched_attention_matches_reference_on_a_ragged_mixed_step(window: int | None, batch_invariant: bool) -> None:
+def test_batched_attention_matches_reference_on_a_ragged_mixed_step(
+    window: int | None, batch_invariant: bool, rows_path: None
+) -> None:
     g = torch.Generator().manual_seed(3)
     heads, dim = 6, 8
     k_cache, v_cache = random_paged_kv(g, dim=dim)
@@ -232,7 +242,7 @@ def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: 
     torch.testing.assert_close(bounded, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
 
 
-def test_step_memo_follows_tensors_rewritten_in_place() -> None:
+def test_step_memo_follows_tensors_rewritten_in_place(rows_path: None) -> None:
     """Block tables, lengths and slot mappings reused as buffers (rewritten in place between steps, as the decode
     graph runner's are) never get the previous step's plan or cache rows; nor sinks their old columns."""
     g = torch.Generator().manual_seed(5)
@@ -262,7 +272,7 @@ def test_step_memo_follows_tensors_rewritten_in_place() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_write_kv_is_the_reference_bit_for_bit(dtype: torch.dtype) -> None:
+def test_rope_write_kv_is_the_reference_bit_for_bit(dtype: torch.dtype, rows_path: None) -> None:
     g = torch.Generator().manual_seed(6)
     heads, kv_heads, dim, tokens = 6, 2, 8, 7
     k_cache, v_cache = (t.to(dtype) for t in random_paged_kv(g, kv_heads=kv_heads, dim=dim))
