@@ -64,7 +64,7 @@ class EngineArgs:
     max_cuda_graph_batch_size: int = 256  # decode batches up to this many sequences replay a CUDA graph
     tensor_parallel_size: int = 1  # ranks (GPUs) one replica is split over; rank 0 schedules and samples
     data_parallel_size: int = 1  # replica processes behind one server (engine/data_parallel.py), each on its own GPUs
-    # On CPU: dequantised MXFP4 experts kept between steps (kernels/cpu.py), at most this many GiB (0: none).
+    # On CPU: dequantised MXFP4 experts kept between steps (kernels/cpu/experts.py), at most this many GiB (0: none).
     cpu_expert_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:

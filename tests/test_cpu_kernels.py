@@ -1,4 +1,4 @@
-"""The CPU path (kernels/cpu.py) against the plain references it rearranges."""
+"""The CPU path (kernels/cpu/) against the plain references it rearranges."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import functools
 import pytest
 import torch
 from gptoss.kernels import cpu, reference
+from gptoss.kernels.cpu import attention as cpu_attention
+from gptoss.kernels.cpu import experts as cpu_experts
+from gptoss.kernels.cpu import memo as cpu_memo
 
 
 def random_moe(tokens: int, hidden: int = 64, inter: int = 96, experts: int = 5, seed: int = 0) -> tuple:
@@ -31,7 +34,7 @@ def test_moe_matches_reference(
     tokens: int, batch_invariant: bool, dense_macs: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if dense_macs is not None:
-        monkeypatch.setattr(cpu, "DENSE_EXTRA_MACS_MAX", dense_macs)
+        monkeypatch.setattr(cpu_experts, "DENSE_EXTRA_MACS_MAX", dense_macs)
     args = random_moe(tokens)
     cache = cpu.ExpertCache()
     expected = reference.moe_reference(*args, top_k=2)
@@ -153,10 +156,10 @@ RAGGED_SEQ_LENS = [5, 5, 11, 9, 9, 14, 7, 6, 22]
 
 @pytest.fixture(params=["python rows", "tensor rows"])
 def rows_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cache rows computed in Python (few of them, as at batch 1) or by tensor ops (`cpu.SMALL_ROWS`)."""
+    """Cache rows computed in Python (few of them, as at batch 1) or by tensor ops (`cpu.attention.SMALL_ROWS`)."""
     if request.param == "tensor rows":
-        monkeypatch.setattr(cpu, "SMALL_ROWS", 0)
-    cpu._STEP_MEMO._entries.clear()  # plans made by the other path are not reused
+        monkeypatch.setattr(cpu_attention, "SMALL_ROWS", 0)
+    cpu_memo.STEP_MEMO._entries.clear()  # plans made by the other path are not reused
 
 
 @pytest.mark.parametrize("window", [None, 3, 6])
@@ -174,7 +177,7 @@ def test_batched_attention_matches_reference_on_a_ragged_mixed_step(
     expected = reference.paged_attention_reference(query, *args)
     got = cpu.paged_attention(query, *args, batch_invariant=batch_invariant)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    plan = cpu._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, window, batch_invariant)
+    plan = cpu_attention._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, window, batch_invariant)
     decoding = [(grp.num_seqs, grp.num_keys, grp.hidden is None) for grp in plan.groups if grp.num_queries == 1]
     prompts = [(grp.num_seqs, grp.keep is None) for grp in plan.groups if grp.num_queries > 1]
     if not batch_invariant:  # one group each; on full layers spans 9, 9, 14 padded to 14, prompts to 7 queries
@@ -200,9 +203,8 @@ def test_batched_attention_of_unequal_prompts_alone_in_a_step(window: int | None
     poison_all_but_live_keys((k_cache, v_cache), tables, q_lens, seq_lens, window)
     args = (k_cache, v_cache, tables, starts, lens, sinks, 0.3, window)
     got = cpu.paged_attention(query, *args, batch_invariant=False)
-    assert [
-        grp.num_seqs for grp in cpu._make_attention_plan(tables, lens, starts, 2, 4, dim, heads, window, False).groups
-    ] == [5]
+    plan = cpu_attention._make_attention_plan(tables, lens, starts, 2, 4, dim, heads, window, False)
+    assert [grp.num_seqs for grp in plan.groups] == [5]
     torch.testing.assert_close(got, reference.paged_attention_reference(query, *args), rtol=1e-5, atol=1e-5)
 
 
@@ -231,10 +233,11 @@ def test_attention_over_the_memory_bound_takes_the_tiled_reference(monkeypatch: 
     query, starts, seq_lens, tables = ragged_step(g, [6, 6, 6, 1, 1, 1, 30], [6, 6, 6, 9, 9, 9, 30], heads, dim, 64)
     args = (k_cache, v_cache, tables, starts, seq_lens, sinks, 0.3, None)
     unbounded = cpu.paged_attention(query, *args, batch_invariant=False)
-    bound = cpu._dense_bytes(3, 1, 9, heads, 2, dim)  # three decoding sequences, one 6-token prompt
-    assert cpu._dense_bytes(1, 6, 6, heads, 2, dim) <= bound < cpu._dense_bytes(2, 6, 6, heads, 2, dim)
-    monkeypatch.setattr(cpu, "DENSE_ATTENTION_BYTES", bound)
-    plan = cpu._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, None, False)
+    bound = cpu_attention._dense_bytes(3, 1, 9, heads, 2, dim)  # three decoding sequences, one 6-token prompt
+    dense_bytes = cpu_attention._dense_bytes
+    assert dense_bytes(1, 6, 6, heads, 2, dim) <= bound < dense_bytes(2, 6, 6, heads, 2, dim)
+    monkeypatch.setattr(cpu_attention, "DENSE_ATTENTION_BYTES", bound)
+    plan = cpu_attention._make_attention_plan(tables, seq_lens, starts, 2, 4, dim, heads, None, False)
     assert [(grp.num_seqs, grp.num_queries) for grp in plan.groups] == [(1, 6)] * 3 + [(3, 1)]
     assert plan.tiled is not None and plan.tiled[1].tolist() == [6]  # the 30-token prompt
     bounded = cpu.paged_attention(query, *args, batch_invariant=False)

@@ -143,7 +143,7 @@ def test_linear_rows_are_independent_of_the_batch() -> None:
 @pytest.mark.parametrize("implementation", ["reference", "cpu"])
 def test_moe_rows_are_independent_of_the_batch(implementation: str) -> None:
     """Each token's MoE output has the same bits whatever other tokens (routed to its experts) share the step:
-    the reference and the CPU path (kernels/cpu.py, cached experts) alike."""
+    the reference and the CPU path (kernels/cpu/, cached experts) alike."""
     from gptoss.kernels import cpu
 
     moe = (

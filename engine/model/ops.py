@@ -1,4 +1,4 @@
-"""Picks the implementation of each heavy op: Triton kernels or the torch path (`kernels/cpu.py`, the references
+"""Picks the implementation of each heavy op: Triton kernels or the torch path (`kernels/cpu/`, the references
 of `kernels/reference.py` rearranged for speed, and the references themselves).
 
 `backend` (EngineArgs.kernel_backend): "auto" runs Triton on CUDA tensors and the torch path elsewhere;
