@@ -107,14 +107,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
-def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk(
+    router_logits: torch.Tensor, top_k: int, id_dtype: torch.dtype = torch.int32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k experts by logit and their weights (softmax over those k logits only).
 
-    router_logits: `[T, E]`. Returns expert ids `[T, k]` int32 and weights `[T, k]` fp32.
+    router_logits: `[T, E]`. Returns expert ids `[T, k]` (`id_dtype`) and weights `[T, k]` fp32.
     """
     top_values, top_ids = torch.topk(router_logits, top_k, dim=-1)
     weights = torch.softmax(top_values.to(torch.float32), dim=-1)
-    return top_ids.to(torch.int32), weights
+    return top_ids.to(id_dtype), weights
 
 
 def swiglu(gate_up: torch.Tensor, limit: float = 7.0, alpha: float = 1.702) -> torch.Tensor:

@@ -13,11 +13,10 @@ group and prompts share groups too, padded. RoPE rotates q and k heads together;
 from __future__ import annotations
 
 import functools
-import weakref
 from dataclasses import dataclass
 
 import torch
-from gptoss.kernels.cpu.memo import STEP_MEMO, tensor_version
+from gptoss.kernels.cpu.memo import STEP_MEMO, TensorStamp
 from gptoss.kernels.reference import paged_attention_reference, write_kv_reference
 
 # The caches `[num_blocks, Hkv, block_size, D]` are read and written as `[num_blocks * Hkv * block_size, D]`:
@@ -44,15 +43,15 @@ def _rope_rows(
     """cos and sin at `positions` `[T]` in `dtype`, over whole heads `[T, 1, D]`: `(cos, cos)` and `(-sin, sin)`,
     so that RoPE is `x * cos + swap_halves(x) * sin`. Once per step (every layer rotates the same positions)."""
 
-    def make() -> tuple[weakref.ref, weakref.ref, torch.Tensor, torch.Tensor]:
+    def make() -> tuple[TensorStamp, TensorStamp, torch.Tensor, torch.Tensor]:
         cos, sin = cos_table[positions].to(dtype), sin_table[positions].to(dtype)
         whole_cos = torch.cat((cos, cos), dim=-1).unsqueeze(1)
         signed_sin = torch.cat((-sin, sin), dim=-1).unsqueeze(1)
-        return weakref.ref(cos_table), weakref.ref(sin_table), whole_cos, signed_sin
+        return TensorStamp(cos_table), TensorStamp(sin_table), whole_cos, signed_sin
 
-    # The tables are the model's (16 MB each at gpt-oss-120b's 131k positions): known by identity, not content.
-    key = ("rope", id(cos_table), id(sin_table), tensor_version(cos_table), tensor_version(sin_table), dtype)
-    value = STEP_MEMO.get(key, (positions,), make, lambda v: v[0]() is cos_table and v[1]() is sin_table)
+    # The tables are the model's (16 MB each at gpt-oss-120b's 131k positions): known by stamp, not content.
+    key = ("rope", id(cos_table), id(sin_table), dtype)
+    value = STEP_MEMO.get(key, (positions,), make, lambda v: v[0].matches(cos_table) and v[1].matches(sin_table))
     return value[2], value[3]
 
 
@@ -414,7 +413,7 @@ def _hidden_keys(
 # Decoding's sink columns by (sinks, sequences): made once per layer and batch size, not once per step, and
 # kept while those very sinks live unwritten (by weak reference and version counter; inference-mode tensors keep
 # no version counter, as with `ExpertCache`).
-_SINK_COLUMNS: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+_SINK_COLUMNS: dict[tuple[int, int], tuple[TensorStamp, torch.Tensor]] = {}
 
 
 def _sink_column(sinks: torch.Tensor, num_seqs: int, num_queries: int, num_kv_heads: int) -> torch.Tensor:
@@ -422,14 +421,14 @@ def _sink_column(sinks: torch.Tensor, num_seqs: int, num_queries: int, num_kv_he
     group_size = sinks.shape[0] // num_kv_heads
     if num_queries == 1:  # decoding: kept while the layer's sinks are alive and unchanged
         known = _SINK_COLUMNS.get((id(sinks), num_seqs))
-        if known is not None and known[0]() is sinks and known[1] == tensor_version(sinks):
-            return known[2]
+        if known is not None and known[0].matches(sinks):
+            return known[1]
     column = sinks.to(torch.float32).view(1, num_kv_heads, 1, group_size)
     column = column.expand(num_seqs, -1, num_queries, -1).reshape(num_seqs * num_kv_heads, -1, 1)
     if num_queries == 1:
         if len(_SINK_COLUMNS) >= 1024:  # layers x batch sizes seen; a new model's start over
             _SINK_COLUMNS.clear()
-        _SINK_COLUMNS[(id(sinks), num_seqs)] = (weakref.ref(sinks), tensor_version(sinks), column)
+        _SINK_COLUMNS[(id(sinks), num_seqs)] = (TensorStamp(sinks), column)
     return column
 
 

@@ -11,12 +11,11 @@ kept stacked and a step's tokens go through all of them in two batched matmuls.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
-from gptoss.kernels.cpu.memo import tensor_version
+from gptoss.kernels.cpu.memo import TensorStamp
 from gptoss.kernels.reference import map_row_tiles, mxfp4_dequantize, route_topk
 
 DEFAULT_EXPERT_CACHE_BYTES = 4 << 30
@@ -40,20 +39,17 @@ class ExpertCache:
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
-        self._layers: dict[int, tuple[tuple[weakref.ref, ...], int]] = {}  # id -> (sources, their versions)
+        self._layers: dict[int, tuple[TensorStamp, ...]] = {}  # id of the first source -> the sources' stamps
         self._entries: OrderedDict[tuple[int, Hashable], Expert] = OrderedDict()  # (layer id, expert) -> tensors
 
     def layer(self, sources: tuple[torch.Tensor, ...]) -> int:
         """The key of the MoE layer whose packed tensors (and biases) are `sources`; stale entries dropped."""
         key = id(sources[0])
-        version = sum(tensor_version(t) for t in sources)
         known = self._layers.get(key)
-        if known is not None:
-            refs, known_version = known
-            if known_version == version and all(ref() is t for ref, t in zip(refs, sources, strict=True)):
-                return key
-        self._drop_layers([key] + [k for k, (refs, _) in self._layers.items() if any(ref() is None for ref in refs)])
-        self._layers[key] = (tuple(weakref.ref(t) for t in sources), version)
+        if known is not None and all(stamp.matches(t) for stamp, t in zip(known, sources, strict=True)):
+            return key
+        self._drop_layers([key] + [k for k, stamps in self._layers.items() if not all(s.alive for s in stamps)])
+        self._layers[key] = tuple(TensorStamp(t) for t in sources)
         return key
 
     def expert(self, layer: int, expert: Hashable, make: Callable[[], Expert]) -> Expert:
@@ -207,9 +203,7 @@ def _batched_experts(
     w1, b1, w2, b2 = stacked
     num_tokens, hidden = x.shape
     num_experts, _, intermediate2 = w1.shape
-    # route_topk's routing, the ids kept int64 for indexing.
-    top_values, expert_ids = torch.topk(router_logits, top_k, dim=-1)
-    expert_weights = torch.softmax(top_values.to(torch.float32), dim=-1)
+    expert_ids, expert_weights = route_topk(router_logits, top_k, id_dtype=torch.int64)  # ids for indexing
     x32 = x.to(torch.float32)
     extra_macs = num_tokens * (num_experts - top_k) * hidden * intermediate2 * 3 // 2
     dense = extra_macs <= DENSE_EXTRA_MACS_MAX

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -11,6 +12,25 @@ import torch
 def tensor_version(tensor: torch.Tensor) -> int:
     """The in-place write counter of a tensor (inference-mode tensors keep none: 0)."""
     return 0 if tensor.is_inference() else tensor._version
+
+
+class TensorStamp:
+    """Which tensor a kept value was made from, by weak reference (another tensor at a freed one's address is
+    not it) and in-place write counter (a reload into it is seen; inference-mode tensors keep none)."""
+
+    __slots__ = ("_ref", "_version")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._ref = weakref.ref(tensor)
+        self._version = tensor_version(tensor)
+
+    def matches(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is that very tensor, unwritten since."""
+        return self._ref() is tensor and self._version == tensor_version(tensor)
+
+    @property
+    def alive(self) -> bool:
+        return self._ref() is not None
 
 
 class StepMemo:
